@@ -1,0 +1,93 @@
+"""Backend registry: ``create_backend("family:architecture@weights")``.
+
+* ``family`` picks the adapter (``open_clip``/``clip``, ``hf_clip``, ``medclip``, ``phantom``,
+  ``vilt``, ``coca``...).
+* ``architecture`` is the model shape (``ViT-B-32``, ``tiny``...).
+* ``weights`` (optional) is a local file/folder, an HF-cache repo id, or ``random`` (random
+  initialisation, for tests). Without ``@weights`` each family uses its documented default
+  (e.g. ``$MEDKT_WEIGHTS``); nothing is ever downloaded.
+
+Built-in families are imported lazily so that ``import medkt`` stays light; a user registers a
+new family with :func:`register_backend`.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from medkt.backends.base import Backend
+from medkt.errors import ConfigError, unknown_name
+
+BackendFactory = Callable[..., Backend]
+
+# family -> "module:function" (lazy) or a factory callable (registered at run time)
+_REGISTRY: dict[str, str | BackendFactory] = {
+    "open_clip": "medkt.backends.open_clip_backend:create",
+    "clip": "medkt.backends.open_clip_backend:create",
+    "hf_clip": "medkt.backends.hf_clip:create",
+    "medclip": "medkt.backends.medclip:create",
+    "phantom": "medkt.backends.phantom:create",
+    "vilt": "medkt.backends.vilt:create",
+    "coca": "medkt.backends.coca:create",
+}
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    family: str
+    architecture: str
+    weights: str | None
+
+    @classmethod
+    def parse(cls, spec: str) -> "BackendSpec":
+        """``"clip:ViT-B-32@/path"`` -> ``BackendSpec("clip", "ViT-B-32", "/path")``."""
+        if not isinstance(spec, str) or ":" not in spec:
+            raise ConfigError(
+                f"bad backend spec {spec!r}: expected 'family:architecture[@weights]', "
+                "e.g. 'clip:ViT-B-32@/models/clip-b32.pt' or 'hf_clip:tiny@random'"
+            )
+        family, rest = spec.split(":", 1)
+        arch, _, weights = rest.partition("@")
+        if not family or not arch:
+            raise ConfigError(f"bad backend spec {spec!r}: family and architecture must be non-empty")
+        return cls(family.strip(), arch.strip(), weights.strip() or None)
+
+    def __str__(self) -> str:
+        return f"{self.family}:{self.architecture}" + (f"@{self.weights}" if self.weights else "")
+
+
+def register_backend(family: str) -> Callable[[BackendFactory], BackendFactory]:
+    """Decorator: ``@register_backend("mine") def create(architecture, weights, **kw) -> Backend``."""
+
+    def deco(factory: BackendFactory) -> BackendFactory:
+        _REGISTRY[family] = factory
+        return factory
+
+    return deco
+
+
+def list_backends() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _factory(family: str) -> BackendFactory:
+    if family not in _REGISTRY:
+        raise unknown_name("backend family", family, list(_REGISTRY))
+    entry = _REGISTRY[family]
+    if isinstance(entry, str):
+        module, _, func = entry.partition(":")
+        entry = getattr(importlib.import_module(module), func)
+        _REGISTRY[family] = entry
+    return entry
+
+
+def create_backend(spec: str | BackendSpec, device: str = "cpu", **kwargs) -> Backend:
+    """Build a backend from its spec string; the model is returned in eval mode on ``device``."""
+    parsed = spec if isinstance(spec, BackendSpec) else BackendSpec.parse(spec)
+    backend = _factory(parsed.family)(parsed.architecture, parsed.weights, **kwargs)
+    backend.spec = str(parsed)
+    return backend.to(device).eval()
+
+
+__all__ = ["Backend", "BackendSpec", "create_backend", "list_backends", "register_backend"]

@@ -1,0 +1,122 @@
+"""Hugging Face ``transformers`` CLIP backend (family ``hf_clip``).
+
+Specs: ``hf_clip:openai/clip-vit-base-patch32@/models/clip-vit-base-patch32`` (a local folder
+saved with ``save_pretrained``, or a repo id already in the local HF cache when no path is
+given: ``hf_clip:openai/clip-vit-base-patch32``), ``hf_clip:tiny@random`` (a tiny random
+CLIPModel for tests; tokenised with open_clip's bundled BPE, the same vocabulary as CLIP's).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medkt.backends.base import Backend
+from medkt.backends.open_clip_backend import _offline
+from medkt.errors import WeightsNotFoundError
+from medkt.weights import README_HINT, resolve_weights
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TINY = {
+    "text_config": dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=32, bos_token_id=49406,
+                        eos_token_id=49407, pad_token_id=0),
+    "vision_config": dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=2),
+    "projection_dim": 32,
+}
+
+
+class _OpenClipBPE:
+    """Callable tokenizer returning HF-style ``input_ids``/``attention_mask`` from open_clip's BPE."""
+
+    def __init__(self, context_length: int):
+        import open_clip
+
+        self._tok = open_clip.SimpleTokenizer(context_length=context_length)
+
+    def __call__(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        ids = self._tok(texts)
+        return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+class HFClipBackend(Backend):
+    family = "hf_clip"
+
+    def __init__(self, model, tokenizer, mean=CLIP_MEAN, std=CLIP_STD):
+        super().__init__()
+        self.model = model
+        self._tokenizer = tokenizer
+        self.image_size = int(model.config.vision_config.image_size)
+        self.context_length = int(model.config.text_config.max_position_embeddings)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values=pixel_values)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if isinstance(self._tokenizer, _OpenClipBPE):
+            out = self._tokenizer(list(texts))
+        else:
+            out = dict(self._tokenizer(list(texts), padding=True, truncation=True,
+                                       max_length=self.context_length, return_tensors="pt"))
+        device = self.model.logit_scale.device
+        return {k: v.to(device) for k, v in out.items() if k in ("input_ids", "attention_mask")}
+
+    def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model.get_text_features(**tokens)
+
+    def visual_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.model.vision_model.parameters()
+        yield from self.model.visual_projection.parameters()
+
+    def text_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.model.text_model.parameters()
+        yield from self.model.text_projection.parameters()
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp().clamp(max=100.0)
+
+
+def create(architecture: str, weights: str | None, **kwargs) -> HFClipBackend:
+    from transformers import CLIPConfig, CLIPModel
+
+    if weights == "random":
+        if architecture == "tiny":
+            config = CLIPConfig(**TINY)
+        else:  # a local folder / cached repo holding only config.json is enough for random init
+            folder = resolve_weights(architecture, what=f"HF CLIP config {architecture}",
+                                     how_to_get="Pass 'tiny' or a local folder holding config.json")
+            config = CLIPConfig.from_pretrained(folder, local_files_only=True)
+        torch.manual_seed(int(kwargs.pop("init_seed", 0)))
+        model = CLIPModel(config)
+        return HFClipBackend(model, _OpenClipBPE(config.text_config.max_position_embeddings))
+    source = weights if weights is not None else architecture
+    folder = resolve_weights(
+        source,
+        what=f"Hugging Face CLIP {architecture}",
+        how_to_get=(f"Save the model on a machine with internet access (CLIPModel.from_pretrained('{architecture}')"
+                    ".save_pretrained(DIR), same for CLIPProcessor) and pass 'hf_clip:ARCH@DIR'"),
+    )
+    if not Path(folder).is_dir():
+        raise WeightsNotFoundError(f"expected a folder saved with save_pretrained, got file {folder} ({README_HINT})")
+    from transformers import AutoTokenizer
+
+    with _offline():
+        try:
+            model = CLIPModel.from_pretrained(folder, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except OSError as exc:
+            raise WeightsNotFoundError(f"incomplete CLIP folder {folder}: {exc} ({README_HINT})") from None
+    mean, std = CLIP_MEAN, CLIP_STD
+    pp = Path(folder) / "preprocessor_config.json"
+    if pp.is_file():
+        import json
+
+        cfg = json.loads(pp.read_text())
+        mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
+    return HFClipBackend(model, tokenizer, mean, std)

@@ -1,0 +1,121 @@
+"""open_clip CLIP backend (family ``open_clip``, alias ``clip``).
+
+Specs: ``clip:ViT-B-32@/models/ViT-B-32.pt`` (a local checkpoint file), ``clip:ViT-B-32@openai``
+(an open_clip pretrained tag, only if already in the local HF cache), ``clip:medkt-tiny-ViT@random``
+(random weights; tiny configs ship in ``medkt/configs/open_clip/``).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medkt.backends.base import Backend
+from medkt.errors import ConfigError, WeightsNotFoundError, unknown_name
+from medkt.weights import README_HINT, resolve_weights
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "open_clip"
+_registered = False
+
+
+def register_medkt_configs() -> None:
+    """Make medkt's tiny open_clip JSON configs known to ``open_clip.create_model``."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(CONFIG_DIR)
+        _registered = True
+
+
+@contextmanager
+def _offline():
+    """Make any hub access fail fast instead of retrying (medkt never downloads)."""
+    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class OpenClipBackend(Backend):
+    family = "open_clip"
+
+    def __init__(self, model: nn.Module, tokenizer, architecture: str, mean, std):
+        super().__init__()
+        self.model = model
+        self._tokenizer = tokenizer
+        self.architecture = architecture
+        size = model.visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self._tokenizer(list(texts)).to(self.model.logit_scale.device)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens)
+
+    def visual_parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.visual.parameters()
+
+    def text_parameters(self) -> Iterator[nn.Parameter]:
+        visual = {id(p) for p in self.model.visual.parameters()}
+        skip = visual | {id(self.model.logit_scale)}
+        if getattr(self.model, "logit_bias", None) is not None:
+            skip.add(id(self.model.logit_bias))
+        return (p for p in self.model.parameters() if id(p) not in skip)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp().clamp(max=100.0)
+
+
+def create(architecture: str, weights: str | None, **kwargs) -> OpenClipBackend:
+    import open_clip
+
+    register_medkt_configs()
+    if architecture not in open_clip.list_models():
+        raise unknown_name("open_clip architecture", architecture, open_clip.list_models())
+    pretrained: str | None
+    if weights == "random":
+        pretrained = None
+    elif weights is not None and weights in open_clip.list_pretrained_tags_by_model(architecture):
+        pretrained = weights  # resolved from the local HF cache only (offline below)
+    else:
+        pretrained = str(
+            resolve_weights(
+                weights,
+                what=f"open_clip {architecture}",
+                how_to_get=(
+                    f"Download the {architecture} checkpoint (e.g. OpenAI's ViT-B-32.pt) on a machine with "
+                    "internet access and pass its local path as 'clip:ARCH@/path/to/file.pt'"
+                ),
+            )
+        )
+    try:
+        with _offline():
+            model = open_clip.create_model(architecture, pretrained=pretrained, device="cpu", **kwargs)
+    except RuntimeError as exc:
+        if pretrained and not Path(pretrained).exists():
+            raise WeightsNotFoundError(
+                f"open_clip weights {architecture}@{pretrained} are not in the local cache and medkt does not "
+                f"download; pass a local file instead ({README_HINT})"
+            ) from exc
+        raise ConfigError(f"could not build open_clip {architecture} from {pretrained}: {exc}") from exc
+    tokenizer = open_clip.get_tokenizer(architecture)
+    mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    return OpenClipBackend(model, tokenizer, architecture, mean, std)

@@ -1,0 +1,88 @@
+"""Phantom backend: the small CLIP-style model medkt pretrains on its phantom world and ships.
+
+Specs: ``phantom:base`` (the shipped checkpoint, ``medkt/assets/phantom/phantom_clip.safetensors``),
+``phantom:base@/path/to/checkpoint.safetensors`` (or a folder holding one) and
+``phantom:base@random`` / ``phantom:tiny@random`` (random initialisation, for tests).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medkt.backends.base import Backend
+from medkt.errors import ConfigError, unknown_name
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "phantom"
+DEFAULT_CHECKPOINT = ASSET_DIR / "phantom_clip.safetensors"
+
+ARCHITECTURES = {
+    "base": {},
+    # a very small variant for fast tests
+    "tiny": {"widths": (8, 16, 16, 32), "text_width": 32, "text_layers": 1, "text_heads": 2, "token_dim": 16,
+             "embed_dim": 32},
+}
+
+
+class PhantomBackend(Backend):
+    family = "phantom"
+    image_channels = 1
+    model_channels = 1
+
+    def __init__(self, model, info: dict | None = None):
+        super().__init__()
+        self.model = model
+        self.info = info or {}
+        cfg = model.cfg
+        self.image_size = cfg.image_size
+        self.mean = (cfg.mean,)
+        self.std = (cfg.std,)
+        self.context_length = cfg.context_length
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.visual(pixel_values)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        from medkt.phantom.model import tokenize
+
+        return tokenize(list(texts), self.context_length).to(self.model.logit_scale.device)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.text(tokens)
+
+    def visual_parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.visual.parameters()
+
+    def text_parameters(self) -> Iterator[nn.Parameter]:
+        return self.model.text.parameters()
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.detach().exp().clamp(max=100.0)
+
+
+def create(architecture: str = "base", weights: str | None = None, **kw) -> PhantomBackend:
+    """Build the phantom backend; ``weights`` None -> shipped checkpoint, ``random`` -> random init."""
+    from medkt.phantom.model import PhantomCLIP, PhantomCLIPConfig, load_checkpoint
+    from medkt.weights import resolve_weights
+
+    if architecture not in ARCHITECTURES:
+        raise unknown_name("phantom architecture", architecture, list(ARCHITECTURES))
+    if weights == "random":
+        seed = int(kw.pop("seed", 0))
+        torch.manual_seed(seed)
+        cfg = PhantomCLIPConfig(**{**ARCHITECTURES[architecture], **kw})
+        return PhantomBackend(PhantomCLIP(cfg), {"weights": "random", "seed": seed})
+    if kw:
+        raise ConfigError(f"phantom backend: unexpected options {sorted(kw)} with pretrained weights")
+    path = resolve_weights(
+        str(weights) if weights else str(DEFAULT_CHECKPOINT),
+        what="the phantom CLIP model",
+        how_to_get="Retrain it with 'python -m medkt.phantom.pretrain --config "
+        "medkt/assets/phantom/pretrain_config.json --out medkt/assets/phantom/phantom_clip.safetensors'",
+        filenames=("phantom_clip.safetensors",),
+    )
+    model, side = load_checkpoint(path)
+    return PhantomBackend(model, {"weights": str(path), **{k: v for k, v in side.items() if k != "config"}})

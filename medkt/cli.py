@@ -1,0 +1,235 @@
+"""``medkt`` command line (typer).
+
+User errors (:class:`~medkt.errors.MedktError`) print one line and exit with code 2; ``--debug``
+shows the traceback. Feature areas add their own commands through modules with
+``register(app)`` listed in :data:`COMMAND_MODULES`.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medkt.errors import ConfigError, MedktError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="medkt: teach vision-language models new visual concepts from text (knowledge transfer).")
+
+#: modules that add commands with ``register(app)``; missing optional ones are skipped
+COMMAND_MODULES = ("medkt.data.cli", "medkt.segmentation.cli", "medkt.natural.cli", "medkt.phantom.cli")
+
+_STATE = {"debug": False}
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+          threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's).")) -> None:
+    _STATE["debug"] = debug
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _parse_sets(sets: list[str]) -> dict:
+    from medkt.bundles import parse_override
+
+    return dict(parse_override(s) for s in sets)
+
+
+@app.command()
+def transfer(
+    bundle: str = typer.Option(..., "--bundle", "-b", help="Bundle name (see `medkt bundles`) or path to a bundle folder."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run folder (default: runs/<bundle>-<timestamp>)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Config override key=value (MONAI ids, '#' or '.' separated)."),
+    config: str = typer.Option("transfer.json", "--config", help="Config file of the bundle (e.g. an ablation)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoints."),
+) -> None:
+    """Run a knowledge-transfer bundle: inversion -> fine-tuning -> evaluation before/after."""
+    from medkt.bundles import run_bundle
+
+    results = run_bundle(bundle, _parse_sets(set_), config=config, output=output, overwrite=overwrite, resume=resume)
+    summary = results.get("summary_table")
+    if summary:
+        typer.echo(summary)
+    else:
+        _print_eval_summary(results)
+
+
+def _print_eval_summary(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    evals = results.get("evaluations") or {}
+    console = Console()
+    for name, ev in evals.items():
+        table = Table(title=f"{name}: zero-shot accuracy (%)")
+        for col in ("class", "before", "after", "change"):
+            table.add_column(col, justify="left" if col == "class" else "right")
+        b, a = ev["before"], ev["after"]
+        for c, v in b["per_class"].items():
+            av = a["per_class"].get(c, float("nan"))
+            table.add_row(c, f"{100 * v:.1f}", f"{100 * av:.1f}", f"{100 * (av - v):+.1f}")
+        table.add_row("top-1 (all)", f"{100 * b['accuracy']:.1f}", f"{100 * a['accuracy']:.1f}",
+                      f"{100 * (a['accuracy'] - b['accuracy']):+.1f}")
+        console.print(table)
+    if "seconds_transfer" in results:
+        console.print(f"inversion + fine-tuning: {results['seconds_transfer']:.1f} s")
+
+
+@app.command("bundles")
+def bundles_cmd() -> None:
+    """List the available bundles with a one-line description."""
+    from medkt.bundles import list_bundles
+
+    for b in list_bundles():
+        typer.echo(f"{b.name:32s} {b.description.splitlines()[0] if b.description else ''}")
+
+
+@app.command()
+def invert(
+    backend: str = typer.Option(..., help="Backend spec, e.g. clip:ViT-B-32@/models/ViT-B-32.pt"),
+    concept: list[str] = typer.Option(..., "--concept", "-c", help="NAME=DESCRIPTION (repeatable)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for images/, grid.png, manifest.csv."),
+    n_images: int = typer.Option(10, help="Images per concept."),
+    steps: int = typer.Option(5000, help="Optimisation steps."),
+    lr: float = typer.Option(0.1),
+    seed: int = typer.Option(0),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Other InversionConfig fields, key=value."),
+    resume: bool = typer.Option(False, help="Continue from the checkpoints in OUTPUT."),
+    checkpoint_every: int = typer.Option(200, help="Checkpoint interval in steps (0 = off)."),
+) -> None:
+    """Synthesise images of concepts from their descriptions (model inversion)."""
+    from medkt.backends import create_backend
+    from medkt.inversion import InversionConfig, InversionTarget, invert as run_invert, save_inversion
+
+    targets = []
+    for c in concept:
+        name, sep, desc = c.partition("=")
+        if not sep or not name.strip() or not desc.strip():
+            raise ConfigError(f"bad --concept {c!r}: expected NAME=DESCRIPTION")
+        targets.append(InversionTarget(name.strip(), desc.strip(), n_images))
+    if output.exists() and any(p for p in output.iterdir() if p.name != "checkpoints") and not resume:
+        raise ConfigError(f"output folder {output} is not empty; choose another or pass --resume")
+    cfg = InversionConfig.from_dict({"steps": steps, "lr": lr, "seed": seed, "checkpoint_every": checkpoint_every,
+                                     **_parse_sets(set_)})
+    b = create_backend(backend)
+    result = run_invert(b, targets, cfg, out_dir=output, resume=resume)
+    manifest = save_inversion(result, output, cfg)
+    typer.echo(f"{len(result.images)} images, mean similarity {sum(result.similarities) / len(result.similarities):.3f}, "
+               f"{result.seconds:.1f} s -> {manifest}")
+
+
+@app.command()
+def finetune(
+    backend: str = typer.Option(..., help="Backend spec."),
+    images: Path = typer.Option(..., help="manifest.csv written by `medkt invert`."),
+    output: Path = typer.Option(..., "--output", "-o", help="Fine-tuned weights (.safetensors)."),
+    negative: list[str] = typer.Option([], "--negative", "-n", help="Extra negative caption (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="FinetuneConfig fields, key=value (lr, train, ...)."),
+    overwrite: bool = typer.Option(False, "--overwrite"),
+) -> None:
+    """Fine-tune the visual encoder on inverted images with InfoNCE; save the weights."""
+    from medkt.backends import create_backend
+    from medkt.finetune import FinetuneConfig, finetune as run_finetune, save_finetuned
+    from medkt.inversion import load_inversion
+
+    if output.exists() and not overwrite:
+        raise ConfigError(f"{output} exists; pass --overwrite to replace it")
+    cfg = FinetuneConfig.from_dict(_parse_sets(set_))
+    b = create_backend(backend)
+    inv = load_inversion(images, b)
+    descriptions = {c: t for c, t in zip(inv.concepts, inv.texts)}
+    hist = run_finetune(b, inv.images, inv.concepts, descriptions, negative, cfg, texts_of_images=inv.texts)
+    save_finetuned(b, output, which=cfg.train)
+    typer.echo(f"{hist['steps']} steps, loss {hist['loss'][0]:.4f} -> {hist['loss'][-1]:.4f} -> {output}")
+
+
+@app.command()
+def evaluate(
+    backend: str = typer.Option(..., help="Backend spec."),
+    manifest: Path = typer.Option(..., help="Dataset manifest (path,label,...)."),
+    classes: Path = typer.Option(..., help="JSON file: class -> list of prompts."),
+    root: Optional[Path] = typer.Option(None, help="Data root (default: the manifest's folder)."),
+    weights: Optional[Path] = typer.Option(None, help="Fine-tuned weights from `medkt finetune`."),
+    split: Optional[str] = typer.Option(None),
+    aggregate: str = typer.Option("mean", help="Prompt ensemble: mean | max."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the result as JSON."),
+) -> None:
+    """Zero-shot classification accuracy (overall and per class) of a model on a manifest."""
+    from medkt.backends import create_backend
+    from medkt.data.manifest import read_manifest
+    from medkt.evaluation import zero_shot_classify
+    from medkt.finetune import load_finetuned
+
+    try:
+        prompts = json.loads(classes.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read class prompts {classes}: {exc}") from None
+    b = create_backend(backend)
+    if weights is not None:
+        load_finetuned(b, weights)
+    rows = read_manifest(manifest, root, classes=list(prompts), split=split)
+    data_root = root or manifest.parent
+    res = zero_shot_classify(b, [data_root / r.path for r in rows], [r.label for r in rows], prompts, aggregate)
+    for c, v in res.per_class.items():
+        typer.echo(f"{c:30s} {100 * v:6.1f}")
+    typer.echo(f"{'top-1':30s} {100 * res.accuracy:6.1f}  ({len(rows)} images)")
+    if output is not None:
+        from medkt.utils import atomic_write_json
+
+        atomic_write_json(output, res.to_dict())
+
+
+def _register_feature_commands() -> None:
+    for mod in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name and mod.startswith(exc.name):  # feature not installed in this checkout
+                continue
+            raise
+        module.register(app)
+
+
+_register_feature_commands()
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line + exit code 2."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        app(standalone_mode=False)
+    except MedktError as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (FileNotFoundError, PermissionError) as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Data access: image readers, manifests and dataset preparation."""

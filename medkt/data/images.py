@@ -1,0 +1,85 @@
+"""Image -> model pixels: the default preprocessing shared by backends.
+
+Kept dependency-light (PIL + numpy + torch); format-specific readers (DICOM, NIfTI, JSRT raw)
+live in :mod:`medkt.data.readers` and return arrays this module accepts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from medkt.errors import DataError
+
+
+def to_float_array(image: Any) -> np.ndarray:
+    """Path / PIL / ndarray / tensor -> float32 array in [0, 1], shape ``(H, W)`` or ``(H, W, 3)``."""
+    if isinstance(image, (str, Path)):
+        # every file goes through the format-aware reader (PNG/JPEG 8/16-bit, RGBA checks,
+        # DICOM windowing, NIfTI, JSRT raw), which returns [0, 1] float32
+        from medkt.data.readers import read_image
+
+        return to_float_array(read_image(Path(image)))
+    elif isinstance(image, Image.Image):
+        image = _pil_to_array(image)
+    elif isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+        if image.ndim == 3 and image.shape[0] in (1, 3):
+            image = np.transpose(image, (1, 2, 0))
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise DataError(f"expected a 2-D image (H, W) or (H, W, C), got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    elif arr.dtype == np.uint16:
+        arr = arr.astype(np.float32) / 65535.0
+    else:
+        arr = arr.astype(np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < 0.0 or hi > 1.0:  # unknown range: min-max to [0, 1]
+            arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    return arr
+
+
+def _pil_to_array(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L"):
+        return np.asarray(im, dtype=np.uint16)
+    if im.mode == "I":
+        a = np.asarray(im, dtype=np.int64)
+        return (a.clip(0, 65535)).astype(np.uint16)
+    if im.mode in ("RGBA", "LA", "P", "CMYK", "YCbCr"):
+        im = im.convert("RGB")
+    if im.mode not in ("L", "RGB", "F"):
+        im = im.convert("RGB")
+    return np.asarray(im)
+
+
+def to_model_pixels(image: Any, size: int, channels: int = 3, pad_to_square: bool = True) -> torch.Tensor:
+    """Any image -> ``(channels, size, size)`` float tensor in [0, 1].
+
+    Grey images are repeated to 3 channels for RGB models; RGB images are averaged for grey
+    models. The image is zero-padded to a square (as MedCLIP does) and bicubic-resized.
+    """
+    arr = to_float_array(image)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
+    if channels == 1 and t.shape[0] == 3:
+        t = t.mean(0, keepdim=True)
+    elif channels == 3 and t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    if pad_to_square:
+        h, w = t.shape[-2:]
+        s = max(h, w)
+        if h != w:
+            top, left = (s - h) // 2, (s - w) // 2
+            t = F.pad(t, (left, s - w - left, top, s - h - top))
+    if t.shape[-1] != size:
+        t = F.interpolate(t[None], size=(size, size), mode="bicubic", align_corners=False)[0]
+    return t.clamp(0, 1).contiguous()

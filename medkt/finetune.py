@@ -1,0 +1,253 @@
+"""Fine-tuning on synthesised images (paper §3.1.2, Eq. 2).
+
+Each image ``x_i`` of concept ``c_i`` is paired with the caption ``"A <name> is <description>"``
+(``prepend_name=False`` keeps only the description: the Fig. 5 ablation). The InfoNCE loss is the
+cross-entropy of ``logit_scale * cos(f_V(x_i), f_T(caption_j))`` over all captions ``j`` — the
+captions of every concept in the run plus ``negative_captions`` (e.g. the evaluation task's other
+classes), so a single concept still has negatives. By default only the visual encoder is trained
+(``train="text"`` / ``"both"`` reproduce the Fig. 4 ablation). Losses are pluggable
+(:func:`register_finetune_loss`).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from medkt.backends.base import Backend
+from medkt.errors import ConfigError, unknown_name
+
+
+@dataclass
+class FinetuneConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.2
+    batch_size: int = 4
+    epochs: int = 1
+    optimizer: str = "adam"  # "adam" (L2 weight decay, as the paper's code) | "adamw" (decoupled)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    train: str = "visual"  # "visual" | "text" | "both"
+    prepend_name: bool = True
+    caption_template: str = "A {name} is {description}"
+    loss: str = "infonce"
+    temperature: float | None = None  # None: the model's own logit scale
+    grad_clip: float | None = None
+    shuffle: bool = True
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "FinetuneConfig":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ConfigError(f"unknown finetune option(s) {bad}; known: {sorted(known)}")
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.train not in ("visual", "text", "both"):
+            raise ConfigError(f"train must be 'visual', 'text' or 'both', got {self.train!r}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ConfigError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ConfigError(f"batch_size and epochs must be >= 1, got {self.batch_size}, {self.epochs}")
+        if not (0 < self.lr < 1):
+            raise ConfigError(f"learning rate must be in (0, 1), got {self.lr}")
+
+
+def make_caption(name: str, description: str, config: FinetuneConfig) -> str:
+    """``"A moongate is a circular archway..."``; only the description when ``prepend_name`` is off."""
+    desc = description.strip()
+    if not config.prepend_name:
+        return desc[0].upper() + desc[1:] if desc else desc
+    if desc and desc[0].isupper() and not desc[:2].isupper():
+        desc = desc[0].lower() + desc[1:]  # "A nodule is a small..." rather than "...is A small..."
+    return config.caption_template.format(name=name, description=desc)
+
+
+# --- losses ------------------------------------------------------------------------------------
+LossFn = Callable[..., torch.Tensor]
+_LOSSES: dict[str, LossFn] = {}
+
+
+def register_finetune_loss(name: str) -> Callable[[LossFn], LossFn]:
+    """Decorator: ``fn(backend, images (B,C,S,S) [0,1], targets (B,) caption indices, captions
+    list[str], caption_emb (K,D) normalised or None when the text encoder trains, config) -> loss``."""
+
+    def deco(fn: LossFn) -> LossFn:
+        _LOSSES[name] = fn
+        return fn
+
+    return deco
+
+
+def get_finetune_loss(name: str) -> LossFn:
+    if name not in _LOSSES:
+        raise unknown_name("fine-tuning loss", name, list(_LOSSES))
+    return _LOSSES[name]
+
+
+def encode_captions(backend: Backend, captions: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """Normalised caption embeddings with gradients (for text fine-tuning)."""
+    out = [backend.encode_text(backend.tokenize(list(captions[i : i + batch_size]))).float()
+           for i in range(0, len(captions), batch_size)]
+    return F.normalize(torch.cat(out), dim=-1)
+
+
+@register_finetune_loss("infonce")
+def infonce_loss(backend: Backend, images: torch.Tensor, targets: torch.Tensor, captions: Sequence[str],
+                 caption_emb: torch.Tensor | None, config: FinetuneConfig) -> torch.Tensor:
+    img = F.normalize(backend.encode_pixels(images).float(), dim=-1)
+    txt = caption_emb if caption_emb is not None else encode_captions(backend, captions)
+    scale = (1.0 / config.temperature) if config.temperature else backend.logit_scale.detach().float()
+    logits = scale * img @ txt.t()
+    return F.cross_entropy(logits, targets)
+
+
+# --- main --------------------------------------------------------------------------------------
+def _trainable(backend: Backend, which: str) -> list[torch.nn.Parameter]:
+    params: list[torch.nn.Parameter] = []
+    if which in ("visual", "both"):
+        params += list(backend.visual_parameters())
+    if which in ("text", "both"):
+        params += list(backend.text_parameters())
+    return params
+
+
+def finetune(
+    backend: Backend,
+    images: torch.Tensor,
+    concepts_of_images: Sequence[str],
+    descriptions: dict[str, str] | dict[str, list[str]],
+    negative_captions: Sequence[str] = (),
+    config: FinetuneConfig | dict | None = None,
+    texts_of_images: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune ``backend`` in place so each image matches its concept's caption.
+
+    Args:
+        images: ``(N, C, S, S)`` in [0, 1] (e.g. :attr:`InversionResult.images`).
+        concepts_of_images: the concept name of each image (length N).
+        descriptions: concept -> description (used when ``texts_of_images`` is None).
+        negative_captions: extra captions that are never a target (other classes of the task).
+        texts_of_images: the description each image was inverted from (defaults to its concept's).
+    Returns:
+        history dict: ``loss`` per step, ``steps``, ``seconds``, ``captions``, ``trainable``.
+    """
+    cfg = config if isinstance(config, FinetuneConfig) else FinetuneConfig.from_dict(config)
+    cfg.validate()
+    if len(images) != len(concepts_of_images) or len(images) == 0:
+        raise ConfigError(f"need one concept per image, got {len(images)} images and {len(concepts_of_images)} concepts")
+    missing = sorted({c for c in concepts_of_images if c not in descriptions})
+    if texts_of_images is None and missing:
+        raise ConfigError(f"no description for concept(s) {missing}")
+
+    def desc_of(c: str) -> str:
+        d = descriptions[c]
+        return d if isinstance(d, str) else d[0]
+
+    img_desc = list(texts_of_images) if texts_of_images is not None else [desc_of(c) for c in concepts_of_images]
+    img_caps = [make_caption(c, d, cfg) for c, d in zip(concepts_of_images, img_desc)]
+    captions: list[str] = []
+    for cap in list(img_caps) + [make_caption(c, desc_of(c), cfg) for c in descriptions] + list(negative_captions):
+        if cap not in captions:
+            captions.append(cap)
+    if len(captions) < 2:
+        raise ConfigError("InfoNCE needs at least one negative caption: add another concept or negative_captions "
+                          "(e.g. the evaluation task's classes)")
+    targets_all = torch.tensor([captions.index(c) for c in img_caps])
+    loss_fn = get_finetune_loss(cfg.loss)
+
+    params = _trainable(backend, cfg.train)
+    train_ids = {id(p) for p in params}
+    requires = [p.requires_grad for p in backend.parameters()]
+    for p in backend.parameters():
+        p.requires_grad_(id(p) in train_ids)
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
+    caption_emb = None
+    if cfg.train == "visual":  # text encoder frozen: embed the captions once
+        caption_emb = backend.encode_texts(captions)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: dict[str, Any] = {"loss": [], "captions": captions, "trainable": cfg.train}
+    start = time.perf_counter()
+    n = len(images)
+    steps_total = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps_total, desc="fine-tune", unit="step", leave=False, disable=None)
+    backend.train()
+    try:
+        for _ in range(cfg.epochs):
+            order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
+            for i in range(0, n, cfg.batch_size):
+                idx = order[i : i + cfg.batch_size]
+                loss = loss_fn(backend, images[idx], targets_all[idx], captions, caption_emb, cfg)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                history["loss"].append(float(loss.detach()))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        backend.eval()
+        for p, r in zip(backend.parameters(), requires):
+            p.requires_grad_(r)
+    history["steps"] = len(history["loss"])
+    history["seconds"] = time.perf_counter() - start
+    return history
+
+
+def save_finetuned(backend: Backend, path: str | Path, which: str = "visual", metadata: dict[str, str] | None = None) -> Path:
+    """Save the fine-tuned parameters (``which`` = visual | text | both | all) as safetensors."""
+    from safetensors.torch import save
+
+    from medkt.utils import atomic_write_bytes
+
+    if which == "all":
+        tensors = dict(backend.state_dict())
+    else:
+        ids = {id(p) for p in _trainable(backend, which)}
+        tensors = {k: v for k, v in backend.state_dict(keep_vars=True).items() if id(v) in ids}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {"medkt_spec": backend.spec, "which": which, **(metadata or {})}
+    return atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def load_finetuned(backend: Backend, path: str | Path) -> Backend:
+    """Load parameters saved by :func:`save_finetuned` into ``backend`` (strict on names/shapes)."""
+    from safetensors.torch import load_file
+
+    from medkt.errors import WeightsNotFoundError
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsNotFoundError(f"fine-tuned weights not found: {path}")
+    tensors = load_file(str(path))
+    own = backend.state_dict()
+    unknown = [k for k in tensors if k not in own]
+    if unknown:
+        raise ConfigError(f"{path} does not match backend {backend.spec}: unknown keys {unknown[:3]}...")
+    bad = [k for k, v in tensors.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if bad:
+        raise ConfigError(f"{path} does not match backend {backend.spec}: shape mismatch for {bad[:3]}")
+    backend.load_state_dict(tensors, strict=False)
+    return backend

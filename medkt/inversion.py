@@ -1,0 +1,504 @@
+"""Model inversion: synthesise images whose embedding matches a text description (paper Eq. 3).
+
+All (concept, sample) pairs are optimised together as one pixel tensor ``(N, C, S, S)`` in
+[0, 1]:
+
+    loss_i = objective(f_V(A(x_i)), text_i) + tv_weight * TV(x_i)
+
+with ``A`` a differentiable random affine (p=0.5), Adam, a cosine learning-rate schedule,
+per-image gradient-norm clipping, clamping to [0, 1], optional progressive resolution
+(e.g. 64 -> 128 -> 224, the parameter tensor is upsampled and Adam restarted at each stage) and
+several augmented views per step. Objectives are pluggable (:func:`register_inversion_objective`);
+the default ``"cosine"`` is ``-cos(f_V(A(x)), f_T(text))``.
+
+Reproducibility: every image has its own initialisation generator seeded by ``(seed, index)``
+and each chunk of images its own augmentation generator, so the result depends only on the
+seed, the targets and the chunking — not on how chunks are spread over processes. A
+checkpoint (pixels, Adam state, RNG state, step) is written atomically every
+``checkpoint_every`` steps; ``resume=True`` continues from it and gives the same images as an
+uninterrupted run.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medkt.augment import AffineAugment, total_variation
+from medkt.backends.base import Backend, as_numpy_image
+from medkt.errors import ConfigError, unknown_name
+from medkt.utils import atomic_torch_save, atomic_write_json, atomic_write_text
+
+
+@dataclass
+class InversionTarget:
+    """One concept to synthesise: ``n_images`` images toward the embedding of ``text``."""
+
+    concept: str
+    text: str
+    n_images: int = 10
+
+
+@dataclass
+class InversionConfig:
+    steps: int = 5000
+    lr: float = 0.1
+    lr_schedule: str = "cosine"  # "cosine" | "constant"
+    lr_min: float = 0.0
+    tv_weight: float = 0.005
+    tv_diagonals: bool = False
+    objective: str = "cosine"
+    augment_p: float = 0.5
+    rotate_deg: float = 30.0
+    translate: float = 0.1
+    scale: tuple[float, float] = (0.7, 1.0)
+    views: int = 1  # augmented views of each image per step (gradients averaged)
+    grad_clip: float | None = 1.0  # per-image gradient L2 norm clip
+    clamp: bool = True  # keep pixels in [0, 1] after each step
+    init: str = "uniform"  # "uniform" U(0,1) | "normal" (N(0,1) in the model's normalised space) | "gray"
+    resolutions: list[int] | None = None  # progressive sizes, e.g. [64, 128, 224]; last = model size
+    resolution_steps: list[int] | None = None  # step at which each later size starts, e.g. [900, 1800]
+    chunk_size: int | None = None  # images optimised together; None = all at once
+    checkpoint_every: int = 0  # 0 = no checkpoints
+    early_stop_patience: int = 0  # 0 = off; stop a chunk when mean similarity gains < min_delta over this many steps
+    early_stop_min_delta: float = 1e-3
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "InversionConfig":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ConfigError(f"unknown inversion option(s) {bad}; known: {sorted(known)}")
+        if "scale" in d:
+            d["scale"] = tuple(d["scale"])
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"inversion steps must be >= 1, got {self.steps}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ConfigError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if self.init not in ("uniform", "normal", "gray"):
+            raise ConfigError(f"init must be 'uniform', 'normal' or 'gray', got {self.init!r}")
+        if self.views < 1:
+            raise ConfigError(f"views must be >= 1, got {self.views}")
+        if self.resolutions is not None:
+            n_steps = len(self.resolution_steps or [])
+            if n_steps != len(self.resolutions) - 1:
+                raise ConfigError(
+                    f"resolutions {self.resolutions} need {len(self.resolutions) - 1} resolution_steps, got {self.resolution_steps}"
+                )
+            if list(self.resolution_steps or []) != sorted(self.resolution_steps or []):
+                raise ConfigError(f"resolution_steps must increase, got {self.resolution_steps}")
+
+
+@dataclass
+class InversionResult:
+    images: torch.Tensor  # (N, C, S, S) in [0, 1]
+    concepts: list[str]
+    texts: list[str]
+    similarities: list[float]  # final cosine similarity of each image (un-augmented) to its text
+    seconds: float = 0.0
+    steps_run: list[int] = field(default_factory=list)  # per chunk
+    history: list[list[float]] = field(default_factory=list)  # per chunk: mean similarity every log step
+
+    def by_concept(self) -> dict[str, torch.Tensor]:
+        out: dict[str, list[torch.Tensor]] = {}
+        for img, c in zip(self.images, self.concepts):
+            out.setdefault(c, []).append(img)
+        return {c: torch.stack(v) for c, v in out.items()}
+
+
+# --- objectives --------------------------------------------------------------------------------
+ObjectiveFn = Callable[[Backend, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
+_OBJECTIVES: dict[str, ObjectiveFn] = {}
+
+
+def register_inversion_objective(name: str) -> Callable[[ObjectiveFn], ObjectiveFn]:
+    """Decorator: ``fn(backend, x01 (B,C,S,S), ctx) -> (loss (B,), similarity (B,))``.
+
+    ``ctx`` holds ``text_emb`` (B, D) normalised target embeddings and ``texts`` (list of B
+    strings), both aligned with the rows of ``x01``.
+    """
+
+    def deco(fn: ObjectiveFn) -> ObjectiveFn:
+        _OBJECTIVES[name] = fn
+        return fn
+
+    return deco
+
+
+@register_inversion_objective("cosine")
+def cosine_objective(backend: Backend, x: torch.Tensor, ctx: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    emb = F.normalize(backend.encode_pixels(x).float(), dim=-1)
+    sim = (emb * ctx["text_emb"]).sum(-1)
+    return -sim, sim
+
+
+@register_inversion_objective("l2")
+def l2_objective(backend: Backend, x: torch.Tensor, ctx: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared L2 between normalised embeddings (= 2 - 2 cos; the CLIP-inversion reference's loss)."""
+    emb = F.normalize(backend.encode_pixels(x).float(), dim=-1)
+    sim = (emb * ctx["text_emb"]).sum(-1)
+    return (emb - ctx["text_emb"]).pow(2).sum(-1), sim
+
+
+def get_objective(name: str) -> ObjectiveFn:
+    if name not in _OBJECTIVES:
+        raise unknown_name("inversion objective", name, list(_OBJECTIVES))
+    return _OBJECTIVES[name]
+
+
+# --- helpers -----------------------------------------------------------------------------------
+def lr_at(cfg: InversionConfig, step: int) -> float:
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * step / cfg.steps))
+
+
+def _stages(cfg: InversionConfig, model_size: int) -> list[tuple[int, int]]:
+    """[(start_step, size)] of the progressive-resolution schedule."""
+    if not cfg.resolutions:
+        return [(0, model_size)]
+    starts = [0, *cfg.resolution_steps]
+    return list(zip(starts, cfg.resolutions))
+
+
+def _stage_size(stages: list[tuple[int, int]], step: int) -> int:
+    size = stages[0][1]
+    for start, s in stages:
+        if step >= start:
+            size = s
+    return size
+
+
+def _init_pixels(backend: Backend, cfg: InversionConfig, indices: Sequence[int], size: int) -> torch.Tensor:
+    imgs = []
+    for i in indices:
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(i))
+        shape = (backend.image_channels, size, size)
+        if cfg.init == "uniform":
+            imgs.append(torch.rand(shape, generator=g))
+        elif cfg.init == "gray":
+            imgs.append(torch.full(shape, 0.5) + 0.01 * torch.randn(shape, generator=g))
+        else:  # N(0, 1) in the model's normalised input space
+            mean = torch.tensor(backend.mean[: backend.image_channels]).view(-1, 1, 1)
+            std = torch.tensor(backend.std[: backend.image_channels]).view(-1, 1, 1)
+            imgs.append(mean + std * torch.randn(shape, generator=g))
+    x = torch.stack(imgs)
+    return x.clamp(0, 1) if cfg.clamp else x
+
+
+def _to_model_size(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+
+
+def _clip_per_image(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
+    norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+    factor = (max_norm / norms).clamp(max=1.0)
+    return grad * factor.view(-1, *([1] * (grad.dim() - 1)))
+
+
+def similarity(backend: Backend, images: torch.Tensor, text_emb: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Cosine similarity of each image ``(N, C, S, S)`` to its row of ``text_emb`` ``(N, D)``."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            e = F.normalize(backend.encode_pixels(images[i : i + batch_size]).float(), dim=-1)
+            out.append((e * text_emb[i : i + batch_size]).sum(-1))
+    return torch.cat(out)
+
+
+# --- main loop ---------------------------------------------------------------------------------
+def _run_chunk(
+    backend: Backend,
+    cfg: InversionConfig,
+    chunk_id: int,
+    indices: list[int],
+    text_emb: torch.Tensor,
+    texts: list[str],
+    ckpt_path: Path | None,
+    resume: bool,
+    progress: Any,
+) -> tuple[torch.Tensor, int, list[float]]:
+    objective = get_objective(cfg.objective)
+    augment = AffineAugment(cfg.augment_p, cfg.rotate_deg, cfg.translate, cfg.scale)
+    stages = _stages(cfg, backend.image_size)
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + chunk_id)
+    step, history, state = 0, [], None
+    if resume and ckpt_path is not None and ckpt_path.is_file():
+        state = torch.load(ckpt_path, weights_only=True)
+        step, history = int(state["step"]), list(state["history"])
+        x = state["pixels"].clone()
+        gen.set_state(state["rng"])
+    else:
+        x = _init_pixels(backend, cfg, indices, _stage_size(stages, 0))
+    x.requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=cfg.lr)
+    if state is not None and state.get("adam") is not None:
+        opt.load_state_dict(state["adam"])
+    ctx = {"text_emb": text_emb.repeat(cfg.views, 1), "texts": list(texts) * cfg.views}
+    best, since_best = -float("inf"), 0
+    if progress is not None:
+        progress.update(step)
+    while step < cfg.steps:
+        size = _stage_size(stages, step)
+        if x.shape[-1] != size:  # progressive resolution: upsample and restart Adam
+            with torch.no_grad():
+                x = _to_model_size(x.detach(), size)
+                x = x.clamp(0, 1) if cfg.clamp else x
+            x.requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=cfg.lr)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        xm = _to_model_size(x, backend.image_size)
+        xv = xm.repeat(cfg.views, 1, 1, 1)
+        xa = augment(xv, gen)
+        loss_rows, sim_rows = objective(backend, xa, ctx)
+        loss = loss_rows.view(cfg.views, -1).mean(0)
+        if cfg.tv_weight:
+            loss = loss + cfg.tv_weight * total_variation(x, cfg.tv_diagonals)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        if cfg.grad_clip:
+            grad = _clip_per_image(grad, cfg.grad_clip)
+        x.grad = grad
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cfg.clamp:
+            with torch.no_grad():
+                x.clamp_(0, 1)
+        step += 1
+        mean_sim = float(sim_rows.detach().mean())
+        history.append(mean_sim)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(sim=f"{mean_sim:.3f}", size=size)
+        if ckpt_path is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            atomic_torch_save(
+                {"step": step, "pixels": x.detach().clone(), "adam": opt.state_dict(), "rng": gen.get_state(),
+                 "history": history, "indices": list(indices)},
+                ckpt_path,
+            )
+        if cfg.early_stop_patience and size == stages[-1][1]:
+            if mean_sim > best + cfg.early_stop_min_delta:
+                best, since_best = mean_sim, 0
+            else:
+                since_best += 1
+                if since_best >= cfg.early_stop_patience:
+                    break
+    final = _to_model_size(x.detach(), backend.image_size)
+    return (final.clamp(0, 1) if cfg.clamp else final), step, history
+
+
+def invert(
+    backend: Backend,
+    targets: Sequence[InversionTarget],
+    config: InversionConfig | dict | None = None,
+    out_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    chunks: Sequence[int] | None = None,
+) -> InversionResult:
+    """Synthesise ``sum(t.n_images)`` images, ``n_images`` per target, toward each target's text.
+
+    Args:
+        backend: any :class:`~medkt.backends.base.Backend`; its weights are not changed.
+        targets: concepts and the descriptions to invert.
+        config: :class:`InversionConfig` or a dict of its fields.
+        out_dir: when given, checkpoints go to ``out_dir/checkpoints`` and
+            :func:`save_inversion` writes PNGs, a grid and ``manifest.csv`` there.
+        resume: continue from the checkpoints in ``out_dir``.
+        chunks: only run these chunk indices (used to shard work across processes); the result
+            then holds only their images.
+    Returns:
+        :class:`InversionResult` with images ``(N, C, S, S)`` in [0, 1].
+    """
+    cfg = config if isinstance(config, InversionConfig) else InversionConfig.from_dict(config)
+    cfg.validate()
+    if not targets:
+        raise ConfigError("nothing to invert: the list of concepts is empty")
+    texts, concepts = [], []
+    for t in targets:
+        if t.n_images < 1:
+            raise ConfigError(f"concept {t.concept!r}: n_images must be >= 1, got {t.n_images}")
+        texts += [t.text] * t.n_images
+        concepts += [t.concept] * t.n_images
+    n = len(texts)
+    uniq = sorted(set(texts), key=texts.index)
+    emb_by_text = dict(zip(uniq, backend.encode_texts(uniq)))
+    text_emb = torch.stack([emb_by_text[t] for t in texts])
+    chunk = cfg.chunk_size or n
+    all_chunks = [list(range(i, min(i + chunk, n))) for i in range(0, n, chunk)]
+    selected = list(range(len(all_chunks))) if chunks is None else list(chunks)
+
+    ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
+    if ckpt_dir is not None and cfg.checkpoint_every:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    requires = [p.requires_grad for p in backend.parameters()]
+    for p in backend.parameters():  # only the pixels need gradients
+        p.requires_grad_(False)
+    was_training = backend.training
+    backend.eval()
+    start = time.perf_counter()
+    images, steps_run, histories, keep = [], [], [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps * len(selected), desc="inversion", unit="step", leave=False, disable=None)
+    try:
+        for cid in selected:
+            idx = all_chunks[cid]
+            path = ckpt_dir / f"chunk{cid:04d}.pt" if ckpt_dir is not None else None
+            x, s, hist = _run_chunk(backend, cfg, cid, idx, text_emb[idx], [texts[i] for i in idx], path, resume, bar)
+            images.append(x)
+            steps_run.append(s)
+            histories.append(hist)
+            keep += idx
+    finally:
+        if bar is not None:
+            bar.close()
+        for p, r in zip(backend.parameters(), requires):
+            p.requires_grad_(r)
+        backend.train(was_training)
+    imgs = torch.cat(images)
+    sims = similarity(backend, imgs, text_emb[keep]).tolist()
+    return InversionResult(
+        images=imgs,
+        concepts=[concepts[i] for i in keep],
+        texts=[texts[i] for i in keep],
+        similarities=sims,
+        seconds=time.perf_counter() - start,
+        steps_run=steps_run,
+        history=histories,
+    )
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_") or "concept"
+
+
+def save_inversion(result: InversionResult, out_dir: str | Path, config: InversionConfig | None = None) -> Path:
+    """Write ``images/<concept>_<k>.png``, ``grid.png``, ``manifest.csv`` (path, concept, caption,
+    similarity) and ``inversion.json`` into ``out_dir``. Returns the manifest path."""
+    import csv
+    import io
+
+    from PIL import Image
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    counters: dict[str, int] = {}
+    rows = []
+    for img, concept, text, sim in zip(result.images, result.concepts, result.texts, result.similarities):
+        k = counters.get(concept, 0)
+        counters[concept] = k + 1
+        rel = f"images/{_slug(concept)}_{k:03d}.png"
+        Image.fromarray(as_numpy_image(img)).save(out / rel)
+        rows.append({"path": rel, "concept": concept, "caption": text, "similarity": f"{sim:.6f}"})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["path", "concept", "caption", "similarity"], lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out / "manifest.csv", buf.getvalue())
+    save_grid(result.images, out / "grid.png", labels=result.concepts)
+    meta = {"seconds": result.seconds, "steps_run": result.steps_run,
+            "mean_similarity": float(np.mean(result.similarities))}
+    if config is not None:
+        meta["config"] = asdict(config)
+    atomic_write_json(out / "inversion.json", meta)
+    return out / "manifest.csv"
+
+
+def load_inversion(manifest: str | Path, backend: Backend | None = None) -> InversionResult:
+    """Read images written by :func:`save_inversion` back (as [0, 1] tensors)."""
+    import csv
+
+    from medkt.data.images import to_model_pixels
+
+    manifest = Path(manifest)
+    with manifest.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ConfigError(f"inversion manifest {manifest} is empty")
+    size = backend.image_size if backend is not None else None
+    ch = backend.image_channels if backend is not None else 3
+    imgs = []
+    for r in rows:
+        path = manifest.parent / r["path"]
+        if size is None:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                size = im.size[0]
+        imgs.append(to_model_pixels(path, size=size, channels=ch))
+    return InversionResult(torch.stack(imgs), [r["concept"] for r in rows], [r["caption"] for r in rows],
+                           [float(r["similarity"]) for r in rows])
+
+
+def save_grid(images: torch.Tensor, path: str | Path, labels: Sequence[str] | None = None, ncol: int | None = None) -> Path:
+    """Save a labelled grid of ``(N, C, S, S)`` [0, 1] images as PNG (one row per concept when labelled)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    if labels is not None:
+        groups: dict[str, list[int]] = {}
+        for i, lab in enumerate(labels):
+            groups.setdefault(lab, []).append(i)
+        rows = list(groups.values())
+        names = list(groups)
+    else:
+        ncol = ncol or min(n, 10)
+        rows = [list(range(i, min(i + ncol, n))) for i in range(0, n, ncol)]
+        names = [""] * len(rows)
+    ncols = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.3 * ncols + 1.2, 1.4 * len(rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, (idx, name) in enumerate(zip(rows, names)):
+        for c, i in enumerate(idx):
+            arr = as_numpy_image(images[i])
+            axes[r, c].imshow(arr, cmap="gray" if arr.ndim == 2 else None, vmin=0, vmax=255)
+        if name:
+            axes[r, 0].set_title(name, fontsize=8, loc="left")
+    fig.tight_layout()
+    buf_path = Path(path)
+    buf_path.parent.mkdir(parents=True, exist_ok=True)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    from medkt.utils import atomic_write_bytes
+
+    return atomic_write_bytes(buf_path, buf.getvalue())
+
+
+def inversion_summary(result: InversionResult) -> dict[str, Any]:
+    per: dict[str, list[float]] = {}
+    for c, s in zip(result.concepts, result.similarities):
+        per.setdefault(c, []).append(s)
+    return {"seconds": result.seconds, "per_concept_similarity": {c: float(np.mean(v)) for c, v in per.items()},
+            "steps_run": result.steps_run}
+
+
+__all__ = [
+    "InversionConfig", "InversionResult", "InversionTarget", "invert", "save_inversion", "load_inversion",
+    "register_inversion_objective", "get_objective", "save_grid", "similarity", "inversion_summary",
+]

@@ -1,0 +1,117 @@
+"""Zero-shot classification metrics used by the phantom experiments (backend-agnostic).
+
+Works with any object exposing ``encode_pixels`` and ``encode_texts`` (the medkt ``Backend``
+protocol) or a raw :class:`~medkt.phantom.model.PhantomCLIP` wrapped by the phantom backend.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def class_embeddings(backend, class_prompts: dict[str, list[str]]) -> torch.Tensor:
+    """Mean of the normalised prompt embeddings per class, renormalised -> ``(K, D)``."""
+    out = []
+    for c, prompts in class_prompts.items():
+        e = backend.encode_texts(list(prompts))
+        out.append(F.normalize(e.mean(0), dim=-1))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def image_embeddings(backend, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """``(N, C, S, S)`` [0,1] pixels -> normalised ``(N, D)``."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(F.normalize(backend.encode_pixels(images[i : i + batch_size]).float(), dim=-1))
+    return torch.cat(out)
+
+
+def auroc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U with ties counted half)."""
+    pos = np.asarray(scores_pos, float)
+    neg = np.asarray(scores_neg, float)
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    allv = np.concatenate([pos, neg])
+    order = allv.argsort(kind="mergesort")
+    ranks = np.empty(len(allv))
+    sorted_v = allv[order]
+    i = 0
+    while i < len(allv):  # average ranks of ties
+        j = i
+        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1
+        i = j + 1
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
+
+
+@dataclass
+class ZeroShotResult:
+    classes: list[str]
+    accuracy: float
+    per_class: dict[str, float]
+    confusion: np.ndarray  # (K, K) rows = true class, cols = predicted
+    probs: np.ndarray  # (N, K) softmax at the model's temperature
+    labels: np.ndarray  # (N,) true class indices
+    extra: dict = field(default_factory=dict)
+
+    def known_mean(self, novel: Sequence[str]) -> float:
+        ks = [c for c in self.classes if c not in novel]
+        return float(np.mean([self.per_class[c] for c in ks]))
+
+    def novel_mean(self, novel: Sequence[str]) -> float:
+        return float(np.mean([self.per_class[c] for c in novel]))
+
+    def novel_auroc(self, novel: str) -> float:
+        """AUROC of P(novel) for images of the novel class vs images of all other classes.
+
+        A uniform shift of the novel logit (a bias) leaves it unchanged, unlike accuracy.
+        """
+        k = self.classes.index(novel)
+        s = self.probs[:, k]
+        # the log-odds of the novel class vs the rest is shift-invariant in the other logits
+        return auroc(s[self.labels == k], s[self.labels != k])
+
+    def to_dict(self) -> dict:
+        return {"accuracy": self.accuracy, "per_class": self.per_class, "confusion": self.confusion.tolist(),
+                "classes": self.classes}
+
+
+@torch.no_grad()
+def zero_shot(backend, images: torch.Tensor, labels: Sequence[str], class_prompts: dict[str, list[str]],
+              image_emb: torch.Tensor | None = None, text_emb: torch.Tensor | None = None) -> ZeroShotResult:
+    """Classify ``images`` among ``class_prompts`` keys by cosine similarity; per-class accuracy."""
+    classes = list(class_prompts)
+    t = class_embeddings(backend, class_prompts) if text_emb is None else text_emb
+    v = image_embeddings(backend, images) if image_emb is None else image_emb
+    scale = float(getattr(backend, "logit_scale", torch.tensor(100.0)))
+    logits = scale * v @ t.T
+    probs = logits.softmax(-1).numpy()
+    y = np.array([classes.index(l) for l in labels])
+    pred = probs.argmax(1)
+    K = len(classes)
+    conf = np.zeros((K, K), int)
+    np.add.at(conf, (y, pred), 1)
+    per = {c: float(conf[i, i] / max(1, conf[i].sum())) for i, c in enumerate(classes) if conf[i].sum() > 0}
+    return ZeroShotResult(classes, float((pred == y).mean()), per, conf, probs, y)
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the Student-t confidence interval (0 for one value)."""
+    v = np.asarray([x for x in values if x == x], float)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    if len(v) == 1:
+        return float(v[0]), 0.0
+    from scipy import stats
+
+    h = stats.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean()), float(h)

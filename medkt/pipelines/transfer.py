@@ -1,0 +1,233 @@
+"""Generic knowledge-transfer pipeline for zero-shot classification.
+
+inversion -> fine-tuning -> zero-shot evaluation before/after on one or more named evaluation
+sets (e.g. ``novel`` = the new concepts' images, ``retention`` = what the model already knew).
+
+Evaluation set config (one entry of ``evaluations``)::
+
+    {"manifest": "path/to/manifest.csv",      # medkt manifest (path,label[,mask,split,sha256])
+     "root": "path/to/data",                  # data root (default: the manifest's folder)
+     "split": "test",                         # optional
+     "classes": {"benign nodule": ["prompt", ...], ...},   # class -> prompts, or
+     "templates": ["a photo of a {}."], "class_names": {"label": "display name"},
+     "aggregate": "mean" | "max",
+     "skip_bad": false}
+
+or ``{"source": "inversion", "n_images": 5, "seed": 1}``: held-out images inverted with another
+seed (a smoke check for models without any real data, e.g. random weights).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medkt.backends import create_backend
+from medkt.backends.base import Backend
+from medkt.errors import ConfigError
+from medkt.evaluation import ClassificationResult, ZeroShotEvaluator, before_after_table
+from medkt.finetune import FinetuneConfig, finetune, make_caption, save_finetuned
+from medkt.inversion import InversionConfig, InversionTarget, invert, inversion_summary, save_inversion
+from medkt.pipelines.base import Pipeline, log
+from medkt.utils import atomic_write_json, atomic_write_text
+
+
+def parse_concepts(concepts: Sequence[dict[str, Any]], default_n: int = 10) -> list[dict[str, Any]]:
+    """Validate ``[{"name", "description" (str or list), "n_images"}]``."""
+    if not concepts:
+        raise ConfigError("the bundle defines no concepts to transfer ('concepts' is empty)")
+    out = []
+    for i, c in enumerate(concepts):
+        if not isinstance(c, dict) or "name" not in c or "description" not in c:
+            raise ConfigError(f"concept #{i} must have 'name' and 'description', got {c!r}")
+        descs = c["description"] if isinstance(c["description"], list) else [c["description"]]
+        if not all(isinstance(d, str) and d.strip() for d in descs):
+            raise ConfigError(f"concept {c['name']!r}: descriptions must be non-empty strings")
+        out.append({"name": str(c["name"]), "descriptions": descs, "n_images": int(c.get("n_images", default_n))})
+    return out
+
+
+def inversion_targets(concepts: list[dict[str, Any]]) -> list[InversionTarget]:
+    """n_images per concept, spread over its descriptions (round-robin)."""
+    targets = []
+    for c in concepts:
+        k = len(c["descriptions"])
+        for j, d in enumerate(c["descriptions"]):
+            n = c["n_images"] // k + (1 if j < c["n_images"] % k else 0)
+            if n:
+                targets.append(InversionTarget(c["name"], d, n))
+    return targets
+
+
+def class_prompts_of(spec: dict[str, Any]) -> dict[str, list[str]]:
+    if "classes" in spec:
+        classes = spec["classes"]
+        if isinstance(classes, list):  # names only -> templates
+            classes = {c: None for c in classes}
+        out = {}
+        for c, prompts in classes.items():
+            if prompts is None:
+                name = spec.get("class_names", {}).get(c, c)
+                prompts = [t.format(name) for t in spec.get("templates", ["a photo of a {}."])]
+            out[c] = [prompts] if isinstance(prompts, str) else list(prompts)
+        return out
+    raise ConfigError(f"evaluation set needs 'classes' (class -> prompts or a list of class names), got keys {sorted(spec)}")
+
+
+class TransferPipeline(Pipeline):
+    """Knowledge transfer + zero-shot classification before/after (see module docstring).
+
+    Args:
+        backend: backend spec, e.g. ``"clip:ViT-B-32@/models/ViT-B-32.pt"``.
+        concepts: ``[{"name", "description", "n_images"}]``.
+        inversion / finetune: options of :class:`InversionConfig` / :class:`FinetuneConfig`.
+        evaluations: name -> evaluation set config (see module docstring); may be empty.
+        negative_captions: extra fine-tuning negatives; by default one caption per evaluation
+            class that is not a transferred concept.
+        save_weights: write the fine-tuned parameters to ``finetuned.safetensors``.
+    """
+
+    kind = "transfer"
+
+    def __init__(self, backend: str, concepts: list[dict[str, Any]], inversion: dict | None = None,
+                 finetune: dict | None = None, evaluations: dict[str, dict] | None = None,
+                 negative_captions: list[str] | None = None, save_weights: bool = True, **kw: Any):
+        super().__init__(**kw, backend=backend, concepts=concepts, inversion=inversion, finetune=finetune,
+                         evaluations=evaluations, negative_captions=negative_captions)
+        self.backend_spec = backend
+        self.concepts = parse_concepts(concepts)
+        self.inv_cfg = InversionConfig.from_dict({"seed": self.seed, **(inversion or {})})
+        self.ft_cfg = FinetuneConfig.from_dict({"seed": self.seed, **(finetune or {})})
+        self.evaluations = dict(evaluations or {})
+        self.negative_captions = negative_captions
+        self.save_weights = save_weights
+        for name, spec in self.evaluations.items():
+            if spec.get("source") != "inversion":
+                class_prompts_of(spec)  # validate early, before any compute
+
+    # -- evaluation sets ------------------------------------------------------------------
+    def build_evaluator(self, backend: Backend, name: str, spec: dict[str, Any]) -> tuple[ZeroShotEvaluator, dict]:
+        info: dict[str, Any] = {}
+        if spec.get("source") == "inversion":
+            cfg = copy.deepcopy(self.inv_cfg)
+            cfg.seed = int(spec.get("seed", self.seed + 1000))
+            n = int(spec.get("n_images", 5))
+            targets = [InversionTarget(c["name"], c["descriptions"][0], n) for c in self.concepts]
+            held = invert(backend, targets, cfg, progress=self.progress)
+            prompts = {c["name"]: [make_caption(c["name"], c["descriptions"][0], self.ft_cfg)] for c in self.concepts}
+            info["source"] = "held-out inversions (smoke check, not real images)"
+            return ZeroShotEvaluator(backend, held.images, held.concepts, prompts), info
+        from medkt.data.manifest import read_manifest
+
+        prompts = class_prompts_of(spec)
+        if "manifest" not in spec:
+            raise ConfigError(f"evaluation {name!r} needs a 'manifest' (or 'source': 'inversion')")
+        manifest = Path(spec["manifest"])
+        root = Path(spec.get("root") or manifest.parent)
+        rows = read_manifest(manifest, root, classes=list(prompts), split=spec.get("split"))
+        paths = [root / r.path for r in rows]
+        ev = ZeroShotEvaluator(backend, paths, [r.label for r in rows], prompts, aggregate=spec.get("aggregate", "mean"))
+        info.update(manifest=str(manifest), n_images=len(rows))
+        return ev, info
+
+    def default_negatives(self, evaluators: dict[str, ZeroShotEvaluator]) -> list[str]:
+        concept_names = {c["name"] for c in self.concepts}
+        negs: list[str] = []
+        for ev in evaluators.values():
+            for c in ev.classes:
+                if c not in concept_names:
+                    negs.append(ev.class_prompts[c][0])
+        return list(dict.fromkeys(negs))
+
+    # -- run ------------------------------------------------------------------------------
+    def _run(self, out: Path) -> dict[str, Any]:
+        backend = create_backend(self.backend_spec)
+        log.info("backend %s: %s", self.backend_spec, backend.describe())
+        evaluators, eval_info = {}, {}
+        for name, spec in self.evaluations.items():
+            evaluators[name], eval_info[name] = self.build_evaluator(backend, name, spec)
+        before = {name: ev.evaluate() for name, ev in evaluators.items()}
+
+        t0 = time.perf_counter()
+        inv = invert(backend, inversion_targets(self.concepts), self.inv_cfg, out_dir=out / "inversion",
+                     resume=self.resume, progress=self.progress)
+        save_inversion(inv, out / "inversion", self.inv_cfg)
+        t1 = time.perf_counter()
+        negatives = self.negative_captions if self.negative_captions is not None else self.default_negatives(evaluators)
+        descriptions = {c["name"]: c["descriptions"][0] for c in self.concepts}
+        history = finetune(backend, inv.images, inv.concepts, descriptions, negatives, self.ft_cfg,
+                           texts_of_images=inv.texts, progress=self.progress)
+        t2 = time.perf_counter()
+        atomic_write_json(out / "finetune.json", history)
+        if self.save_weights:
+            save_finetuned(backend, out / "finetuned.safetensors", which=self.ft_cfg.train)
+        after = {name: ev.evaluate() for name, ev in evaluators.items()}
+
+        results: dict[str, Any] = {
+            "backend": self.backend_spec,
+            "concepts": [c["name"] for c in self.concepts],
+            "inversion": inversion_summary(inv),
+            "finetune": {"steps": history["steps"], "first_loss": history["loss"][0], "last_loss": history["loss"][-1]},
+            "seconds_inversion": t1 - t0,
+            "seconds_finetune": t2 - t1,
+            "seconds_transfer": t2 - t0,
+            "evaluations": {n: {"info": eval_info[n], "before": before[n].to_dict(), "after": after[n].to_dict()}
+                            for n in evaluators},
+        }
+        write_report(out, self, results, before, after)
+        return results
+
+
+def accuracy_bars(before: ClassificationResult, after: ClassificationResult, path: Path, title: str = "") -> Path:
+    """Per-class accuracy before/after as a bar chart (PNG)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medkt.utils import atomic_write_bytes
+
+    classes = [c for c in before.classes if c in before.per_class]
+    x = np.arange(len(classes))
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(classes) + 2), 3.2))
+    ax.bar(x - 0.2, [100 * before.per_class[c] for c in classes], 0.4, label="before")
+    ax.bar(x + 0.2, [100 * after.per_class.get(c, np.nan) for c in classes], 0.4, label="after")
+    ax.set_xticks(x, classes, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def write_report(out: Path, pipe: TransferPipeline, results: dict[str, Any],
+                 before: dict[str, ClassificationResult], after: dict[str, ClassificationResult]) -> Path:
+    lines = [f"# Knowledge transfer report{': ' + pipe.bundle_name if pipe.bundle_name else ''}", "",
+             f"- backend: `{pipe.backend_spec}`", f"- seed: {pipe.seed}",
+             f"- concepts: {', '.join(results['concepts'])}",
+             f"- inversion: {pipe.inv_cfg.steps} steps, lr {pipe.inv_cfg.lr}, tv {pipe.inv_cfg.tv_weight}, "
+             f"{results['seconds_inversion']:.1f} s; mean similarity per concept: "
+             + ", ".join(f"{k} {v:.3f}" for k, v in results["inversion"]["per_concept_similarity"].items()),
+             f"- fine-tuning ({pipe.ft_cfg.train} encoder): {results['finetune']['steps']} steps, lr {pipe.ft_cfg.lr}, "
+             f"loss {results['finetune']['first_loss']:.3f} -> {results['finetune']['last_loss']:.3f}, "
+             f"{results['seconds_finetune']:.1f} s", "", "![inverted images](inversion/grid.png)", ""]
+    for name in before:
+        info = results["evaluations"][name]["info"]
+        lines.append(f"## {name}")
+        if info.get("source"):
+            lines.append(f"_{info['source']}_\n")
+        lines.append(before_after_table(before[name], after[name]))
+        accuracy_bars(before[name], after[name], out / f"accuracy_{name}.png", name)
+        lines.append(f"![accuracy {name}](accuracy_{name}.png)\n")
+    lines.append("Settings: see `settings.json`; all numbers: `results.json`.")
+    return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")
