@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +41,19 @@ class FinetuneConfig:
     grad_clip: float | None = None
     shuffle: bool = True
     seed: int = 0
+    # --- forgetting control (off by default; see docs/README "forgetting control") -----------
+    # replay: each batch also holds ``replay_per_batch`` images of known concepts (passed as
+    # ``finetune(..., replay_images=, replay_concepts=)``) with their own captions as targets.
+    replay_per_batch: int = 0
+    # distillation: 1 - cos(f_V(x), f_V0(x)) on the replay images, toward the frozen start model
+    distill_weight: float = 0.0
+    # train only parameters whose names contain one of these strings (e.g. the last blocks)
+    train_only: list[str] | None = None
+    # WiSE-FT: final weights = start + wise_alpha * (fine-tuned - start)
+    wise_alpha: float = 1.0
+    # model selection with ``finetune(..., select_fn=)`` (higher is better), evaluated every epoch
+    keep_best: bool = False
+    select_patience: int = 0  # stop after this many epochs without improvement (0 = never)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "FinetuneConfig":
@@ -50,6 +64,8 @@ class FinetuneConfig:
             raise ConfigError(f"unknown finetune option(s) {bad}; known: {sorted(known)}")
         if "betas" in d:
             d["betas"] = tuple(d["betas"])
+        if d.get("train_only") is not None:
+            d["train_only"] = list(d["train_only"])
         cfg = cls(**d)
         cfg.validate()
         return cfg
@@ -63,6 +79,11 @@ class FinetuneConfig:
             raise ConfigError(f"batch_size and epochs must be >= 1, got {self.batch_size}, {self.epochs}")
         if not (0 < self.lr < 1):
             raise ConfigError(f"learning rate must be in (0, 1), got {self.lr}")
+        if self.replay_per_batch < 0 or self.distill_weight < 0:
+            raise ConfigError(f"replay_per_batch and distill_weight must be >= 0, got {self.replay_per_batch}, "
+                              f"{self.distill_weight}")
+        if not (0 <= self.wise_alpha <= 1):
+            raise ConfigError(f"wise_alpha must be in [0, 1], got {self.wise_alpha}")
 
 
 def make_caption(name: str, description: str, config: FinetuneConfig) -> str:
@@ -70,7 +91,8 @@ def make_caption(name: str, description: str, config: FinetuneConfig) -> str:
     desc = description.strip()
     if not config.prepend_name:
         return desc[0].upper() + desc[1:] if desc else desc
-    if desc and desc[0].isupper() and not desc[:2].isupper():
+    first = desc.split()[0] if desc else ""
+    if first and not (len(first) > 1 and first.isupper()):  # keep acronyms ("CT", "MRI")
         desc = desc[0].lower() + desc[1:]  # "A nodule is a small..." rather than "...is A small..."
     return config.caption_template.format(name=name, description=desc)
 
@@ -115,12 +137,19 @@ def infonce_loss(backend: Backend, images: torch.Tensor, targets: torch.Tensor, 
 
 
 # --- main --------------------------------------------------------------------------------------
-def _trainable(backend: Backend, which: str) -> list[torch.nn.Parameter]:
+def _trainable(backend: Backend, which: str, only: Sequence[str] | None = None) -> list[torch.nn.Parameter]:
     params: list[torch.nn.Parameter] = []
     if which in ("visual", "both"):
         params += list(backend.visual_parameters())
     if which in ("text", "both"):
         params += list(backend.text_parameters())
+    if only:
+        ids = {id(p) for p in params}
+        named = [(n, p) for n, p in backend.named_parameters() if id(p) in ids]
+        params = [p for n, p in named if any(s in n for s in only)]
+        if not params:
+            sample = ", ".join(n for n, _ in named[-6:])
+            raise ConfigError(f"train_only {list(only)} matches no {which} parameter; names end with: {sample}")
     return params
 
 
@@ -133,6 +162,9 @@ def finetune(
     config: FinetuneConfig | dict | None = None,
     texts_of_images: Sequence[str] | None = None,
     progress: bool = True,
+    replay_images: torch.Tensor | None = None,
+    replay_concepts: Sequence[str] | None = None,
+    select_fn: Callable[[], float] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``backend`` in place so each image matches its concept's caption.
 
@@ -142,6 +174,11 @@ def finetune(
         descriptions: concept -> description (used when ``texts_of_images`` is None).
         negative_captions: extra captions that are never a target (other classes of the task).
         texts_of_images: the description each image was inverted from (defaults to its concept's).
+        replay_images / replay_concepts: images of already-known concepts (and their concept
+            names, which need an entry in ``descriptions``) mixed into every batch when
+            ``config.replay_per_batch > 0`` and/or distilled with ``config.distill_weight``.
+        select_fn: called after every epoch, returns a score (higher = better; e.g. accuracy on
+            a held-out set of known classes) for ``keep_best`` / ``select_patience``.
     Returns:
         history dict: ``loss`` per step, ``steps``, ``seconds``, ``captions``, ``trainable``.
     """
@@ -168,8 +205,23 @@ def finetune(
                           "(e.g. the evaluation task's classes)")
     targets_all = torch.tensor([captions.index(c) for c in img_caps])
     loss_fn = get_finetune_loss(cfg.loss)
+    use_replay = replay_images is not None and (cfg.replay_per_batch > 0 or cfg.distill_weight > 0)
+    if use_replay:
+        if replay_concepts is None or len(replay_concepts) != len(replay_images) or len(replay_images) == 0:
+            raise ConfigError("replay needs replay_images and one replay_concepts entry per image")
+        miss = sorted({c for c in replay_concepts if c not in descriptions})
+        if miss:
+            raise ConfigError(f"no description for replay concept(s) {miss}; add them to the descriptions")
+        replay_caps = [make_caption(c, desc_of(c), cfg) for c in replay_concepts]
+        replay_targets = torch.tensor([captions.index(c) for c in replay_caps])
+        with torch.no_grad():
+            backend.eval()
+            teacher = F.normalize(torch.cat([backend.encode_pixels(replay_images[i : i + 64]).float()
+                                             for i in range(0, len(replay_images), 64)]), dim=-1)
+    elif cfg.replay_per_batch > 0 or cfg.distill_weight > 0:
+        raise ConfigError("replay_per_batch / distill_weight need finetune(..., replay_images=, replay_concepts=)")
 
-    params = _trainable(backend, cfg.train)
+    params = _trainable(backend, cfg.train, cfg.train_only)
     train_ids = {id(p) for p in params}
     requires = [p.requires_grad for p in backend.parameters()]
     for p in backend.parameters():
@@ -180,7 +232,9 @@ def finetune(
     if cfg.train == "visual":  # text encoder frozen: embed the captions once
         caption_emb = backend.encode_texts(captions)
     gen = torch.Generator().manual_seed(cfg.seed)
-    history: dict[str, Any] = {"loss": [], "captions": captions, "trainable": cfg.train}
+    history: dict[str, Any] = {"loss": [], "captions": captions, "trainable": cfg.train, "select": []}
+    start_state = [p.detach().clone() for p in params] if cfg.wise_alpha < 1 else None
+    best_score, best_state, since_best = -float("inf"), None, 0
     start = time.perf_counter()
     n = len(images)
     steps_total = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
@@ -195,7 +249,18 @@ def finetune(
             order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
             for i in range(0, n, cfg.batch_size):
                 idx = order[i : i + cfg.batch_size]
-                loss = loss_fn(backend, images[idx], targets_all[idx], captions, caption_emb, cfg)
+                batch, targets = images[idx], targets_all[idx]
+                ridx = None
+                if use_replay:
+                    k = max(cfg.replay_per_batch, 1 if cfg.distill_weight > 0 else 0)
+                    ridx = torch.randint(0, len(replay_images), (k,), generator=gen)
+                    if cfg.replay_per_batch > 0:
+                        batch = torch.cat([batch, replay_images[ridx]])
+                        targets = torch.cat([targets, replay_targets[ridx]])
+                loss = loss_fn(backend, batch, targets, captions, caption_emb, cfg)
+                if ridx is not None and cfg.distill_weight > 0:
+                    emb = F.normalize(backend.encode_pixels(replay_images[ridx]).float(), dim=-1)
+                    loss = loss + cfg.distill_weight * (1 - (emb * teacher[ridx]).sum(-1)).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
@@ -205,6 +270,27 @@ def finetune(
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
+            if select_fn is not None:
+                backend.eval()
+                score = float(select_fn())
+                backend.train()
+                history["select"].append(score)
+                if score > best_score:
+                    best_score, since_best = score, 0
+                    if cfg.keep_best:
+                        best_state = [p.detach().clone() for p in params]
+                else:
+                    since_best += 1
+                    if cfg.select_patience and since_best >= cfg.select_patience:
+                        break
+        with torch.no_grad():
+            if best_state is not None:
+                history["best_epoch"] = int(np.argmax(history["select"])) + 1
+                for p, b in zip(params, best_state):
+                    p.copy_(b)
+            if start_state is not None:  # WiSE-FT weight-space interpolation toward the start
+                for p, p0 in zip(params, start_state):
+                    p.copy_(p0 + cfg.wise_alpha * (p - p0))
     finally:
         if bar is not None:
             bar.close()

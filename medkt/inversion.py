@@ -70,6 +70,17 @@ class InversionConfig:
     early_stop_patience: int = 0  # 0 = off; stop a chunk when mean similarity gains < min_delta over this many steps
     early_stop_min_delta: float = 1e-3
     seed: int = 0
+    # --- inversion priors (off by default; see docs/README "inversion priors") ---------------
+    # "pixels": optimise the image itself (paper Eq. 3). "residual": x = clamp(x0 + up(r)), with
+    # x0 an init image and r a low-resolution residual (``residual_size`` px, bicubic-upsampled,
+    # bounded by ``residual_max`` through tanh); TV then regularises the residual only. A smooth,
+    # bounded residual on a normal-anatomy image cannot become an imperceptible adversarial
+    # pattern spread over the whole image, so the model has to "draw" what the text describes.
+    parametrization: str = "pixels"
+    residual_size: int | None = None  # None = model size
+    residual_max: float | None = None  # None = unbounded
+    # init="images" starts from ``invert(..., init_images=...)`` (cycled; e.g. normal scans)
+    init_jitter: float = 0.0  # std of Gaussian noise added to init images (pixel units)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "InversionConfig":
@@ -89,8 +100,14 @@ class InversionConfig:
             raise ConfigError(f"inversion steps must be >= 1, got {self.steps}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConfigError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
-        if self.init not in ("uniform", "normal", "gray"):
-            raise ConfigError(f"init must be 'uniform', 'normal' or 'gray', got {self.init!r}")
+        if self.init not in ("uniform", "normal", "gray", "images"):
+            raise ConfigError(f"init must be 'uniform', 'normal', 'gray' or 'images', got {self.init!r}")
+        if self.parametrization not in ("pixels", "residual"):
+            raise ConfigError(f"parametrization must be 'pixels' or 'residual', got {self.parametrization!r}")
+        if self.parametrization == "residual" and self.resolutions is not None:
+            raise ConfigError("parametrization='residual' sets its own resolution (residual_size); remove 'resolutions'")
+        if self.residual_size is not None and self.residual_size < 1:
+            raise ConfigError(f"residual_size must be >= 1 pixel, got {self.residual_size}")
         if self.views < 1:
             raise ConfigError(f"views must be >= 1, got {self.views}")
         if self.resolutions is not None:
@@ -183,12 +200,20 @@ def _stage_size(stages: list[tuple[int, int]], step: int) -> int:
     return size
 
 
-def _init_pixels(backend: Backend, cfg: InversionConfig, indices: Sequence[int], size: int) -> torch.Tensor:
+def _init_pixels(backend: Backend, cfg: InversionConfig, indices: Sequence[int], size: int,
+                 init_images: torch.Tensor | None = None) -> torch.Tensor:
     imgs = []
     for i in indices:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(i))
         shape = (backend.image_channels, size, size)
-        if cfg.init == "uniform":
+        if cfg.init == "images":
+            if init_images is None or len(init_images) == 0:
+                raise ConfigError("init='images' needs init images: pass invert(..., init_images=(N, C, S, S) tensor)")
+            x0 = _to_model_size(init_images[int(i) % len(init_images)][None].float(), size)[0]
+            if cfg.init_jitter:
+                x0 = x0 + cfg.init_jitter * torch.randn(shape, generator=g)
+            imgs.append(x0)
+        elif cfg.init == "uniform":
             imgs.append(torch.rand(shape, generator=g))
         elif cfg.init == "gray":
             imgs.append(torch.full(shape, 0.5) + 0.01 * torch.randn(shape, generator=g))
@@ -233,7 +258,11 @@ def _run_chunk(
     ckpt_path: Path | None,
     resume: bool,
     progress: Any,
+    init_images: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int, list[float]]:
+    if cfg.parametrization == "residual":
+        return _run_chunk_residual(backend, cfg, chunk_id, indices, text_emb, texts, ckpt_path, resume, progress,
+                                   init_images)
     objective = get_objective(cfg.objective)
     augment = AffineAugment(cfg.augment_p, cfg.rotate_deg, cfg.translate, cfg.scale)
     stages = _stages(cfg, backend.image_size)
@@ -245,7 +274,7 @@ def _run_chunk(
         x = state["pixels"].clone()
         gen.set_state(state["rng"])
     else:
-        x = _init_pixels(backend, cfg, indices, _stage_size(stages, 0))
+        x = _init_pixels(backend, cfg, indices, _stage_size(stages, 0), init_images)
     x.requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr)
     if state is not None and state.get("adam") is not None:
@@ -303,6 +332,88 @@ def _run_chunk(
     return (final.clamp(0, 1) if cfg.clamp else final), step, history
 
 
+def _run_chunk_residual(
+    backend: Backend,
+    cfg: InversionConfig,
+    chunk_id: int,
+    indices: list[int],
+    text_emb: torch.Tensor,
+    texts: list[str],
+    ckpt_path: Path | None,
+    resume: bool,
+    progress: Any,
+    init_images: torch.Tensor | None,
+) -> tuple[torch.Tensor, int, list[float]]:
+    """``parametrization="residual"``: optimise a low-resolution residual on top of init images."""
+    objective = get_objective(cfg.objective)
+    augment = AffineAugment(cfg.augment_p, cfg.rotate_deg, cfg.translate, cfg.scale)
+    size = backend.image_size
+    rsize = cfg.residual_size or size
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + chunk_id)
+    base = _init_pixels(backend, cfg, indices, size, init_images).detach()
+    step, history, state = 0, [], None
+    if resume and ckpt_path is not None and ckpt_path.is_file():
+        state = torch.load(ckpt_path, weights_only=True)
+        step, history = int(state["step"]), list(state["history"])
+        r = state["pixels"].clone()
+        gen.set_state(state["rng"])
+    else:
+        r = torch.zeros(base.shape[0], base.shape[1], rsize, rsize)
+    r.requires_grad_(True)
+    opt = torch.optim.Adam([r], lr=cfg.lr)
+    if state is not None and state.get("adam") is not None:
+        opt.load_state_dict(state["adam"])
+
+    def render(res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = _to_model_size(res, size)
+        if cfg.residual_max:
+            d = cfg.residual_max * torch.tanh(d / cfg.residual_max)
+        x = base + d
+        return (x.clamp(0, 1) if cfg.clamp else x), d
+
+    ctx = {"text_emb": text_emb.repeat(cfg.views, 1), "texts": list(texts) * cfg.views}
+    best, since_best = -float("inf"), 0
+    if progress is not None:
+        progress.update(step)
+    while step < cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        x, d = render(r)
+        xa = augment(x.repeat(cfg.views, 1, 1, 1), gen)
+        loss_rows, sim_rows = objective(backend, xa, ctx)
+        loss = loss_rows.view(cfg.views, -1).mean(0)
+        if cfg.tv_weight:
+            loss = loss + cfg.tv_weight * total_variation(d, cfg.tv_diagonals)
+        (grad,) = torch.autograd.grad(loss.sum(), r)
+        if cfg.grad_clip:
+            grad = _clip_per_image(grad, cfg.grad_clip)
+        r.grad = grad
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        mean_sim = float(sim_rows.detach().mean())
+        history.append(mean_sim)
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(sim=f"{mean_sim:.3f}", size=rsize)
+        if ckpt_path is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            atomic_torch_save(
+                {"step": step, "pixels": r.detach().clone(), "adam": opt.state_dict(), "rng": gen.get_state(),
+                 "history": history, "indices": list(indices)},
+                ckpt_path,
+            )
+        if cfg.early_stop_patience:
+            if mean_sim > best + cfg.early_stop_min_delta:
+                best, since_best = mean_sim, 0
+            else:
+                since_best += 1
+                if since_best >= cfg.early_stop_patience:
+                    break
+    with torch.no_grad():
+        final, _ = render(r.detach())
+    return final, step, history
+
+
 def invert(
     backend: Backend,
     targets: Sequence[InversionTarget],
@@ -311,6 +422,7 @@ def invert(
     resume: bool = False,
     progress: bool = True,
     chunks: Sequence[int] | None = None,
+    init_images: torch.Tensor | None = None,
 ) -> InversionResult:
     """Synthesise ``sum(t.n_images)`` images, ``n_images`` per target, toward each target's text.
 
@@ -323,6 +435,8 @@ def invert(
         resume: continue from the checkpoints in ``out_dir``.
         chunks: only run these chunk indices (used to shard work across processes); the result
             then holds only their images.
+        init_images: ``(M, C, S, S)`` [0, 1] starting images for ``init="images"`` (image ``i``
+            starts from ``init_images[i % M]``), e.g. a few normal scans of the target domain.
     Returns:
         :class:`InversionResult` with images ``(N, C, S, S)`` in [0, 1].
     """
@@ -363,7 +477,8 @@ def invert(
         for cid in selected:
             idx = all_chunks[cid]
             path = ckpt_dir / f"chunk{cid:04d}.pt" if ckpt_dir is not None else None
-            x, s, hist = _run_chunk(backend, cfg, cid, idx, text_emb[idx], [texts[i] for i in idx], path, resume, bar)
+            x, s, hist = _run_chunk(backend, cfg, cid, idx, text_emb[idx], [texts[i] for i in idx], path, resume, bar,
+                                    init_images)
             images.append(x)
             steps_run.append(s)
             histories.append(hist)

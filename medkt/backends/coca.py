@@ -314,8 +314,28 @@ class CocaBackend(Backend):
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()
 
+    #: also fine-tune the caption decoder with the visual tower (paper Tab. 9, dagger rows)
+    train_decoder: bool = False
+
     def visual_parameters(self) -> Iterator[nn.Parameter]:
-        return self.model.visual.parameters()
+        """The vision tower (plus the caption decoder when :attr:`train_decoder` is set)."""
+        yield from self.model.visual.parameters()
+        if self.train_decoder:
+            yield from self.model.text_decoder.parameters()
+
+    def load_image(self, image: Any) -> torch.Tensor:
+        """open_clip's eval preprocessing: bicubic resize of the short side, centre crop, [0, 1]."""
+        from medkt.data.images import to_float_array
+
+        arr = to_float_array(image)
+        t = torch.from_numpy(arr.copy())
+        t = t[None].expand(3, -1, -1) if t.dim() == 2 else t.permute(2, 0, 1)
+        h, w = t.shape[-2:]
+        s = self.image_size
+        nh, nw = (s, max(s, round(w * s / h))) if h <= w else (max(s, round(h * s / w)), s)
+        t = F.interpolate(t[None].float(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
+        top, left = (nh - s) // 2, (nw - s) // 2
+        return t[:, top : top + s, left : left + s].clamp(0, 1).contiguous()
 
     def text_parameters(self) -> Iterator[nn.Parameter]:
         return self.model.text.parameters()
@@ -432,6 +452,8 @@ def _resolve_checkpoint(architecture: str, weights: str) -> Path:
 def create(architecture: str, weights: str | None, **kw) -> CocaBackend:
     """Factory for ``coca:<open_clip CoCa config>@<tag | path | random>``."""
     import open_clip
+
+    import medkt.natural.objectives  # noqa: F401  (registers the 'itm' / 'mlm' / 'clip+caption' plug-ins)
 
     tiny = register_tiny_configs()
     if architecture == "tiny":

@@ -31,6 +31,7 @@ import hashlib
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -344,6 +345,43 @@ class ViltBackend(Backend):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), ignore_index=-100)
 
     # -- the embedding protocol does not apply -------------------------------------------------
+    @contextmanager
+    def embedding_placeholders(self) -> Iterator[None]:
+        """Inside this block ``encode_texts``/``encode_pixels`` return zero vectors ``(N, 1)``.
+
+        The generic engine (``invert``, ``finetune``) carries text embeddings next to the texts
+        and reports cosine similarities; ViLT has neither. With the ``"itm"`` objective/loss
+        (which read the texts, not the embeddings) those values are unused, and the ITM
+        pipelines recompute the reported similarities as ITM match probabilities. Outside the
+        block the calls raise, so a cosine objective can never run silently on ViLT.
+        """
+        self._placeholders = True
+        try:
+            yield
+        finally:
+            self._placeholders = False
+
+    _placeholders = False
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        if self._placeholders:
+            return torch.zeros(len(texts), 1, device=self.model.itm_score.fc.weight.device)
+        return self.encode_text(None)
+
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        if self._placeholders:
+            return torch.zeros(x.shape[0], 1, device=x.device, dtype=x.dtype)
+        return self.encode_image(x)
+
+    @torch.no_grad()
+    def match_probability(self, images: torch.Tensor, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        """ITM "match" probability of each image ``(N, 3, S, S)`` with its text (row-aligned) -> ``(N,)``."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            logits = self.itm_logits(images[i : i + batch_size], self.tokenize(list(texts[i : i + batch_size])))
+            out.append(logits.float().softmax(-1)[:, 1].cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(
             "ViLT is a single-stream model without an image embedding; use itm_logits() "
@@ -390,6 +428,8 @@ class ViltBackend(Backend):
 def create(architecture: str, weights: str | None, tokenizer: str | None = None, **kw) -> ViltBackend:
     """Factory for ``vilt:<architecture>@<weights>`` (see the module docstring)."""
     from transformers import ViltConfig
+
+    import medkt.natural.objectives  # noqa: F401  (registers the 'itm' / 'mlm' / 'clip+caption' plug-ins)
 
     if architecture not in ARCHITECTURES:
         raise unknown_name("ViLT architecture", architecture, list(ARCHITECTURES))

@@ -9,7 +9,7 @@ import csv
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from medkt.errors import DataError
@@ -24,6 +24,22 @@ class ManifestRow:
     mask: str | None = None
     split: str | None = None
     sha256: str | None = None
+    #: where the row came from (``"manifest.csv:12"``), for error messages; never written out
+    source: str | None = field(default=None, compare=False, repr=False)
+
+    def to_record(self) -> dict[str, str | None]:
+        return {k: getattr(self, k) for k in COLUMNS}
+
+
+@dataclass
+class ManifestProblem:
+    """A row skipped by ``read_manifest(..., skip_bad=True)`` (or by an image loader)."""
+
+    where: str  # "manifest.csv:12"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}"
 
 
 def safe_join(root: Path, relative: str, *, where: str = "") -> Path:
@@ -42,7 +58,7 @@ def write_manifest(rows: Iterable[ManifestRow], path: str | Path) -> Path:
     path = Path(path)
     rows = list(rows)
     if path.suffix == ".jsonl":
-        text = "".join(json.dumps({k: v for k, v in asdict(r).items() if v is not None}) + "\n" for r in rows)
+        text = "".join(json.dumps({k: v for k, v in r.to_record().items() if v is not None}) + "\n" for r in rows)
     else:
         import io
 
@@ -50,7 +66,7 @@ def write_manifest(rows: Iterable[ManifestRow], path: str | Path) -> Path:
         writer = csv.DictWriter(buf, fieldnames=list(COLUMNS), lineterminator="\n")
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: ("" if v is None else v) for k, v in asdict(r).items()})
+            writer.writerow({k: ("" if v is None else v) for k, v in r.to_record().items()})
         text = buf.getvalue()
     atomic_write_text(path, text)
     return path
@@ -63,6 +79,9 @@ def read_manifest(
     classes: Sequence[str] | None = None,
     split: str | None = None,
     check_files: bool = True,
+    skip_bad: bool = False,
+    problems: list[ManifestProblem] | None = None,
+    verify_hashes: bool = False,
 ) -> list[ManifestRow]:
     """Read and validate a manifest.
 
@@ -71,6 +90,10 @@ def read_manifest(
         classes: when given, a label outside it is an error naming the row.
         split: keep only rows of this split.
         check_files: error on rows whose image (or mask) file is missing.
+        skip_bad: skip bad rows (missing file, label outside ``classes``, path escaping the
+            root, missing fields) instead of raising; each skipped row is appended to
+            ``problems`` when a list is given. A class left without rows is still an error.
+        verify_hashes: check the ``sha256`` column (when filled) against the files.
     """
     path = Path(path)
     if not path.is_file():
@@ -94,28 +117,46 @@ def read_manifest(
     rows: list[ManifestRow] = []
     for i, rec in enumerate(raw, start=2 if path.suffix != ".jsonl" else 1):
         where = f"{path}:{i}: "
-        rec = {k: (v if v not in ("", None) else None) for k, v in rec.items() if k in names}
-        if not rec.get("path") or rec.get("label") is None:
-            raise DataError(f"{where}row needs a path and a label")
-        row = ManifestRow(**rec)
-        if split is not None and row.split != split:
+        try:
+            row = _check_row(rec, names, root, where, classes, split, check_files, verify_hashes)
+        except DataError as exc:
+            if not skip_bad:
+                raise
+            if problems is not None:
+                problems.append(ManifestProblem(f"{path}:{i}", str(exc)[len(where):] if str(exc).startswith(where) else str(exc)))
             continue
-        if classes is not None and row.label not in classes:
-            raise DataError(f"{where}label {row.label!r} is not one of the classes {list(classes)}")
-        full = safe_join(root, row.path, where=where)
-        if check_files and not full.is_file():
-            raise DataError(f"{where}file not found: {full}")
-        if row.mask is not None:
-            mfull = safe_join(root, row.mask, where=where)
-            if check_files and not mfull.is_file():
-                raise DataError(f"{where}mask not found: {mfull}")
-        rows.append(row)
+        if row is not None:
+            row.source = f"{path}:{i}"
+            rows.append(row)
     if classes is not None:
         present = {r.label for r in rows}
         empty = [c for c in classes if c not in present]
         if empty:
             raise DataError(f"{path}: no rows for class(es) {empty}; every class needs at least one image")
     return rows
+
+
+def _check_row(rec: dict, names: set[str], root: Path, where: str, classes: Sequence[str] | None,
+               split: str | None, check_files: bool, verify_hashes: bool = False) -> ManifestRow | None:
+    """One raw record -> a validated row (None when filtered out by ``split``); raises DataError."""
+    rec = {k: (v if v not in ("", None) else None) for k, v in rec.items() if k in names and k != "source"}
+    if not rec.get("path") or rec.get("label") is None:
+        raise DataError(f"{where}row needs a path and a label")
+    row = ManifestRow(**rec)
+    if split is not None and row.split != split:
+        return None
+    if classes is not None and row.label not in classes:
+        raise DataError(f"{where}label {row.label!r} is not one of the classes {list(classes)}")
+    full = safe_join(root, row.path, where=where)
+    if check_files and not full.is_file():
+        raise DataError(f"{where}file not found: {full}")
+    if verify_hashes and row.sha256 and full.is_file() and sha256_file(full) != row.sha256.lower():
+        raise DataError(f"{where}sha256 mismatch for {full}: the file differs from the one the manifest was built from")
+    if row.mask is not None:
+        mfull = safe_join(root, row.mask, where=where)
+        if check_files and not mfull.is_file():
+            raise DataError(f"{where}mask not found: {mfull}")
+    return row
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

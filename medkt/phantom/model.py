@@ -28,8 +28,8 @@ SOT, EOT = 49406, 49407
 class PhantomCLIPConfig:
     image_size: int = 64
     embed_dim: int = 128
-    widths: tuple[int, ...] = (24, 48, 96, 160)
-    blocks: tuple[int, ...] = (1, 1, 1, 1)
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    blocks: tuple[int, ...] = (1, 1, 2, 2)
     text_width: int = 128
     text_layers: int = 2
     text_heads: int = 4
@@ -75,12 +75,14 @@ class VisualTower(nn.Module):
     def __init__(self, cfg: PhantomCLIPConfig):
         super().__init__()
         w = cfg.widths
-        self.stem = nn.Sequential(nn.Conv2d(1, w[0], 3, 1, 1, bias=False), _gn(w[0]), nn.SiLU())
+        # 5x5 stride-2 stem: 64 -> 32 px (cheap on CPU; a 5x5 kernel still resolves 3-px lesions)
+        self.stem = nn.Sequential(nn.Conv2d(1, w[0], 5, 2, 2, bias=False), _gn(w[0]), nn.SiLU())
         stages = []
         cin = w[0]
         for i, (cout, nb) in enumerate(zip(w, cfg.blocks)):
             for b in range(nb):
-                stages.append(ResBlock(cin, cout, 2 if b == 0 else 1))  # 64 -> 32 -> 16 -> 8 -> 4
+                stride = 2 if (b == 0 and i > 0) else 1  # 32 -> 32 -> 16 -> 8 -> 4
+                stages.append(ResBlock(cin, cout, stride))
                 cin = cout
         self.blocks = nn.ModuleList(stages)
         self.proj = nn.Linear(2 * cin, cfg.embed_dim)
@@ -107,7 +109,7 @@ class TextTower(nn.Module):
 
     def __init__(self, cfg: PhantomCLIPConfig):
         super().__init__()
-        self.token = nn.Embedding(cfg.vocab_size, cfg.token_dim)
+        self.token = nn.Embedding(cfg.vocab_size, cfg.token_dim, sparse=True)  # 49k rows: update only used ones
         self.up = nn.Linear(cfg.token_dim, cfg.text_width)
         self.pos = nn.Parameter(torch.zeros(cfg.context_length, cfg.text_width))
         layer = nn.TransformerEncoderLayer(cfg.text_width, cfg.text_heads, 4 * cfg.text_width, dropout=0.0,
@@ -115,11 +117,14 @@ class TextTower(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.text_width)
         self.proj = nn.Linear(cfg.text_width, cfg.embed_dim)
-        nn.init.normal_(self.token.weight, std=0.02)
+        nn.init.normal_(self.token.weight, std=1.0)  # `up` rescales; a small init made all sentences alike
         nn.init.normal_(self.pos, std=0.01)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         ids = ids.long()
+        # drop all-padding columns (shorter batches are much cheaper; results are identical)
+        width = int((ids != 0).sum(1).max().clamp(min=1))
+        ids = ids[:, :width]
         pad = ids == 0
         h = self.up(self.token(ids)) + self.pos[: ids.shape[1]]
         h = self.norm(self.encoder(h, src_key_padding_mask=pad))

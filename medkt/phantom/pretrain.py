@@ -46,7 +46,7 @@ class PretrainConfig:
     captions_per_image: int = 4
     image_size: int = 64
     steps: int = 3000
-    batch_size: int = 128
+    batch_size: int = 96
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: int = 150
@@ -59,7 +59,7 @@ class PretrainConfig:
     affine_scale: tuple[float, float] = (0.92, 1.08)
     glossary_weight: float = 0.5
     glossary_per_finding: int = 400
-    glossary_batch: int = 96
+    glossary_batch: int = 64
     threads: int = 2
     model: dict = field(default_factory=dict)
     eval_per_class: int = 100
@@ -138,6 +138,8 @@ def build_data(cfg: PretrainConfig, progress: bool = True):
 def _param_groups(model, wd: float):
     decay, no_decay = [], []
     for n, p in model.named_parameters():
+        if n == "text.token.weight":
+            continue  # sparse gradients: SparseAdam (see train)
         if p.ndim < 2 or "norm" in n or "token" in n or n.endswith("pos") or "logit_scale" in n:
             no_decay.append(p)
         else:
@@ -182,6 +184,9 @@ def train(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
     mcfg = PhantomCLIPConfig.from_dict({"image_size": cfg.image_size, **cfg.model})
     model = PhantomCLIP(mcfg)
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    # the 49k-row BPE token table: only rows in the batch get gradients (dense Adam on it cost
+    # more than the whole image tower)
+    opt_tok = torch.optim.SparseAdam([model.text.token.weight], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
 
     def lr_at(s: int) -> float:
         if s < cfg.warmup:
@@ -200,7 +205,7 @@ def train(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
     model.train()
     t_loop = time.time()
     for step in it:
-        for pg in opt.param_groups:
+        for pg in opt.param_groups + opt_tok.param_groups:
             pg["lr"] = lr_at(step)
         idx = torch.randint(0, N, (cfg.batch_size,), generator=g)
         ci = torch.randint(0, cfg.captions_per_image, (cfg.batch_size,), generator=g)
@@ -234,14 +239,16 @@ def train(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
             loss_g = multi_positive_infonce(scale * ea @ eb.T, gpos)
             loss = loss + cfg.glossary_weight * loss_g
         opt.zero_grad(set_to_none=True)
+        opt_tok.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for n, p in model.named_parameters() if n != "text.token.weight"], 1.0)
         opt.step()
+        opt_tok.step()
         if step % 50 == 0 or step == cfg.steps - 1:
-            rec = {"step": step, "loss": float(loss), "contrastive": float(loss_c), "lr": lr_at(step),
+            rec = {"step": step, "loss": float(loss.detach()), "contrastive": float(loss_c.detach()), "lr": lr_at(step),
                    "logit_scale": float(scale), "seconds": round(time.time() - t_start, 1)}
             if cfg.glossary_weight > 0:
-                rec["glossary"] = float(loss_g)
+                rec["glossary"] = float(loss_g.detach())
             history.append(rec)
             if progress:
                 it.set_postfix(loss=f"{float(loss_c):.3f}", s=rec["seconds"])

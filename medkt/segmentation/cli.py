@@ -1,6 +1,7 @@
 """CLI commands of the segmentation area: ``medkt metrics``."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -33,7 +34,9 @@ def metrics_command(
             table.write_csv(out)
     except MedktError as exc:
         typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
-        raise typer.Exit(code=2) from None
+        # SystemExit, not typer.Exit: medkt's main() runs the app with standalone_mode=False, where
+        # click returns typer.Exit's code instead of exiting with it
+        sys.exit(2)
     m = table.means()
     unit = "mm" if sp else "px"
     typer.echo(f"images: {len(table)}")

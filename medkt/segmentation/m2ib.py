@@ -241,6 +241,32 @@ def _hf_swin(sm: nn.Module, backend: nn.Module, layer: int | None) -> VisionSpli
     return VisionSplit(prefix, suffix, grid, 0, stages[s_idx].blocks[b_idx], L, len(flat), "HF Swin")
 
 
+@register_vision_split("open_clip.timm_model:TimmModel")
+def _open_clip_timm_vit(tm: nn.Module, backend: nn.Module, layer: int | None) -> VisionSplit:
+    """open_clip's timm adapter around a timm ``VisionTransformer`` (e.g. BiomedCLIP's ViT-B/16)."""
+    trunk = tm.trunk
+    if not all(hasattr(trunk, a) for a in ("blocks", "patch_embed", "_pos_embed", "forward_head")):
+        raise ConfigError(f"M2IB supports open_clip timm towers that are ViTs; got {type(trunk).__name__}")
+    blocks = trunk.blocks
+    L = _check_layer(layer, len(blocks), f"timm {type(trunk).__name__}")
+
+    def prefix(pixels: Tensor) -> Tensor:
+        x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(pixels))))
+        for blk in blocks[: L + 1]:
+            x = blk(x)
+        return x
+
+    def suffix(tokens: Tensor) -> Tensor:
+        x = tokens
+        for blk in blocks[L + 1 :]:
+            x = blk(x)
+        return tm.head(trunk.forward_head(trunk.norm(x)))
+
+    gs = trunk.patch_embed.grid_size
+    n_extra = int(trunk.num_prefix_tokens)  # CLS (+ register) tokens precede the patches
+    return VisionSplit(prefix, suffix, (int(gs[0]), int(gs[1])), n_extra, blocks[L], L, len(blocks), "open_clip timm ViT")
+
+
 # -- the bottleneck ----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,31 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+# The venv is created if missing; pip installs with constraints.txt, which pins the torch /
+# torchvision pair that lies on this machine's local disk (no multi-GB download).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.medkt-installed
+# one CPU thread for tests: on a shared 2-core machine two threads made tiny models 100-300x slower
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,captioning]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(TEST_ENV) $(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/medkt transfer --bundle quickstart_tiny --output $(DEMO_OUT)
+
+bench: install
+	$(PY) -m benchmarks.run --json benchmark.json
+
+clean:
+	rm -rf runs .pytest_cache

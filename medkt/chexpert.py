@@ -1,0 +1,145 @@
+"""Chest X-ray zero-shot prompts and MedCLIP-style prompt scoring.
+
+* :func:`chexpert_class_prompts` -- MedCLIP's CheXpert-5x200c prompts: every combination of a
+  severity, a subtype and a location phrase per class (word lists in
+  ``medkt/configs/chexpert_prompt_parts.json``, the lists MedCLIP took over from GLoRIA), then
+  ``n`` sampled per class. Upstream samples with the unseeded global ``random``; here a
+  ``random.Random(seed)`` is used, drawing the classes in the same order, so
+  ``random.seed(s)`` + upstream's ``generate_chexpert_class_prompts(n)`` and
+  ``chexpert_class_prompts(n, seed=s)`` give the same prompts.
+* :func:`medclip_class_scores` -- MedCLIP's ``PromptClassifier``: each class's prompts are
+  tokenised together, scored against the image with the clamped logit scale, and reduced with
+  the mean (``ensemble=True``) or the max over prompts.
+* :class:`PromptEnsembleEvaluator` -- :class:`medkt.evaluation.ZeroShotEvaluator` with those
+  MedCLIP semantics (``aggregate="mean_similarity"`` / ``"max"``, per-class tokenisation).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medkt.backends.base import Backend
+from medkt.errors import ConfigError, DataError
+from medkt.evaluation import ZeroShotEvaluator
+
+#: CheXpert competition tasks = the five classes of CheXpert-5x200c, in MedCLIP's order
+CHEXPERT_5X200C_CLASSES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
+PROMPT_PARTS_FILE = Path(__file__).resolve().parent / "configs" / "chexpert_prompt_parts.json"
+
+
+@lru_cache(maxsize=1)
+def chexpert_prompt_parts() -> dict[str, list[list[str]]]:
+    """class -> ordered phrase lists (MedCLIP's key order per class: e.g. Pleural Effusion puts the
+    location list before the subtype list, which changes the prompts' word order)."""
+    data = json.loads(PROMPT_PARTS_FILE.read_text())
+    return {c: [list(v["words"]) for v in spec["parts"]] for c, spec in data["classes"].items()}
+
+
+def all_chexpert_prompts(cls: str) -> list[str]:
+    """Every severity x subtype x location combination for ``cls`` (upstream order, duplicates kept)."""
+    parts = chexpert_prompt_parts()
+    if cls not in parts:
+        raise ConfigError(f"no CheXpert prompt template for class {cls!r}; known: {list(parts)}")
+    # upstream formats f"{a} {b} {c}"; collapsing the blanks of empty phrases does not change the
+    # WordPiece tokens, and keeps reports readable
+    return [" ".join(" ".join(combo).split()) for combo in itertools.product(*parts[cls])]
+
+
+def chexpert_class_prompts(n: int | None = 10, seed: int = 0,
+                           classes: Sequence[str] = CHEXPERT_5X200C_CLASSES) -> dict[str, list[str]]:
+    """``n`` sampled prompts per class (all of them when ``n`` is None or exceeds the count).
+
+    Deterministic by ``seed``; classes are drawn in the order given.
+    """
+    rng = random.Random(seed)
+    out: dict[str, list[str]] = {}
+    for c in classes:
+        prompts = all_chexpert_prompts(c)
+        out[c] = rng.sample(prompts, n) if n is not None and n < len(prompts) else prompts
+    return out
+
+
+# -- MedCLIP PromptClassifier semantics -------------------------------------------------------
+def class_text_embeddings(backend: Backend, class_prompts: dict[str, Sequence[str]]) -> list[torch.Tensor]:
+    """Normalised ``(P_k, D)`` per class, each class tokenised as one batch (as MedCLIP does; with
+    its padding-inclusive pooling the padding length of the batch matters)."""
+    out = []
+    with torch.no_grad():
+        for c, prompts in class_prompts.items():
+            if not prompts:
+                raise DataError(f"class {c!r} has no prompts")
+            out.append(F.normalize(backend.encode_text(backend.tokenize(list(prompts))).float(), dim=-1))
+    return out
+
+
+def medclip_class_scores(backend: Backend, x01: torch.Tensor, class_prompts: dict[str, Sequence[str]],
+                         ensemble: str = "mean") -> torch.Tensor:
+    """MedCLIP ``PromptClassifier`` logits ``(B, K)`` for [0, 1] pixels ``(B, C, S, S)``.
+
+    ``ensemble="mean"``: mean over a class's prompts of ``logit_scale * cos`` (upstream
+    ``ensemble=True``); ``"max"``: the best prompt (``ensemble=False``).
+    """
+    if ensemble not in ("mean", "max"):
+        raise ConfigError(f"ensemble must be 'mean' or 'max', got {ensemble!r}")
+    with torch.no_grad():
+        img = F.normalize(backend.encode_pixels(x01).float(), dim=-1)
+        scale = backend.logit_scale.detach().float()
+        cols = []
+        for emb in class_text_embeddings(backend, class_prompts):
+            logits = scale * img @ emb.T
+            cols.append(logits.mean(1) if ensemble == "mean" else logits.max(1).values)
+    return torch.stack(cols, 1)
+
+
+class PromptEnsembleEvaluator(ZeroShotEvaluator):
+    """Zero-shot evaluator with MedCLIP's prompt scoring.
+
+    ``aggregate``: ``"mean_similarity"`` (MedCLIP ``ensemble=True``: mean cosine over the class's
+    prompts), ``"max"`` (best prompt) or ``"mean"`` (CLIP's embedding ensemble, as the base
+    class). Text is tokenised per class, as upstream. Scores are cosine similarities (the logit
+    scale is a positive constant and does not change the ranking).
+    """
+
+    def __init__(self, backend: Backend, images: Any, labels: Sequence[str], class_prompts: dict[str, Sequence[str]],
+                 aggregate: str = "mean_similarity", batch_size: int = 64):
+        self._medclip_aggregate = aggregate
+        if aggregate not in ("mean_similarity", "max", "mean"):
+            raise DataError(f"aggregate must be 'mean_similarity', 'max' or 'mean', got {aggregate!r}")
+        super().__init__(backend, images, labels, class_prompts,
+                         aggregate="max" if aggregate == "mean_similarity" else aggregate, batch_size=batch_size)
+
+    def text_embeddings(self):
+        if self._text is None:
+            per_class = class_text_embeddings(self.backend, {c: self.class_prompts[c] for c in self.classes})
+            if self._medclip_aggregate == "mean":
+                self._text = torch.stack([F.normalize(e.mean(0), dim=-1) for e in per_class])
+            else:
+                self._text = per_class
+        return self._text
+
+    def scores(self) -> np.ndarray:
+        if self._medclip_aggregate != "mean_similarity":
+            return super().scores()
+        img = self.image_embeddings()
+        txt = self.text_embeddings()
+        return torch.stack([(img @ e.t()).mean(1) for e in txt], 1).cpu().numpy()
+
+
+__all__ = [
+    "CHEXPERT_5X200C_CLASSES",
+    "PromptEnsembleEvaluator",
+    "all_chexpert_prompts",
+    "chexpert_class_prompts",
+    "chexpert_prompt_parts",
+    "class_text_embeddings",
+    "medclip_class_scores",
+]

@@ -1,0 +1,85 @@
+"""Zero-shot classification with an image-text matching head (ViLT; paper Tab. 1 and 11).
+
+A cross-encoder scores every (image, class prompt) pair; the predicted class is the one whose
+prompts get the highest "match" logit (mean over a class's prompts, or max). The image tokens
+are computed once per image and reused for all prompts. Same interface as
+:class:`medkt.evaluation.ZeroShotEvaluator`, so pipelines treat both alike.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from medkt.errors import DataError
+from medkt.evaluation import ClassificationResult, summarize
+
+
+class ITMZeroShotEvaluator:
+    """Args:
+        backend: an ITM backend (``supports_itm``) with ``embed_image``/``itm_logits_from_embeds``.
+        images: ``(N, 3, S, S)`` [0,1] tensor, or paths/arrays (loaded with ViLT's native resize).
+        labels: class per image; class_prompts: class -> prompts (output order = dict order).
+        aggregate: ``"mean"`` or ``"max"`` of the match logits over a class's prompts.
+    """
+
+    def __init__(self, backend: Any, images: Any, labels: Sequence[str], class_prompts: dict[str, Sequence[str]],
+                 aggregate: str = "mean", text_batch_size: int = 64, progress: bool = False):
+        if not getattr(backend, "supports_itm", False):
+            raise DataError(f"backend {getattr(backend, 'spec', '')!r} has no image-text matching head")
+        if aggregate not in ("mean", "max"):
+            raise DataError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
+        self.classes = list(class_prompts)
+        bad = sorted({lab for lab in labels if lab not in class_prompts})
+        if bad:
+            raise DataError(f"label(s) {bad} not among the classes {self.classes[:10]}...")
+        self.backend = backend
+        self.class_prompts = {c: list(p) for c, p in class_prompts.items()}
+        self.aggregate = aggregate
+        self.text_batch_size = text_batch_size
+        self.progress = progress
+        self.labels = [self.classes.index(lab) for lab in labels]
+        if isinstance(images, torch.Tensor):
+            self.images: list[torch.Tensor] = list(images)
+        else:
+            loader = getattr(backend, "load_image_native", backend.load_image)
+            self.images = [loader(im) for im in images]
+        if len(self.images) != len(self.labels):
+            raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
+        flat = [p for c in self.classes for p in self.class_prompts[c]]
+        self._owner = np.repeat(np.arange(len(self.classes)), [len(self.class_prompts[c]) for c in self.classes])
+        self._tokens = [backend.tokenize(flat[i : i + text_batch_size]) for i in range(0, len(flat), text_batch_size)]
+
+    @torch.no_grad()
+    def scores(self) -> np.ndarray:
+        """``(N, K)`` class scores (aggregated match logits)."""
+        was_training = self.backend.training
+        self.backend.eval()
+        rows = []
+        it = self.images
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="ITM zero-shot", unit="img", leave=False, disable=None)
+        try:
+            for img in it:
+                emb, mask = self.backend.embed_image(img[None])
+                s = torch.cat([self.backend.itm_logits_from_embeds(emb, mask, t)[:, 1].float() for t in self._tokens])
+                s = s.cpu().numpy()
+                if self.aggregate == "mean":
+                    rows.append(np.bincount(self._owner, weights=s) / np.bincount(self._owner))
+                else:
+                    out = np.full(len(self.classes), -np.inf)
+                    np.maximum.at(out, self._owner, s)
+                    rows.append(out)
+        finally:
+            self.backend.train(was_training)
+        return np.stack(rows) if rows else np.zeros((0, len(self.classes)))
+
+    def evaluate(self) -> ClassificationResult:
+        return summarize(self.classes, self.labels, self.scores())
+
+
+__all__ = ["ITMZeroShotEvaluator"]

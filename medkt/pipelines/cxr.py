@@ -1,0 +1,295 @@
+"""Chest X-ray knowledge transfer: per-concept transfer with a learning-rate sweep, measured on a
+target set (JSRT) and a retention set (CheXpert-5x200c) -- the protocol of the paper's Tab.2 -- and
+plain zero-shot evaluation (Tab.3 reference rows).
+
+Evaluation set config (``evaluations`` entry), on top of :mod:`medkt.pipelines.transfer`'s::
+
+    {"title": "JSRT",                                  # shown in tables
+     "manifest": "data/jsrt/jsrt.csv", "root": "data/jsrt", "split": null,
+     "classes": {"lung cancer": ["prompt", ...], ...}  # or:
+     "prompt_generator": {"name": "chexpert", "n": 10, "seed": 0},
+     "aggregate": "mean_similarity" | "max" | "mean",  # MedCLIP ensemble / best prompt / CLIP
+     "skip_bad": false}                                # skip unreadable rows, count them
+
+Bad rows (missing or corrupt file, label outside the classes) stop the run with a one-line
+error naming the manifest row, unless ``skip_bad`` is set; then the report counts them.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medkt.backends import create_backend
+from medkt.backends.base import Backend
+from medkt.chexpert import PromptEnsembleEvaluator, chexpert_class_prompts
+from medkt.errors import ConfigError, DataError
+from medkt.evaluation import ClassificationResult
+from medkt.finetune import FinetuneConfig, finetune
+from medkt.inversion import invert, inversion_summary, save_inversion
+from medkt.pipelines.base import Pipeline, log
+from medkt.pipelines.transfer import TransferPipeline, inversion_targets, parse_concepts
+from medkt.utils import atomic_write_json, atomic_write_text
+
+PROMPT_GENERATORS = {"chexpert": chexpert_class_prompts}
+
+
+def resolve_prompts(spec: dict[str, Any]) -> dict[str, list[str]]:
+    """An evaluation spec's class -> prompts (explicit ``classes`` or a ``prompt_generator``)."""
+    if "prompt_generator" in spec:
+        gen = dict(spec["prompt_generator"])
+        name = gen.pop("name", None)
+        if name not in PROMPT_GENERATORS:
+            raise ConfigError(f"unknown prompt_generator {name!r}; known: {sorted(PROMPT_GENERATORS)}")
+        try:
+            return PROMPT_GENERATORS[name](**gen)
+        except TypeError as exc:
+            raise ConfigError(f"bad prompt_generator options {gen}: {exc}") from None
+    classes = spec.get("classes")
+    if not isinstance(classes, dict) or not classes:
+        raise ConfigError(f"evaluation set needs 'classes' (class -> prompts) or a 'prompt_generator', got keys {sorted(spec)}")
+    out = {}
+    for c, prompts in classes.items():
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ConfigError(f"class {c!r} needs at least one non-empty prompt")
+        out[str(c)] = prompts
+    return out
+
+
+def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any]) -> tuple[PromptEnsembleEvaluator, dict[str, Any]]:
+    """Read the manifest, decode every image once, build the evaluator. Returns (evaluator, info)."""
+    from medkt.data.manifest import ManifestProblem, read_manifest
+
+    prompts = resolve_prompts(spec)
+    if "manifest" not in spec:
+        raise ConfigError(f"evaluation {name!r} needs a 'manifest'")
+    manifest = Path(spec["manifest"])
+    root = Path(spec.get("root") or manifest.parent)
+    skip_bad = bool(spec.get("skip_bad", False))
+    problems: list[ManifestProblem] = []
+    rows = read_manifest(manifest, root, classes=list(prompts), split=spec.get("split"),
+                         skip_bad=skip_bad, problems=problems)
+    pixels, labels = [], []
+    try:
+        from tqdm.auto import tqdm
+
+        it = tqdm(rows, desc=f"load {name}", unit="img", leave=False, disable=None)
+    except ImportError:  # pragma: no cover
+        it = rows
+    for r in it:
+        try:
+            pixels.append(backend.load_image(root / r.path))
+        except DataError as exc:
+            if not skip_bad:
+                raise DataError(f"{r.source}: {exc}") from None
+            problems.append(ManifestProblem(r.source or r.path, str(exc)))
+            continue
+        labels.append(r.label)
+    empty = [c for c in prompts if c not in set(labels)]
+    if empty:
+        raise DataError(f"{manifest}: no usable images for class(es) {empty} "
+                        f"({len(problems)} bad rows skipped); every class needs at least one image")
+    ev = PromptEnsembleEvaluator(backend, torch.stack(pixels), labels, prompts,
+                                 aggregate=spec.get("aggregate", "mean_similarity"))
+    info = {"title": spec.get("title", name), "manifest": str(manifest), "n_images": len(labels),
+            "skipped_rows": len(problems), "skipped": [str(p) for p in problems[:20]],
+            "aggregate": spec.get("aggregate", "mean_similarity"),
+            "n_prompts": {c: len(p) for c, p in prompts.items()}}
+    if problems:
+        log.warning("%s: skipped %d bad row(s), e.g. %s", name, len(problems), problems[0])
+    return ev, info
+
+
+def accuracy_table(columns: list[tuple[str, dict[str, ClassificationResult]]], titles: dict[str, str]) -> str:
+    """One Markdown table: rows = evaluation set x (classes + top-1), columns = runs (accuracy %)."""
+    head = "| evaluation | class | " + " | ".join(c for c, _ in columns) + " |"
+    lines = [head, "|---|---|" + "---:|" * len(columns)]
+    first = columns[0][1]
+    for ev_name, res in first.items():
+        title = titles.get(ev_name, ev_name)
+        for cls in res.classes:
+            vals = [r[ev_name].per_class.get(cls) for _, r in columns]
+            lines.append(f"| {title} | {cls} | " + " | ".join("-" if v is None else f"{100 * v:.2f}" for v in vals) + " |")
+        vals = [r[ev_name].accuracy for _, r in columns]
+        lines.append(f"| {title} | **top-1** | " + " | ".join(f"**{100 * v:.2f}**" for v in vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+class CXRTransferSweep(TransferPipeline):
+    """Knowledge transfer of chest X-ray concepts with a learning-rate sweep (paper Tab.2).
+
+    Args:
+        backend: backend spec, e.g. ``"medclip:vit@/models/medclip-vit"``.
+        backend_options: keywords for the backend factory (e.g. ``{"tokenizer": DIR}``).
+        concepts: ``[{"name", "description", "n_images", "lr"}]``; ``lr`` is the concept's base
+            learning rate (default: ``finetune.lr``).
+        multipliers: base-lr multipliers to run (Tab.2 uses 1..5); each starts from the original
+            weights and reuses the concept's inverted images.
+        mode: ``"separate"`` (one concept at a time, as Tab.2) or ``"joint"`` (all concepts in one
+            fine-tuning, lr = ``finetune.lr`` x multiplier; Tab.3).
+        concept_filter: run only these concept names (e.g. ``["lung cancer"]``).
+        evaluations: name -> evaluation set (module docstring); the first is the target set.
+    """
+
+    kind = "cxr_transfer_sweep"
+
+    def __init__(self, backend: str, concepts: list[dict[str, Any]], multipliers: list[float] | None = None,
+                 mode: str = "separate", concept_filter: list[str] | None = None,
+                 backend_options: dict[str, Any] | None = None, **kw: Any):
+        evaluations = kw.pop("evaluations", None) or {}
+        super().__init__(backend, concepts, evaluations={}, **kw)
+        self.settings.update(multipliers=multipliers, mode=mode, concept_filter=concept_filter,
+                             backend_options=backend_options, evaluations=evaluations)
+        self.evaluations = dict(evaluations)
+        for name, spec in self.evaluations.items():
+            resolve_prompts(spec)  # fail before any compute
+        if mode not in ("separate", "joint"):
+            raise ConfigError(f"mode must be 'separate' or 'joint', got {mode!r}")
+        self.mode = mode
+        self.multipliers = [float(m) for m in (multipliers or [1.0])]
+        if not self.multipliers or any(m <= 0 for m in self.multipliers):
+            raise ConfigError(f"multipliers must be positive numbers, got {multipliers}")
+        base_lrs = {str(c["name"]): float(c.get("lr", self.ft_cfg.lr)) for c in concepts}
+        if concept_filter:
+            unknown = [c for c in concept_filter if c not in base_lrs]
+            if unknown:
+                raise ConfigError(f"concept_filter names {unknown} are not concepts of this bundle: {sorted(base_lrs)}")
+            self.concepts = [c for c in self.concepts if c["name"] in concept_filter]
+        self.base_lr = base_lrs
+        self.backend_options = dict(backend_options or {})
+
+    # -- helpers --------------------------------------------------------------------------
+    def _groups(self) -> list[tuple[str, list[dict[str, Any]], float]]:
+        """(label, concepts, base lr) per transfer experiment."""
+        if self.mode == "joint":
+            return [("+".join(c["name"] for c in self.concepts), self.concepts, self.ft_cfg.lr)]
+        return [(c["name"], [c], self.base_lr[c["name"]]) for c in self.concepts]
+
+    def _negatives(self, evaluators: dict[str, PromptEnsembleEvaluator], names: set[str]) -> list[str]:
+        if self.negative_captions is not None:
+            return list(self.negative_captions)
+        negs: list[str] = []
+        for ev in evaluators.values():
+            for c in ev.classes:
+                if c not in names:
+                    negs.append(ev.class_prompts[c][0])
+        return list(dict.fromkeys(negs))
+
+    # -- run ------------------------------------------------------------------------------
+    def _run(self, out: Path) -> dict[str, Any]:
+        if not self.evaluations:
+            raise ConfigError("a CXR transfer sweep needs at least one evaluation set")
+        backend = create_backend(self.backend_spec, **self.backend_options)
+        log.info("backend %s: %s", self.backend_spec, backend.describe())
+        evaluators, info = {}, {}
+        for name, spec in self.evaluations.items():
+            evaluators[name], info[name] = load_evaluation_set(backend, name, spec)
+        titles = {n: i["title"] for n, i in info.items()}
+        baseline = {n: ev.evaluate() for n, ev in evaluators.items()}
+        original = {k: v.detach().clone() for k, v in backend.state_dict().items()}
+
+        columns: list[tuple[str, dict[str, ClassificationResult]]] = [("baseline", baseline)]
+        runs: list[dict[str, Any]] = []
+        for label, group, base_lr in self._groups():
+            slug = "".join(ch if ch.isalnum() else "_" for ch in label.lower()).strip("_")
+            backend.load_state_dict(original)
+            t0 = time.perf_counter()
+            inv = invert(backend, inversion_targets(group), self.inv_cfg, out_dir=out / "inversion" / slug,
+                         resume=self.resume, progress=self.progress)
+            save_inversion(inv, out / "inversion" / slug, self.inv_cfg)
+            t_inv = time.perf_counter() - t0
+            names = {c["name"] for c in group}
+            negatives = self._negatives(evaluators, names)
+            descriptions = {c["name"]: c["descriptions"][0] for c in group}
+            for m in self.multipliers:
+                backend.load_state_dict(original)
+                cfg = copy.deepcopy(self.ft_cfg)
+                cfg.lr = base_lr * m
+                cfg.validate()
+                t1 = time.perf_counter()
+                hist = finetune(backend, inv.images, inv.concepts, descriptions, negatives, cfg,
+                                texts_of_images=inv.texts, progress=self.progress)
+                t_ft = time.perf_counter() - t1
+                after = {n: ev.evaluate() for n, ev in evaluators.items()}
+                col = f"{label} x{m:g} (lr {cfg.lr:.0e})"
+                columns.append((col, after))
+                run = {"concepts": sorted(names), "multiplier": m, "lr": cfg.lr,
+                       "seconds_inversion": t_inv, "seconds_finetune": t_ft,
+                       "finetune": {"steps": hist["steps"], "first_loss": hist["loss"][0], "last_loss": hist["loss"][-1]},
+                       "inversion": inversion_summary(inv),
+                       "evaluations": {n: r.to_dict() for n, r in after.items()}}
+                runs.append(run)
+                atomic_write_json(out / "runs" / f"{slug}_x{m:g}.json", run)
+                if self.save_weights:
+                    from medkt.finetune import save_finetuned
+
+                    save_finetuned(backend, out / "runs" / f"{slug}_x{m:g}.safetensors", which=self.ft_cfg.train)
+        backend.load_state_dict(original)
+
+        table = accuracy_table(columns, titles)
+        results = {
+            "backend": self.backend_spec,
+            "mode": self.mode,
+            "multipliers": self.multipliers,
+            "evaluation_sets": info,
+            "baseline": {n: r.to_dict() for n, r in baseline.items()},
+            "runs": runs,
+            "summary_table": table,
+        }
+        _write_cxr_report(out, self, table, info, runs)
+        return results
+
+
+class CXRZeroShotEvaluation(Pipeline):
+    """Zero-shot evaluation only (e.g. MedCLIP on CheXpert-5x200c, the reference row of Tab.3)."""
+
+    kind = "cxr_zero_shot"
+
+    def __init__(self, backend: str, evaluations: dict[str, dict], backend_options: dict[str, Any] | None = None,
+                 **kw: Any):
+        super().__init__(**kw, backend=backend, evaluations=evaluations, backend_options=backend_options)
+        if not evaluations:
+            raise ConfigError("nothing to evaluate: 'evaluations' is empty")
+        for spec in evaluations.values():
+            resolve_prompts(spec)
+        self.backend_spec = backend
+        self.backend_options = dict(backend_options or {})
+        self.evaluations = dict(evaluations)
+
+    def _run(self, out: Path) -> dict[str, Any]:
+        backend = create_backend(self.backend_spec, **self.backend_options)
+        results, info = {}, {}
+        for name, spec in self.evaluations.items():
+            ev, info[name] = load_evaluation_set(backend, name, spec)
+            results[name] = ev.evaluate()
+        table = accuracy_table([(self.backend_spec, results)], {n: i["title"] for n, i in info.items()})
+        atomic_write_text(out / "report.md", f"# Zero-shot evaluation: {self.bundle_name or ''}\n\n"
+                          f"- backend: `{self.backend_spec}`\n- seed: {self.seed}\n\n{table}\n"
+                          + _skipped_lines(info))
+        return {"backend": self.backend_spec, "evaluation_sets": info,
+                "evaluations": {n: r.to_dict() for n, r in results.items()}, "summary_table": table}
+
+
+def _skipped_lines(info: dict[str, dict[str, Any]]) -> str:
+    lines = [f"- {i['title']}: {i['n_images']} images, {i['skipped_rows']} bad rows skipped" for i in info.values()]
+    return "\n".join(lines) + "\n"
+
+
+def _write_cxr_report(out: Path, pipe: CXRTransferSweep, table: str, info: dict, runs: list[dict]) -> Path:
+    lines = [f"# Chest X-ray knowledge transfer{': ' + pipe.bundle_name if pipe.bundle_name else ''}", "",
+             f"- backend: `{pipe.backend_spec}`", f"- seed: {pipe.seed}", f"- mode: {pipe.mode}; multipliers "
+             f"{', '.join(f'x{m:g}' for m in pipe.multipliers)}",
+             f"- inversion: {pipe.inv_cfg.steps} steps, lr {pipe.inv_cfg.lr}, tv {pipe.inv_cfg.tv_weight}",
+             f"- fine-tuning ({pipe.ft_cfg.train} encoder): batch {pipe.ft_cfg.batch_size}, {pipe.ft_cfg.epochs} epoch(s), "
+             f"wd {pipe.ft_cfg.weight_decay}", "", _skipped_lines(info),
+             "Zero-shot accuracy (%) per class and top-1, before (baseline) and after each transfer:", "", table]
+    for r in runs:
+        lines.append(f"- {', '.join(r['concepts'])} x{r['multiplier']:g}: lr {r['lr']:.1e}, fine-tune loss "
+                     f"{r['finetune']['first_loss']:.3f} -> {r['finetune']['last_loss']:.3f}, inversion "
+                     f"{r['seconds_inversion']:.1f} s, fine-tuning {r['seconds_finetune']:.1f} s")
+    lines += ["", "Inverted images: `inversion/<concept>/grid.png`; per-run numbers: `runs/*.json`."]
+    return atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -1,0 +1,385 @@
+"""Pipelines of the paper's natural-image experiments (ViLT and CoCa; CLIP uses TransferPipeline).
+
+* :class:`ITMTransferPipeline` - knowledge transfer into ViLT with ITM inversion, ITM (or MLM)
+  fine-tuning and zero-shot classification by ITM scores (Tab. 1 ViLT rows, Tab. 11). With
+  ``images="noise"`` the fine-tuning images are N(0, 1) noise instead of inversions: implicit
+  transfer with MLM (§8.9).
+* :class:`RetrievalTransferPipeline` - transfer on the 80 COCO concepts, then text/image recall@K
+  on the Flickr30k Karpathy test split before and after (Tab. 5, 8).
+* :class:`CaptioningTransferPipeline` - transfer into CoCa with ``1*L_CLIP + 0.1*L_cap``, then
+  captions on the MSCOCO Karpathy test split scored with pycocoevalcap before and after (Tab. 9).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medkt.backends import create_backend
+from medkt.errors import ConfigError, DataError
+from medkt.finetune import FinetuneConfig, finetune, make_caption, save_finetuned
+from medkt.inversion import InversionConfig, InversionResult, InversionTarget, invert, inversion_summary, save_inversion
+from medkt.pipelines.base import Pipeline, log
+from medkt.pipelines.transfer import TransferPipeline, class_prompts_of, inversion_targets, parse_concepts, write_report
+from medkt.utils import atomic_write_json, atomic_write_text
+
+
+def _placeholders(backend: Any):
+    """ViLT's embedding placeholders around engine calls (a no-op for embedding backends)."""
+    import contextlib
+
+    return backend.embedding_placeholders() if hasattr(backend, "embedding_placeholders") else contextlib.nullcontext()
+
+
+def noise_images(backend: Any, targets: list[InversionTarget], seed: int) -> InversionResult:
+    """N(0, 1) noise in the model's normalised input space, clamped to [0, 1] pixels: one image
+    per example of each target (the implicit-transfer inputs of §8.9)."""
+    g = torch.Generator().manual_seed(seed)
+    s, c = backend.image_size, backend.image_channels
+    mean = torch.tensor(backend.mean[:c]).view(1, -1, 1, 1)
+    std = torch.tensor(backend.std[:c]).view(1, -1, 1, 1)
+    n = sum(t.n_images for t in targets)
+    images = (mean + std * torch.randn(n, c, s, s, generator=g)).clamp(0, 1)
+    concepts = [t.concept for t in targets for _ in range(t.n_images)]
+    texts = [t.text for t in targets for _ in range(t.n_images)]
+    return InversionResult(images, concepts, texts, [float("nan")] * n, steps_run=[0], history=[[]])
+
+
+def run_itm_transfer(pipe: Any, backend: Any, out: Path, images: str = "inversion") -> tuple[InversionResult, dict, float, float]:
+    """Inversion (or noise) + fine-tuning for an ITM backend; returns (images, history, t_inv, t_ft)."""
+    t0 = time.perf_counter()
+    targets = inversion_targets(pipe.concepts)
+    with _placeholders(backend):
+        if images == "inversion":
+            inv = invert(backend, targets, pipe.inv_cfg, out_dir=out / "inversion", resume=pipe.resume, progress=pipe.progress)
+        elif images == "noise":
+            inv = noise_images(backend, targets, pipe.seed)
+        else:
+            raise ConfigError(f"images must be 'inversion' or 'noise', got {images!r}")
+        if hasattr(backend, "match_probability"):  # the engine's cosine similarities mean nothing for ViLT
+            inv.similarities = backend.match_probability(inv.images, inv.texts).tolist()
+        save_inversion(inv, out / "inversion", pipe.inv_cfg)
+        t1 = time.perf_counter()
+        negatives = getattr(pipe, "_negatives", None) or []
+        descriptions = {c["name"]: c["descriptions"][0] for c in pipe.concepts}
+        history = finetune(backend, inv.images, inv.concepts, descriptions, negatives, pipe.ft_cfg,
+                           texts_of_images=inv.texts, progress=pipe.progress)
+    return inv, history, t1 - t0, time.perf_counter() - t1
+
+
+class ITMTransferPipeline(TransferPipeline):
+    """:class:`TransferPipeline` for image-text-matching models (ViLT).
+
+    Differences: evaluation sets are classified by ITM scores (:class:`ITMZeroShotEvaluator`;
+    default template ``"a photo of a {}."``: every class prompt costs one forward pass per
+    image); inversion uses the ``"itm"`` objective; reported similarities are ITM match
+    probabilities. ``images="noise"`` skips inversion (implicit transfer, with ``loss="mlm"``).
+    """
+
+    kind = "itm_transfer"
+
+    def __init__(self, backend: str, concepts: list[dict[str, Any]], inversion: dict | None = None,
+                 finetune: dict | None = None, evaluations: dict[str, dict] | None = None,
+                 negative_captions: list[str] | None = None, save_weights: bool = True, images: str = "inversion",
+                 **kw: Any):
+        inversion = {"objective": "itm", "augment_p": 0.0, "init": "normal", **(inversion or {})}
+        finetune = {"loss": "itm", "weight_decay": 0.01, **(finetune or {})}
+        super().__init__(backend, concepts, inversion, finetune, evaluations, negative_captions, save_weights, **kw)
+        if images not in ("inversion", "noise"):
+            raise ConfigError(f"images must be 'inversion' or 'noise', got {images!r}")
+        self.images = images
+        self.settings["images"] = images
+
+    def build_evaluator(self, backend: Any, name: str, spec: dict[str, Any]):
+        from medkt.data.manifest import read_manifest
+        from medkt.natural.itm_eval import ITMZeroShotEvaluator
+
+        if spec.get("source") == "inversion":
+            raise ConfigError("ITM pipelines evaluate on real images: give a 'manifest' for every evaluation set")
+        if "manifest" not in spec:
+            raise ConfigError(f"evaluation {name!r} needs a 'manifest'")
+        spec = {"templates": ["a photo of a {}."], **spec}
+        prompts = class_prompts_of(spec)
+        manifest = Path(spec["manifest"])
+        root = Path(spec.get("root") or manifest.parent)
+        rows = read_manifest(manifest, root, split=spec.get("split"))
+        unknown = sorted({r.label for r in rows} - set(prompts))
+        if unknown:
+            raise DataError(f"{manifest}: labels {unknown[:5]} are not among the evaluation classes")
+        ev = ITMZeroShotEvaluator(backend, [root / r.path for r in rows], [r.label for r in rows], prompts,
+                                  aggregate=spec.get("aggregate", "mean"), progress=self.progress)
+        return ev, {"manifest": str(manifest), "n_images": len(rows), "scoring": "ITM match logit"}
+
+    def _run(self, out: Path) -> dict[str, Any]:
+        backend = create_backend(self.backend_spec)
+        log.info("backend %s: %s", self.backend_spec, backend.describe())
+        evaluators, eval_info = {}, {}
+        for name, spec in self.evaluations.items():
+            evaluators[name], eval_info[name] = self.build_evaluator(backend, name, spec)
+        before = {name: ev.evaluate() for name, ev in evaluators.items()}
+        self._negatives = self.negative_captions if self.negative_captions is not None else self.default_negatives(evaluators)
+        inv, history, t_inv, t_ft = run_itm_transfer(self, backend, out, self.images)
+        atomic_write_json(out / "finetune.json", history)
+        if self.save_weights:
+            save_finetuned(backend, out / "finetuned.safetensors", which=self.ft_cfg.train)
+        after = {name: ev.evaluate() for name, ev in evaluators.items()}
+        results: dict[str, Any] = {
+            "backend": self.backend_spec,
+            "concepts": [c["name"] for c in self.concepts],
+            "images": self.images,
+            "inversion": inversion_summary(inv),
+            "finetune": {"loss": self.ft_cfg.loss, "steps": history["steps"], "first_loss": history["loss"][0],
+                         "last_loss": history["loss"][-1]},
+            "seconds_inversion": t_inv,
+            "seconds_finetune": t_ft,
+            "seconds_transfer": t_inv + t_ft,
+            "evaluations": {n: {"info": eval_info[n], "before": before[n].to_dict(), "after": after[n].to_dict()}
+                            for n in evaluators},
+        }
+        write_report(out, self, results, before, after)
+        return results
+
+
+def _weights_digest(backend: Any) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(backend.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class _CaptionedSplit:
+    """Shared settings of the Karpathy-split pipelines."""
+
+    def _load_split(self) -> list:
+        from medkt.natural.datasets import read_karpathy, with_coco_references
+
+        items = read_karpathy(self.karpathy_json, self.image_root, split=self.split, limit=self.limit)
+        if getattr(self, "coco_captions_json", None):
+            items = with_coco_references(items, self.coco_captions_json)
+        return items
+
+
+class RetrievalTransferPipeline(_CaptionedSplit, Pipeline):
+    """Knowledge transfer into ViLT, evaluated by zero-shot retrieval on a Karpathy split.
+
+    Args:
+        backend: ITM backend spec (``vilt:b32@...``).
+        concepts: the transfer concepts (80 COCO categories with descriptions in the bundle).
+        karpathy_json / image_root / split / limit: evaluation split (``limit`` = first N images).
+        text_batch_size / block_size / score: see :class:`~medkt.natural.retrieval.PairwiseITMScorer`.
+        baseline_cache: folder for the "before" score blocks, reusable across runs (the baseline
+            does not depend on the transfer settings); default: inside the run folder.
+        evaluate_before: score the unmodified model too (off: only "after").
+    """
+
+    kind = "retrieval_transfer"
+
+    def __init__(self, backend: str, concepts: list[dict[str, Any]], karpathy_json: str, image_root: str,
+                 inversion: dict | None = None, finetune: dict | None = None, split: str = "test",
+                 limit: int | None = None, text_batch_size: int = 64, block_size: int = 8, score: str = "match_logit",
+                 baseline_cache: str | None = None, evaluate_before: bool = True, negative_captions: list[str] | None = None,
+                 save_weights: bool = True, ks: tuple[int, ...] = (1, 5, 10), **kw: Any):
+        super().__init__(**kw, backend=backend, concepts=concepts, inversion=inversion, finetune=finetune,
+                         karpathy_json=karpathy_json, image_root=image_root, split=split, limit=limit,
+                         text_batch_size=text_batch_size, block_size=block_size, score=score,
+                         baseline_cache=baseline_cache, evaluate_before=evaluate_before)
+        self.backend_spec = backend
+        self.concepts = parse_concepts(concepts)
+        self.inv_cfg = InversionConfig.from_dict({"seed": self.seed, "objective": "itm", "augment_p": 0.0,
+                                                  "init": "normal", **(inversion or {})})
+        self.ft_cfg = FinetuneConfig.from_dict({"seed": self.seed, "loss": "itm", "weight_decay": 0.01, **(finetune or {})})
+        self.karpathy_json, self.image_root, self.split, self.limit = Path(karpathy_json), Path(image_root), split, limit
+        self.text_batch_size, self.block_size, self.score = int(text_batch_size), int(block_size), score
+        self.baseline_cache = Path(baseline_cache) if baseline_cache else None
+        self.evaluate_before = bool(evaluate_before)
+        self._negatives = list(negative_captions or [])
+        self.save_weights = save_weights
+        self.ks = tuple(int(k) for k in ks)
+
+    def _recall(self, backend: Any, items: list, cache: Path, tag: str) -> tuple[dict[str, float], torch.Tensor]:
+        from medkt.natural.retrieval import PairwiseITMScorer, recall_at_k
+
+        captions = [c for it in items for c in it.captions]
+        caption_image = [i for i, it in enumerate(items) for _ in it.captions]
+        scorer = PairwiseITMScorer(
+            backend, captions, lambda i: backend.load_image_native(items[i].path), len(items), cache_dir=cache,
+            text_batch_size=self.text_batch_size, block_size=self.block_size, score=self.score,
+            identity=[self.backend_spec, tag], image_keys=[str(it.path) for it in items], progress=self.progress)
+        scores = scorer.run()
+        return recall_at_k(scores, caption_image, self.ks), scores
+
+    def _run(self, out: Path) -> dict[str, Any]:
+        from medkt.natural.retrieval import retrieval_table
+
+        backend = create_backend(self.backend_spec)
+        if not getattr(backend, "supports_itm", False):
+            raise ConfigError(f"retrieval transfer needs an ITM backend (ViLT), got {self.backend_spec!r}")
+        items = self._load_split()
+        n_caps = sum(len(it.captions) for it in items)
+        log.info("%s split %s: %d images, %d captions -> %d ITM pairs per evaluation", self.karpathy_json.name,
+                 self.split, len(items), n_caps, len(items) * n_caps)
+        before = None
+        if self.evaluate_before:
+            before, _ = self._recall(backend, items, self.baseline_cache or out / "scores_before",
+                                     f"before:{_weights_digest(backend)}")
+        inv, history, t_inv, t_ft = run_itm_transfer(self, backend, out, "inversion")
+        atomic_write_json(out / "finetune.json", history)
+        if self.save_weights:
+            save_finetuned(backend, out / "finetuned.safetensors", which=self.ft_cfg.train)
+        after, _ = self._recall(backend, items, out / "scores_after", f"after:{_weights_digest(backend)}")
+        results = {
+            "backend": self.backend_spec, "split": {"file": str(self.karpathy_json), "split": self.split,
+                                                    "images": len(items), "captions": n_caps},
+            "concepts": [c["name"] for c in self.concepts], "inversion": inversion_summary(inv),
+            "finetune": {"loss": self.ft_cfg.loss, "lr": self.ft_cfg.lr, "batch_size": self.ft_cfg.batch_size,
+                         "steps": history["steps"], "first_loss": history["loss"][0], "last_loss": history["loss"][-1]},
+            "seconds_inversion": t_inv, "seconds_finetune": t_ft,
+            "recall_before": before, "recall_after": after,
+        }
+        table = retrieval_table(before or after, after if before else None, self.ks)
+        atomic_write_text(out / "report.md", "\n".join([
+            f"# Retrieval after knowledge transfer{': ' + self.bundle_name if self.bundle_name else ''}", "",
+            f"- backend: `{self.backend_spec}`; {len(self.concepts)} concepts, {len(inv.images)} inverted images",
+            f"- fine-tuning: loss {self.ft_cfg.loss}, lr {self.ft_cfg.lr}, batch {self.ft_cfg.batch_size}, "
+            f"{history['steps']} steps, {t_ft:.1f} s; inversion {t_inv:.1f} s",
+            f"- evaluation: {self.karpathy_json.name} split '{self.split}', {len(items)} images x {n_caps} captions "
+            f"(score: {self.score})", "", "Recall in % (TR = image->text, IR = text->image):", "", table,
+            "![inverted images](inversion/grid.png)", ""]))
+        return results
+
+
+class CaptioningTransferPipeline(_CaptionedSplit, Pipeline):
+    """Knowledge transfer into CoCa with ``clip_weight*L_CLIP + caption_weight*L_cap``, scored by
+    captioning metrics on a Karpathy split before and after.
+
+    Args:
+        backend: ``coca:coca_ViT-B-32@laion2b_s13b_b90k`` (or the mscoco-finetuned tag).
+        clip_weight / caption_weight: lambda_1, lambda_2 (paper: 1, 0.1); ``finetune.loss`` must be
+            ``"clip+caption"`` (``"infonce"`` reproduces Tab. 9's rows without L_cap).
+        train_decoder: fine-tune the caption decoder too (Tab. 9, dagger).
+        coco_captions_json: optional official ``captions_val2014.json`` for the references
+            (default: the Karpathy file's sentences, the same captions).
+        generation: options of :meth:`CocaBackend.generate` (default open_clip's beam search).
+        metrics: pycocoevalcap metrics (``BLEU, METEOR, ROUGE_L, CIDEr, SPICE``).
+    """
+
+    kind = "captioning_transfer"
+
+    def __init__(self, backend: str, concepts: list[dict[str, Any]], karpathy_json: str, image_root: str,
+                 inversion: dict | None = None, finetune: dict | None = None, clip_weight: float = 1.0,
+                 caption_weight: float = 0.1, train_decoder: bool = False, coco_captions_json: str | None = None,
+                 split: str = "test", limit: int | None = None, generation: dict | None = None,
+                 metrics: list[str] | None = None, batch_size: int = 16, evaluate_before: bool = True,
+                 templates: list[str] | None = None, save_weights: bool = True, **kw: Any):
+        from medkt.natural.captioning import METRICS
+
+        super().__init__(**kw, backend=backend, concepts=concepts, inversion=inversion, finetune=finetune,
+                         clip_weight=clip_weight, caption_weight=caption_weight, train_decoder=train_decoder,
+                         karpathy_json=karpathy_json, image_root=image_root, coco_captions_json=coco_captions_json,
+                         split=split, limit=limit, generation=generation, metrics=metrics, batch_size=batch_size)
+        self.backend_spec = backend
+        self.concepts = parse_concepts(concepts)
+        self.inv_cfg = InversionConfig.from_dict({"seed": self.seed, **(inversion or {})})
+        self.ft_cfg = FinetuneConfig.from_dict({"seed": self.seed, "loss": "clip+caption", **(finetune or {})})
+        self.clip_weight, self.caption_weight = float(clip_weight), float(caption_weight)
+        if self.clip_weight < 0 or self.caption_weight < 0:
+            raise ConfigError("clip_weight and caption_weight must be >= 0")
+        self.train_decoder = bool(train_decoder)
+        self.karpathy_json, self.image_root = Path(karpathy_json), Path(image_root)
+        self.coco_captions_json = Path(coco_captions_json) if coco_captions_json else None
+        self.split, self.limit = split, limit
+        self.generation = dict(generation or {})
+        self.metrics = list(metrics or METRICS)
+        bad = [m for m in self.metrics if m not in METRICS]
+        if bad:
+            raise ConfigError(f"unknown captioning metric(s) {bad}; known: {list(METRICS)}")
+        self.batch_size = int(batch_size)
+        self.evaluate_before = bool(evaluate_before)
+        self.templates = templates
+        self.save_weights = save_weights
+
+    def _captions(self, backend: Any, items: list, path: Path) -> dict[str, str]:
+        """image id -> generated caption; cached in ``path`` (reused on --resume)."""
+        if self.resume and path.is_file():
+            return {r["image_id"]: r["caption"] for r in json.loads(path.read_text())}
+        preds: dict[str, str] = {}
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(items), desc="captioning", unit="img", leave=False, disable=None)
+        for i in range(0, len(items), self.batch_size):
+            chunk = items[i : i + self.batch_size]
+            x = torch.stack([backend.load_image(it.path) for it in chunk])
+            for it, cap in zip(chunk, backend.caption(x, **self.generation)):
+                preds[str(it.image_id)] = cap
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        atomic_write_json(path, [{"image_id": k, "caption": v} for k, v in preds.items()])
+        return preds
+
+    def _score(self, items: list, preds: dict[str, str]) -> dict[str, Any]:
+        from medkt.natural.captioning import caption_metrics
+
+        refs = {str(it.image_id): it.captions for it in items}
+        return caption_metrics(refs, preds, metrics=self.metrics)
+
+    def _run(self, out: Path) -> dict[str, Any]:
+        from medkt.natural.captioning import metrics_table
+        from medkt.natural.objectives import CaptionTargets
+
+        backend = create_backend(self.backend_spec)
+        if not getattr(backend, "supports_captioning", False):
+            raise ConfigError(f"captioning transfer needs a captioning backend (CoCa), got {self.backend_spec!r}")
+        items = self._load_split()
+        before = self._score(items, self._captions(backend, items, out / "captions_before.json")) if self.evaluate_before else None
+
+        t0 = time.perf_counter()
+        inv = invert(backend, inversion_targets(self.concepts), self.inv_cfg, out_dir=out / "inversion",
+                     resume=self.resume, progress=self.progress)
+        save_inversion(inv, out / "inversion", self.inv_cfg)
+        t1 = time.perf_counter()
+        concept_of = {make_caption(c["name"], d, self.ft_cfg): c["name"] for c in self.concepts for d in c["descriptions"]}
+        kw = {} if self.templates is None else {"templates": list(self.templates)}
+        backend.caption_targets = CaptionTargets(concept_of, clip_weight=self.clip_weight,
+                                                 caption_weight=self.caption_weight, **kw)
+        backend.train_decoder = self.train_decoder
+        descriptions = {c["name"]: c["descriptions"][0] for c in self.concepts}
+        history = finetune(backend, inv.images, inv.concepts, descriptions, [], self.ft_cfg,
+                           texts_of_images=inv.texts, progress=self.progress)
+        t2 = time.perf_counter()
+        atomic_write_json(out / "finetune.json", history)
+        if self.save_weights:
+            save_finetuned(backend, out / "finetuned.safetensors", which=self.ft_cfg.train)
+        after = self._score(items, self._captions(backend, items, out / "captions_after.json"))
+        results = {
+            "backend": self.backend_spec,
+            "split": {"file": str(self.karpathy_json), "split": self.split, "images": len(items)},
+            "concepts": [c["name"] for c in self.concepts], "inversion": inversion_summary(inv),
+            "finetune": {"loss": self.ft_cfg.loss, "lr": self.ft_cfg.lr, "clip_weight": self.clip_weight,
+                         "caption_weight": self.caption_weight, "train_decoder": self.train_decoder,
+                         "steps": history["steps"], "first_loss": history["loss"][0], "last_loss": history["loss"][-1]},
+            "generation": self.generation or {"method": "beam_search"},
+            "seconds_inversion": t1 - t0, "seconds_finetune": t2 - t1,
+            "metrics_before": before, "metrics_after": after,
+        }
+        atomic_write_text(out / "report.md", "\n".join([
+            f"# Captioning after knowledge transfer{': ' + self.bundle_name if self.bundle_name else ''}", "",
+            f"- backend: `{self.backend_spec}`; {len(self.concepts)} concepts, {len(inv.images)} inverted images",
+            f"- fine-tuning: {self.ft_cfg.loss} ({self.clip_weight} x CLIP + {self.caption_weight} x caption), lr "
+            f"{self.ft_cfg.lr}, decoder {'trained' if self.train_decoder else 'frozen'}, {history['steps']} steps",
+            f"- evaluation: {self.karpathy_json.name} split '{self.split}', {len(items)} images", "",
+            "Metrics (x100, pycocoevalcap):", "", metrics_table(before or after, after if before else None),
+            "Captions: `captions_before.json`, `captions_after.json`.", ""]))
+        return results
+
+
+__all__ = ["ITMTransferPipeline", "RetrievalTransferPipeline", "CaptioningTransferPipeline", "noise_images"]

@@ -1,0 +1,452 @@
+"""Zero-shot segmentation before/after knowledge transfer (paper Sec. 4.4.1, Tab. 4 / Tab. 7).
+
+For every image: descriptive prompt + CLIP-like backend -> M2IB saliency -> post-processing
+(k-means, largest components) -> one box per component -> SAM -> mask -> DSC / NSD / IoU.
+The same is run with the original backend ("baseline") and after knowledge transfer
+(inversion of the concept descriptions + fine-tuning of the visual encoder with the core engine),
+so the table shows what the transfer changed.
+
+Without a SAM checkpoint (``sam: null`` and no ``$MEDKT_SAM_CHECKPOINT``) the pipeline runs in
+**saliency-only** mode: the post-processed saliency mask is the prediction; the report and
+``results.json`` say so.
+
+Data config (``data``)::
+
+    {"manifest": "udiat/manifest.csv",   # medkt manifest rows with a 'mask' column, or
+     "images": "dir", "masks": "dir",    # two folders paired by sorted file stem (hard error on mismatch)
+     "root": "...", "split": "test", "labels": ["lesion"], "max_images": null,
+     "volume": {"labels": [1, 2, 3], "min_pixels": 1, "max_slices": null}}   # NIfTI volumes only
+
+NIfTI rows whose image is a 3-D volume are expanded into their axial slices with tumour.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medkt.errors import ConfigError, DataError
+from medkt.pipelines.base import Pipeline, log
+from medkt.segmentation.volumes import SliceSample, axial_tumour_slices, is_nifti
+from medkt.utils import atomic_write_json, atomic_write_text
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz")
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def _stem(p: Path) -> str:
+    n = p.name
+    for suf in (".nii.gz",) + IMAGE_SUFFIXES:
+        if n.lower().endswith(suf):
+            return n[: -len(suf)]
+    return p.stem
+
+
+def read_mask_any(path: Path) -> np.ndarray:
+    """Binary mask from PNG/JPEG/DICOM/2-D NIfTI."""
+    from medkt.segmentation.metrics import read_mask
+
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+        return read_mask(path)
+    from medkt.data.readers import read_image
+
+    arr = read_image(path)
+    return (arr.max(-1) if arr.ndim == 3 else arr) > 0.5
+
+
+def dicom_spacing(path: Path) -> tuple[float, float] | None:
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+        sp = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+        return (float(sp[0]), float(sp[1])) if sp else None
+    except Exception:  # spacing is optional: fall back to pixels
+        return None
+
+
+def pair_folders(images: Path, masks: Path) -> list[tuple[str, Path, Path]]:
+    """Pair images and masks by sorted file stem; unmatched files are an error (upstream zips unsorted listdirs)."""
+    def index(folder: Path) -> dict[str, Path]:
+        if not folder.is_dir():
+            raise DataError(f"not a folder: {folder}")
+        return {_stem(p): p for p in sorted(folder.iterdir())
+                if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)}
+
+    im, ma = index(images), index(masks)
+    if set(im) != set(ma):
+        a, b = sorted(set(im) - set(ma)), sorted(set(ma) - set(im))
+        raise DataError(f"images in {images} and masks in {masks} do not match by name: "
+                        f"{len(a)} image(s) without mask (e.g. {a[:1]}), {len(b)} mask(s) without image (e.g. {b[:1]})")
+    if not im:
+        raise DataError(f"no images found in {images}")
+    return [(k, im[k], ma[k]) for k in sorted(im)]
+
+
+def load_samples(data: dict[str, Any]) -> list[SliceSample]:
+    """All 2-D samples of a data config (see module docstring)."""
+    from medkt.data.readers import read_image
+
+    vol = dict(data.get("volume") or {})
+    pairs: list[tuple[str, Path, Path]] = []
+    if "manifest" in data:
+        from medkt.data.manifest import read_manifest, safe_join
+
+        manifest = Path(data["manifest"])
+        root = Path(data.get("root") or manifest.parent)
+        rows = read_manifest(manifest, root, split=data.get("split"))
+        keep = data.get("labels")
+        rows = [r for r in rows if keep is None or r.label in keep]
+        for r in rows:
+            if r.mask is None:
+                raise DataError(f"{manifest}: row {r.path!r} has no mask; segmentation needs the 'mask' column")
+            pairs.append((_stem(Path(r.path)), safe_join(root, r.path), safe_join(root, r.mask)))
+        names = [p[0] for p in pairs]
+        if len(set(names)) != len(names):  # same stem in different folders: use the relative path
+            pairs = [(str(Path(r.path).with_suffix("")).replace(os.sep, "__"), a, b) for r, (_, a, b) in zip(rows, pairs)]
+    elif "images" in data and "masks" in data:
+        pairs = pair_folders(Path(data["images"]), Path(data["masks"]))
+    else:
+        raise ConfigError(f"data config needs 'manifest' or 'images'+'masks', got keys {sorted(data)}")
+    max_images = data.get("max_images")
+    samples: list[SliceSample] = []
+    for name, img_path, mask_path in pairs:
+        if is_nifti(img_path) and _is_volume(img_path):
+            samples.extend(axial_tumour_slices(img_path, mask_path, name=name,
+                                               labels=tuple(vol["labels"]) if vol.get("labels") else None,
+                                               min_pixels=int(vol.get("min_pixels", 1)),
+                                               max_slices=vol.get("max_slices")))
+        else:
+            image = read_image(img_path)
+            mask = read_mask_any(mask_path)
+            if mask.shape != image.shape[:2]:
+                raise DataError(f"{name}: mask {mask_path} has shape {mask.shape}, image {img_path} has {image.shape[:2]}")
+            spacing = dicom_spacing(img_path) if img_path.suffix.lower() == ".dcm" else None
+            samples.append(SliceSample(name, image, mask, spacing, str(img_path)))
+        if max_images is not None and len(samples) >= int(max_images):
+            samples = samples[: int(max_images)]
+            break
+    if not samples:
+        raise DataError("no images to segment (empty manifest, label filter, or no tumour slices)")
+    return samples
+
+
+def _is_volume(path: Path) -> bool:
+    import nibabel as nib
+
+    shape = nib.load(str(path)).shape
+    return len(shape) >= 3 and shape[2] > 1
+
+
+# -- one stage: segment every sample -----------------------------------------------------------------
+
+
+def saliency_for_image(m2ib, image: np.ndarray, prompt: str, seed: int) -> np.ndarray:
+    """M2IB saliency of an ``(H, W[, 3])`` [0, 1] image in the image's own geometry.
+
+    The backend sees the image zero-padded to a square and resized (``to_model_pixels``); the
+    token map is upsampled to the padded square, cropped back to the image and min-max normalised.
+    """
+    from medkt.data.images import to_model_pixels
+    from medkt.segmentation.m2ib import upsample_normalize
+
+    b = m2ib.backend
+    h, w = image.shape[:2]
+    x = to_model_pixels(image, size=b.image_size, channels=b.image_channels)
+    token_kl = m2ib.explain(x, prompt, seed=seed).token_kl
+    s = max(h, w)
+    top, left = (s - h) // 2, (s - w) // 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # constant maps are handled by the crop's normalisation
+        full = upsample_normalize(token_kl, (s, s))
+    crop = full[top : top + h, left : left + w]
+    lo, hi = float(crop.min()), float(crop.max())
+    return (crop - lo) / (hi - lo) if hi > lo else np.zeros_like(crop)
+
+
+def segment_samples(backend, samples: list[SliceSample], prompt: str, m2ib_cfg: dict, post_cfg: dict,
+                    sam_segmenter, metric_cfg: dict, seed: int, progress: bool = True) -> dict[str, Any]:
+    """Run saliency -> post-processing -> SAM (or saliency-only) -> metrics on every sample."""
+    from medkt.segmentation.m2ib import M2IB, M2IBConfig
+    from medkt.segmentation.metrics import ScoreTable, segmentation_scores
+    from medkt.segmentation.postprocess import EmptySaliencyWarning, postprocess_saliency
+
+    m2ib = M2IB(backend, M2IBConfig(**{"seed": seed, **m2ib_cfg}))
+    table = ScoreTable()
+    per: dict[str, dict[str, Any]] = {}
+    times = {"saliency": [], "sam": [], "metrics": []}
+    n_empty = 0
+    tol = float(metric_cfg.get("nsd_tolerance", 2.0))
+    unit = metric_cfg.get("nsd_unit", "px")
+    iterator = samples
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(samples, desc="segment", unit="img", leave=False, disable=None)
+    for smp in iterator:
+        t0 = time.perf_counter()
+        sal = saliency_for_image(m2ib, smp.image, prompt, seed)
+        t1 = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", EmptySaliencyWarning)
+            post = postprocess_saliency(sal, **post_cfg)
+        if any(issubclass(w.category, EmptySaliencyWarning) for w in caught):
+            n_empty += 1
+            log.warning("%s: empty saliency mask; predicting an empty mask", smp.name)
+        pred = sam_segmenter.segment(smp.image, post.boxes) if sam_segmenter is not None else post.mask
+        t2 = time.perf_counter()
+        spacing = smp.spacing if unit == "mm" else None
+        if unit == "mm" and smp.spacing is None:
+            raise ConfigError(f"nsd_unit 'mm' needs the pixel spacing, unknown for {smp.name} (use 'px')")
+        scores = segmentation_scores(pred, smp.mask, nsd_tolerance=tol, spacing=spacing)
+        t3 = time.perf_counter()
+        table.add(smp.name, scores)
+        per[smp.name] = {"saliency": sal, "boxes": post.boxes, "pred": pred, "scores": scores}
+        times["saliency"].append(t1 - t0)
+        times["sam"].append(t2 - t1)
+        times["metrics"].append(t3 - t2)
+    return {"table": table, "per": per, "times": {k: float(np.mean(v)) for k, v in times.items()},
+            "empty_saliency": n_empty}
+
+
+# -- the pipeline ------------------------------------------------------------------------------------
+
+
+class SegmentationTransferPipeline(Pipeline):
+    """MedCLIP-SAMv2-style zero-shot segmentation, baseline and after knowledge transfer.
+
+    Args:
+        backend: backend spec (any family with an M2IB vision split).
+        data: data config (module docstring).
+        prompt: the descriptive prompt given to M2IB (same for every image: no label leak).
+        concepts: ``[{"name", "description", "n_images"}]`` transferred to the visual encoder.
+        negative_captions: fine-tuning negatives (other findings of the modality).
+        inversion / finetune: :class:`~medkt.inversion.InversionConfig` /
+            :class:`~medkt.finetune.FinetuneConfig` options (``finetune.lr`` = Tab. 7's lr).
+        m2ib: :class:`~medkt.segmentation.m2ib.M2IBConfig` options (layer, beta, steps, ...).
+        postprocess: :func:`~medkt.segmentation.postprocess.postprocess_saliency` options.
+        sam: ``"vit_h@/path/sam_vit_h_4b8939.pth"`` (or vit_b/vit_l; ``tiny@...`` for tests); None
+            -> ``$MEDKT_SAM_CHECKPOINT`` as ``sam_model_type``'s checkpoint, else saliency-only.
+        sam_model_type: model type used with ``$MEDKT_SAM_CHECKPOINT``.
+        sam_options: ``multimask_output`` (False), ``top_k`` (1).
+        metrics: ``nsd_tolerance`` (2.0) and ``nsd_unit`` (``"px"``, or ``"mm"`` when spacing is known).
+        stages: ``["baseline", "transfer"]`` (default) or one of them.
+        save_masks: write predicted and true masks as PNG (``masks/<stage>/``, ``masks/gt/``).
+    """
+
+    kind = "segmentation_transfer"
+
+    def __init__(self, backend: str, data: dict[str, Any], prompt: str, concepts: list[dict[str, Any]] | None = None,
+                 negative_captions: list[str] | None = None, inversion: dict | None = None, finetune: dict | None = None,
+                 m2ib: dict | None = None, postprocess: dict | None = None, sam: str | None = None,
+                 sam_model_type: str = "vit_h", sam_options: dict | None = None, metrics: dict | None = None,
+                 stages: list[str] | None = None, save_masks: bool = True, device: str = "cpu", **kw: Any):
+        super().__init__(**kw, backend=backend, data=data, prompt=prompt, concepts=concepts,
+                         negative_captions=negative_captions, inversion=inversion, finetune=finetune, m2ib=m2ib,
+                         postprocess=postprocess, sam=sam, sam_model_type=sam_model_type, sam_options=sam_options,
+                         metrics=metrics, stages=stages)
+        from medkt.finetune import FinetuneConfig
+        from medkt.inversion import InversionConfig
+        from medkt.segmentation.m2ib import M2IBConfig
+        from medkt.segmentation.postprocess import postprocess_saliency
+
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError("the segmentation prompt must be a non-empty descriptive sentence")
+        self.backend_spec = backend
+        self.data = dict(data)
+        self.prompt = prompt.strip()
+        self.stages = list(stages or ["baseline", "transfer"])
+        bad = [s for s in self.stages if s not in ("baseline", "transfer")]
+        if bad or not self.stages:
+            raise ConfigError(f"stages must be a non-empty subset of ['baseline', 'transfer'], got {self.stages}")
+        self.concepts = None
+        if "transfer" in self.stages:
+            from medkt.pipelines.transfer import parse_concepts
+
+            self.concepts = parse_concepts(concepts or [])
+        self.negative_captions = list(negative_captions or [])
+        self.inv_cfg = InversionConfig.from_dict({"seed": self.seed, **(inversion or {})})
+        self.ft_cfg = FinetuneConfig.from_dict({"seed": self.seed, **(finetune or {})})
+        self.m2ib_cfg = dict(m2ib or {})
+        M2IBConfig(**self.m2ib_cfg)  # validate keys early
+        self.post_cfg = dict(postprocess or {})
+        postprocess_saliency(np.eye(4), **self.post_cfg)  # validate options early
+        self.sam_spec = sam or (f"{sam_model_type}@{os.environ['MEDKT_SAM_CHECKPOINT']}"
+                                if os.environ.get("MEDKT_SAM_CHECKPOINT") else None)
+        self.sam_options = {"multimask_output": False, "top_k": 1, **(sam_options or {})}
+        self.metric_cfg = {"nsd_tolerance": 2.0, "nsd_unit": "px", **(metrics or {})}
+        if self.metric_cfg["nsd_unit"] not in ("px", "mm"):
+            raise ConfigError(f"metrics.nsd_unit must be 'px' or 'mm', got {self.metric_cfg['nsd_unit']!r}")
+        self.save_masks = bool(save_masks)
+        self.device = device
+
+    @property
+    def mode(self) -> str:
+        return "sam" if self.sam_spec else "saliency-only"
+
+    def _run(self, out: Path) -> dict[str, Any]:
+        from medkt.backends import create_backend
+        from medkt.segmentation.sam import SamSegmenter
+
+        samples = load_samples(self.data)
+        log.info("%d image(s) to segment; mode: %s", len(samples), self.mode)
+        segmenter = SamSegmenter.from_spec(self.sam_spec, device=self.device, **self.sam_options) if self.sam_spec else None
+        if segmenter is None:
+            log.warning("no SAM checkpoint: running SALIENCY-ONLY (post-processed saliency masks are the predictions)")
+        backend = create_backend(self.backend_spec, device=self.device)
+        stage_runs: dict[str, dict[str, Any]] = {}
+        results: dict[str, Any] = {"backend": self.backend_spec, "mode": self.mode, "sam": self.sam_spec,
+                                   "prompt": self.prompt, "n_images": len(samples), "stages": {}}
+
+        def run_stage(stage: str) -> None:
+            t = time.perf_counter()
+            r = segment_samples(backend, samples, self.prompt, self.m2ib_cfg, self.post_cfg, segmenter,
+                                self.metric_cfg, self.seed, self.progress)
+            stage_runs[stage] = r
+            r["table"].write_csv(out / f"metrics_{stage}.csv")
+            if self.save_masks:
+                self._write_masks(out / "masks" / stage, {n: p["pred"] for n, p in r["per"].items()})
+            results["stages"][stage] = {"mean": r["table"].means(), "std": _stds(r["table"]),
+                                        "seconds_per_image": r["times"], "empty_saliency": r["empty_saliency"],
+                                        "seconds": time.perf_counter() - t}
+
+        if "baseline" in self.stages:
+            run_stage("baseline")
+        if "transfer" in self.stages:
+            results["transfer"] = self._transfer(backend, out)
+            run_stage("transfer")
+        if self.save_masks:
+            self._write_masks(out / "masks" / "gt", {s.name: s.mask for s in samples})
+        results["overlays"] = write_overlays(out / "overlays", samples, stage_runs)
+        if "baseline" in stage_runs and "transfer" in stage_runs:
+            mb, mt = results["stages"]["baseline"]["mean"], results["stages"]["transfer"]["mean"]
+            results["delta"] = {k: mt[k] - mb[k] for k in mb}
+        atomic_write_text(out / "metrics.md", self._table(results))
+        atomic_write_text(out / "report.md", self._report(results))
+        return results
+
+    def _transfer(self, backend, out: Path) -> dict[str, Any]:
+        from medkt.finetune import finetune
+        from medkt.inversion import inversion_summary, invert, save_inversion
+        from medkt.pipelines.transfer import inversion_targets
+
+        t0 = time.perf_counter()
+        inv = invert(backend, inversion_targets(self.concepts), self.inv_cfg, out_dir=out / "inversion",
+                     resume=self.resume, progress=self.progress)
+        save_inversion(inv, out / "inversion", self.inv_cfg)
+        t1 = time.perf_counter()
+        descriptions = {c["name"]: c["descriptions"][0] for c in self.concepts}
+        history = finetune(backend, inv.images, inv.concepts, descriptions, self.negative_captions, self.ft_cfg,
+                           texts_of_images=inv.texts, progress=self.progress)
+        atomic_write_json(out / "finetune.json", history)
+        return {"inversion": inversion_summary(inv), "finetune_lr": self.ft_cfg.lr, "finetune_steps": history["steps"],
+                "finetune_loss": [history["loss"][0], history["loss"][-1]],
+                "seconds_inversion": t1 - t0, "seconds_finetune": time.perf_counter() - t1}
+
+    @staticmethod
+    def _write_masks(folder: Path, masks: dict[str, np.ndarray]) -> None:
+        from PIL import Image
+
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, m in masks.items():
+            Image.fromarray(np.asarray(m, bool).astype(np.uint8) * 255).save(folder / f"{name}.png")
+
+    def _table(self, results: dict[str, Any]) -> str:
+        unit = self.metric_cfg["nsd_unit"]
+        tol = self.metric_cfg["nsd_tolerance"]
+        head = f"| stage | DSC (%) | NSD@{tol:g}{unit} (%) | IoU (%) |\n|---|---|---|---|\n"
+        rows = []
+        for stage, r in results["stages"].items():
+            m, s = r["mean"], r["std"]
+            rows.append(f"| {stage} | " + " | ".join(f"{100 * m[k]:.2f} ± {100 * s[k]:.2f}" for k in ("dsc", "nsd", "iou")) + " |")
+        if "delta" in results:
+            d = results["delta"]
+            rows.append("| change | " + " | ".join(f"{100 * d[k]:+.2f}" for k in ("dsc", "nsd", "iou")) + " |")
+        return head + "\n".join(rows) + "\n"
+
+    def _report(self, results: dict[str, Any]) -> str:
+        mode = ("SAM (" + str(self.sam_spec).split("@")[0] + ", box prompts)") if self.sam_spec else \
+            "**SALIENCY ONLY** (no SAM checkpoint: the post-processed saliency mask is the prediction)"
+        lines = [f"# Zero-shot segmentation{': ' + self.bundle_name if self.bundle_name else ''}", "",
+                 f"- backend: `{self.backend_spec}`", f"- mode: {mode}", f"- prompt: \"{self.prompt}\"",
+                 f"- images: {results['n_images']}", f"- M2IB: {self.m2ib_cfg or 'defaults'}; post-processing: "
+                 f"{self.post_cfg or 'k-means, 1 component'}", ""]
+        if "transfer" in results:
+            t = results["transfer"]
+            lines += [f"- transfer: {', '.join(c['name'] for c in self.concepts)}; inversion {self.inv_cfg.steps} steps "
+                      f"({t['seconds_inversion']:.1f} s), fine-tuning lr {t['finetune_lr']:g}, {t['finetune_steps']} steps "
+                      f"({t['seconds_finetune']:.1f} s)", ""]
+        lines += ["## Metrics (mean ± std over images)", "", self._table(results),
+                  "Empty ground truth and empty prediction count as 1.0; exactly one empty counts as 0.", ""]
+        for stage, r in results["stages"].items():
+            tt = r["seconds_per_image"]
+            lines.append(f"- {stage}: per image saliency {tt['saliency']:.3f} s, "
+                         f"{'SAM' if self.sam_spec else 'post-processing'} {tt['sam']:.3f} s, metrics {tt['metrics']:.3f} s; "
+                         f"empty saliency masks: {r['empty_saliency']}")
+        lines += ["", "## Best and worst cases", ""]
+        for kind, info in results["overlays"].items():
+            lines.append(f"### {kind}: {info['name']} (DSC {100 * info['dsc']:.1f}%)\n\n![{kind}]({info['file']})\n")
+        lines.append("Per-image scores: `metrics_<stage>.csv`; all numbers: `results.json`.")
+        return "\n".join(lines) + "\n"
+
+
+def _stds(table) -> dict[str, float]:
+    if not table.rows:
+        return {k: float("nan") for k in ("dsc", "nsd", "iou")}
+    return {k: float(np.std([r[k] for r in table.rows])) for k in ("dsc", "nsd", "iou")}
+
+
+def write_overlays(folder: Path, samples: list[SliceSample], stage_runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Best and worst image (by DSC of the last stage): image, saliency, boxes, prediction, truth; a row per stage."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from medkt.utils import atomic_write_bytes
+
+    if not stage_runs:
+        return {}
+    last = list(stage_runs)[-1]
+    table = stage_runs[last]["table"]
+    order = sorted(range(len(table.names)), key=lambda i: (table.rows[i]["dsc"], table.names[i]))
+    picks = {"best": table.names[order[-1]], "worst": table.names[order[0]]}
+    by_name = {s.name: s for s in samples}
+    out: dict[str, Any] = {}
+    for kind, name in picks.items():
+        smp = by_name[name]
+        img = smp.image if smp.image.ndim == 2 else smp.image.mean(-1)
+        fig, axes = plt.subplots(len(stage_runs), 5, figsize=(12, 2.6 * len(stage_runs)), squeeze=False)
+        for row, (stage, run) in enumerate(stage_runs.items()):
+            p = run["per"][name]
+            panels = [("image", img, None), ("saliency", img, p["saliency"]), ("boxes", img, None),
+                      (f"prediction (DSC {100 * p['scores']['dsc']:.1f})", p["pred"], None), ("ground truth", smp.mask, None)]
+            for col, (title, base, heat) in enumerate(panels):
+                ax = axes[row, col]
+                ax.imshow(base, cmap="gray", vmin=0, vmax=1)
+                if heat is not None:
+                    ax.imshow(heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+                if col == 2:
+                    for x0, y0, x1, y1 in p["boxes"]:
+                        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5))
+                ax.set_title(f"{stage}: {title}" if col == 0 else title, fontsize=8)
+                ax.axis("off")
+        fig.suptitle(f"{kind}: {name}", fontsize=9)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80)
+        plt.close(fig)
+        path = atomic_write_bytes(folder / f"{kind}_{name}.png", buf.getvalue())
+        # relative to the run folder (the staging folder is renamed at the end)
+        out[kind] = {"name": name, "file": f"{folder.name}/{path.name}", "dsc": table.rows[table.names.index(name)]["dsc"]}
+    return out
