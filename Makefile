@@ -6,14 +6,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.medkt-installed
 # one CPU thread for tests: on a shared 2-core machine two threads made tiny models 100-300x slower
-TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MEDKT_REQUIRE_MEDCLIP=1
 DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: install test demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,captioning]"
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,captioning,medclip-oracle]"
+	# upstream MedCLIP for the oracle test only: --no-deps skips textaugment/gensim/googletrans and a
+	# PyPI "asyncio" package; the oracle needs just pandas/nltk/scikit-learn (the extra above)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-deps medclip==0.0.3
 	touch $(STAMP)
 
 install: $(STAMP)

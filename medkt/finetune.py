@@ -165,6 +165,7 @@ def finetune(
     replay_images: torch.Tensor | None = None,
     replay_concepts: Sequence[str] | None = None,
     select_fn: Callable[[], float] | None = None,
+    distributed: bool | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``backend`` in place so each image matches its concept's caption.
 
@@ -179,6 +180,9 @@ def finetune(
             ``config.replay_per_batch > 0`` and/or distilled with ``config.distill_weight``.
         select_fn: called after every epoch, returns a score (higher = better; e.g. accuracy on
             a held-out set of known classes) for ``keep_best`` / ``select_patience``.
+        distributed: wrap the loss in ``DistributedDataParallel`` and split every batch across
+            the ranks of the process group (see :mod:`medkt.distributed`); None = when a group of
+            more than one process is initialised. Every rank must call with the same arguments.
     Returns:
         history dict: ``loss`` per step, ``steps``, ``seconds``, ``captions``, ``trainable``.
     """
@@ -243,6 +247,14 @@ def finetune(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps_total, desc="fine-tune", unit="step", leave=False, disable=None)
+    def batch_loss(batch: torch.Tensor, targets: torch.Tensor, ridx: torch.Tensor | None, weight: float = 1.0) -> torch.Tensor:
+        loss = weight * loss_fn(backend, batch, targets, captions, caption_emb, cfg)
+        if ridx is not None and cfg.distill_weight > 0:
+            emb = F.normalize(backend.encode_pixels(replay_images[ridx]).float(), dim=-1)
+            loss = loss + cfg.distill_weight * (1 - (emb * teacher[ridx]).sum(-1)).mean()
+        return loss
+
+    ddp = _make_ddp(backend, batch_loss) if _use_distributed(distributed) else None
     backend.train()
     try:
         for _ in range(cfg.epochs):
@@ -257,16 +269,17 @@ def finetune(
                     if cfg.replay_per_batch > 0:
                         batch = torch.cat([batch, replay_images[ridx]])
                         targets = torch.cat([targets, replay_targets[ridx]])
-                loss = loss_fn(backend, batch, targets, captions, caption_emb, cfg)
-                if ridx is not None and cfg.distill_weight > 0:
-                    emb = F.normalize(backend.encode_pixels(replay_images[ridx]).float(), dim=-1)
-                    loss = loss + cfg.distill_weight * (1 - (emb * teacher[ridx]).sum(-1)).mean()
+                if ddp is not None:  # this rank's share of the batch, weighted so DDP's mean is the global loss
+                    loss, loss_log = _ddp_batch_loss(ddp, batch, targets, ridx)
+                else:
+                    loss = batch_loss(batch, targets, ridx)
+                    loss_log = loss
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
-                history["loss"].append(float(loss.detach()))
+                history["loss"].append(float(loss_log.detach()))
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
@@ -300,6 +313,65 @@ def finetune(
     history["steps"] = len(history["loss"])
     history["seconds"] = time.perf_counter() - start
     return history
+
+
+# --- distributed data parallel (see medkt.distributed) -----------------------------------------
+def _use_distributed(flag: bool | None) -> bool:
+    from medkt import distributed as mdist
+
+    if flag is None:
+        return mdist.world_size() > 1
+    if flag and not mdist.is_initialized():
+        raise ConfigError("finetune(distributed=True) needs a process group: launch with torchrun "
+                          "(medkt.distributed.init_from_env)")
+    return bool(flag) and mdist.world_size() > 1
+
+
+class _LossModule(torch.nn.Module):
+    """Runs the whole batch loss inside DDP's forward, so any loss (and the backend's hooks) is covered."""
+
+    def __init__(self, backend: Backend, fn: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.backend = backend
+        self._fn = fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._fn(*args, **kwargs)
+
+
+def _make_ddp(backend: Backend, fn: Callable[..., torch.Tensor]) -> torch.nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = next(backend.parameters()).device
+    # find_unused_parameters: a trainable parameter a loss does not reach must not stall the reduction
+    return DistributedDataParallel(_LossModule(backend, fn), device_ids=[dev.index] if dev.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+def _ddp_batch_loss(ddp: torch.nn.Module, batch: torch.Tensor, targets: torch.Tensor,
+                    ridx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's weighted loss for backward, the global batch loss for the history).
+
+    Rank r takes a contiguous share of n_r of the n images and scales its mean loss by
+    ``n_r * world / n``; DDP averages gradients over ranks, which gives the gradient of the
+    single-process batch mean. A rank without images runs one image with weight 0 (DDP needs
+    every rank in every step). The distillation term (on the shared replay indices) is the same
+    on every rank, so the average keeps it unchanged.
+    """
+    import torch.distributed as dist
+
+    from medkt import distributed as mdist
+
+    world, n = mdist.world_size(), len(batch)
+    share = mdist.local_share(n)
+    n_local = share.stop - share.start
+    if n_local == 0:
+        loss = ddp(batch[:1], targets[:1], ridx, 0.0)
+    else:
+        loss = ddp(batch[share], targets[share], ridx, n_local * world / n)
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    return loss, total / world
 
 
 def save_finetuned(backend: Backend, path: str | Path, which: str = "visual", metadata: dict[str, str] | None = None) -> Path:

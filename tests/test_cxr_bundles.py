@@ -67,6 +67,13 @@ def _cli(monkeypatch, capsys, *args):
 
     root = logging.getLogger()
     handlers = list(root.handlers)
+    # MONAI's loggers keep a handler on the stdout of the test that first created them, which
+    # pytest has closed since; point them at the current stream
+    for lg in [root, *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]:
+        for h in lg.handlers:
+            stream = getattr(h, "stream", None)
+            if stream is not None and getattr(stream, "closed", False):
+                h.stream = sys.stdout  # setStream would flush the closed one
     monkeypatch.setattr(sys, "argv", ["medkt", *args])
     code = 0
     try:
@@ -150,7 +157,7 @@ def test_bad_rows_exit_2_with_one_line_and_no_output(data_dir, tmp_path, monkeyp
     args = ["transfer", "--bundle", "jsrt_nodules", "--output", str(out), "--set", "backend=medclip:tiny@random",
             "--set", f"inversion={TINY_INVERSION}", "--set", "multipliers=[1]", "--set", f"jsrt_manifest={manifest}"]
     code, io = _cli(monkeypatch, capsys, *args)
-    assert code == 2 and io.err.startswith("error: ") and io.err.count("\n") == 1
+    assert code == 2 and io.err.startswith("error: ") and io.err.count("\n") == 1, io.err
     assert message in io.err
     assert not out.exists() and not (tmp_path / "run.partial").exists()
     # --skip-bad (bundle key skip_bad): the run completes and the report counts the row

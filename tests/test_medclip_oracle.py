@@ -8,16 +8,20 @@ agree within 1e-5.
 """
 from __future__ import annotations
 
-import dataclasses
+import os
 import time
 
 import numpy as np
 import pytest
 import torch
 
-medclip = pytest.importorskip(
-    "medclip", reason="the 'medclip' package is not installed (pip install --no-deps medclip==0.0.3 pandas nltk scikit-learn)"
-)
+try:
+    import medclip
+except ImportError as exc:  # optional: the oracle needs the upstream package
+    if os.environ.get("MEDKT_REQUIRE_MEDCLIP"):  # CI sets this, so the oracle cannot silently skip there
+        raise ImportError(f"MEDKT_REQUIRE_MEDCLIP is set but 'medclip' cannot be imported: {exc}") from exc
+    pytest.skip("the 'medclip' package is not installed (pip install --no-deps medclip==0.0.3; "
+                "pip install pandas nltk scikit-learn)", allow_module_level=True)
 
 from helpers_medclip import chest_like, offline_upstream_medclip  # noqa: E402
 

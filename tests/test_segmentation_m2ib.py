@@ -10,18 +10,41 @@ from medkt.errors import ConfigError
 from medkt.segmentation.m2ib import M2IB, M2IBConfig, TokenBottleneck, default_layer, get_vision_split, upsample_normalize
 
 
+def _timm_vit_backend(tmp_dir):
+    """open_clip + timm ViT tower (BiomedCLIP's layout), shrunk to 32 px."""
+    import json
+
+    import open_clip
+
+    from medkt.backends import create_backend
+
+    (tmp_dir / "medkt-test-timm-vit.json").write_text(json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "linear", "image_size": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}))
+    open_clip.add_model_config(tmp_dir)
+    torch.manual_seed(0)
+    b = create_backend("open_clip:medkt-test-timm-vit@random")
+    b.model.visual.set_input_size(32)
+    return b
+
+
 @pytest.fixture(scope="module")
-def backends():
+def backends(tmp_path_factory):
     from medkt.backends import create_backend
 
     return {
         "open_clip": create_backend("open_clip:medkt-tiny-ViT@random"),
         "hf_clip": create_backend("hf_clip:tiny@random"),
         "swin": TinySwinBackend(),
+        "medclip": create_backend("medclip:tiny@random"),
+        "timm": _timm_vit_backend(tmp_path_factory.mktemp("oc_cfg")),
     }
 
 
-@pytest.mark.parametrize("name,layer", [("open_clip", 0), ("open_clip", 1), ("hf_clip", 0), ("hf_clip", -1), ("swin", 2), ("swin", 4)])
+@pytest.mark.parametrize("name,layer", [("open_clip", 0), ("open_clip", 1), ("hf_clip", 0), ("hf_clip", -1), ("swin", 2),
+                                        ("swin", 4), ("medclip", 0), ("timm", 9)])
 def test_split_reproduces_encode_image(backends, name, layer):
     b = backends[name]
     split = get_vision_split(b, layer)
@@ -34,7 +57,7 @@ def test_split_reproduces_encode_image(backends, name, layer):
     assert tokens.shape[1] == split.n_extra_tokens + split.grid[0] * split.grid[1]
 
 
-@pytest.mark.parametrize("name", ["open_clip", "hf_clip", "swin"])
+@pytest.mark.parametrize("name", ["open_clip", "hf_clip", "swin", "medclip", "timm"])
 def test_cached_prefix_gives_identical_map(backends, name):
     """The contract: caching the frozen prefix and the text embedding changes nothing (same seed)."""
     b = backends[name]

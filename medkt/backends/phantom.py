@@ -62,6 +62,35 @@ class PhantomBackend(Backend):
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.detach().exp().clamp(max=100.0)
 
+    def vision_split(self, layer: int | None = None):
+        """The CNN cut after residual block ``layer`` as a token model (for M2IB saliency).
+
+        The feature map ``(B, C, h, w)`` is presented as ``(B, h*w, C)`` tokens (no CLS token).
+        Default layer 1: a 16x16 grid at 64 px input, fine enough for 3-px nodules.
+        """
+        from medkt.segmentation.m2ib import VisionSplit, _check_layer
+
+        vis = self.model.visual
+        n = len(vis.blocks)
+        L = _check_layer(1 if layer is None else layer, n, "phantom CNN")
+        with torch.no_grad():
+            probe = vis.features(torch.zeros(1, 1, self.image_size, self.image_size))[L + 1]
+        c, h, w = probe.shape[1:]
+
+        def prefix(pixels: torch.Tensor) -> torch.Tensor:
+            f = vis.stem(pixels)
+            for blk in vis.blocks[: L + 1]:
+                f = blk(f)
+            return f.flatten(2).transpose(1, 2)
+
+        def suffix(tokens: torch.Tensor) -> torch.Tensor:
+            f = tokens.transpose(1, 2).reshape(tokens.shape[0], c, h, w)
+            for blk in vis.blocks[L + 1 :]:
+                f = blk(f)
+            return vis.head(f)
+
+        return VisionSplit(prefix, suffix, (int(h), int(w)), 0, vis.blocks[L], L, n, "phantom CNN")
+
 
 def create(architecture: str = "base", weights: str | None = None, **kw) -> PhantomBackend:
     """Build the phantom backend; ``weights`` None -> shipped checkpoint, ``random`` -> random init."""

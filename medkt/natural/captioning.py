@@ -167,6 +167,7 @@ def metrics_table(before: Mapping[str, Any], after: Mapping[str, Any] | None = N
     def fmt(v: Any) -> str:
         return "n/a" if v is None else f"{100 * v:.1f}"
 
+    keys = [k for k in keys if k in before or (after is not None and k in after)]  # requested metrics only
     lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     lines.append("| before | " + " | ".join(fmt(before.get(k)) for k in keys) + " |")
     if after is not None:

@@ -115,3 +115,8 @@ def coco_concepts(n_images: int = 10) -> list[dict]:
     """The 80 COCO categories as transfer concepts ``{"name", "description", "n_images"}`` with
     medkt's own short visual descriptions (edit or replace them in a bundle config)."""
     return [{"name": n, "description": d, "n_images": n_images} for n, d in _coco_concepts()]
+
+
+def concept_names(concepts: list[dict]) -> list[str]:
+    """``[c["name"] for c in concepts]`` (for bundle expressions)."""
+    return [str(c["name"]) for c in concepts]

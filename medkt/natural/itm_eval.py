@@ -1,5 +1,9 @@
-"""Zero-shot classification with an image-text matching head (ViLT; paper Tab. 1 and 11).
+"""Zero-shot classifiers for the natural-image experiments.
 
+:class:`ITMZeroShotEvaluator` - with an image-text matching head (ViLT; paper Tab. 1 and 11).
+:class:`StreamingZeroShotEvaluator` - with embeddings, streaming images from disk (ImageNet).
+
+ITM:
 A cross-encoder scores every (image, class prompt) pair; the predicted class is the one whose
 prompts get the highest "match" logit (mean over a class's prompts, or max). The image tokens
 are computed once per image and reused for all prompts. Same interface as
@@ -82,4 +86,60 @@ class ITMZeroShotEvaluator:
         return summarize(self.classes, self.labels, self.scores())
 
 
-__all__ = ["ITMZeroShotEvaluator"]
+
+
+class StreamingZeroShotEvaluator:
+    """Embedding-based zero-shot classification that reads images in batches (ImageNet-sized sets).
+
+    :class:`medkt.evaluation.ZeroShotEvaluator` keeps every image as pixels in memory (50,000
+    ImageNet validation images at 224 px would need ~30 GB); this one keeps the paths and loads
+    ``batch_size`` images at a time with ``backend.load_image``, on every evaluation. Class
+    embeddings are the normalised mean of the prompt embeddings ("mean", CLIP's ensemble) or the
+    best prompt ("max"). Classes may have no images (distractors, e.g. the 1000 ImageNet classes
+    around the RareConcepts images).
+    """
+
+    def __init__(self, backend: Any, images: Sequence[Any], labels: Sequence[str], class_prompts: dict[str, Sequence[str]],
+                 aggregate: str = "mean", batch_size: int = 64, progress: bool = False):
+        if aggregate not in ("mean", "max"):
+            raise DataError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
+        self.classes = list(class_prompts)
+        bad = sorted({lab for lab in labels if lab not in class_prompts})
+        if bad:
+            raise DataError(f"label(s) {bad[:5]} not among the {len(self.classes)} classes")
+        if len(images) != len(labels):
+            raise DataError(f"{len(images)} images but {len(labels)} labels")
+        self.backend, self.images, self.aggregate = backend, list(images), aggregate
+        self.class_prompts = {c: list(p) for c, p in class_prompts.items()}
+        self.labels = [self.classes.index(lab) for lab in labels]
+        self.batch_size, self.progress = int(batch_size), progress
+
+    @torch.no_grad()
+    def scores(self) -> np.ndarray:
+        import torch.nn.functional as F
+
+        flat = [p for c in self.classes for p in self.class_prompts[c]]
+        emb = self.backend.encode_texts(flat, batch_size=self.batch_size)
+        sizes = [len(self.class_prompts[c]) for c in self.classes]
+        per_class = torch.split(emb, sizes)
+        text = torch.stack([F.normalize(e.mean(0), dim=-1) for e in per_class]) if self.aggregate == "mean" else None
+        out = []
+        it = range(0, len(self.images), self.batch_size)
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="zero-shot", unit="batch", leave=False, disable=None)
+        for i in it:
+            x = torch.stack([self.backend.load_image(p) for p in self.images[i : i + self.batch_size]])
+            img = F.normalize(self.backend.encode_pixels(x).float(), dim=-1)
+            if text is not None:
+                out.append((img @ text.t()).cpu())
+            else:
+                out.append(torch.stack([(img @ e.t()).max(1).values for e in per_class], 1).cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, len(self.classes)))
+
+    def evaluate(self) -> ClassificationResult:
+        return summarize(self.classes, self.labels, self.scores())
+
+
+__all__ = ["ITMZeroShotEvaluator", "StreamingZeroShotEvaluator"]

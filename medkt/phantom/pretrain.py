@@ -63,6 +63,7 @@ class PretrainConfig:
     threads: int = 2
     model: dict = field(default_factory=dict)
     eval_per_class: int = 100
+    save_every: int = 200
 
     @classmethod
     def load(cls, path: str | Path) -> "PretrainConfig":
@@ -252,6 +253,10 @@ def train(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
             history.append(rec)
             if progress:
                 it.set_postfix(loss=f"{float(loss_c):.3f}", s=rec["seconds"])
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            # a salvageable snapshot (no evaluation) in case a long run is interrupted
+            save_checkpoint(model, out.with_name(out.stem + ".partial.safetensors"),
+                            {"pretrain_config": asdict(cfg), "step": step + 1, "history": history})
     t_train = time.time() - t_loop
     model.eval()
     t0 = time.time()

@@ -28,10 +28,10 @@ from medkt.backends.base import Backend
 from medkt.chexpert import PromptEnsembleEvaluator, chexpert_class_prompts
 from medkt.errors import ConfigError, DataError
 from medkt.evaluation import ClassificationResult
-from medkt.finetune import FinetuneConfig, finetune
+from medkt.finetune import finetune
 from medkt.inversion import invert, inversion_summary, save_inversion
 from medkt.pipelines.base import Pipeline, log
-from medkt.pipelines.transfer import TransferPipeline, inversion_targets, parse_concepts
+from medkt.pipelines.transfer import TransferPipeline, inversion_targets
 from medkt.utils import atomic_write_json, atomic_write_text
 
 PROMPT_GENERATORS = {"chexpert": chexpert_class_prompts}

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import time
@@ -50,23 +49,72 @@ def noise_images(backend: Any, targets: list[InversionTarget], seed: int) -> Inv
     return InversionResult(images, concepts, texts, [float("nan")] * n, steps_run=[0], history=[[]])
 
 
-def run_itm_transfer(pipe: Any, backend: Any, out: Path, images: str = "inversion") -> tuple[InversionResult, dict, float, float]:
-    """Inversion (or noise) + fine-tuning for an ITM backend; returns (images, history, t_inv, t_ft)."""
+class ZeroShotTransferPipeline(TransferPipeline):
+    """:class:`TransferPipeline` with evaluation sets read from disk in batches, whose class list
+    may include classes without images (the 1000 ImageNet classes the RareConcepts images are
+    classified among, paper Tab. 1). Used by the ``rare_concepts_clip`` bundle."""
+
+    kind = "transfer"
+
+    def build_evaluator(self, backend: Any, name: str, spec: dict[str, Any]):
+        from medkt.data.manifest import read_manifest
+        from medkt.natural.itm_eval import StreamingZeroShotEvaluator
+
+        if spec.get("source") == "inversion":
+            return super().build_evaluator(backend, name, spec)
+        if "manifest" not in spec:
+            raise ConfigError(f"evaluation {name!r} needs a 'manifest' (or 'source': 'inversion')")
+        prompts = class_prompts_of(spec)
+        manifest = Path(spec["manifest"])
+        root = Path(spec.get("root") or manifest.parent)
+        rows = read_manifest(manifest, root, split=spec.get("split"))
+        unknown = sorted({r.label for r in rows} - set(prompts))
+        if unknown:
+            raise DataError(f"{manifest}: labels {unknown[:5]} are not among the evaluation classes of {name!r}")
+        ev = StreamingZeroShotEvaluator(backend, [root / r.path for r in rows], [r.label for r in rows], prompts,
+                                        aggregate=spec.get("aggregate", "mean"), batch_size=int(spec.get("batch_size", 64)),
+                                        progress=self.progress)
+        return ev, {"manifest": str(manifest), "n_images": len(rows), "n_classes": len(prompts)}
+
+
+
+def run_itm_transfer(pipe: Any, backend: Any, out: Path, images: str = "inversion",
+                     concepts: list[dict[str, Any]] | None = None) -> tuple[InversionResult, dict, float, float]:
+    """Inversion (or noise, or saved images) + fine-tuning for an ITM backend.
+
+    ``images``: ``"inversion"``, ``"noise"``, or the path of an inversion ``manifest.csv`` written
+    by an earlier run (the explicit-MLM baseline reuses the ITM run's images). Returns (images,
+    history, seconds of image synthesis, seconds of fine-tuning).
+    """
+    from medkt.inversion import load_inversion
+
+    concepts = pipe.concepts if concepts is None else concepts
     t0 = time.perf_counter()
-    targets = inversion_targets(pipe.concepts)
+    targets = inversion_targets(concepts)
     with _placeholders(backend):
         if images == "inversion":
             inv = invert(backend, targets, pipe.inv_cfg, out_dir=out / "inversion", resume=pipe.resume, progress=pipe.progress)
         elif images == "noise":
             inv = noise_images(backend, targets, pipe.seed)
-        else:
-            raise ConfigError(f"images must be 'inversion' or 'noise', got {images!r}")
+        else:  # an inversion manifest.csv, or a run folder holding several (one per concept)
+            src = Path(images)
+            manifests = sorted(src.rglob("inversion/manifest.csv")) if src.is_dir() else [src]
+            if not manifests:
+                raise DataError(f"no inversion/manifest.csv under {src}")
+            parts = [load_inversion(m, backend) for m in manifests]
+            inv = InversionResult(torch.cat([p.images for p in parts]), [c for p in parts for c in p.concepts],
+                                  [t for p in parts for t in p.texts], [s for p in parts for s in p.similarities])
+            keep = [i for i, c in enumerate(inv.concepts) if c in {c["name"] for c in concepts}]
+            if not keep:
+                raise DataError(f"{images} holds no images of the concepts {[c['name'] for c in concepts]}")
+            inv = InversionResult(inv.images[keep], [inv.concepts[i] for i in keep], [inv.texts[i] for i in keep],
+                                  [inv.similarities[i] for i in keep])
         if hasattr(backend, "match_probability"):  # the engine's cosine similarities mean nothing for ViLT
             inv.similarities = backend.match_probability(inv.images, inv.texts).tolist()
         save_inversion(inv, out / "inversion", pipe.inv_cfg)
         t1 = time.perf_counter()
         negatives = getattr(pipe, "_negatives", None) or []
-        descriptions = {c["name"]: c["descriptions"][0] for c in pipe.concepts}
+        descriptions = {c["name"]: c["descriptions"][0] for c in concepts}
         history = finetune(backend, inv.images, inv.concepts, descriptions, negatives, pipe.ft_cfg,
                            texts_of_images=inv.texts, progress=pipe.progress)
     return inv, history, t1 - t0, time.perf_counter() - t1
@@ -78,7 +126,14 @@ class ITMTransferPipeline(TransferPipeline):
     Differences: evaluation sets are classified by ITM scores (:class:`ITMZeroShotEvaluator`;
     default template ``"a photo of a {}."``: every class prompt costs one forward pass per
     image); inversion uses the ``"itm"`` objective; reported similarities are ITM match
-    probabilities. ``images="noise"`` skips inversion (implicit transfer, with ``loss="mlm"``).
+    probabilities.
+
+    Args:
+        images: ``"inversion"`` (explicit transfer), ``"noise"`` (implicit transfer, with
+            ``finetune.loss="mlm"``), an earlier run's ``inversion/manifest.csv`` or its run folder
+            (all ``inversion/manifest.csv`` below it; images are picked by concept name).
+        separate_concepts: transfer each concept on its own, starting from the original weights
+            each time (the paper's per-concept rows of Tab. 1 and 11); "before" is evaluated once.
     """
 
     kind = "itm_transfer"
@@ -86,14 +141,16 @@ class ITMTransferPipeline(TransferPipeline):
     def __init__(self, backend: str, concepts: list[dict[str, Any]], inversion: dict | None = None,
                  finetune: dict | None = None, evaluations: dict[str, dict] | None = None,
                  negative_captions: list[str] | None = None, save_weights: bool = True, images: str = "inversion",
-                 **kw: Any):
+                 separate_concepts: bool = False, **kw: Any):
         inversion = {"objective": "itm", "augment_p": 0.0, "init": "normal", **(inversion or {})}
         finetune = {"loss": "itm", "weight_decay": 0.01, **(finetune or {})}
         super().__init__(backend, concepts, inversion, finetune, evaluations, negative_captions, save_weights, **kw)
-        if images not in ("inversion", "noise"):
-            raise ConfigError(f"images must be 'inversion' or 'noise', got {images!r}")
+        if images not in ("inversion", "noise") and not Path(images).exists():
+            raise ConfigError(f"images must be 'inversion', 'noise', an inversion manifest.csv or a run folder holding "
+                              f"inversion/manifest.csv files; got {images!r}")
         self.images = images
-        self.settings["images"] = images
+        self.separate_concepts = bool(separate_concepts)
+        self.settings.update(images=images, separate_concepts=self.separate_concepts)
 
     def build_evaluator(self, backend: Any, name: str, spec: dict[str, Any]):
         from medkt.data.manifest import read_manifest
@@ -112,10 +169,28 @@ class ITMTransferPipeline(TransferPipeline):
         if unknown:
             raise DataError(f"{manifest}: labels {unknown[:5]} are not among the evaluation classes")
         ev = ITMZeroShotEvaluator(backend, [root / r.path for r in rows], [r.label for r in rows], prompts,
-                                  aggregate=spec.get("aggregate", "mean"), progress=self.progress)
+                                  aggregate=spec.get("aggregate", "mean"),
+                                  text_batch_size=int(spec.get("text_batch_size", 128)), progress=self.progress)
         return ev, {"manifest": str(manifest), "n_images": len(rows), "scoring": "ITM match logit"}
 
+    def _transfer(self, backend: Any, evaluators: dict, out: Path, concepts: list[dict[str, Any]]) -> tuple[dict, dict]:
+        inv, history, t_inv, t_ft = run_itm_transfer(self, backend, out, self.images, concepts)
+        atomic_write_json(out / "finetune.json", history)
+        if self.save_weights:
+            save_finetuned(backend, out / "finetuned.safetensors", which=self.ft_cfg.train)
+        after = {name: ev.evaluate() for name, ev in evaluators.items()}
+        summary = {
+            "concepts": [c["name"] for c in concepts],
+            "inversion": inversion_summary(inv),
+            "finetune": {"loss": self.ft_cfg.loss, "lr": self.ft_cfg.lr, "steps": history["steps"],
+                         "first_loss": history["loss"][0], "last_loss": history["loss"][-1]},
+            "seconds_inversion": t_inv, "seconds_finetune": t_ft, "seconds_transfer": t_inv + t_ft,
+        }
+        return summary, after
+
     def _run(self, out: Path) -> dict[str, Any]:
+        from medkt.evaluation import before_after_table
+
         backend = create_backend(self.backend_spec)
         log.info("backend %s: %s", self.backend_spec, backend.describe())
         evaluators, eval_info = {}, {}
@@ -123,25 +198,29 @@ class ITMTransferPipeline(TransferPipeline):
             evaluators[name], eval_info[name] = self.build_evaluator(backend, name, spec)
         before = {name: ev.evaluate() for name, ev in evaluators.items()}
         self._negatives = self.negative_captions if self.negative_captions is not None else self.default_negatives(evaluators)
-        inv, history, t_inv, t_ft = run_itm_transfer(self, backend, out, self.images)
-        atomic_write_json(out / "finetune.json", history)
-        if self.save_weights:
-            save_finetuned(backend, out / "finetuned.safetensors", which=self.ft_cfg.train)
-        after = {name: ev.evaluate() for name, ev in evaluators.items()}
-        results: dict[str, Any] = {
-            "backend": self.backend_spec,
-            "concepts": [c["name"] for c in self.concepts],
-            "images": self.images,
-            "inversion": inversion_summary(inv),
-            "finetune": {"loss": self.ft_cfg.loss, "steps": history["steps"], "first_loss": history["loss"][0],
-                         "last_loss": history["loss"][-1]},
-            "seconds_inversion": t_inv,
-            "seconds_finetune": t_ft,
-            "seconds_transfer": t_inv + t_ft,
-            "evaluations": {n: {"info": eval_info[n], "before": before[n].to_dict(), "after": after[n].to_dict()}
-                            for n in evaluators},
-        }
-        write_report(out, self, results, before, after)
+        base = {"backend": self.backend_spec, "images": self.images, "separate_concepts": self.separate_concepts}
+        if not self.separate_concepts:
+            summary, after = self._transfer(backend, evaluators, out, self.concepts)
+            results = {**base, **summary, "evaluations": {
+                n: {"info": eval_info[n], "before": before[n].to_dict(), "after": after[n].to_dict()} for n in evaluators}}
+            write_report(out, self, results, before, after)
+            return results
+        original = {k: v.detach().clone() for k, v in backend.state_dict().items()}
+        runs: dict[str, Any] = {}
+        lines = [f"# Knowledge transfer report{': ' + self.bundle_name if self.bundle_name else ''}", "",
+                 f"- backend: `{self.backend_spec}`; images: {self.images}; each concept transferred on its own "
+                 f"(fine-tuning: {self.ft_cfg.loss}, lr {self.ft_cfg.lr})", ""]
+        for c in self.concepts:
+            backend.load_state_dict(original)
+            sub = out / "concepts" / c["name"].replace("/", "_").replace(" ", "_")
+            summary, after = self._transfer(backend, evaluators, sub, [c])
+            runs[c["name"]] = {**summary, "evaluations": {n: after[n].to_dict() for n in evaluators}}
+            lines += [f"## {c['name']}", "", f"![inverted images](concepts/{sub.name}/inversion/grid.png)", ""]
+            lines += [before_after_table(before[n], after[n], title=n) for n in evaluators]
+        results = {**base, "concepts": [c["name"] for c in self.concepts],
+                   "evaluations_before": {n: {"info": eval_info[n], "before": before[n].to_dict()} for n in evaluators},
+                   "per_concept": runs}
+        atomic_write_text(out / "report.md", "\n".join(lines) + "\nAll numbers: `results.json`.\n")
         return results
 
 
@@ -382,4 +461,4 @@ class CaptioningTransferPipeline(_CaptionedSplit, Pipeline):
         return results
 
 
-__all__ = ["ITMTransferPipeline", "RetrievalTransferPipeline", "CaptioningTransferPipeline", "noise_images"]
+__all__ = ["ZeroShotTransferPipeline", "ITMTransferPipeline", "RetrievalTransferPipeline", "CaptioningTransferPipeline", "noise_images"]

@@ -144,24 +144,76 @@ class TransferPipeline(Pipeline):
         return list(dict.fromkeys(negs))
 
     # -- run ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Single process: :meth:`Pipeline.run`. Under torchrun (``WORLD_SIZE > 1``) every rank
+        runs :meth:`_run` (sharded inversion, DDP fine-tuning, see :mod:`medkt.distributed`) and
+        rank 0 alone writes the run folder."""
+        from medkt import distributed as mdist
+        from medkt.errors import OutputExistsError
+        from medkt.utils import seed_everything
+
+        if not mdist.init_from_env():
+            return super().run()
+        if type(self)._run is not TransferPipeline._run:
+            # a subclass with its own _run is not rank-aware: run it whole on rank 0, single-process
+            import torch.distributed as dist
+
+            main = mdist.is_main()
+            log.warning("%s does not support torchrun sharding; running on rank 0 only", type(self).__name__)
+            dist.destroy_process_group()
+            return super().run() if main else {}
+        # every rank must use rank 0's folder (default folder names carry a timestamp)
+        self.output_dir = Path(mdist.broadcast_object(str(self.output_dir)))
+        problem = None
+        if mdist.is_main():
+            try:
+                self.check_output()
+            except OutputExistsError as exc:
+                problem = str(exc)
+        problem = mdist.broadcast_object(problem)
+        if problem:
+            raise OutputExistsError(problem)
+        if mdist.is_main():
+            results = super().run()
+            mdist.barrier()  # the run folder is complete
+            return results
+        seed_everything(self.seed)
+        self._run(self.staging_dir)  # checkpoints only; rank 0 writes everything else
+        mdist.barrier()
+        import json
+
+        path = self.output_dir / "results.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
     def _run(self, out: Path) -> dict[str, Any]:
+        from medkt import distributed as mdist
+
+        main = mdist.is_main()
+        mdist.barrier()  # rank 0 has prepared the staging folder the ranks share for checkpoints
         backend = create_backend(self.backend_spec)
         log.info("backend %s: %s", self.backend_spec, backend.describe())
         evaluators, eval_info = {}, {}
         for name, spec in self.evaluations.items():
             evaluators[name], eval_info[name] = self.build_evaluator(backend, name, spec)
-        before = {name: ev.evaluate() for name, ev in evaluators.items()}
+        before = {name: ev.evaluate() for name, ev in evaluators.items()} if main else {}
 
         t0 = time.perf_counter()
-        inv = invert(backend, inversion_targets(self.concepts), self.inv_cfg, out_dir=out / "inversion",
-                     resume=self.resume, progress=self.progress)
-        save_inversion(inv, out / "inversion", self.inv_cfg)
+        targets = inversion_targets(self.concepts)
+        if mdist.world_size() > 1 and mdist.n_chunks(targets, self.inv_cfg.chunk_size) < mdist.world_size():
+            log.warning("inversion has %d chunk(s) for %d ranks: set inversion.chunk_size (e.g. the images per "
+                        "concept) to share it", mdist.n_chunks(targets, self.inv_cfg.chunk_size), mdist.world_size())
+        inv = mdist.invert_sharded(backend, targets, self.inv_cfg, out_dir=out / "inversion",
+                                   resume=self.resume, progress=self.progress)
+        if main:
+            save_inversion(inv, out / "inversion", self.inv_cfg)
         t1 = time.perf_counter()
         negatives = self.negative_captions if self.negative_captions is not None else self.default_negatives(evaluators)
         descriptions = {c["name"]: c["descriptions"][0] for c in self.concepts}
         history = finetune(backend, inv.images, inv.concepts, descriptions, negatives, self.ft_cfg,
-                           texts_of_images=inv.texts, progress=self.progress)
+                           texts_of_images=inv.texts, progress=self.progress and main)
         t2 = time.perf_counter()
+        if not main:
+            return {}
         atomic_write_json(out / "finetune.json", history)
         if self.save_weights:
             save_finetuned(backend, out / "finetuned.safetensors", which=self.ft_cfg.train)

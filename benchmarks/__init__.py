@@ -1,0 +1,1 @@
+"""medkt benchmarks: ``python -m benchmarks.run --json out.json`` (see benchmarks/run.py)."""

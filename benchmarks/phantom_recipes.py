@@ -1,0 +1,149 @@
+"""Recipe research and multi-seed results for the phantom knowledge-transfer demo.
+
+    # research on the validation split (never the evaluation images)
+    OMP_NUM_THREADS=1 python benchmarks/phantom_recipes.py --split val --seeds 2 --recipes best,paper --out runs/recipes_val.json
+    # final numbers: 5 seeds on the evaluation split, every recipe with its own placebo, frontier plot
+    OMP_NUM_THREADS=1 python benchmarks/phantom_recipes.py --split eval --seeds 5 --recipes all --out runs/recipes_eval.json
+
+Recipes: ``transfer`` = bundles/phantom_nodules, ``paper`` = bundles/phantom_nodules_paper, plus the
+variants in :data:`VARIANTS` (overrides of the ``transfer`` recipe).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bundle(name: str) -> dict:
+    return json.loads((ROOT / "bundles" / name / "configs" / "transfer.json").read_text())
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# overrides of the phantom_nodules recipe explored during research (see docs/README.md)
+VARIANTS: dict[str, dict] = {
+    "no_replay": {"finetune": {"replay_per_batch": 0, "distill_weight": 0.0}, "replay_per_class": 0},
+    "pixels_from_normal": {"inversion": {"parametrization": "pixels", "lr": 0.01}},
+    "from_noise": {"inversion": {"init": "uniform", "parametrization": "pixels", "lr": 0.1, "tv_weight": 0.005,
+                                 "rotate_deg": 30, "translate": 0.1, "scale": [0.7, 1.0]}},
+    "paper_finetune": {"finetune": {"lr": 1e-5, "epochs": 1, "optimizer": "adam", "replay_per_batch": 0,
+                                    "distill_weight": 0.0}, "replay_per_class": 0},
+    "noise_placebo": {"placebo": "noise"},
+}
+
+
+def recipes_by_name(names: list[str]) -> dict[str, dict]:
+    main = _bundle("phantom_nodules")
+    paper = _bundle("phantom_nodules_paper")
+    table = {"transfer": main["recipe"], "paper": paper["recipe"]}
+    for k, v in VARIANTS.items():
+        table[k] = _merge(main["recipe"], v)
+    if names == ["all"]:
+        names = list(table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"unknown recipe(s) {unknown}; known: {sorted(table)}")
+    return {n: table[n] for n in names}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--split", choices=["val", "eval"], default="val")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--recipes", default="transfer,paper")
+    ap.add_argument("--eval-per-class", type=int, default=100)
+    ap.add_argument("--set", action="append", default=[], help="recipe override NAME.key.sub=JSON (repeatable)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--plot", default=None, help="frontier plot PNG")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    from medkt.phantom.experiment import PhantomTransferExperiment, Recipe, aggregate
+
+    cfg = _bundle("phantom_nodules")
+    recipes = recipes_by_name(args.recipes.split(","))
+    for s in args.set:
+        key, _, val = s.partition("=")
+        name, *path = key.split(".")
+        d = recipes[name]
+        for p in path[:-1]:
+            d = d.setdefault(p, {})
+        d[path[-1]] = json.loads(val)
+    exp = PhantomTransferExperiment(cfg["backend"], cfg["novel"], cfg["description"], cfg["known_descriptions"],
+                                    eval_per_class=args.eval_per_class, split=args.split)
+    results: dict = {"split": args.split, "seeds": [], "recipes": recipes, "per_recipe": {}}
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    results["seeds"] = seeds
+    per_recipe_seed: dict[str, list] = {n: [] for n in recipes}
+    t0 = time.time()
+    for seed in seeds:
+        ds = exp.eval_set(seed)
+        before = exp.evaluate(exp.new_backend(), ds)
+        from medkt.phantom.experiment import summarize
+
+        for name, rd in recipes.items():
+            rec = Recipe.from_dict({"name": name, **rd})
+            arm = exp.run_arm(rec, seed, ds)
+            plc = exp.run_arm(rec, seed, ds, placebo=True)
+            row = {"seed": seed,
+                   "before": {"name": summarize(before[0], exp.novel), "description": summarize(before[1], exp.novel)},
+                   name: {"name": summarize(arm.name_prompts, exp.novel),
+                          "description": summarize(arm.description_prompts, exp.novel),
+                          "seconds_inversion": arm.seconds_inversion, "seconds_finetune": arm.seconds_finetune},
+                   "placebo": {"name": summarize(plc.name_prompts, exp.novel),
+                               "description": summarize(plc.description_prompts, exp.novel),
+                               "seconds_finetune": plc.seconds_finetune}}
+            per_recipe_seed[name].append(row)
+            s = row[name]["name"]
+            p = row["placebo"]["name"]
+            b = row["before"]["name"]
+            print(f"[{time.time() - t0:6.0f}s] seed {seed} {name:18s} novel {b['novel_accuracy']:.2f}->{s['novel_accuracy']:.2f} "
+                  f"(placebo {p['novel_accuracy']:.2f})  known {b['known_accuracy']:.3f}->{s['known_accuracy']:.3f} "
+                  f"(placebo {p['known_accuracy']:.3f})  AUROC {b['novel_auroc']:.3f}->{s['novel_auroc']:.3f} "
+                  f"(placebo {p['novel_auroc']:.3f})  t={arm.seconds_inversion + arm.seconds_finetune:.0f}s", flush=True)
+    points = []
+    for name, rows in per_recipe_seed.items():
+        agg = aggregate(rows, [name, "placebo"], "name")
+        agg_d = aggregate(rows, [name, "placebo"], "description")
+        results["per_recipe"][name] = {"name_prompts": agg, "description_prompts": agg_d, "per_seed": rows}
+        for arm, is_placebo in ((name, False), ("placebo", True)):
+            gain = [r[arm]["name"]["novel_accuracy"] - r["before"]["name"]["novel_accuracy"] for r in rows]
+            loss = [r["before"]["name"]["known_accuracy"] - r[arm]["name"]["known_accuracy"] for r in rows]
+            from medkt.phantom.metrics import mean_ci
+
+            g, gh = mean_ci(gain)
+            l, lh = mean_ci(loss)
+            points.append({"name": name if not is_placebo else f"{name} placebo", "novel_gain": g, "novel_gain_ci": gh,
+                           "known_loss": l, "known_loss_ci": lh, "placebo": is_placebo,
+                           "auroc": agg[arm]["novel_auroc"]["mean"]})
+    results["frontier"] = points
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=1, default=float))
+    print("\nrecipe              novel gain (pts)   known loss (pts)   AUROC")
+    for p in points:
+        print(f"{p['name']:28s} {100 * p['novel_gain']:6.1f} ± {100 * p['novel_gain_ci']:4.1f}   "
+              f"{100 * p['known_loss']:6.1f} ± {100 * p['known_loss_ci']:4.1f}   {p['auroc']:.3f}")
+    if args.plot:
+        from medkt.phantom.report import frontier_figure
+
+        frontier_figure(points, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Knowledge transfer in the phantom world: transfer vs placebo vs baselines, over seeds.
+
+One *seed* of an experiment:
+
+1. fresh evaluation phantoms (``eval_per_class`` per class, known + novel findings);
+2. zero-shot before transfer with name prompts and CuPL-style description prompts;
+3. **transfer**: invert the backend toward the novel finding's description (engine
+   :func:`medkt.inversion.invert`), fine-tune the visual encoder (:func:`medkt.finetune.finetune`),
+   evaluate;
+4. **placebo**: the same fine-tuning recipe on the same number of images that carry no
+   information about the finding (plain normal phantoms, or noise) captioned as the finding,
+   evaluate. A bias shift toward the new caption raises novel accuracy in both arms; only real
+   visual knowledge raises the **AUROC** of the novel-class score (novel vs known images).
+
+Evaluation images are never used for anything but evaluation; recipe research uses a separate
+validation seed range (:data:`VAL_SEED_BASE`).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from medkt.errors import ConfigError
+from medkt.phantom.findings import BUILTIN_FINDINGS
+from medkt.phantom.metrics import ZeroShotResult, class_embeddings, image_embeddings, mean_ci, zero_shot
+from medkt.phantom.text import description_prompts, name_prompts
+from medkt.phantom.world import make_dataset
+
+EVAL_SEED_BASE = 900_000  # evaluation phantoms: EVAL_SEED_BASE + seed
+VAL_SEED_BASE = 500_000  # validation phantoms for recipe research: VAL_SEED_BASE + seed
+TRAIN_SEED_BASE = 100_000  # init / replay / placebo images: TRAIN_SEED_BASE + 10 * seed + k
+
+
+@dataclass
+class Recipe:
+    """One transfer recipe (inversion + fine-tuning + what the placebo uses)."""
+
+    name: str = "recipe"
+    n_images: int = 10
+    inversion: dict[str, Any] = field(default_factory=dict)
+    finetune: dict[str, Any] = field(default_factory=dict)
+    #: known-class phantoms per class available for replay / distillation (0 = none)
+    replay_per_class: int = 0
+    #: placebo images: "normal" phantoms or "noise" (uniform) captioned as the novel finding
+    placebo: str = "normal"
+    #: known-class phantoms per class held out for model selection (finetune keep_best /
+    #: select_patience score = their zero-shot accuracy; no novel-class image is involved)
+    select_per_class: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        known = set(cls.__dataclass_fields__)
+        bad = sorted(set(d) - known)
+        if bad:
+            raise ConfigError(f"unknown recipe option(s) {bad}; known: {sorted(known)}")
+        r = cls(**copy.deepcopy(d))
+        if r.placebo not in ("normal", "noise"):
+            raise ConfigError(f"placebo must be 'normal' or 'noise', got {r.placebo!r}")
+        return r
+
+
+@dataclass
+class ArmResult:
+    name: str
+    name_prompts: ZeroShotResult
+    description_prompts: ZeroShotResult
+    seconds_inversion: float = 0.0
+    seconds_finetune: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def summarize(r: ZeroShotResult, novel: str) -> dict[str, Any]:
+    return {
+        "novel_accuracy": r.per_class[novel],
+        "known_accuracy": r.known_mean([novel]),
+        "accuracy": r.accuracy,
+        "novel_auroc": r.novel_auroc(novel),
+        "per_class": r.per_class,
+        "confusion": r.confusion.tolist(),
+    }
+
+
+class PhantomTransferExperiment:
+    """Runs transfer + placebo (+ baselines) for one backend and novel finding over seeds.
+
+    Args:
+        backend: backend spec (default the shipped phantom model ``phantom:base``).
+        novel: the held-out finding to teach.
+        description: the novel finding's description (inversion target and caption).
+        known_descriptions: known finding -> description (fine-tuning negatives / replay captions).
+        classes: evaluation classes (default: all built-in findings).
+        eval_per_class: evaluation phantoms per class (>= 100 for reported numbers).
+        cupl_prompts: descriptions per class for the description-ensemble baseline.
+    """
+
+    def __init__(self, backend: str = "phantom:base", novel: str = "nodule", description: str = "",
+                 known_descriptions: dict[str, str] | None = None, classes: list[str] | None = None,
+                 eval_per_class: int = 100, cupl_prompts: int = 12, image_size: int = 64,
+                 split: str = "eval", progress: bool = False):
+        self.backend_spec = backend
+        self.novel = novel
+        self.classes = list(classes or BUILTIN_FINDINGS)
+        if novel not in self.classes:
+            raise ConfigError(f"novel finding {novel!r} is not among the evaluation classes {self.classes}")
+        if not description.strip():
+            raise ConfigError("the novel finding needs a description (the text the model is taught from)")
+        self.description = description
+        self.known = [c for c in self.classes if c != novel]
+        self.known_descriptions = dict(known_descriptions or {})
+        missing = [c for c in self.known if c not in self.known_descriptions]
+        if missing:
+            raise ConfigError(f"known_descriptions is missing {missing}")
+        self.eval_per_class = int(eval_per_class)
+        self.image_size = image_size
+        if split not in ("eval", "val"):
+            raise ConfigError(f"split must be 'eval' or 'val', got {split!r}")
+        self.split = split
+        self.progress = progress
+        self.name_prompts = name_prompts(self.classes)
+        self.desc_prompts = description_prompts(self.classes, cupl_prompts)
+
+    # -- helpers ----------------------------------------------------------------------------
+    def new_backend(self):
+        from medkt.backends import create_backend
+
+        return create_backend(self.backend_spec)
+
+    def eval_set(self, seed: int):
+        base = EVAL_SEED_BASE if self.split == "eval" else VAL_SEED_BASE
+        return make_dataset(self.classes, self.eval_per_class, base + seed, self.image_size)
+
+    def evaluate(self, backend, ds) -> tuple[ZeroShotResult, ZeroShotResult]:
+        x = ds.tensor()
+        emb = image_embeddings(backend, x)
+        a = zero_shot(backend, x, ds.labels, self.name_prompts, image_emb=emb)
+        b = zero_shot(backend, x, ds.labels, self.desc_prompts, image_emb=emb)
+        return a, b
+
+    def train_images(self, kind: str, n: int, seed: int, k: int) -> torch.Tensor:
+        if kind == "noise":
+            g = torch.Generator().manual_seed(TRAIN_SEED_BASE + 10 * seed + k)
+            return torch.rand(n, 1, self.image_size, self.image_size, generator=g)
+        return make_dataset(["no finding"], n, TRAIN_SEED_BASE + 10 * seed + k, self.image_size).tensor()
+
+    def descriptions(self) -> dict[str, str]:
+        return {self.novel: self.description, **{c: self.known_descriptions[c] for c in self.known}}
+
+    # -- arms --------------------------------------------------------------------------------
+    def run_arm(self, recipe: Recipe, seed: int, ds, *, placebo: bool = False,
+                keep_images: bool = False) -> ArmResult:
+        """Transfer (or its placebo) with ``recipe`` on a fresh backend; evaluate on ``ds``."""
+        from medkt.finetune import FinetuneConfig, finetune
+        from medkt.inversion import InversionConfig, InversionTarget, invert
+
+        backend = self.new_backend()
+        inv_cfg = InversionConfig.from_dict({"seed": seed, **recipe.inversion})
+        ft_cfg = FinetuneConfig.from_dict({"seed": seed, **recipe.finetune})
+        t_inv = 0.0
+        extra: dict[str, Any] = {}
+        if placebo:
+            images = self.train_images(recipe.placebo, recipe.n_images, seed, 1)
+        else:
+            init = self.train_images("normal", recipe.n_images, seed, 1) if inv_cfg.init == "images" else None
+            t0 = time.perf_counter()
+            inv = invert(backend, [InversionTarget(self.novel, self.description, recipe.n_images)], inv_cfg,
+                         progress=self.progress, init_images=init)
+            t_inv = time.perf_counter() - t0
+            images = inv.images
+            extra["inversion_similarity"] = float(np.mean(inv.similarities))
+            if keep_images:
+                extra["images"] = images
+                extra["init_images"] = init
+        replay, replay_c = None, None
+        if recipe.replay_per_class:
+            rs = make_dataset(self.known, recipe.replay_per_class, TRAIN_SEED_BASE + 10 * seed + 2, self.image_size)
+            replay, replay_c = rs.tensor(), rs.labels
+        select_fn = None
+        if recipe.select_per_class:
+            sel = make_dataset(self.known, recipe.select_per_class, TRAIN_SEED_BASE + 10 * seed + 3, self.image_size)
+            sel_x = sel.tensor()
+
+            def select_fn() -> float:
+                # 9-way prompts on known images: also catches images lost to the new class
+                return zero_shot(backend, sel_x, sel.labels, self.name_prompts).accuracy
+
+        t0 = time.perf_counter()
+        hist = finetune(backend, images, [self.novel] * len(images), self.descriptions(), config=ft_cfg,
+                        progress=self.progress, replay_images=replay, replay_concepts=replay_c, select_fn=select_fn)
+        t_ft = time.perf_counter() - t0
+        extra["finetune_steps"] = hist["steps"]
+        if hist.get("select"):
+            extra["select_scores"] = hist["select"]
+        extra["finetune_loss_first_last"] = [hist["loss"][0], hist["loss"][-1]]
+        if keep_images:
+            extra["backend"] = backend
+        a, b = self.evaluate(backend, ds)
+        return ArmResult("placebo" if placebo else recipe.name, a, b, t_inv, t_ft, extra)
+
+    def run_seed(self, recipes: dict[str, Recipe], seed: int, placebo_of: str | None = None,
+                 keep_images: bool = False) -> dict[str, Any]:
+        """Before + every recipe (+ the placebo of ``placebo_of``) for one seed -> summary dict."""
+        ds = self.eval_set(seed)
+        before_backend = self.new_backend()
+        b_name, b_desc = self.evaluate(before_backend, ds)
+        out: dict[str, Any] = {"seed": seed, "before": {"name": summarize(b_name, self.novel),
+                                                       "description": summarize(b_desc, self.novel)}}
+        arms = {}
+        for key, rec in recipes.items():
+            arm = self.run_arm(rec, seed, ds, keep_images=keep_images)
+            arms[key] = arm
+            out[key] = {"name": summarize(arm.name_prompts, self.novel),
+                        "description": summarize(arm.description_prompts, self.novel),
+                        "seconds_inversion": arm.seconds_inversion, "seconds_finetune": arm.seconds_finetune,
+                        **{k: v for k, v in arm.extra.items() if k not in ("images", "init_images", "backend")}}
+        if placebo_of is not None:
+            arm = self.run_arm(recipes[placebo_of], seed, ds, placebo=True)
+            arms["placebo"] = arm
+            out["placebo"] = {"name": summarize(arm.name_prompts, self.novel),
+                              "description": summarize(arm.description_prompts, self.novel),
+                              "seconds_finetune": arm.seconds_finetune,
+                              **{k: v for k, v in arm.extra.items() if k not in ("images", "init_images", "backend")}}
+        out["_objects"] = {"before": (b_name, b_desc), "arms": arms, "eval_set": ds, "before_backend": before_backend}
+        return out
+
+
+def aggregate(per_seed: list[dict[str, Any]], arms: list[str], prompts: str = "name") -> dict[str, Any]:
+    """Mean and 95% CI over seeds of novel/known accuracy and novel AUROC for each arm."""
+    out: dict[str, Any] = {}
+    for arm in ["before", *arms]:
+        if arm not in per_seed[0]:
+            continue
+        rows = [s[arm][prompts] for s in per_seed]
+        res = {}
+        for k in ("novel_accuracy", "known_accuracy", "accuracy", "novel_auroc"):
+            m, h = mean_ci([r[k] for r in rows])
+            res[k] = {"mean": m, "ci95": h, "values": [r[k] for r in rows]}
+        classes = list(rows[0]["per_class"])
+        res["per_class"] = {c: float(np.mean([r["per_class"][c] for r in rows])) for c in classes}
+        if arm != "before":
+            for k in ("seconds_inversion", "seconds_finetune"):
+                vals = [s[arm].get(k, 0.0) for s in per_seed]
+                res[k] = {"mean": float(np.mean(vals)), "max": float(np.max(vals))}
+        out[arm] = res
+    return out

@@ -1,0 +1,119 @@
+"""Figures and the markdown report of a phantom knowledge-transfer run."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def image_rows_figure(rows: Sequence[tuple[str, torch.Tensor]], path: Path, ncol: int = 8) -> Path:
+    """One row per ``(label, images (N, 1, S, S) in [0, 1])``; the first ``ncol`` images of each."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.3 * ncol, 1.45 * len(rows)), squeeze=False)
+    for r, (label, imgs) in enumerate(rows):
+        for c in range(ncol):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(imgs):
+                ax.imshow(imgs[c, 0].detach().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        axes[r, 0].set_title(label, loc="left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def per_class_bars(series: dict[str, dict[str, float]], path: Path, title: str = "") -> Path:
+    """Grouped bars of per-class accuracy: ``{"before": {class: acc}, "after": {...}, ...}``."""
+    plt = _plt()
+    names = list(series)
+    classes = list(next(iter(series.values())))
+    x = np.arange(len(classes))
+    w = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(1.0 * len(classes) + 2, 3.4))
+    for i, n in enumerate(names):
+        ax.bar(x + (i - (len(names) - 1) / 2) * w, [100 * series[n][c] for c in classes], w, label=n)
+    ax.set_xticks(x, classes, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("zero-shot accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8, ncol=len(names))
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def confusion_figure(mats: dict[str, np.ndarray], classes: Sequence[str], path: Path) -> Path:
+    """Row-normalised confusion matrices side by side (rows = true class)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(mats), figsize=(4.2 * len(mats), 4.0), squeeze=False)
+    short = [c.replace("pleural ", "pl. ").replace("no finding", "normal") for c in classes]
+    for ax, (title, m) in zip(axes[0], mats.items()):
+        m = np.asarray(m, float)
+        norm = m / np.maximum(1, m.sum(1, keepdims=True))
+        ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                if m[i, j]:
+                    ax.text(j, i, int(m[i, j]), ha="center", va="center", fontsize=6,
+                            color="white" if norm[i, j] > 0.5 else "black")
+        ax.set_xticks(range(len(classes)), short, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(classes)), short, fontsize=7)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("predicted", fontsize=8)
+    axes[0][0].set_ylabel("true", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def frontier_figure(points: list[dict[str, Any]], path: Path) -> Path:
+    """Novel-accuracy gain vs known-accuracy loss (points = recipes; error bars = 95% CI)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    for p in points:
+        ax.errorbar(100 * p["known_loss"], 100 * p["novel_gain"], xerr=100 * p.get("known_loss_ci", 0),
+                    yerr=100 * p.get("novel_gain_ci", 0), fmt="o", capsize=2,
+                    color="tab:red" if p.get("placebo") else "tab:blue")
+        ax.annotate(p["name"], (100 * p["known_loss"], 100 * p["novel_gain"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.axvline(2, ls="--", lw=0.8, color="gray")
+    ax.axhline(30, ls="--", lw=0.8, color="gray")
+    ax.set_xlabel("known-findings accuracy loss (points)")
+    ax.set_ylabel("novel-finding accuracy gain (points)")
+    ax.set_title("transfer frontier (target: upper left of the dashed lines)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def fmt_ci(d: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
+    return f"{scale * d['mean']:.{digits}f} ± {scale * d['ci95']:.{digits}f}"
+
+
+def results_table(arms: dict[str, dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    """Markdown rows: arm | novel acc | known acc | novel AUROC (means ± 95% CI over seeds)."""
+    lines = ["| method | novel accuracy (%) | known mean accuracy (%) | novel AUROC |", "|---|---|---|---|"]
+    for key, label in labels.items():
+        if key not in arms:
+            continue
+        a = arms[key]
+        lines.append(f"| {label} | {fmt_ci(a['novel_accuracy'])} | {fmt_ci(a['known_accuracy'])} | "
+                     f"{fmt_ci(a['novel_auroc'], 1.0, 3)} |")
+    return lines

@@ -1,0 +1,83 @@
+"""The shipped phantom model, a fast knowledge transfer on it, and the bundle pipeline's run folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medkt.backends import create_backend
+from medkt.backends.phantom import DEFAULT_CHECKPOINT
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLE = json.loads((ROOT / "bundles" / "phantom_nodules" / "configs" / "transfer.json").read_text())
+
+pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="shipped phantom checkpoint missing")
+
+REQUIRED = ("novel_accuracy_before", "novel_accuracy_after", "known_accuracy_before", "known_accuracy_after",
+            "placebo_novel_accuracy_after", "placebo_known_accuracy_after", "novel_auroc_before",
+            "novel_auroc_after", "seconds_transfer")
+
+
+def fast_recipe(steps: int = 60, n: int = 8) -> dict:
+    r = json.loads(json.dumps(BUNDLE["recipe"]))
+    r["n_images"] = n
+    r["inversion"]["steps"] = steps
+    return r
+
+
+def test_shipped_checkpoint_and_card():
+    assert DEFAULT_CHECKPOINT.stat().st_size <= 20e6
+    side = json.loads(DEFAULT_CHECKPOINT.with_suffix(".json").read_text())
+    assert side["held_out"] == ["nodule"]
+    assert "nodule" not in side["known_findings"]
+    assert side["pretrain_config"]["seed"] is not None and side["pretrain_config"]["data_seed"] is not None
+    card = (DEFAULT_CHECKPOINT.parent / "MODEL_CARD.md").read_text()
+    assert "nodule" in card and "Zero-shot accuracy" in card
+    be = create_backend("phantom:base")
+    assert be.image_channels == 1 and be.image_size == 64
+    # the shipped model knows the known findings (well above the 1/9 chance level)
+    assert side["zero_shot"]["name"]["known_mean"] > 0.5
+
+
+def test_fast_transfer_moves_real_nodules_toward_the_text():
+    from medkt.phantom.experiment import PhantomTransferExperiment, Recipe
+    from medkt.phantom.metrics import class_embeddings, image_embeddings
+
+    exp = PhantomTransferExperiment("phantom:base", BUNDLE["novel"], BUNDLE["description"], BUNDLE["known_descriptions"],
+                                    eval_per_class=12, split="val", cupl_prompts=3)
+    ds = exp.eval_set(0)
+    arm = exp.run_arm(Recipe.from_dict({"name": "fast", **fast_recipe()}), 0, ds, keep_images=True)
+    assert arm.extra["images"].shape == (8, 1, 64, 64)
+    assert arm.seconds_inversion + arm.seconds_finetune < 120
+
+    def margin(backend) -> float:
+        t = class_embeddings(backend, exp.name_prompts)
+        k = exp.classes.index("nodule")
+        nod = image_embeddings(backend, ds.subset([i for i, l in enumerate(ds.labels) if l == "nodule"]).tensor())
+        nor = image_embeddings(backend, ds.subset([i for i, l in enumerate(ds.labels) if l == "no finding"]).tensor())
+        return float((nod @ t[k]).mean() - (nor @ t[k]).mean())
+
+    # real nodules (never seen) become more "nodule-like" than normal scans after the transfer
+    assert margin(arm.extra["backend"]) > margin(exp.new_backend()) + 0.005
+
+
+def test_pipeline_run_folder(tmp_path):
+    from medkt.pipelines.phantom import PhantomTransferPipeline
+
+    out = tmp_path / "run"
+    pipe = PhantomTransferPipeline(backend="phantom:base", novel="nodule", description=BUNDLE["description"],
+                                   known_descriptions=BUNDLE["known_descriptions"], recipe=fast_recipe(20, 4),
+                                   seeds=1, eval_per_class=4, cupl_prompts=2, segmentation=True,
+                                   segmentation_images=2, split="val", output_dir=out, progress=False)
+    res = pipe.run()
+    saved = json.loads((out / "results.json").read_text())
+    for k in REQUIRED:
+        assert k in saved and saved[k] == pytest.approx(res[k])
+    assert all(0.0 <= saved[k] <= 1.0 for k in REQUIRED if k != "seconds_transfer")
+    report = (out / "report.md").read_text()
+    for fig in ("inverted_vs_real.png", "per_class_accuracy.png", "confusion.png"):
+        assert (out / fig).is_file() and fig in report
+    assert "placebo" in report and "## Settings" in report
+    assert saved["segmentation"]["n_images"] == 2
