@@ -237,7 +237,8 @@ def load_sim_cache() -> dict[str, Any]:
         return {}
 
 
-def similarity_run(spec: str, backend, cfg: dict[str, Any], n: int, seed: int, mode: str) -> dict[str, Any] | None:
+def similarity_run(spec: str, backend, cfg: dict[str, Any], n: int, seed: int, mode: str,
+                   write_cache: bool = True) -> dict[str, Any] | None:
     """Final similarity of ``cfg`` on ``n`` images: cached, live, or None (mode: cache|live|auto|off)."""
     from medkt.inversion import invert
 
@@ -251,11 +252,11 @@ def similarity_run(spec: str, backend, cfg: dict[str, Any], n: int, seed: int, m
     t = time.perf_counter()
     res = invert(backend, _targets(n), {**cfg, "seed": seed}, progress=True)
     out = {"final_similarity": float(sum(res.similarities) / len(res.similarities)), "per_image": res.similarities,
-           "steps_run": res.steps_run, "seconds": time.perf_counter() - t, "images": n,
+           "steps_run": res.steps_run, "seconds": time.perf_counter() - t, "images": n, "backend": spec,
            "measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "loadavg": os.getloadavg(),
            "threads": torch.get_num_threads(),
            "curve": [float(v) for v in res.history[0][:: max(1, len(res.history[0]) // 50)]]}
-    if "tiny" not in spec:  # tiny test runs do not pollute the cache
+    if write_cache:  # --tiny (test) runs do not pollute the cache
         cache = load_sim_cache()
         cache[key] = out
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -292,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--similarity", choices=["auto", "live", "cache", "off"], default=None,
                    help="final-similarity runs: auto = cached else live (quick: cached only)")
     p.add_argument("--similarity-images", type=int, default=1, help="images per similarity run")
+    p.add_argument("--similarity-backend", default=None,
+                   help="backend of the final-similarity runs (default: --backend), e.g. a cheaper proxy")
     p.add_argument("--paper-steps", type=int, default=5000)
     p.add_argument("--reference-peak-gflops", type=float, default=REFERENCE_PEAK_GFLOPS,
                    help="idle-machine matmul peak used for the idle projection")
@@ -335,16 +338,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 2. step times, stage by stage (the paper recipe's single stage is the default's last one)
     log("inversion step times")
+    paper_step = time_steps(backend, paper, a.images, k, reps, matmul_n)
+    log(f"  paper recipe: {paper_step['step_s']:.3f} s/step")
+    schedule_keys = ("resolutions", "resolution_steps", "steps", "early_stop_patience", "early_stop_min_delta")
+    per_step_settings = {kk: v for kk, v in default.items() if kk not in schedule_keys}
     stage_times: dict[int, dict[str, Any]] = {}
     for size, _ in stage_plan(default, backend.image_size) + [(backend.image_size, 0)]:
         if size in stage_times:
             continue
-        cfg = {**{kk: v for kk, v in default.items() if kk not in ("resolutions", "resolution_steps", "steps",
-                                                                  "early_stop_patience")},
-               "resolutions": [size], "resolution_steps": []}
+        if size == backend.image_size and not per_step_settings:  # same step as the paper recipe's
+            stage_times[size] = paper_step
+            continue
+        cfg = {**per_step_settings, "resolutions": [size], "resolution_steps": []}
         stage_times[size] = time_steps(backend, cfg, a.images, k, reps, matmul_n)
-        log(f"  stage {size}px: {stage_times[size]['step_s']:.3f} s/step")
-    paper_step = time_steps(backend, paper, a.images, k, reps, matmul_n)
+        log(f"  default recipe, {size}px stage: {stage_times[size]['step_s']:.3f} s/step")
     mem["inversion"] = max_rss_mb()
 
     # 3. FLOPs and fraction of peak at the model-resolution stage (paper recipe = 224 only)
@@ -377,8 +384,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 6. final similarity (real runs, cached)
     log(f"final similarity (mode {sim_mode})")
-    sim_default = similarity_run(spec, backend, default, a.similarity_images, 0, sim_mode)
-    sim_paper = similarity_run(spec, backend, paper, a.similarity_images, 0, sim_mode)
+    sim_spec, sim_backend = spec, backend
+    if a.similarity_backend and a.similarity_backend != spec:
+        torch.manual_seed(0)
+        sim_spec, sim_backend = a.similarity_backend, create_backend(a.similarity_backend).eval()
+    sim_recipes = recipes(sim_backend.image_size, paper["steps"], 12 if tiny else None)
+    sim_default = similarity_run(sim_spec, sim_backend, sim_recipes[1], a.similarity_images, 0, sim_mode, not tiny)
+    sim_paper = similarity_run(sim_spec, sim_backend, sim_recipes[0], a.similarity_images, 0, sim_mode, not tiny)
+    out["similarity_backend"] = sim_spec
     mem["similarity"] = max_rss_mb()
     steps_default = sim_default["steps_run"][0] if sim_default else None
     ttc_default, ttc_paper = project(default, steps_default), project(paper)

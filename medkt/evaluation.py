@@ -30,9 +30,11 @@ class ClassificationResult:
     per_class: dict[str, float] = field(default_factory=dict)
     confusion: np.ndarray | None = None  # (K, K) rows = true, cols = predicted
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, max_confusion_classes: int = 100) -> dict[str, Any]:
+        """JSON-ready summary; the confusion matrix is left out above ``max_confusion_classes``."""
+        small = self.confusion is not None and len(self.classes) <= max_confusion_classes
         return {"accuracy": self.accuracy, "per_class": self.per_class, "classes": self.classes,
-                "confusion": self.confusion.tolist() if self.confusion is not None else None,
+                "confusion": self.confusion.tolist() if small else None,
                 "n_images": len(self.labels)}
 
     def class_probabilities(self, logit_scale: float = 100.0) -> np.ndarray:

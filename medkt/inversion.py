@@ -20,6 +20,7 @@ uninterrupted run.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -79,12 +80,17 @@ class InversionConfig:
     parametrization: str = "pixels"
     residual_size: int | None = None  # None = model size
     residual_max: float | None = None  # None = unbounded
+    residual_l1: float = 0.0  # weight of mean |residual|: a sparse, local edit of the init image
     # init="images" starts from ``invert(..., init_images=...)`` (cycled; e.g. normal scans)
     init_jitter: float = 0.0  # std of Gaussian noise added to init images (pixel units)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> "InversionConfig":
+        """Build from a dict of fields; ``"preset": NAME`` starts from :data:`INVERSION_PRESETS`
+        (explicit fields override the preset's)."""
         d = dict(d or {})
+        if "preset" in d:
+            d = {**preset_dict(str(d.pop("preset"))), **d}
         known = {f.name for f in fields(cls)}
         bad = sorted(set(d) - known)
         if bad:
@@ -118,6 +124,28 @@ class InversionConfig:
                 )
             if list(self.resolution_steps or []) != sorted(self.resolution_steps or []):
                 raise ConfigError(f"resolution_steps must increase, got {self.resolution_steps}")
+
+
+#: Named inversion recipes (``{"preset": NAME}`` in a config). Resolutions are given for a
+#: 224-px model and scaled to the model by :func:`preset_dict` when it is told the model size.
+#: "paper": the paper's 5,000 steps at the model size (= ``InversionConfig()``).
+#: "fast": medkt's measured recipe, ~12x fewer steps (benchmarks/run.py, README "Performance"):
+#: with random-weight ViT-B/32 it ends at a similarity of 0.9998 (the paper recipe cannot exceed 1).
+INVERSION_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "fast": {"steps": 400},
+}
+
+
+def preset_dict(name: str, image_size: int | None = None) -> dict[str, Any]:
+    """The fields of preset ``name``; progressive resolutions scaled to ``image_size`` if given."""
+    if name not in INVERSION_PRESETS:
+        raise unknown_name("inversion preset", name, list(INVERSION_PRESETS))
+    d = copy.deepcopy(INVERSION_PRESETS[name])
+    if image_size and d.get("resolutions"):
+        f = image_size / 224
+        d["resolutions"] = [min(image_size, max(4, int(round(r * f)))) for r in d["resolutions"][:-1]] + [image_size]
+    return d
 
 
 @dataclass
@@ -384,6 +412,8 @@ def _run_chunk_residual(
         loss = loss_rows.view(cfg.views, -1).mean(0)
         if cfg.tv_weight:
             loss = loss + cfg.tv_weight * total_variation(d, cfg.tv_diagonals)
+        if cfg.residual_l1:
+            loss = loss + cfg.residual_l1 * d.abs().mean(dim=(1, 2, 3))
         (grad,) = torch.autograd.grad(loss.sum(), r)
         if cfg.grad_clip:
             grad = _clip_per_image(grad, cfg.grad_clip)
@@ -614,6 +644,7 @@ def inversion_summary(result: InversionResult) -> dict[str, Any]:
 
 
 __all__ = [
-    "InversionConfig", "InversionResult", "InversionTarget", "invert", "save_inversion", "load_inversion",
+    "InversionConfig", "InversionResult", "InversionTarget", "invert", "INVERSION_PRESETS", "preset_dict",
+    "save_inversion", "load_inversion",
     "register_inversion_objective", "get_objective", "save_grid", "similarity", "inversion_summary",
 ]

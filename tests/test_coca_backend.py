@@ -160,3 +160,24 @@ def test_unknown_architecture_and_missing_weights():
         create_backend("coca:coca_ViT-B-33@random")
     with pytest.raises(WeightsNotFoundError, match="HF cache"):
         create_backend("coca:coca_ViT-B-32@laion2b_s13b_b90k")
+
+
+def test_checkpoint_file_and_hf_cache_tag(coca, tmp_path, monkeypatch):
+    from medkt.backends import create_backend
+    from medkt.backends.coca import _resolve_checkpoint
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    torch.save({"state_dict": {"module." + k: v for k, v in coca.model.state_dict().items()}},
+               folder / "open_clip_pytorch_model.bin")  # open_clip's training-checkpoint layout
+    loaded = create_backend(f"coca:tiny@{folder}", seed=123)
+    x = torch.rand(1, 3, coca.image_size, coca.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_pixels(x), coca.encode_pixels(x))
+        torch.testing.assert_close(loaded.model.text_decoder.text_projection, coca.model.text_decoder.text_projection)
+    # pretrained tags resolve to the local HF cache only
+    snap = tmp_path / "hub" / "models--laion--CoCa-ViT-B-32-laion2B-s13B-b90k" / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap / "open_clip_pytorch_model.bin").write_bytes(b"x")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert _resolve_checkpoint("coca_ViT-B-32", "laion2b_s13b_b90k") == snap / "open_clip_pytorch_model.bin"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,18 +16,24 @@ TWO = [{"name": "dog", "description": "a furry pet with a tail", "n_images": 2},
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from medkt.data.prepare import prepare
-    from medkt.natural.classnames import imagenet100_wnids, imagenet_wnids
+    from medkt.natural.classnames import imagenet100_wnids
 
     root = tmp_path_factory.mktemp("natural")
     write_rare_concepts(root / "rare", per_concept=2)
-    write_imagenet(root / "imagenet", imagenet_wnids(), per_class=1)
+    # ImageNet-style val folders of the 100 ImageNet-100 synsets; the CLIP bundle classifies
+    # them among all 1000 classes (a subset of the real 50,000-image val set, same layout)
+    write_imagenet(root / "imagenet", imagenet100_wnids(), per_class=1)
     f30k = write_karpathy(root / "f30k", "flickr30k", n_test=4, n_train=1)
     coco = write_karpathy(root / "coco", "coco", n_test=3, n_train=1)
+    from medkt.data.manifest import read_manifest, write_manifest
+
+    in100 = prepare("imagenet100", root / "imagenet", out=root / "imagenet" / "imagenet100.csv")
     return {
         "root": root,
+        # 20 of those images as the CLIP bundle's ImageNet-1k retention set (keeps the test short)
+        "imagenet20": write_manifest(read_manifest(in100)[:20], root / "imagenet" / "imagenet_subset.csv"),
         "rare": prepare("rare_concepts", root / "rare"),
-        "imagenet": prepare("imagenet", root / "imagenet"),
-        "imagenet100": prepare("imagenet100", root / "imagenet", out=root / "imagenet" / "imagenet100.csv"),
+        "imagenet100": in100,
         "imagenet100_wnids": imagenet100_wnids(),
         "f30k": f30k,
         "coco": coco,
@@ -49,22 +54,34 @@ def test_rare_concepts_clip(data, tmp_path):
     from medkt.backends import create_backend
 
     common = {"backend": "clip:medkt-tiny-ViT@random", "rare_concepts_manifest": str(data["rare"]),
-              "imagenet_manifest": str(data["imagenet"]), "inversion": {**TINY_INV, "resolutions": [16, 32]},
+              "imagenet_manifest": str(data["imagenet20"]), "inversion": {**TINY_INV, "resolutions": [16, 32]},
               "templates": ["a photo of a {}.", "itap of a {}."], "finetune#lr": 1e-3}
     res = _run("rare_concepts_clip", common, tmp_path / "run")
     ev = res["evaluations"]
-    assert len(ev["rare_concepts"]["before"]["classes"]) == 1003 and ev["imagenet"]["after"]["n_images"] == 1000
+    assert len(ev["rare_concepts"]["before"]["classes"]) == 1003 and len(ev["imagenet"]["before"]["classes"]) == 1000
+    assert ev["imagenet"]["after"]["n_images"] == 20
     assert set(ev["rare_concepts"]["after"]["per_class"]) == {"moongate", "tonometer", "gyroscope"}
     assert res["finetune"]["steps"] == 8  # 30 inverted images, batch 4
     tuned = load_file(str(tmp_path / "run" / "finetuned.safetensors"))
     base = create_backend("clip:medkt-tiny-ViT@random").state_dict()
     assert tuned and all("visual" in k for k in tuned) and any(not torch.equal(v, base[k]) for k, v in tuned.items())
+
+
+@pytest.mark.slow
+def test_rare_concepts_clip_text_only_ablation(data, tmp_path):
+    from safetensors.torch import load_file
+
+    common = {"backend": "clip:medkt-tiny-ViT@random", "rare_concepts_manifest": str(data["rare"]),
+              "imagenet_manifest": str(data["imagenet20"]), "inversion": {**TINY_INV, "resolutions": [16, 32]},
+              "templates": ["a photo of a {}."], "finetune#lr": 1e-3}
     # Fig. 4 ablation config: text encoder trained instead of the visual one
     res = _run("rare_concepts_clip", common, tmp_path / "text_only", config="ablation_text_only.json")
     tuned = load_file(str(tmp_path / "text_only" / "finetuned.safetensors"))
     assert res["finetune"]["steps"] == 8 and tuned and not any(k.startswith("model.visual") for k in tuned)
     settings = json.loads((tmp_path / "text_only" / "settings.json").read_text())
     assert settings["settings"]["finetune"]["train"] == "text"
+
+
 
 
 def test_ablation_configs_layer_on_transfer_json():
@@ -86,14 +103,14 @@ def test_ablation_configs_layer_on_transfer_json():
 
 def _vilt_overrides(data):
     return {"backend": "vilt:tiny@random", "rare_concepts_manifest": str(data["rare"]),
-            "imagenet100_manifest": str(data["imagenet100"]), "inversion": TINY_INV, "finetune#lr": 1e-3,
+            "imagenet100_manifest": str(data["imagenet20"]), "inversion": TINY_INV, "finetune#lr": 1e-3,
             "separate_concepts": False, "concepts#0#n_images": 2, "concepts#1#n_images": 2, "concepts#2#n_images": 2}
 
 
 def test_rare_concepts_vilt_and_explicit_mlm_reuse(data, tmp_path):
     res = _run("rare_concepts_vilt", _vilt_overrides(data), tmp_path / "itm")
     ev = res["evaluations"]
-    assert len(ev["rare_concepts"]["before"]["classes"]) == 103 and ev["imagenet100"]["before"]["n_images"] == 100
+    assert len(ev["rare_concepts"]["before"]["classes"]) == 103 and ev["imagenet100"]["before"]["n_images"] == 20
     assert res["finetune"]["loss"] == "itm" and res["finetune"]["steps"] == 2
     sims = res["inversion"]["per_concept_similarity"]
     assert set(sims) == {"moongate", "tonometer", "gyroscope"} and all(0 < v < 1 for v in sims.values())

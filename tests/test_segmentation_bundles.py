@@ -115,6 +115,14 @@ def test_load_samples_reads_dicom_spacing_and_pairs_folders(tmp_path):
     prepare("siim_pneumothorax", root)
     s = load_samples({"manifest": str(root / "siim_pneumothorax.csv"), "labels": ["pneumothorax"]})
     assert len(s) == 2 and s[0].spacing == pytest.approx((0.17, 0.17)) and s[0].mask.any()
+    # JPEG images + PNG masks paired by sorted stem
+    rng = np.random.default_rng(0)
+    img, mask = blob_image((30, 40), (12, 20), 6, rng)
+    write_png(tmp_path / "jpg" / "x1.jpg", img)
+    write_mask_png(tmp_path / "jm" / "x1.png", mask)
+    s = load_samples({"images": str(tmp_path / "jpg"), "masks": str(tmp_path / "jm")})
+    assert s[0].name == "x1" and s[0].image.shape == (30, 40) and np.array_equal(s[0].mask, mask)
+    assert abs(float(s[0].image[~mask].mean()) - 0.55) < 0.05
     (tmp_path / "im").mkdir()
     (tmp_path / "ma").mkdir()
     write_png(tmp_path / "im" / "a.png", np.zeros((8, 8)))
@@ -195,3 +203,20 @@ def test_pipeline_saliency_only_finds_obvious_lesion(tmp_path):
     assert r["table"].rows[0]["dsc"] > 0.6
     ys, xs = np.nonzero(r["per"]["a"]["pred"])
     assert 16 <= ys.mean() < 32 and 32 <= xs.mean() < 48
+
+
+def test_saliency_geometry_of_non_square_images():
+    """Saliency is computed on the zero-padded square and cropped back to the image."""
+    import torch
+
+    from helpers_segmentation import PlantedToyBackend
+    from medkt.segmentation.m2ib import M2IB
+    from medkt.segmentation.pipeline import saliency_for_image
+
+    img = np.full((48, 96), 0.2, np.float32)  # padded to 96 x 96 with 24 rows on top -> token rows of 24 px
+    img[0:24, 48:72] = 0.9  # padded rows 24:48 -> token (1, 2)
+    torch.manual_seed(0)
+    sal = saliency_for_image(M2IB(PlantedToyBackend()), img, "lesion", seed=0)
+    assert sal.shape == (48, 96)
+    inside = sal[0:24, 48:72].mean()
+    assert inside > 3 * sal[24:, :].mean() and inside > 3 * sal[:, :36].mean()

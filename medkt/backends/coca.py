@@ -455,12 +455,15 @@ def create(architecture: str, weights: str | None, **kw) -> CocaBackend:
 
     import medkt.natural.objectives  # noqa: F401  (registers the 'itm' / 'mlm' / 'clip+caption' plug-ins)
 
-    tiny = register_tiny_configs()
+    register_tiny_configs()
     if architecture == "tiny":
         architecture = "coca_tiny"
     known = [m for m in open_clip.list_models() if m.startswith("coca")]
     if architecture not in known:
         raise unknown_name("CoCa architecture", architecture, known)
+    path = None
+    if weights != "random":  # find the checkpoint before building a large model
+        path = _resolve_checkpoint(architecture, weights)
     torch.manual_seed(int(kw.pop("seed", 0)))
     model = open_clip.create_model(architecture, pretrained=None, device="cpu")
     if weights == "random":
@@ -470,10 +473,7 @@ def create(architecture: str, weights: str | None, **kw) -> CocaBackend:
         proj = model.text_decoder.text_projection
         with torch.no_grad():
             proj.normal_(std=model.text_decoder.width**-0.5)
-    if weights != "random":
-        if architecture in tiny:
-            raise ConfigError(f"{architecture} is a test architecture: use '@random'")
-        path = _resolve_checkpoint(architecture, weights) if weights else _resolve_checkpoint(architecture, None)
+    if path is not None:
         open_clip.load_checkpoint(model, str(path))
     cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
     mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)

@@ -450,9 +450,13 @@ def create(architecture: str, weights: str | None, tokenizer: str | None = None,
     folder = resolve_weights(weights, what="ViLT (dandelin/vilt-b32-mlm-itm)", how_to_get=HOW_TO_GET)
     if folder.is_file():
         folder = folder.parent
-    if not (folder / "config.json").is_file():
+    if (folder / "config.json").is_file():
+        config = ViltConfig.from_pretrained(str(folder), local_files_only=True)
+    elif architecture == "b32":  # ViltConfig's defaults are ViLT-B/32 (dandelin/vilt-b32-*)
+        log.warning("no config.json in %s: using ViltConfig() defaults (ViLT-B/32)", folder)
+        config = ViltConfig(**ARCHITECTURES[architecture])
+    else:
         raise WeightsNotFoundError(f"ViLT weights folder {folder} has no config.json. {HOW_TO_GET}")
-    config = ViltConfig.from_pretrained(str(folder), local_files_only=True)
     model = ViltITM(config)
     load_itm_checkpoint(model, _read_state_dict(folder), source=str(folder))
     tok = _load_tokenizer(folder, tokenizer)

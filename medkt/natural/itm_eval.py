@@ -119,7 +119,13 @@ class StreamingZeroShotEvaluator:
         import torch.nn.functional as F
 
         flat = [p for c in self.classes for p in self.class_prompts[c]]
-        emb = self.backend.encode_texts(flat, batch_size=self.batch_size)
+        # class embeddings are reused while the text encoder is untouched (in-place optimiser
+        # updates bump the tensors' version counters, which invalidates the cache)
+        key = tuple(p._version for p in self.backend.text_parameters())
+        if getattr(self, "_text_key", None) != key:
+            self._text_emb = self.backend.encode_texts(flat, batch_size=self.batch_size)
+            self._text_key = key
+        emb = self._text_emb
         sizes = [len(self.class_prompts[c]) for c in self.classes]
         per_class = torch.split(emb, sizes)
         text = torch.stack([F.normalize(e.mean(0), dim=-1) for e in per_class]) if self.aggregate == "mean" else None

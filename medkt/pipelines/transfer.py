@@ -234,7 +234,8 @@ class TransferPipeline(Pipeline):
         return results
 
 
-def accuracy_bars(before: ClassificationResult, after: ClassificationResult, path: Path, title: str = "") -> Path:
+def accuracy_bars(before: ClassificationResult, after: ClassificationResult, path: Path, title: str = "",
+                  max_classes: int = 30) -> Path:
     """Per-class accuracy before/after as a bar chart (PNG)."""
     import io
 
@@ -246,6 +247,11 @@ def accuracy_bars(before: ClassificationResult, after: ClassificationResult, pat
     from medkt.utils import atomic_write_bytes
 
     classes = [c for c in before.classes if c in before.per_class]
+    if len(classes) > max_classes:  # e.g. ImageNet-1k: show the classes that changed most
+        change = {c: abs(after.per_class.get(c, 0.0) - before.per_class[c]) for c in classes}
+        keep = set(sorted(classes, key=lambda c: -change[c])[:max_classes])
+        classes = [c for c in classes if c in keep]
+        title = f"{title} ({max_classes} classes with the largest change)"
     x = np.arange(len(classes))
     fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(classes) + 2), 3.2))
     ax.bar(x - 0.2, [100 * before.per_class[c] for c in classes], 0.4, label="before")
