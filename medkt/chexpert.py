@@ -23,13 +23,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from medkt.backends.base import Backend
-from medkt.errors import ConfigError, DataError
-from medkt.evaluation import ZeroShotEvaluator
+from medkt.errors import ConfigError
+from medkt.evaluation import ZeroShotEvaluator, class_text_embeddings
 
 #: CheXpert competition tasks = the five classes of CheXpert-5x200c, in MedCLIP's order
 CHEXPERT_5X200C_CLASSES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
@@ -69,18 +68,6 @@ def chexpert_class_prompts(n: int | None = 10, seed: int = 0,
 
 
 # -- MedCLIP PromptClassifier semantics -------------------------------------------------------
-def class_text_embeddings(backend: Backend, class_prompts: dict[str, Sequence[str]]) -> list[torch.Tensor]:
-    """Normalised ``(P_k, D)`` per class, each class tokenised as one batch (as MedCLIP does; with
-    its padding-inclusive pooling the padding length of the batch matters)."""
-    out = []
-    with torch.no_grad():
-        for c, prompts in class_prompts.items():
-            if not prompts:
-                raise DataError(f"class {c!r} has no prompts")
-            out.append(F.normalize(backend.encode_text(backend.tokenize(list(prompts))).float(), dim=-1))
-    return out
-
-
 def medclip_class_scores(backend: Backend, x01: torch.Tensor, class_prompts: dict[str, Sequence[str]],
                          ensemble: str = "mean") -> torch.Tensor:
     """MedCLIP ``PromptClassifier`` logits ``(B, K)`` for [0, 1] pixels ``(B, C, S, S)``.
@@ -101,37 +88,12 @@ def medclip_class_scores(backend: Backend, x01: torch.Tensor, class_prompts: dic
 
 
 class PromptEnsembleEvaluator(ZeroShotEvaluator):
-    """Zero-shot evaluator with MedCLIP's prompt scoring.
-
-    ``aggregate``: ``"mean_similarity"`` (MedCLIP ``ensemble=True``: mean cosine over the class's
-    prompts), ``"max"`` (best prompt) or ``"mean"`` (CLIP's embedding ensemble, as the base
-    class). Text is tokenised per class, as upstream. Scores are cosine similarities (the logit
-    scale is a positive constant and does not change the ranking).
-    """
+    """:class:`ZeroShotEvaluator` defaulting to MedCLIP's prompt scoring (``"mean_similarity"``:
+    mean cosine over a class's prompts, upstream ``ensemble=True``)."""
 
     def __init__(self, backend: Backend, images: Any, labels: Sequence[str], class_prompts: dict[str, Sequence[str]],
                  aggregate: str = "mean_similarity", batch_size: int = 64):
-        self._medclip_aggregate = aggregate
-        if aggregate not in ("mean_similarity", "max", "mean"):
-            raise DataError(f"aggregate must be 'mean_similarity', 'max' or 'mean', got {aggregate!r}")
-        super().__init__(backend, images, labels, class_prompts,
-                         aggregate="max" if aggregate == "mean_similarity" else aggregate, batch_size=batch_size)
-
-    def text_embeddings(self):
-        if self._text is None:
-            per_class = class_text_embeddings(self.backend, {c: self.class_prompts[c] for c in self.classes})
-            if self._medclip_aggregate == "mean":
-                self._text = torch.stack([F.normalize(e.mean(0), dim=-1) for e in per_class])
-            else:
-                self._text = per_class
-        return self._text
-
-    def scores(self) -> np.ndarray:
-        if self._medclip_aggregate != "mean_similarity":
-            return super().scores()
-        img = self.image_embeddings()
-        txt = self.text_embeddings()
-        return torch.stack([(img @ e.t()).mean(1) for e in txt], 1).cpu().numpy()
+        super().__init__(backend, images, labels, class_prompts, aggregate=aggregate, batch_size=batch_size)
 
 
 __all__ = [

@@ -1,8 +1,11 @@
 """Zero-shot classification: prompt ensembles, accuracy overall / per class, confusion matrix.
 
 A class is scored by the cosine similarity between the image embedding and its prompts:
-``"mean"`` (CLIP's ensemble: mean of normalised prompt embeddings, renormalised) or ``"max"``
-(MedCLIP's PromptClassifier: best prompt). Text embeddings are cached per class set (they do not
+``"mean"`` (CLIP's ensemble: mean of normalised prompt embeddings, renormalised),
+``"mean_similarity"`` (MedCLIP's PromptClassifier with ``ensemble=True``: mean of the per-prompt
+similarities) or ``"max"`` (MedCLIP with ``ensemble=False``: best prompt). Each class's prompts
+are tokenised as one batch, as MedCLIP does (its pooling averages padding tokens too, so the
+batch's padding length matters). Text embeddings are cached per class set (they do not
 change while only the visual encoder trains); image pixels are loaded once and their embeddings
 computed once per model state (:class:`ZeroShotEvaluator`).
 """
@@ -80,6 +83,24 @@ def auroc(scores_pos: Sequence[float], scores_neg: Sequence[float]) -> float:
     return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
+AGGREGATES = ("mean", "mean_similarity", "max")
+
+
+def class_text_embeddings(backend: Backend, class_prompts: dict[str, Sequence[str]], batch_size: int = 256) -> list[torch.Tensor]:
+    """Normalised prompt embeddings ``(P_k, D)`` per class; each class tokenised as one batch
+    (split only beyond ``batch_size`` prompts)."""
+    out = []
+    with torch.no_grad():
+        for c, prompts in class_prompts.items():
+            if not prompts:
+                raise DataError(f"class {c!r} has no prompts")
+            prompts = list(prompts)
+            parts = [backend.encode_text(backend.tokenize(prompts[i : i + batch_size])).float()
+                     for i in range(0, len(prompts), batch_size)]
+            out.append(F.normalize(torch.cat(parts), dim=-1))
+    return out
+
+
 class ZeroShotEvaluator:
     """Zero-shot classifier over a fixed image set and class-prompt set.
 
@@ -88,13 +109,14 @@ class ZeroShotEvaluator:
             ``backend.load_image``).
         labels: class name per image.
         class_prompts: class -> list of prompts (all classes, in output order).
-        aggregate: ``"mean"`` (embedding ensemble) or ``"max"`` (best prompt).
+        aggregate: ``"mean"`` (embedding ensemble), ``"mean_similarity"`` (mean prompt
+            similarity) or ``"max"`` (best prompt).
     """
 
     def __init__(self, backend: Backend, images: Any, labels: Sequence[str], class_prompts: dict[str, Sequence[str]],
                  aggregate: str = "mean", batch_size: int = 64):
-        if aggregate not in ("mean", "max"):
-            raise DataError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
+        if aggregate not in AGGREGATES:
+            raise DataError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
         self.classes = list(class_prompts)
         bad = sorted({lab for lab in labels if lab not in class_prompts})
         if bad:
@@ -116,16 +138,11 @@ class ZeroShotEvaluator:
         self._text: torch.Tensor | list[torch.Tensor] | None = None
 
     def text_embeddings(self) -> torch.Tensor | list[torch.Tensor]:
-        """Cached: ``(K, D)`` class embeddings ("mean") or a list of ``(P_k, D)`` ("max")."""
+        """Cached: ``(K, D)`` class embeddings ("mean") or a list of ``(P_k, D)`` (otherwise)."""
         if self._text is None:
-            flat = [p for c in self.classes for p in self.class_prompts[c]]
-            emb = self.backend.encode_texts(flat, batch_size=self.batch_size)
-            out, i = [], 0
-            for c in self.classes:
-                n = len(self.class_prompts[c])
-                out.append(emb[i : i + n])
-                i += n
-            self._text = torch.stack([F.normalize(e.mean(0), dim=-1) for e in out]) if self.aggregate == "mean" else out
+            per_class = class_text_embeddings(self.backend, {c: self.class_prompts[c] for c in self.classes})
+            self._text = (torch.stack([F.normalize(e.mean(0), dim=-1) for e in per_class])
+                          if self.aggregate == "mean" else per_class)
         return self._text
 
     def image_embeddings(self) -> torch.Tensor:
@@ -140,6 +157,8 @@ class ZeroShotEvaluator:
         txt = self.text_embeddings()
         if self.aggregate == "mean":
             s = img @ txt.t()
+        elif self.aggregate == "mean_similarity":
+            s = torch.stack([(img @ e.t()).mean(1) for e in txt], 1)
         else:
             s = torch.stack([(img @ e.t()).max(1).values for e in txt], 1)
         return s.cpu().numpy()

@@ -21,87 +21,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from medkt.backends import create_backend
 from medkt.backends.base import Backend
-from medkt.chexpert import PromptEnsembleEvaluator, chexpert_class_prompts
-from medkt.errors import ConfigError, DataError
-from medkt.evaluation import ClassificationResult
+from medkt.errors import ConfigError
+from medkt.evaluation import ClassificationResult, ZeroShotEvaluator
 from medkt.finetune import finetune
 from medkt.inversion import invert, inversion_summary, save_inversion
 from medkt.pipelines.base import Pipeline, log
-from medkt.pipelines.transfer import TransferPipeline, inversion_targets
+from medkt.pipelines.transfer import TransferPipeline, class_prompts_of, inversion_targets
+from medkt.pipelines.transfer import load_evaluation_set as load_generic_evaluation_set
 from medkt.utils import atomic_write_json, atomic_write_text
 
-PROMPT_GENERATORS = {"chexpert": chexpert_class_prompts}
-
-
 def resolve_prompts(spec: dict[str, Any]) -> dict[str, list[str]]:
-    """An evaluation spec's class -> prompts (explicit ``classes`` or a ``prompt_generator``)."""
-    if "prompt_generator" in spec:
-        gen = dict(spec["prompt_generator"])
-        name = gen.pop("name", None)
-        if name not in PROMPT_GENERATORS:
-            raise ConfigError(f"unknown prompt_generator {name!r}; known: {sorted(PROMPT_GENERATORS)}")
-        try:
-            return PROMPT_GENERATORS[name](**gen)
-        except TypeError as exc:
-            raise ConfigError(f"bad prompt_generator options {gen}: {exc}") from None
-    classes = spec.get("classes")
-    if not isinstance(classes, dict) or not classes:
-        raise ConfigError(f"evaluation set needs 'classes' (class -> prompts) or a 'prompt_generator', got keys {sorted(spec)}")
-    out = {}
-    for c, prompts in classes.items():
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts or [])
-        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
-            raise ConfigError(f"class {c!r} needs at least one non-empty prompt")
-        out[str(c)] = prompts
-    return out
+    """An evaluation spec's class -> prompts (see :func:`medkt.pipelines.transfer.class_prompts_of`)."""
+    return class_prompts_of(spec)
 
 
-def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any]) -> tuple[PromptEnsembleEvaluator, dict[str, Any]]:
-    """Read the manifest, decode every image once, build the evaluator. Returns (evaluator, info)."""
-    from medkt.data.manifest import ManifestProblem, read_manifest
-
-    prompts = resolve_prompts(spec)
-    if "manifest" not in spec:
-        raise ConfigError(f"evaluation {name!r} needs a 'manifest'")
-    manifest = Path(spec["manifest"])
-    root = Path(spec.get("root") or manifest.parent)
-    skip_bad = bool(spec.get("skip_bad", False))
-    problems: list[ManifestProblem] = []
-    rows = read_manifest(manifest, root, classes=list(prompts), split=spec.get("split"),
-                         skip_bad=skip_bad, problems=problems)
-    pixels, labels = [], []
-    try:
-        from tqdm.auto import tqdm
-
-        it = tqdm(rows, desc=f"load {name}", unit="img", leave=False, disable=None)
-    except ImportError:  # pragma: no cover
-        it = rows
-    for r in it:
-        try:
-            pixels.append(backend.load_image(root / r.path))
-        except DataError as exc:
-            if not skip_bad:
-                raise DataError(f"{r.source}: {exc}") from None
-            problems.append(ManifestProblem(r.source or r.path, str(exc)))
-            continue
-        labels.append(r.label)
-    empty = [c for c in prompts if c not in set(labels)]
-    if empty:
-        raise DataError(f"{manifest}: no usable images for class(es) {empty} "
-                        f"({len(problems)} bad rows skipped); every class needs at least one image")
-    ev = PromptEnsembleEvaluator(backend, torch.stack(pixels), labels, prompts,
-                                 aggregate=spec.get("aggregate", "mean_similarity"))
-    info = {"title": spec.get("title", name), "manifest": str(manifest), "n_images": len(labels),
-            "skipped_rows": len(problems), "skipped": [str(p) for p in problems[:20]],
-            "aggregate": spec.get("aggregate", "mean_similarity"),
-            "n_prompts": {c: len(p) for c, p in prompts.items()}}
-    if problems:
-        log.warning("%s: skipped %d bad row(s), e.g. %s", name, len(problems), problems[0])
-    return ev, info
+def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any]) -> tuple[ZeroShotEvaluator, dict[str, Any]]:
+    """The generic evaluation-set loader with MedCLIP's prompt scoring as the default aggregate."""
+    return load_generic_evaluation_set(backend, name, spec, default_aggregate="mean_similarity")
 
 
 def accuracy_table(columns: list[tuple[str, dict[str, ClassificationResult]]], titles: dict[str, str]) -> str:
@@ -169,7 +108,7 @@ class CXRTransferSweep(TransferPipeline):
             return [("+".join(c["name"] for c in self.concepts), self.concepts, self.ft_cfg.lr)]
         return [(c["name"], [c], self.base_lr[c["name"]]) for c in self.concepts]
 
-    def _negatives(self, evaluators: dict[str, PromptEnsembleEvaluator], names: set[str]) -> list[str]:
+    def _negatives(self, evaluators: dict[str, ZeroShotEvaluator], names: set[str]) -> list[str]:
         if self.negative_captions is not None:
             return list(self.negative_captions)
         negs: list[str] = []

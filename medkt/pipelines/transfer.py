@@ -10,7 +10,8 @@ Evaluation set config (one entry of ``evaluations``)::
      "split": "test",                         # optional
      "classes": {"benign nodule": ["prompt", ...], ...},   # class -> prompts, or
      "templates": ["a photo of a {}."], "class_names": {"label": "display name"},
-     "aggregate": "mean" | "max",
+     "aggregate": "mean" | "mean_similarity" | "max",
+     "prompt_generator": {"name": "chexpert", ...},  # instead of "classes"
      "skip_bad": false}
 
 or ``{"source": "inversion", "n_images": 5, "seed": 1}``: held-out images inverted with another
@@ -25,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from medkt.backends import create_backend
 from medkt.backends.base import Backend
-from medkt.errors import ConfigError
+from medkt.errors import ConfigError, DataError
 from medkt.evaluation import ClassificationResult, ZeroShotEvaluator, before_after_table
 from medkt.finetune import FinetuneConfig, finetune, make_caption, save_finetuned
 from medkt.inversion import InversionConfig, InversionTarget, invert, inversion_summary, save_inversion
@@ -63,19 +65,84 @@ def inversion_targets(concepts: list[dict[str, Any]]) -> list[InversionTarget]:
     return targets
 
 
+#: name -> "module:function" returning class -> prompts (``{"prompt_generator": {"name": ..., **kw}}``)
+PROMPT_GENERATORS: dict[str, str] = {"chexpert": "medkt.chexpert:chexpert_class_prompts"}
+
+
 def class_prompts_of(spec: dict[str, Any]) -> dict[str, list[str]]:
-    if "classes" in spec:
-        classes = spec["classes"]
-        if isinstance(classes, list):  # names only -> templates
-            classes = {c: None for c in classes}
-        out = {}
-        for c, prompts in classes.items():
-            if prompts is None:
-                name = spec.get("class_names", {}).get(c, c)
-                prompts = [t.format(name) for t in spec.get("templates", ["a photo of a {}."])]
-            out[c] = [prompts] if isinstance(prompts, str) else list(prompts)
-        return out
-    raise ConfigError(f"evaluation set needs 'classes' (class -> prompts or a list of class names), got keys {sorted(spec)}")
+    """An evaluation set's class -> prompts: ``classes`` as class -> prompts, or a list of class
+    names expanded with ``templates`` (and ``class_names`` for display names), or a
+    ``prompt_generator``."""
+    if "prompt_generator" in spec:
+        import importlib
+
+        gen = dict(spec["prompt_generator"])
+        name = gen.pop("name", None)
+        if name not in PROMPT_GENERATORS:
+            raise ConfigError(f"unknown prompt_generator {name!r}; known: {sorted(PROMPT_GENERATORS)}")
+        module, _, func = PROMPT_GENERATORS[name].partition(":")
+        try:
+            return getattr(importlib.import_module(module), func)(**gen)
+        except TypeError as exc:
+            raise ConfigError(f"bad prompt_generator options {gen}: {exc}") from None
+    classes = spec.get("classes")
+    if not classes or not isinstance(classes, (dict, list)):
+        raise ConfigError("evaluation set needs 'classes' (class -> prompts, or a list of class names) or a "
+                          f"'prompt_generator', got keys {sorted(spec)}")
+    if isinstance(classes, list):  # names only -> templates
+        classes = {c: None for c in classes}
+    out = {}
+    for c, prompts in classes.items():
+        if prompts is None:
+            name = spec.get("class_names", {}).get(c, c)
+            prompts = [t.format(name) for t in spec.get("templates", ["a photo of a {}."])]
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+            raise ConfigError(f"class {c!r} needs at least one non-empty prompt")
+        out[str(c)] = prompts
+    return out
+
+
+def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], default_aggregate: str = "mean",
+                        progress: bool = True) -> tuple[ZeroShotEvaluator, dict[str, Any]]:
+    """Read an evaluation set's manifest, decode every image once (the model's preprocessing) and
+    build its :class:`ZeroShotEvaluator`. With ``skip_bad`` bad rows/files are skipped and counted
+    in the returned info; otherwise the first one is a :class:`DataError` naming the row."""
+    from medkt.data.manifest import ManifestProblem, read_manifest
+
+    prompts = class_prompts_of(spec)
+    if "manifest" not in spec:
+        raise ConfigError(f"evaluation {name!r} needs a 'manifest'")
+    manifest = Path(spec["manifest"])
+    root = Path(spec.get("root") or manifest.parent)
+    skip_bad = bool(spec.get("skip_bad", False))
+    aggregate = spec.get("aggregate", default_aggregate)
+    problems: list[ManifestProblem] = []
+    rows = read_manifest(manifest, root, classes=list(prompts), split=spec.get("split"),
+                         skip_bad=skip_bad, problems=problems)
+    pixels, labels = [], []
+    from tqdm.auto import tqdm
+
+    for r in tqdm(rows, desc=f"load {name}", unit="img", leave=False, disable=None if progress else True):
+        try:
+            pixels.append(backend.load_image(root / r.path))
+        except DataError as exc:
+            if not skip_bad:
+                raise DataError(f"{r.source}: {exc}") from None
+            problems.append(ManifestProblem(r.source or r.path, str(exc)))
+            continue
+        labels.append(r.label)
+    empty = [c for c in prompts if c not in set(labels)]
+    if empty:
+        raise DataError(f"{manifest}: no usable images for class(es) {empty} "
+                        f"({len(problems)} bad rows skipped); every class needs at least one image")
+    ev = ZeroShotEvaluator(backend, torch.stack(pixels), labels, prompts, aggregate=aggregate)
+    info = {"title": spec.get("title", name), "manifest": str(manifest), "n_images": len(labels),
+            "skipped_rows": len(problems), "skipped": [str(p) for p in problems[:20]],
+            "aggregate": aggregate, "n_prompts": {c: len(p) for c, p in prompts.items()}}
+    if problems:
+        log.warning("%s: skipped %d bad row(s), e.g. %s", name, len(problems), problems[0])
+    return ev, info
 
 
 class TransferPipeline(Pipeline):
@@ -121,18 +188,7 @@ class TransferPipeline(Pipeline):
             prompts = {c["name"]: [make_caption(c["name"], c["descriptions"][0], self.ft_cfg)] for c in self.concepts}
             info["source"] = "held-out inversions (smoke check, not real images)"
             return ZeroShotEvaluator(backend, held.images, held.concepts, prompts), info
-        from medkt.data.manifest import read_manifest
-
-        prompts = class_prompts_of(spec)
-        if "manifest" not in spec:
-            raise ConfigError(f"evaluation {name!r} needs a 'manifest' (or 'source': 'inversion')")
-        manifest = Path(spec["manifest"])
-        root = Path(spec.get("root") or manifest.parent)
-        rows = read_manifest(manifest, root, classes=list(prompts), split=spec.get("split"))
-        paths = [root / r.path for r in rows]
-        ev = ZeroShotEvaluator(backend, paths, [r.label for r in rows], prompts, aggregate=spec.get("aggregate", "mean"))
-        info.update(manifest=str(manifest), n_images=len(rows))
-        return ev, info
+        return load_evaluation_set(backend, name, spec, progress=self.progress)
 
     def default_negatives(self, evaluators: dict[str, ZeroShotEvaluator]) -> list[str]:
         concept_names = {c["name"] for c in self.concepts}
