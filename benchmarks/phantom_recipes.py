@@ -38,12 +38,16 @@ def _merge(base: dict, over: dict) -> dict:
 
 # overrides of the phantom_nodules recipe explored during research (see docs/README.md)
 VARIANTS: dict[str, dict] = {
-    "no_replay": {"finetune": {"replay_per_batch": 0, "distill_weight": 0.0}, "replay_per_class": 0},
-    "pixels_from_normal": {"inversion": {"parametrization": "pixels", "lr": 0.01}},
-    "from_noise": {"inversion": {"init": "uniform", "parametrization": "pixels", "lr": 0.1, "tv_weight": 0.005,
-                                 "rotate_deg": 30, "translate": 0.1, "scale": [0.7, 1.0]}},
+    "cosine_objective": {"inversion": {"objective": "cosine"}},
+    "any_sign": {"inversion": {"objective": "cosine", "residual_sign": "any"}},
+    "no_replay": {"finetune": {"replay_per_batch": 0, "distill_weight": 0.0, "lr": 1e-4, "epochs": 5},
+                  "replay_per_class": 0},
+    "from_noise": {"inversion": {"init": "uniform", "parametrization": "pixels", "objective": "cosine", "lr": 0.1,
+                                 "tv_weight": 0.005, "rotate_deg": 30, "translate": 0.1, "scale": [0.7, 1.0],
+                                 "blur_sigma": 0.0, "noise_std": 0.0, "views": 1}},
     "paper_finetune": {"finetune": {"lr": 1e-5, "epochs": 1, "optimizer": "adam", "replay_per_batch": 0,
                                     "distill_weight": 0.0}, "replay_per_class": 0},
+    "oracle": {"placebo": "oracle", "inversion": {"steps": 1}},
     "noise_placebo": {"placebo": "noise"},
 }
 

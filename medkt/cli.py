@@ -206,7 +206,7 @@ def main() -> None:
     """Entry point: run the app, turning user errors into one line + exit code 2."""
     debug = "--debug" in sys.argv[1:]
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns typer.Exit's code instead of exiting
     except MedktError as exc:
         if debug:
             raise
@@ -229,6 +229,8 @@ def main() -> None:
         if isinstance(exc, click.exceptions.Abort):
             sys.exit(1)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -81,6 +81,17 @@ class InversionConfig:
     residual_size: int | None = None  # None = model size
     residual_max: float | None = None  # None = unbounded
     residual_l1: float = 0.0  # weight of mean |residual|: a sparse, local edit of the init image
+    residual_sign: str = "any"  # "positive" (the finding adds density) | "negative" | "any"
+    # acquisition-like augmentation of each view (after the affine): Gaussian blur with sigma
+    # drawn in [0, blur_sigma] px and additive noise with std drawn in [0, noise_std], so the
+    # synthesised content must survive the degradations real scans have
+    blur_sigma: float = 0.0
+    noise_std: float = 0.0
+    # captions of concepts the images must NOT look like (e.g. the known classes); used by the
+    # "contrastive" objective, which inverts the paper's Eq. 1 condition directly: the image
+    # should be closer to its text than to every negative caption (softmax cross-entropy)
+    negative_texts: list[str] | None = None
+    contrastive_scale: float = 0.0  # 0 = the backend's logit scale
     # init="images" starts from ``invert(..., init_images=...)`` (cycled; e.g. normal scans)
     init_jitter: float = 0.0  # std of Gaussian noise added to init images (pixel units)
 
@@ -97,6 +108,8 @@ class InversionConfig:
             raise ConfigError(f"unknown inversion option(s) {bad}; known: {sorted(known)}")
         if "scale" in d:
             d["scale"] = tuple(d["scale"])
+        if d.get("negative_texts") is not None:
+            d["negative_texts"] = list(d["negative_texts"])
         cfg = cls(**d)
         cfg.validate()
         return cfg
@@ -112,6 +125,8 @@ class InversionConfig:
             raise ConfigError(f"parametrization must be 'pixels' or 'residual', got {self.parametrization!r}")
         if self.parametrization == "residual" and self.resolutions is not None:
             raise ConfigError("parametrization='residual' sets its own resolution (residual_size); remove 'resolutions'")
+        if self.residual_sign not in ("any", "positive", "negative"):
+            raise ConfigError(f"residual_sign must be 'any', 'positive' or 'negative', got {self.residual_sign!r}")
         if self.residual_size is not None and self.residual_size < 1:
             raise ConfigError(f"residual_size must be >= 1 pixel, got {self.residual_size}")
         if self.views < 1:
@@ -199,6 +214,19 @@ def l2_objective(backend: Backend, x: torch.Tensor, ctx: dict[str, Any]) -> tupl
     return (emb - ctx["text_emb"]).pow(2).sum(-1), sim
 
 
+@register_inversion_objective("contrastive")
+def contrastive_objective(backend: Backend, x: torch.Tensor, ctx: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the target text against ``negative_texts`` (paper Eq. 1/2 used for inversion)."""
+    neg = ctx.get("negative_emb")
+    if neg is None or len(neg) == 0:
+        raise ConfigError("the 'contrastive' inversion objective needs negative_texts (e.g. the known classes' captions)")
+    emb = F.normalize(backend.encode_pixels(x).float(), dim=-1)
+    sim = (emb * ctx["text_emb"]).sum(-1)
+    scale = ctx.get("contrastive_scale") or float(backend.logit_scale)
+    logits = scale * torch.cat([sim[:, None], emb @ neg.T], 1)
+    return F.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long), reduction="none"), sim
+
+
 def get_objective(name: str) -> ObjectiveFn:
     if name not in _OBJECTIVES:
         raise unknown_name("inversion objective", name, list(_OBJECTIVES))
@@ -259,6 +287,29 @@ def _to_model_size(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
 
 
+def _negative_emb(backend: Backend, cfg: InversionConfig) -> torch.Tensor | None:
+    return backend.encode_texts(list(cfg.negative_texts)) if cfg.negative_texts else None
+
+
+def _degrade(x: torch.Tensor, cfg: InversionConfig, gen: torch.Generator) -> torch.Tensor:
+    """Random blur / noise per sample (``blur_sigma``, ``noise_std``); identity when both are 0."""
+    if cfg.blur_sigma > 0:
+        sig = torch.rand(x.shape[0], generator=gen) * cfg.blur_sigma
+        r = max(1, int(math.ceil(2.5 * cfg.blur_sigma)))
+        t = torch.arange(-r, r + 1, dtype=x.dtype)
+        k = torch.exp(-(t[None] ** 2) / (2 * sig.clamp_min(1e-3)[:, None].to(x.dtype) ** 2))
+        k = k / k.sum(1, keepdim=True)  # (B, K) separable kernels, one per sample
+        B, C, H, W = x.shape
+        xp = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="replicate")
+        kk = k.repeat_interleave(C, 0)
+        xp = F.conv2d(xp, kk[:, None, None, :], groups=B * C)
+        x = F.conv2d(xp, kk[:, None, :, None], groups=B * C).reshape(B, C, H, W)
+    if cfg.noise_std > 0:
+        std = torch.rand(x.shape[0], 1, 1, 1, generator=gen) * cfg.noise_std
+        x = x + std.to(x.dtype) * torch.randn(x.shape, generator=gen).to(x.dtype)
+    return x
+
+
 def _clip_per_image(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
     norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
     factor = (max_norm / norms).clamp(max=1.0)
@@ -307,7 +358,8 @@ def _run_chunk(
     opt = torch.optim.Adam([x], lr=cfg.lr)
     if state is not None and state.get("adam") is not None:
         opt.load_state_dict(state["adam"])
-    ctx = {"text_emb": text_emb.repeat(cfg.views, 1), "texts": list(texts) * cfg.views}
+    ctx = {"text_emb": text_emb.repeat(cfg.views, 1), "texts": list(texts) * cfg.views,
+           "negative_emb": _negative_emb(backend, cfg), "contrastive_scale": cfg.contrastive_scale}
     best, since_best = -float("inf"), 0
     if progress is not None:
         progress.update(step)
@@ -324,6 +376,8 @@ def _run_chunk(
         xm = _to_model_size(x, backend.image_size)
         xv = xm.repeat(cfg.views, 1, 1, 1)
         xa = augment(xv, gen)
+        if cfg.blur_sigma > 0 or cfg.noise_std > 0:
+            xa = _degrade(xa, cfg, gen)
         loss_rows, sim_rows = objective(backend, xa, ctx)
         loss = loss_rows.view(cfg.views, -1).mean(0)
         if cfg.tv_weight:
@@ -399,7 +453,8 @@ def _run_chunk_residual(
         x = base + d
         return (x.clamp(0, 1) if cfg.clamp else x), d
 
-    ctx = {"text_emb": text_emb.repeat(cfg.views, 1), "texts": list(texts) * cfg.views}
+    ctx = {"text_emb": text_emb.repeat(cfg.views, 1), "texts": list(texts) * cfg.views,
+           "negative_emb": _negative_emb(backend, cfg), "contrastive_scale": cfg.contrastive_scale}
     best, since_best = -float("inf"), 0
     if progress is not None:
         progress.update(step)
@@ -407,7 +462,7 @@ def _run_chunk_residual(
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
         x, d = render(r)
-        xa = augment(x.repeat(cfg.views, 1, 1, 1), gen)
+        xa = _degrade(augment(x.repeat(cfg.views, 1, 1, 1), gen), cfg, gen)
         loss_rows, sim_rows = objective(backend, xa, ctx)
         loss = loss_rows.view(cfg.views, -1).mean(0)
         if cfg.tv_weight:
@@ -420,6 +475,9 @@ def _run_chunk_residual(
         r.grad = grad
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cfg.residual_sign != "any":  # projected gradient: keep the edit one-signed
+            with torch.no_grad():
+                r.clamp_(min=0) if cfg.residual_sign == "positive" else r.clamp_(max=0)
         step += 1
         mean_sim = float(sim_rows.detach().mean())
         history.append(mean_sim)

@@ -97,6 +97,18 @@ def test_debug_shows_traceback(tmp_path, medkt):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
+def test_typer_exit_codes_propagate(medkt):
+    import typer
+
+    from medkt.cli import app
+
+    @app.command("exit-two-for-test", hidden=True)
+    def _exit_two() -> None:
+        raise typer.Exit(2)
+
+    assert medkt("exit-two-for-test").returncode == 2
+
+
 def test_bundles_lists_descriptions(medkt):
     r = medkt("bundles")
     assert r.returncode == 0 and "quickstart_tiny" in r.stdout and "smoke test" in r.stdout

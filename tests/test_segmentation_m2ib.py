@@ -11,8 +11,12 @@ from medkt.segmentation.m2ib import M2IB, M2IBConfig, TokenBottleneck, default_l
 
 
 def _timm_vit_backend(tmp_dir):
-    """open_clip + timm ViT tower (BiomedCLIP's layout), shrunk to 32 px."""
+    """open_clip + timm ViT tower (BiomedCLIP's layout), shrunk to 32 px; None without timm."""
+    import importlib.util
     import json
+
+    if importlib.util.find_spec("timm") is None:
+        return None
 
     import open_clip
 
@@ -47,6 +51,8 @@ def backends(tmp_path_factory):
                                         ("swin", 4), ("medclip", 0), ("timm", 9)])
 def test_split_reproduces_encode_image(backends, name, layer):
     b = backends[name]
+    if b is None:
+        pytest.skip("timm is not installed")
     split = get_vision_split(b, layer)
     x = b.normalize(torch.rand(2, b.image_channels, b.image_size, b.image_size))
     with torch.no_grad():
@@ -61,6 +67,8 @@ def test_split_reproduces_encode_image(backends, name, layer):
 def test_cached_prefix_gives_identical_map(backends, name):
     """The contract: caching the frozen prefix and the text embedding changes nothing (same seed)."""
     b = backends[name]
+    if b is None:
+        pytest.skip("timm is not installed")
     x = torch.rand(b.image_channels, b.image_size, b.image_size, generator=torch.Generator().manual_seed(1))
     prompt = "a round dark lesion with smooth margins"
     grads_before = [p.grad for p in b.parameters()]

@@ -59,8 +59,9 @@ class Recipe:
         if bad:
             raise ConfigError(f"unknown recipe option(s) {bad}; known: {sorted(known)}")
         r = cls(**copy.deepcopy(d))
-        if r.placebo not in ("normal", "noise"):
-            raise ConfigError(f"placebo must be 'normal' or 'noise', got {r.placebo!r}")
+        if r.placebo not in ("normal", "noise", "oracle"):
+            raise ConfigError(f"placebo must be 'normal', 'noise' or 'oracle' (real novel images: an upper bound "
+                              f"for research, not a placebo), got {r.placebo!r}")
         return r
 
 
@@ -145,6 +146,8 @@ class PhantomTransferExperiment:
         if kind == "noise":
             g = torch.Generator().manual_seed(TRAIN_SEED_BASE + 10 * seed + k)
             return torch.rand(n, 1, self.image_size, self.image_size, generator=g)
+        if kind == "oracle":  # real novel-finding phantoms from the training seed range (upper bound)
+            return make_dataset([self.novel], n, TRAIN_SEED_BASE + 10 * seed + k, self.image_size).tensor()
         return make_dataset(["no finding"], n, TRAIN_SEED_BASE + 10 * seed + k, self.image_size).tensor()
 
     def descriptions(self) -> dict[str, str]:
@@ -157,9 +160,15 @@ class PhantomTransferExperiment:
         from medkt.finetune import FinetuneConfig, finetune
         from medkt.inversion import InversionConfig, InversionTarget, invert
 
+        from medkt.finetune import make_caption
+
         backend = self.new_backend()
-        inv_cfg = InversionConfig.from_dict({"seed": seed, **recipe.inversion})
         ft_cfg = FinetuneConfig.from_dict({"seed": seed, **recipe.finetune})
+        inv_d = {"seed": seed, **recipe.inversion}
+        if inv_d.get("objective") == "contrastive" and not inv_d.get("negative_texts"):
+            # Eq. 1 negatives: the known findings' fine-tuning captions
+            inv_d["negative_texts"] = [make_caption(c, self.known_descriptions[c], ft_cfg) for c in self.known]
+        inv_cfg = InversionConfig.from_dict(inv_d)
         t_inv = 0.0
         extra: dict[str, Any] = {}
         if placebo:
