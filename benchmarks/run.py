@@ -198,12 +198,13 @@ def zero_shot_calls(backend) -> dict[str, Any]:
     """Encoder calls made by two ``evaluate()`` calls of one evaluator at an unchanged model state."""
     from medkt.evaluation import ZeroShotEvaluator
 
-    counts = {"encode_texts": 0, "encode_pixels_images": 0}
-    orig_t, orig_p = backend.encode_texts, backend.encode_pixels
+    counts = {"encode_text_rows": 0, "encode_pixels_images": 0}
+    orig_t, orig_p = backend.encode_text, backend.encode_pixels
 
-    def enc_t(texts, *a, **k):
-        counts["encode_texts"] += len(texts)
-        return orig_t(texts, *a, **k)
+    def enc_t(tokens, *a, **k):
+        out = orig_t(tokens, *a, **k)
+        counts["encode_text_rows"] += len(out)
+        return out
 
     def enc_p(x):
         counts["encode_pixels_images"] += len(x)
@@ -212,17 +213,17 @@ def zero_shot_calls(backend) -> dict[str, Any]:
     g = torch.Generator().manual_seed(1)
     imgs = torch.rand(4, backend.image_channels, backend.image_size, backend.image_size, generator=g)
     prompts = {"a": ["a photo of a cat."], "b": ["a photo of a dog."], "c": ["a photo of a car."]}
-    backend.encode_texts, backend.encode_pixels = enc_t, enc_p
+    backend.encode_text, backend.encode_pixels = enc_t, enc_p
     try:
         ev = ZeroShotEvaluator(backend, imgs, ["a", "b", "c", "a"], prompts)
         ev.evaluate()
         first = dict(counts)
         ev.evaluate()
     finally:
-        del backend.encode_texts, backend.encode_pixels  # drop the instance attributes
+        del backend.encode_text, backend.encode_pixels  # drop the instance attributes
     second = {k: counts[k] - first[k] for k in counts}
     return {"first_evaluate": first, "second_evaluate_same_state": second,
-            "text_cached": second["encode_texts"] == 0, "image_embeddings_cached": second["encode_pixels_images"] == 0}
+            "text_cached": first["encode_text_rows"] > 0 and second["encode_text_rows"] == 0, "image_embeddings_cached": second["encode_pixels_images"] == 0}
 
 
 # --- final similarity ---------------------------------------------------------------------------

@@ -96,3 +96,27 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
         assert diff < 1e-2 * update, (float(diff), float(update))
     for k in single_visual:  # the ranks stay in sync exactly
         assert torch.equal(ranks[0]["visual"][k], ranks[1]["visual"][k])
+
+
+@pytest.mark.slow
+def test_torchrun_bundle_writes_one_run_folder_identical_to_single_process(tmp_path):
+    """``torchrun --nproc_per_node 2 -m medkt transfer`` (gloo on CPU) == the single-process run."""
+    import subprocess
+    import sys
+
+    inv = '{"steps":20,"lr":0.1,"tv_weight":0.005,"checkpoint_every":10,"chunk_size":6}'
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    common = ["transfer", "--bundle", "quickstart_tiny", "--set", f"inversion={inv}"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(_free_port()), "-m", "medkt"]
+    subprocess.run(torchrun + common + ["--output", str(tmp_path / "dist")], check=True, env=env, timeout=600)
+    subprocess.run([sys.executable, "-m", "medkt"] + common + ["--output", str(tmp_path / "single")], check=True,
+                   env=env, timeout=600)
+    dist_dir, single_dir = tmp_path / "dist", tmp_path / "single"
+    assert not (tmp_path / "dist.partial").exists()
+    single_pngs = sorted(p.name for p in (single_dir / "inversion" / "images").glob("*.png"))
+    assert single_pngs and single_pngs == sorted(p.name for p in (dist_dir / "inversion" / "images").glob("*.png"))
+    for name in single_pngs:
+        assert (dist_dir / "inversion" / "images" / name).read_bytes() == (single_dir / "inversion" / "images" / name).read_bytes()
+    assert (dist_dir / "inversion" / "manifest.csv").read_text() == (single_dir / "inversion" / "manifest.csv").read_text()
+    assert (dist_dir / "finetuned.safetensors").is_file() and (dist_dir / "report.md").is_file()
