@@ -79,8 +79,9 @@ def write_dicom(image: np.ndarray, path: Path, *, patient_id: str, finding: str,
     ds.WindowWidth = "4095"
     ds.VOILUTFunction = "LINEAR_EXACT"
     ds.PixelData = (np.clip(image, 0, 1) * 4095 + 0.5).astype(np.uint16).tobytes()
-    ds.is_little_endian = True
-    ds.is_implicit_VR = False
+    if int(pydicom.__version__.split(".")[0]) < 3:  # pydicom 3 takes these from the transfer syntax
+        ds.is_little_endian = True
+        ds.is_implicit_VR = False
     try:
         ds.save_as(path, enforce_file_format=True)
     except TypeError:  # pydicom < 3
