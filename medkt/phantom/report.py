@@ -28,8 +28,11 @@ def image_rows_figure(rows: Sequence[tuple[str, torch.Tensor]], path: Path, ncol
             ax.axis("off")
             if c < len(imgs):
                 ax.imshow(imgs[c, 0].detach().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
-        axes[r, 0].set_title(label, loc="left", fontsize=8)
-    fig.tight_layout()
+        # a row label that may be wider than one image (tight_layout would shrink the images)
+        axes[r, 0].annotate(label, xy=(0, 1.03), xycoords="axes fraction", fontsize=8, ha="left", va="bottom",
+                            annotation_clip=False)
+    height = 1.45 * len(rows)
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - 0.3 / height, bottom=0.01, wspace=0.04, hspace=0.3)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
