@@ -25,7 +25,7 @@ test: install
 	$(TEST_ENV) $(PY) -m pytest -q
 
 demo: install
-	$(VENV)/bin/medkt transfer --bundle quickstart_tiny --output $(DEMO_OUT)
+	OMP_NUM_THREADS=1 $(VENV)/bin/medkt transfer --bundle phantom_nodules --output $(DEMO_OUT)
 
 bench: install
 	$(PY) -m benchmarks.run --json benchmark.json
