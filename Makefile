@@ -11,11 +11,11 @@ DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: install test demo bench clean
 
+# upstream MedCLIP is installed for its oracle test only: --no-deps skips textaugment/gensim/
+# googletrans and a PyPI "asyncio" package; its model code needs just the medclip-oracle extra.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[test,captioning,medclip-oracle]"
-	# upstream MedCLIP for the oracle test only: --no-deps skips textaugment/gensim/googletrans and a
-	# PyPI "asyncio" package; the oracle needs just pandas/nltk/scikit-learn (the extra above)
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt --no-deps medclip==0.0.3
 	touch $(STAMP)
 

@@ -100,14 +100,18 @@ def make_caption(name: str, description: str, config: FinetuneConfig) -> str:
 # --- losses ------------------------------------------------------------------------------------
 LossFn = Callable[..., torch.Tensor]
 _LOSSES: dict[str, LossFn] = {}
+_USES_CAPTION_EMBEDDINGS: dict[str, bool] = {}
 
 
-def register_finetune_loss(name: str) -> Callable[[LossFn], LossFn]:
+def register_finetune_loss(name: str, uses_caption_embeddings: bool = True) -> Callable[[LossFn], LossFn]:
     """Decorator: ``fn(backend, images (B,C,S,S) [0,1], targets (B,) caption indices, captions
-    list[str], caption_emb (K,D) normalised or None when the text encoder trains, config) -> loss``."""
+    list[str], caption_emb (K,D) normalised or None, config) -> loss``. ``caption_emb`` is
+    computed once when the text encoder is frozen and the loss was registered with
+    ``uses_caption_embeddings=True``; otherwise it is None (e.g. ViLT's ITM loss reads captions)."""
 
     def deco(fn: LossFn) -> LossFn:
         _LOSSES[name] = fn
+        _USES_CAPTION_EMBEDDINGS[name] = uses_caption_embeddings
         return fn
 
     return deco
@@ -233,7 +237,7 @@ def finetune(
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
     caption_emb = None
-    if cfg.train == "visual":  # text encoder frozen: embed the captions once
+    if cfg.train == "visual" and _USES_CAPTION_EMBEDDINGS.get(cfg.loss, True):  # text frozen: embed captions once
         caption_emb = backend.encode_texts(captions)
     gen = torch.Generator().manual_seed(cfg.seed)
     history: dict[str, Any] = {"loss": [], "captions": captions, "trainable": cfg.train, "select": []}

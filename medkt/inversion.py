@@ -183,17 +183,22 @@ class InversionResult:
 # --- objectives --------------------------------------------------------------------------------
 ObjectiveFn = Callable[[Backend, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
 _OBJECTIVES: dict[str, ObjectiveFn] = {}
+_USES_TEXT_EMBEDDINGS: dict[str, bool] = {}
 
 
-def register_inversion_objective(name: str) -> Callable[[ObjectiveFn], ObjectiveFn]:
+def register_inversion_objective(name: str, uses_text_embeddings: bool = True) -> Callable[[ObjectiveFn], ObjectiveFn]:
     """Decorator: ``fn(backend, x01 (B,C,S,S), ctx) -> (loss (B,), similarity (B,))``.
 
-    ``ctx`` holds ``text_emb`` (B, D) normalised target embeddings and ``texts`` (list of B
-    strings), both aligned with the rows of ``x01``.
+    ``ctx`` holds ``texts`` (list of B strings) and ``text_emb`` (B, D) normalised target
+    embeddings, aligned with the rows of ``x01`` (plus ``negative_emb``/``contrastive_scale``).
+    ``text_emb`` is None for objectives registered with ``uses_text_embeddings=False`` (e.g.
+    ViLT's image-text matching, which reads the texts: such a model has no embeddings); their
+    returned similarity (e.g. the match probability) is what the run reports per image.
     """
 
     def deco(fn: ObjectiveFn) -> ObjectiveFn:
         _OBJECTIVES[name] = fn
+        _USES_TEXT_EMBEDDINGS[name] = uses_text_embeddings
         return fn
 
     return deco
@@ -332,165 +337,102 @@ def _run_chunk(
     cfg: InversionConfig,
     chunk_id: int,
     indices: list[int],
-    text_emb: torch.Tensor,
+    text_emb: torch.Tensor | None,
     texts: list[str],
     ckpt_path: Path | None,
     resume: bool,
     progress: Any,
     init_images: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int, list[float]]:
-    if cfg.parametrization == "residual":
-        return _run_chunk_residual(backend, cfg, chunk_id, indices, text_emb, texts, ckpt_path, resume, progress,
-                                   init_images)
+    """Optimise one chunk of images; returns (images at model size, steps run, mean-similarity history).
+
+    The optimised tensor is the pixels themselves (``parametrization="pixels"``, optionally at
+    progressive resolutions) or, with ``"residual"``, a low-resolution edit ``d`` on top of fixed
+    start images: ``x = clamp(base + residual_max * tanh(up(d) / residual_max))``.
+    """
     objective = get_objective(cfg.objective)
     augment = AffineAugment(cfg.augment_p, cfg.rotate_deg, cfg.translate, cfg.scale)
-    stages = _stages(cfg, backend.image_size)
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + chunk_id)
-    step, history, state = 0, [], None
-    if resume and ckpt_path is not None and ckpt_path.is_file():
-        state = torch.load(ckpt_path, weights_only=True)
-        step, history = int(state["step"]), list(state["history"])
-        x = state["pixels"].clone()
-        gen.set_state(state["rng"])
-    else:
-        x = _init_pixels(backend, cfg, indices, _stage_size(stages, 0), init_images)
-    x.requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=cfg.lr)
-    if state is not None and state.get("adam") is not None:
-        opt.load_state_dict(state["adam"])
-    ctx = {"text_emb": text_emb.repeat(cfg.views, 1), "texts": list(texts) * cfg.views,
-           "negative_emb": _negative_emb(backend, cfg), "contrastive_scale": cfg.contrastive_scale}
-    best, since_best = -float("inf"), 0
-    if progress is not None:
-        progress.update(step)
-    while step < cfg.steps:
-        size = _stage_size(stages, step)
-        if x.shape[-1] != size:  # progressive resolution: upsample and restart Adam
-            with torch.no_grad():
-                x = _to_model_size(x.detach(), size)
-                x = x.clamp(0, 1) if cfg.clamp else x
-            x.requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=cfg.lr)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        xm = _to_model_size(x, backend.image_size)
-        xv = xm.repeat(cfg.views, 1, 1, 1)
-        xa = augment(xv, gen)
-        if cfg.blur_sigma > 0 or cfg.noise_std > 0:
-            xa = _degrade(xa, cfg, gen)
-        loss_rows, sim_rows = objective(backend, xa, ctx)
-        loss = loss_rows.view(cfg.views, -1).mean(0)
-        if cfg.tv_weight:
-            loss = loss + cfg.tv_weight * total_variation(x, cfg.tv_diagonals)
-        (grad,) = torch.autograd.grad(loss.sum(), x)
-        if cfg.grad_clip:
-            grad = _clip_per_image(grad, cfg.grad_clip)
-        x.grad = grad
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if cfg.clamp:
-            with torch.no_grad():
-                x.clamp_(0, 1)
-        step += 1
-        mean_sim = float(sim_rows.detach().mean())
-        history.append(mean_sim)
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(sim=f"{mean_sim:.3f}", size=size)
-        if ckpt_path is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            atomic_torch_save(
-                {"step": step, "pixels": x.detach().clone(), "adam": opt.state_dict(), "rng": gen.get_state(),
-                 "history": history, "indices": list(indices)},
-                ckpt_path,
-            )
-        if cfg.early_stop_patience and size == stages[-1][1]:
-            if mean_sim > best + cfg.early_stop_min_delta:
-                best, since_best = mean_sim, 0
-            else:
-                since_best += 1
-                if since_best >= cfg.early_stop_patience:
-                    break
-    final = _to_model_size(x.detach(), backend.image_size)
-    return (final.clamp(0, 1) if cfg.clamp else final), step, history
-
-
-def _run_chunk_residual(
-    backend: Backend,
-    cfg: InversionConfig,
-    chunk_id: int,
-    indices: list[int],
-    text_emb: torch.Tensor,
-    texts: list[str],
-    ckpt_path: Path | None,
-    resume: bool,
-    progress: Any,
-    init_images: torch.Tensor | None,
-) -> tuple[torch.Tensor, int, list[float]]:
-    """``parametrization="residual"``: optimise a low-resolution residual on top of init images."""
-    objective = get_objective(cfg.objective)
-    augment = AffineAugment(cfg.augment_p, cfg.rotate_deg, cfg.translate, cfg.scale)
+    residual = cfg.parametrization == "residual"
     size = backend.image_size
-    rsize = cfg.residual_size or size
+    stages = [(0, size)] if residual else _stages(cfg, size)
     gen = torch.Generator().manual_seed(cfg.seed * 7919 + chunk_id)
-    base = _init_pixels(backend, cfg, indices, size, init_images).detach()
+    base = _init_pixels(backend, cfg, indices, size, init_images).detach() if residual else None
     step, history, state = 0, [], None
     if resume and ckpt_path is not None and ckpt_path.is_file():
         state = torch.load(ckpt_path, weights_only=True)
         step, history = int(state["step"]), list(state["history"])
-        r = state["pixels"].clone()
+        p = state["pixels"].clone()
         gen.set_state(state["rng"])
+    elif residual:
+        rsize = cfg.residual_size or size
+        p = torch.zeros(base.shape[0], base.shape[1], rsize, rsize)
     else:
-        r = torch.zeros(base.shape[0], base.shape[1], rsize, rsize)
-    r.requires_grad_(True)
-    opt = torch.optim.Adam([r], lr=cfg.lr)
+        p = _init_pixels(backend, cfg, indices, _stage_size(stages, 0), init_images)
+    p.requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=cfg.lr)
     if state is not None and state.get("adam") is not None:
         opt.load_state_dict(state["adam"])
 
-    def render(res: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = _to_model_size(res, size)
+    def render(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (image at model size, the tensor TV/sparsity regularise)."""
+        if not residual:
+            return _to_model_size(t, size), t
+        d = _to_model_size(t, size)
         if cfg.residual_max:
             d = cfg.residual_max * torch.tanh(d / cfg.residual_max)
         x = base + d
         return (x.clamp(0, 1) if cfg.clamp else x), d
 
-    ctx = {"text_emb": text_emb.repeat(cfg.views, 1), "texts": list(texts) * cfg.views,
+    ctx = {"text_emb": text_emb.repeat(cfg.views, 1) if text_emb is not None else None,
+           "texts": list(texts) * cfg.views,
            "negative_emb": _negative_emb(backend, cfg), "contrastive_scale": cfg.contrastive_scale}
     best, since_best = -float("inf"), 0
     if progress is not None:
         progress.update(step)
     while step < cfg.steps:
+        stage = _stage_size(stages, step)
+        if not residual and p.shape[-1] != stage:  # progressive resolution: upsample and restart Adam
+            with torch.no_grad():
+                p = _to_model_size(p.detach(), stage)
+                p = p.clamp(0, 1) if cfg.clamp else p
+            p.requires_grad_(True)
+            opt = torch.optim.Adam([p], lr=cfg.lr)
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
-        x, d = render(r)
-        xa = _degrade(augment(x.repeat(cfg.views, 1, 1, 1), gen), cfg, gen)
+        xm, reg = render(p)
+        xa = augment(xm.repeat(cfg.views, 1, 1, 1), gen)
+        if cfg.blur_sigma > 0 or cfg.noise_std > 0:
+            xa = _degrade(xa, cfg, gen)
         loss_rows, sim_rows = objective(backend, xa, ctx)
         loss = loss_rows.view(cfg.views, -1).mean(0)
         if cfg.tv_weight:
-            loss = loss + cfg.tv_weight * total_variation(d, cfg.tv_diagonals)
-        if cfg.residual_l1:
-            loss = loss + cfg.residual_l1 * d.abs().mean(dim=(1, 2, 3))
-        (grad,) = torch.autograd.grad(loss.sum(), r)
+            loss = loss + cfg.tv_weight * total_variation(reg, cfg.tv_diagonals)
+        if residual and cfg.residual_l1:
+            loss = loss + cfg.residual_l1 * reg.abs().mean(dim=(1, 2, 3))
+        (grad,) = torch.autograd.grad(loss.sum(), p)
         if cfg.grad_clip:
             grad = _clip_per_image(grad, cfg.grad_clip)
-        r.grad = grad
+        p.grad = grad
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if cfg.residual_sign != "any":  # projected gradient: keep the edit one-signed
-            with torch.no_grad():
-                r.clamp_(min=0) if cfg.residual_sign == "positive" else r.clamp_(max=0)
+        with torch.no_grad():
+            if residual and cfg.residual_sign != "any":  # projected gradient: keep the edit one-signed
+                p.clamp_(min=0) if cfg.residual_sign == "positive" else p.clamp_(max=0)
+            elif not residual and cfg.clamp:
+                p.clamp_(0, 1)
         step += 1
         mean_sim = float(sim_rows.detach().mean())
         history.append(mean_sim)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(sim=f"{mean_sim:.3f}", size=rsize)
+            progress.set_postfix(sim=f"{mean_sim:.3f}", size=p.shape[-1])
         if ckpt_path is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
             atomic_torch_save(
-                {"step": step, "pixels": r.detach().clone(), "adam": opt.state_dict(), "rng": gen.get_state(),
+                {"step": step, "pixels": p.detach().clone(), "adam": opt.state_dict(), "rng": gen.get_state(),
                  "history": history, "indices": list(indices)},
                 ckpt_path,
             )
-        if cfg.early_stop_patience:
+        if cfg.early_stop_patience and stage == stages[-1][1]:
             if mean_sim > best + cfg.early_stop_min_delta:
                 best, since_best = mean_sim, 0
             else:
@@ -498,8 +440,8 @@ def _run_chunk_residual(
                 if since_best >= cfg.early_stop_patience:
                     break
     with torch.no_grad():
-        final, _ = render(r.detach())
-    return final, step, history
+        final, _ = render(p.detach())
+    return (final.clamp(0, 1) if cfg.clamp else final), step, history
 
 
 def invert(
@@ -539,9 +481,12 @@ def invert(
         texts += [t.text] * t.n_images
         concepts += [t.concept] * t.n_images
     n = len(texts)
-    uniq = sorted(set(texts), key=texts.index)
-    emb_by_text = dict(zip(uniq, backend.encode_texts(uniq)))
-    text_emb = torch.stack([emb_by_text[t] for t in texts])
+    get_objective(cfg.objective)  # an unknown name fails before any work
+    text_emb = None
+    if _USES_TEXT_EMBEDDINGS.get(cfg.objective, True):
+        uniq = sorted(set(texts), key=texts.index)
+        emb_by_text = dict(zip(uniq, backend.encode_texts(uniq)))
+        text_emb = torch.stack([emb_by_text[t] for t in texts])
     chunk = cfg.chunk_size or n
     all_chunks = [list(range(i, min(i + chunk, n))) for i in range(0, n, chunk)]
     selected = list(range(len(all_chunks))) if chunks is None else list(chunks)
@@ -565,7 +510,8 @@ def invert(
         for cid in selected:
             idx = all_chunks[cid]
             path = ckpt_dir / f"chunk{cid:04d}.pt" if ckpt_dir is not None else None
-            x, s, hist = _run_chunk(backend, cfg, cid, idx, text_emb[idx], [texts[i] for i in idx], path, resume, bar,
+            chunk_emb = text_emb[idx] if text_emb is not None else None
+            x, s, hist = _run_chunk(backend, cfg, cid, idx, chunk_emb, [texts[i] for i in idx], path, resume, bar,
                                     init_images)
             images.append(x)
             steps_run.append(s)
@@ -578,7 +524,13 @@ def invert(
             p.requires_grad_(r)
         backend.train(was_training)
     imgs = torch.cat(images)
-    sims = similarity(backend, imgs, text_emb[keep]).tolist()
+    if text_emb is not None:
+        sims = similarity(backend, imgs, text_emb[keep]).tolist()
+    else:  # the objective's own similarity (e.g. ITM match probability), un-augmented
+        fn, kept_texts, sims = get_objective(cfg.objective), [texts[i] for i in keep], []
+        with torch.no_grad():
+            for i in range(0, len(imgs), 32):
+                sims += fn(backend, imgs[i : i + 32], {"texts": kept_texts[i : i + 32], "text_emb": None})[1].tolist()
     return InversionResult(
         images=imgs,
         concepts=[concepts[i] for i in keep],

@@ -31,7 +31,7 @@ import hashlib
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+
 from pathlib import Path
 from typing import Any
 
@@ -345,33 +345,8 @@ class ViltBackend(Backend):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), ignore_index=-100)
 
     # -- the embedding protocol does not apply -------------------------------------------------
-    @contextmanager
-    def embedding_placeholders(self) -> Iterator[None]:
-        """Inside this block ``encode_texts``/``encode_pixels`` return zero vectors ``(N, 1)``.
-
-        The generic engine (``invert``, ``finetune``) carries text embeddings next to the texts
-        and reports cosine similarities; ViLT has neither. With the ``"itm"`` objective/loss
-        (which read the texts, not the embeddings) those values are unused, and the ITM
-        pipelines recompute the reported similarities as ITM match probabilities. Outside the
-        block the calls raise, so a cosine objective can never run silently on ViLT.
-        """
-        self._placeholders = True
-        try:
-            yield
-        finally:
-            self._placeholders = False
-
-    _placeholders = False
-
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        if self._placeholders:
-            return torch.zeros(len(texts), 1, device=self.model.itm_score.fc.weight.device)
-        return self.encode_text(None)
-
-    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        if self._placeholders:
-            return torch.zeros(x.shape[0], 1, device=x.device, dtype=x.dtype)
-        return self.encode_image(x)
+    # ViLT is single-stream: encode_image/encode_text raise. Its objective/losses ("itm", "mlm")
+    # are registered as not using embeddings, so the engine never asks for them.
 
     @torch.no_grad()
     def match_probability(self, images: torch.Tensor, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:

@@ -43,7 +43,7 @@ def _require_itm(backend: Any, what: str) -> None:
                           f"{getattr(backend, 'family', type(backend).__name__)!r}")
 
 
-@register_inversion_objective("itm")
+@register_inversion_objective("itm", uses_text_embeddings=False)
 def itm_objective(backend: Any, x: torch.Tensor, ctx: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image CE toward "match" and the match probability (B,)."""
     _require_itm(backend, "inversion objective")
@@ -52,7 +52,7 @@ def itm_objective(backend: Any, x: torch.Tensor, ctx: dict[str, Any]) -> tuple[t
     return F.cross_entropy(logits, target, reduction="none"), logits.softmax(-1)[:, 1].detach()
 
 
-@register_finetune_loss("itm")
+@register_finetune_loss("itm", uses_caption_embeddings=False)
 def itm_finetune_loss(backend: Any, images: torch.Tensor, targets: torch.Tensor, captions: Sequence[str],
                       caption_emb: torch.Tensor | None, config: Any) -> torch.Tensor:
     _require_itm(backend, "fine-tuning loss")
@@ -67,7 +67,7 @@ def itm_finetune_loss(backend: Any, images: torch.Tensor, targets: torch.Tensor,
     return itm_loss(backend, images, pos_tok, neg_tok)
 
 
-@register_finetune_loss("mlm")
+@register_finetune_loss("mlm", uses_caption_embeddings=False)
 def mlm_finetune_loss(backend: Any, images: torch.Tensor, targets: torch.Tensor, captions: Sequence[str],
                       caption_emb: torch.Tensor | None, config: Any) -> torch.Tensor:
     if not hasattr(backend, "mlm_loss"):

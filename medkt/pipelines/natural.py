@@ -28,13 +28,6 @@ from medkt.pipelines.transfer import TransferPipeline, class_prompts_of, inversi
 from medkt.utils import atomic_write_json, atomic_write_text
 
 
-def _placeholders(backend: Any):
-    """ViLT's embedding placeholders around engine calls (a no-op for embedding backends)."""
-    import contextlib
-
-    return backend.embedding_placeholders() if hasattr(backend, "embedding_placeholders") else contextlib.nullcontext()
-
-
 def noise_images(backend: Any, targets: list[InversionTarget], seed: int) -> InversionResult:
     """N(0, 1) noise in the model's normalised input space, clamped to [0, 1] pixels: one image
     per example of each target (the implicit-transfer inputs of §8.9)."""
@@ -91,32 +84,31 @@ def run_itm_transfer(pipe: Any, backend: Any, out: Path, images: str = "inversio
     concepts = pipe.concepts if concepts is None else concepts
     t0 = time.perf_counter()
     targets = inversion_targets(concepts)
-    with _placeholders(backend):
-        if images == "inversion":
-            inv = invert(backend, targets, pipe.inv_cfg, out_dir=out / "inversion", resume=pipe.resume, progress=pipe.progress)
-        elif images == "noise":
-            inv = noise_images(backend, targets, pipe.seed)
-        else:  # an inversion manifest.csv, or a run folder holding several (one per concept)
-            src = Path(images)
-            manifests = sorted(src.rglob("inversion/manifest.csv")) if src.is_dir() else [src]
-            if not manifests:
-                raise DataError(f"no inversion/manifest.csv under {src}")
-            parts = [load_inversion(m, backend) for m in manifests]
-            inv = InversionResult(torch.cat([p.images for p in parts]), [c for p in parts for c in p.concepts],
-                                  [t for p in parts for t in p.texts], [s for p in parts for s in p.similarities])
-            keep = [i for i, c in enumerate(inv.concepts) if c in {c["name"] for c in concepts}]
-            if not keep:
-                raise DataError(f"{images} holds no images of the concepts {[c['name'] for c in concepts]}")
-            inv = InversionResult(inv.images[keep], [inv.concepts[i] for i in keep], [inv.texts[i] for i in keep],
-                                  [inv.similarities[i] for i in keep])
-        if hasattr(backend, "match_probability"):  # the engine's cosine similarities mean nothing for ViLT
-            inv.similarities = backend.match_probability(inv.images, inv.texts).tolist()
-        save_inversion(inv, out / "inversion", pipe.inv_cfg)
-        t1 = time.perf_counter()
-        negatives = getattr(pipe, "_negatives", None) or []
-        descriptions = {c["name"]: c["descriptions"][0] for c in concepts}
-        history = finetune(backend, inv.images, inv.concepts, descriptions, negatives, pipe.ft_cfg,
-                           texts_of_images=inv.texts, progress=pipe.progress)
+    if images == "inversion":
+        inv = invert(backend, targets, pipe.inv_cfg, out_dir=out / "inversion", resume=pipe.resume, progress=pipe.progress)
+    elif images == "noise":
+        inv = noise_images(backend, targets, pipe.seed)
+    else:  # an inversion manifest.csv, or a run folder holding several (one per concept)
+        src = Path(images)
+        manifests = sorted(src.rglob("inversion/manifest.csv")) if src.is_dir() else [src]
+        if not manifests:
+            raise DataError(f"no inversion/manifest.csv under {src}")
+        parts = [load_inversion(m, backend) for m in manifests]
+        inv = InversionResult(torch.cat([p.images for p in parts]), [c for p in parts for c in p.concepts],
+                              [t for p in parts for t in p.texts], [s for p in parts for s in p.similarities])
+        keep = [i for i, c in enumerate(inv.concepts) if c in {c["name"] for c in concepts}]
+        if not keep:
+            raise DataError(f"{images} holds no images of the concepts {[c['name'] for c in concepts]}")
+        inv = InversionResult(inv.images[keep], [inv.concepts[i] for i in keep], [inv.texts[i] for i in keep],
+                              [inv.similarities[i] for i in keep])
+    if hasattr(backend, "match_probability"):  # the engine's cosine similarities mean nothing for ViLT
+        inv.similarities = backend.match_probability(inv.images, inv.texts).tolist()
+    save_inversion(inv, out / "inversion", pipe.inv_cfg)
+    t1 = time.perf_counter()
+    negatives = getattr(pipe, "_negatives", None) or []
+    descriptions = {c["name"]: c["descriptions"][0] for c in concepts}
+    history = finetune(backend, inv.images, inv.concepts, descriptions, negatives, pipe.ft_cfg,
+                       texts_of_images=inv.texts, progress=pipe.progress)
     return inv, history, t1 - t0, time.perf_counter() - t1
 
 
