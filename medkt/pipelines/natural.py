@@ -50,20 +50,13 @@ class ZeroShotTransferPipeline(TransferPipeline):
     kind = "transfer"
 
     def build_evaluator(self, backend: Any, name: str, spec: dict[str, Any]):
-        from medkt.data.manifest import read_manifest
         from medkt.natural.itm_eval import StreamingZeroShotEvaluator
 
         if spec.get("source") == "inversion":
             return super().build_evaluator(backend, name, spec)
         if "manifest" not in spec:
             raise ConfigError(f"evaluation {name!r} needs a 'manifest' (or 'source': 'inversion')")
-        prompts = class_prompts_of(spec)
-        manifest = Path(spec["manifest"])
-        root = Path(spec.get("root") or manifest.parent)
-        rows = read_manifest(manifest, root, split=spec.get("split"))
-        unknown = sorted({r.label for r in rows} - set(prompts))
-        if unknown:
-            raise DataError(f"{manifest}: labels {unknown[:5]} are not among the evaluation classes of {name!r}")
+        prompts, manifest, root, rows = _evaluation_rows(name, spec)
         ev = StreamingZeroShotEvaluator(backend, [root / r.path for r in rows], [r.label for r in rows], prompts,
                                         aggregate=spec.get("aggregate", "mean"), batch_size=int(spec.get("batch_size", 64)),
                                         progress=self.progress)
@@ -112,6 +105,21 @@ def run_itm_transfer(pipe: Any, backend: Any, out: Path, images: str = "inversio
     return inv, history, t1 - t0, time.perf_counter() - t1
 
 
+def _evaluation_rows(name: str, spec: dict[str, Any]) -> tuple[dict[str, list[str]], Path, Path, list]:
+    """(class prompts, manifest, root, rows) of an evaluation set whose classes may lack images
+    (e.g. the 1000 ImageNet classes around a few RareConcepts images)."""
+    from medkt.data.manifest import read_manifest
+
+    prompts = class_prompts_of(spec)
+    manifest = Path(spec["manifest"])
+    root = Path(spec.get("root") or manifest.parent)
+    rows = read_manifest(manifest, root, split=spec.get("split"))
+    unknown = sorted({r.label for r in rows} - set(prompts))
+    if unknown:
+        raise DataError(f"{manifest}: labels {unknown[:5]} are not among the evaluation classes of {name!r}")
+    return prompts, manifest, root, rows
+
+
 class ITMTransferPipeline(TransferPipeline):
     """:class:`TransferPipeline` for image-text-matching models (ViLT).
 
@@ -145,7 +153,6 @@ class ITMTransferPipeline(TransferPipeline):
         self.settings.update(images=images, separate_concepts=self.separate_concepts)
 
     def build_evaluator(self, backend: Any, name: str, spec: dict[str, Any]):
-        from medkt.data.manifest import read_manifest
         from medkt.natural.itm_eval import ITMZeroShotEvaluator
 
         if spec.get("source") == "inversion":
@@ -153,13 +160,7 @@ class ITMTransferPipeline(TransferPipeline):
         if "manifest" not in spec:
             raise ConfigError(f"evaluation {name!r} needs a 'manifest'")
         spec = {"templates": ["a photo of a {}."], **spec}
-        prompts = class_prompts_of(spec)
-        manifest = Path(spec["manifest"])
-        root = Path(spec.get("root") or manifest.parent)
-        rows = read_manifest(manifest, root, split=spec.get("split"))
-        unknown = sorted({r.label for r in rows} - set(prompts))
-        if unknown:
-            raise DataError(f"{manifest}: labels {unknown[:5]} are not among the evaluation classes")
+        prompts, manifest, root, rows = _evaluation_rows(name, spec)
         ev = ITMZeroShotEvaluator(backend, [root / r.path for r in rows], [r.label for r in rows], prompts,
                                   aggregate=spec.get("aggregate", "mean"),
                                   text_batch_size=int(spec.get("text_batch_size", 128)), progress=self.progress)
