@@ -7,7 +7,8 @@ similarities) or ``"max"`` (MedCLIP with ``ensemble=False``: best prompt). Each 
 are tokenised as one batch, as MedCLIP does (its pooling averages padding tokens too, so the
 batch's padding length matters). Text embeddings are cached per class set (they do not
 change while only the visual encoder trains); image pixels are loaded once and their embeddings
-computed once per model state (:class:`ZeroShotEvaluator`).
+computed once per model state — any in-place change of a weight invalidates them
+(:class:`ZeroShotEvaluator`).
 """
 from __future__ import annotations
 
@@ -136,6 +137,7 @@ class ZeroShotEvaluator:
         if len(self.pixels) != len(self.labels):
             raise DataError(f"{len(self.pixels)} images but {len(self.labels)} labels")
         self._text: torch.Tensor | list[torch.Tensor] | None = None
+        self._img: tuple[tuple, torch.Tensor] | None = None
 
     def text_embeddings(self) -> torch.Tensor | list[torch.Tensor]:
         """Cached: ``(K, D)`` class embeddings ("mean") or a list of ``(P_k, D)`` (otherwise)."""
@@ -145,12 +147,24 @@ class ZeroShotEvaluator:
                           if self.aggregate == "mean" else per_class)
         return self._text
 
+    def _model_state(self) -> tuple:
+        """Changes whenever a parameter/buffer is modified in place (optimiser steps,
+        ``load_state_dict``, ``copy_``) or the train/eval mode flips."""
+        return (self.backend.training,
+                tuple((id(t), t._version) for t in (*self.backend.parameters(), *self.backend.buffers())))
+
     def image_embeddings(self) -> torch.Tensor:
+        """Normalised image embeddings ``(N, D)``, computed once per model state."""
+        state = self._model_state()
+        if self._img is not None and self._img[0] == state:
+            return self._img[1]
         out = []
         with torch.no_grad():
             for i in range(0, len(self.pixels), self.batch_size):
                 out.append(F.normalize(self.backend.encode_pixels(self.pixels[i : i + self.batch_size]).float(), dim=-1))
-        return torch.cat(out) if out else torch.empty(0)
+        emb = torch.cat(out) if out else torch.empty(0)
+        self._img = (state, emb)
+        return emb
 
     def scores(self) -> np.ndarray:
         img = self.image_embeddings()

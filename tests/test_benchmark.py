@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is a top-level folder of the repository, not installed
+    sys.path.insert(0, str(ROOT))
 
 REQUIRED = ("time_to_concept_s", "time_to_concept_paper_s", "final_similarity", "final_similarity_paper",
             "inversion_flops_fraction_of_peak", "m2ib_speedup")
