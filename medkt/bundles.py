@@ -134,7 +134,11 @@ def run_bundle(bundle: str, overrides: dict[str, Any] | None = None, config: str
                               logging_file=str(logging_conf) if logging_conf.is_file() else False,
                               workflow_type=None)
     for key in overrides:
-        if key not in workflow.parser:
+        parent = key.rpartition("#")[0]
+        # a new field inside an existing dict is allowed (e.g. inversion#chunk_size); the
+        # pipeline validates field names, so typos still fail there with the known options
+        if key not in workflow.parser and not (parent and parent in workflow.parser
+                                                and isinstance(workflow.parser.get(parent), dict)):
             top = sorted(k for k in workflow.parser.get() if not k.startswith("_"))
             raise ConfigError(f"unknown config key {key!r} in bundle {info.name}; top-level keys: {top}")
     workflow.parser.update({"output_dir": out, "overwrite": overwrite, "resume": resume,

@@ -75,7 +75,8 @@ def test_transfer_end_to_end_and_refuses_to_overwrite(tmp_path, medkt):
     "args, message",
     [
         (["transfer", "--bundle", "no_such_bundle"], "unknown bundle 'no_such_bundle'"),
-        (["transfer", "--bundle", "quickstart_tiny", "--set", "inversion#stepz=3"], "unknown config key"),
+        (["transfer", "--bundle", "quickstart_tiny", "--set", "inversionz#steps=3"], "unknown config key"),
+        (["transfer", "--bundle", "quickstart_tiny", "--set", "inversion#stepz=3"], "unknown inversion option"),
         (["transfer", "--bundle", "quickstart_tiny", "--set", "nonsense"], "expected key=value"),
         (["transfer", "--bundle", "quickstart_tiny", "--set", "backend=clip:ViT-B-32@/no/such/file.pt"],
          "weights not found for open_clip ViT-B-32: /no/such/file.pt"),
