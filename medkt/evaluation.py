@@ -102,6 +102,22 @@ def class_text_embeddings(backend: Backend, class_prompts: dict[str, Sequence[st
     return out
 
 
+def label_indices(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
+    """Class index of each label; a label outside ``classes`` is a :class:`DataError`."""
+    index = {c: i for i, c in enumerate(classes)}
+    bad = sorted({lab for lab in labels if lab not in index})
+    if bad:
+        shown = list(classes) if len(classes) <= 20 else f"{len(classes)} classes"
+        raise DataError(f"label(s) {bad[:5]} not among the classes {shown}")
+    return [index[lab] for lab in labels]
+
+
+def check_aggregate(aggregate: str, allowed: Sequence[str] = AGGREGATES) -> str:
+    if aggregate not in allowed:
+        raise DataError(f"aggregate must be one of {tuple(allowed)}, got {aggregate!r}")
+    return aggregate
+
+
 class ZeroShotEvaluator:
     """Zero-shot classifier over a fixed image set and class-prompt set.
 
@@ -116,12 +132,9 @@ class ZeroShotEvaluator:
 
     def __init__(self, backend: Backend, images: Any, labels: Sequence[str], class_prompts: dict[str, Sequence[str]],
                  aggregate: str = "mean", batch_size: int = 64):
-        if aggregate not in AGGREGATES:
-            raise DataError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        check_aggregate(aggregate)
         self.classes = list(class_prompts)
-        bad = sorted({lab for lab in labels if lab not in class_prompts})
-        if bad:
-            raise DataError(f"label(s) {bad} not among the classes {self.classes}")
+        self.labels = label_indices(labels, self.classes)
         empty = [c for c, p in class_prompts.items() if not p]
         if empty:
             raise DataError(f"class(es) {empty} have no prompts")
@@ -129,7 +142,6 @@ class ZeroShotEvaluator:
         self.class_prompts = {c: list(p) for c, p in class_prompts.items()}
         self.aggregate = aggregate
         self.batch_size = batch_size
-        self.labels = [self.classes.index(lab) for lab in labels]
         if isinstance(images, torch.Tensor):
             self.pixels = images
         else:

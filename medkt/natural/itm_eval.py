@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from medkt.errors import DataError
-from medkt.evaluation import ClassificationResult, summarize
+from medkt.evaluation import ClassificationResult, check_aggregate, label_indices, summarize
 
 
 class ITMZeroShotEvaluator:
@@ -33,18 +33,14 @@ class ITMZeroShotEvaluator:
                  aggregate: str = "mean", text_batch_size: int = 64, progress: bool = False):
         if not getattr(backend, "supports_itm", False):
             raise DataError(f"backend {getattr(backend, 'spec', '')!r} has no image-text matching head")
-        if aggregate not in ("mean", "max"):
-            raise DataError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
+        check_aggregate(aggregate, ("mean", "max"))
         self.classes = list(class_prompts)
-        bad = sorted({lab for lab in labels if lab not in class_prompts})
-        if bad:
-            raise DataError(f"label(s) {bad} not among the classes {self.classes[:10]}...")
+        self.labels = label_indices(labels, self.classes)
         self.backend = backend
         self.class_prompts = {c: list(p) for c, p in class_prompts.items()}
         self.aggregate = aggregate
         self.text_batch_size = text_batch_size
         self.progress = progress
-        self.labels = [self.classes.index(lab) for lab in labels]
         if isinstance(images, torch.Tensor):
             self.images: list[torch.Tensor] = list(images)
         else:
@@ -101,17 +97,13 @@ class StreamingZeroShotEvaluator:
 
     def __init__(self, backend: Any, images: Sequence[Any], labels: Sequence[str], class_prompts: dict[str, Sequence[str]],
                  aggregate: str = "mean", batch_size: int = 64, progress: bool = False):
-        if aggregate not in ("mean", "max"):
-            raise DataError(f"aggregate must be 'mean' or 'max', got {aggregate!r}")
+        check_aggregate(aggregate, ("mean", "max"))
         self.classes = list(class_prompts)
-        bad = sorted({lab for lab in labels if lab not in class_prompts})
-        if bad:
-            raise DataError(f"label(s) {bad[:5]} not among the {len(self.classes)} classes")
+        self.labels = label_indices(labels, self.classes)
         if len(images) != len(labels):
             raise DataError(f"{len(images)} images but {len(labels)} labels")
         self.backend, self.images, self.aggregate = backend, list(images), aggregate
         self.class_prompts = {c: list(p) for c, p in class_prompts.items()}
-        self.labels = [self.classes.index(lab) for lab in labels]
         self.batch_size, self.progress = int(batch_size), progress
 
     @torch.no_grad()

@@ -111,12 +111,7 @@ class CXRTransferSweep(TransferPipeline):
     def _negatives(self, evaluators: dict[str, ZeroShotEvaluator], names: set[str]) -> list[str]:
         if self.negative_captions is not None:
             return list(self.negative_captions)
-        negs: list[str] = []
-        for ev in evaluators.values():
-            for c in ev.classes:
-                if c not in names:
-                    negs.append(ev.class_prompts[c][0])
-        return list(dict.fromkeys(negs))
+        return self.default_negatives(evaluators, names)
 
     # -- run ------------------------------------------------------------------------------
     def _run(self, out: Path) -> dict[str, Any]:

@@ -190,8 +190,9 @@ class TransferPipeline(Pipeline):
             return ZeroShotEvaluator(backend, held.images, held.concepts, prompts), info
         return load_evaluation_set(backend, name, spec, progress=self.progress)
 
-    def default_negatives(self, evaluators: dict[str, ZeroShotEvaluator]) -> list[str]:
-        concept_names = {c["name"] for c in self.concepts}
+    def default_negatives(self, evaluators: dict[str, ZeroShotEvaluator], names: set[str] | None = None) -> list[str]:
+        """First prompt of every evaluation class that is not one of ``names`` (default: the concepts)."""
+        concept_names = {c["name"] for c in self.concepts} if names is None else names
         negs: list[str] = []
         for ev in evaluators.values():
             for c in ev.classes:
