@@ -23,31 +23,12 @@ def medkt_subprocess(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture
 def medkt(capsys, monkeypatch):
     """Run ``medkt.cli.main`` in-process (fast); returns an object like CompletedProcess."""
-    from medkt.cli import main
+    from conftest import run_medkt_in_process
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        monkeypatch.setattr(sys, "argv", ["medkt", *args])
-        import logging
-
-        # a bundle's logging.conf binds handlers to the sys.stdout of that moment (capsys's)
-        monkeypatch.setattr(logging.root, "handlers", [])
-        for lg in logging.Logger.manager.loggerDict.values():  # e.g. monai's own stdout handlers
-            for h in getattr(lg, "handlers", []):
-                if isinstance(h, logging.StreamHandler) and getattr(h.stream, "closed", False):
-                    h.stream = sys.__stderr__
         monkeypatch.chdir(REPO)
-        code = 0
-        try:
-            main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        except Exception:  # --debug re-raises
-            import traceback
-
-            traceback.print_exc()
-            code = 1
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(args, code, out, err)
+        code, io = run_medkt_in_process(monkeypatch, capsys, *args)
+        return subprocess.CompletedProcess(args, code, io.out, io.err)
 
     return run
 

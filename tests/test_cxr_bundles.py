@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -61,30 +60,9 @@ def data_dir(tmp_path_factory):
 
 def _cli(monkeypatch, capsys, *args):
     """Run `medkt ARGS` in-process; returns (exit code, captured out/err)."""
-    import logging
+    from conftest import run_medkt_in_process
 
-    from medkt import cli
-
-    root = logging.getLogger()
-    handlers = list(root.handlers)
-    # MONAI's loggers keep a handler on the stdout of the test that first created them, which
-    # pytest has closed since; point them at the current stream
-    for lg in [root, *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]:
-        for h in lg.handlers:
-            stream = getattr(h, "stream", None)
-            if stream is not None and getattr(stream, "closed", False):
-                h.stream = sys.stdout  # setStream would flush the closed one
-    monkeypatch.setattr(sys, "argv", ["medkt", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        # the bundle's logging.conf binds a handler to this test's captured stdout; drop it so a
-        # later test does not log into a closed stream
-        root.handlers[:] = handlers
-    return code, capsys.readouterr()
+    return run_medkt_in_process(monkeypatch, capsys, *args)
 
 
 def test_jsrt_nodules_bundle_end_to_end(data_dir, tmp_path, monkeypatch, capsys):

@@ -3,7 +3,6 @@ bad rows, --skip-bad, and the `medkt data` CLI (one-line errors, exit code 2, no
 from __future__ import annotations
 
 import csv
-import sys
 
 import numpy as np
 import pytest
@@ -179,15 +178,10 @@ def test_registry_lists_and_names_unknown(tmp_path):
 
 
 def _cli(monkeypatch, capsys, *args):
-    from medkt import cli
+    """Run `medkt ARGS` in-process; returns (exit code, captured out/err)."""
+    from conftest import run_medkt_in_process
 
-    monkeypatch.setattr(sys, "argv", ["medkt", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code
-    return code, capsys.readouterr()
+    return run_medkt_in_process(monkeypatch, capsys, *args)
 
 
 def test_cli_prepare_list_check(tmp_path, monkeypatch, capsys):
