@@ -170,11 +170,7 @@ class ZeroShotEvaluator:
         state = self._model_state()
         if self._img is not None and self._img[0] == state:
             return self._img[1]
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(self.pixels), self.batch_size):
-                out.append(F.normalize(self.backend.encode_pixels(self.pixels[i : i + self.batch_size]).float(), dim=-1))
-        emb = torch.cat(out) if out else torch.empty(0)
+        emb = self.backend.encode_images(self.pixels, self.batch_size)
         self._img = (state, emb)
         return emb
 

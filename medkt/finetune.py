@@ -222,10 +222,8 @@ def finetune(
             raise ConfigError(f"no description for replay concept(s) {miss}; add them to the descriptions")
         replay_caps = [make_caption(c, desc_of(c), cfg) for c in replay_concepts]
         replay_targets = torch.tensor([captions.index(c) for c in replay_caps])
-        with torch.no_grad():
-            backend.eval()
-            teacher = F.normalize(torch.cat([backend.encode_pixels(replay_images[i : i + 64]).float()
-                                             for i in range(0, len(replay_images), 64)]), dim=-1)
+        backend.eval()
+        teacher = backend.encode_images(replay_images)
     elif cfg.replay_per_batch > 0 or cfg.distill_weight > 0:
         raise ConfigError("replay_per_batch / distill_weight need finetune(..., replay_images=, replay_concepts=)")
 

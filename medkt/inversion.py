@@ -325,12 +325,7 @@ def _clip_per_image(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 def similarity(backend: Backend, images: torch.Tensor, text_emb: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """Cosine similarity of each image ``(N, C, S, S)`` to its row of ``text_emb`` ``(N, D)``."""
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            e = F.normalize(backend.encode_pixels(images[i : i + batch_size]).float(), dim=-1)
-            out.append((e * text_emb[i : i + batch_size]).sum(-1))
-    return torch.cat(out)
+    return (backend.encode_images(images, batch_size) * text_emb).sum(-1)
 
 
 # --- main loop ---------------------------------------------------------------------------------

@@ -114,6 +114,14 @@ class Backend(nn.Module):
                 out.append(self.encode_text(self.tokenize(list(texts[i : i + batch_size]))).float())
         return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
+    def encode_images(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Normalised image embeddings ``(N, D)`` of [0,1] pixels ``(N, C, S, S)``, batched, without gradients."""
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                out.append(self.encode_pixels(x[i : i + batch_size]).float())
+        return torch.nn.functional.normalize(torch.cat(out), dim=-1) if out else torch.empty(0)
+
     def set_visual_trainable(self, trainable: bool = True) -> None:
         for p in self.visual_parameters():
             p.requires_grad_(trainable)

@@ -1,6 +1,6 @@
 """Zero-shot classification metrics used by the phantom experiments (backend-agnostic).
 
-Works with any object exposing ``encode_pixels`` and ``encode_texts`` (the medkt ``Backend``
+Works with any object exposing ``encode_images`` and ``encode_texts`` (the medkt ``Backend``
 protocol) or a raw :class:`~medkt.phantom.model.PhantomCLIP` wrapped by the phantom backend.
 """
 from __future__ import annotations
@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from medkt.evaluation import auroc  # noqa: F401  (re-exported: phantom code imports it from here)
 
 
 @torch.no_grad()
@@ -23,34 +25,9 @@ def class_embeddings(backend, class_prompts: dict[str, list[str]]) -> torch.Tens
     return torch.stack(out)
 
 
-@torch.no_grad()
 def image_embeddings(backend, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """``(N, C, S, S)`` [0,1] pixels -> normalised ``(N, D)``."""
-    out = []
-    for i in range(0, len(images), batch_size):
-        out.append(F.normalize(backend.encode_pixels(images[i : i + batch_size]).float(), dim=-1))
-    return torch.cat(out)
-
-
-def auroc(scores_pos: np.ndarray, scores_neg: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with ties counted half)."""
-    pos = np.asarray(scores_pos, float)
-    neg = np.asarray(scores_neg, float)
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    allv = np.concatenate([pos, neg])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv))
-    sorted_v = allv[order]
-    i = 0
-    while i < len(allv):  # average ranks of ties
-        j = i
-        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1
-        i = j + 1
-    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
-    return float(u / (len(pos) * len(neg)))
+    return backend.encode_images(images, batch_size)
 
 
 @dataclass
