@@ -480,6 +480,18 @@ def measure_levers(backend, paper: dict[str, Any], n: int, reps: int, threads: i
         finally:
             torch.set_num_threads(threads)
     res["threads_baseline"] = threads
+    fast = getattr(backend, "fast_paths", None)
+    if fast:  # medkt's exact fast paths (backends/vit_fastpath.py) vs the upstream modules, paired
+        from medkt.backends.vit_fastpath import disable_fast_paths, enable_fast_paths
+
+        disable_fast_paths(backend.model)
+        try:
+            res["upstream_kernels_s_per_image"] = per_image(base, n)
+        finally:
+            enable_fast_paths(backend.model)
+    if getattr(backend, "supports_any_resolution", False):  # what a progressive stage costs at its own size
+        for size in (64, 128):
+            res[f"native_{size}px_s_per_image"] = per_image({**base, "resolutions": [size], "resolution_steps": []}, n)
     return res
 
 

@@ -370,10 +370,14 @@ def _run_chunk(
     if state is not None and state.get("adam") is not None:
         opt.load_state_dict(state["adam"])
 
+    # A backend that takes any input size runs at the stage's size (the saving progressive
+    # resolution is for); otherwise each stage is upsampled to the model size every step.
+    native_stages = bool(getattr(backend, "supports_any_resolution", False))
+
     def render(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (image at model size, the tensor TV/sparsity regularise)."""
+        """-> (image the model sees, the tensor TV/sparsity regularise)."""
         if not residual:
-            return _to_model_size(t, size), t
+            return (t if native_stages else _to_model_size(t, size)), t
         d = _to_model_size(t, size)
         if cfg.residual_max:
             d = cfg.residual_max * torch.tanh(d / cfg.residual_max)
@@ -437,7 +441,7 @@ def _run_chunk(
                 if since_best >= cfg.early_stop_patience:
                     break
     with torch.no_grad():
-        final, _ = render(p.detach())
+        final = _to_model_size(render(p.detach())[0], size)
     return (final.clamp(0, 1) if cfg.clamp else final), step, history
 
 

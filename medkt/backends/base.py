@@ -41,6 +41,9 @@ class Backend(nn.Module):
     #: default dtype/device live on the parameters
     supports_itm: bool = False
     supports_captioning: bool = False
+    #: ``encode_pixels`` also accepts sizes other than ``image_size`` (e.g. ViTs with interpolated
+    #: position embeddings); progressive-resolution inversion then runs the model at each stage's size
+    supports_any_resolution: bool = False
 
     # -- identification -------------------------------------------------------------------
     spec: str = ""
