@@ -43,6 +43,14 @@ VARIANTS: dict[str, dict] = {
     "wise_1.0": {"finetune": {"wise_alpha": 1.0}},
     "replay_distill": {"finetune": {"replay_per_batch": 4, "distill_weight": 1.0, "wise_alpha": 1.0},
                        "replay_per_class": 4},
+    "replay_init": {"finetune": {"replay_per_batch": 4}, "replay_init": True},
+    "replay_init_wise1": {"finetune": {"replay_per_batch": 4, "wise_alpha": 1.0}, "replay_init": True},
+    "replay_all_wise1": {"finetune": {"replay_per_batch": 4, "wise_alpha": 1.0}, "replay_init": True,
+                         "replay_per_class": 2},
+    "replay_init_lr1e-4": {"finetune": {"lr": 1e-4, "epochs": 5, "wise_alpha": 1.0, "replay_per_batch": 4},
+                           "replay_init": True},
+    "lr1e-4_5ep": {"finetune": {"lr": 1e-4, "epochs": 5, "wise_alpha": 1.0}},
+    "images_32": {"n_images": 32},
     "contrastive_objective": {"inversion": {"objective": "contrastive"}},
     "any_sign": {"inversion": {"residual_sign": "any"}},
     "from_noise": {"inversion": {"init": "uniform", "parametrization": "pixels", "lr": 0.1, "tv_weight": 0.005,
@@ -50,6 +58,14 @@ VARIANTS: dict[str, dict] = {
                                  "noise_std": 0.0, "views": 1}},
     "paper_finetune": {"finetune": {"lr": 1e-5, "epochs": 1, "optimizer": "adam", "wise_alpha": 1.0}},
     "oracle": {"placebo": "oracle", "inversion": {"steps": 1}},
+    # upper bounds of the fine-tuning recipe itself: 16 *real* nodules (the "placebo" arm of these
+    # rows) with supervised replay of the normal start images and of real known-class phantoms
+    "oracle_replay": {"placebo": "oracle", "inversion": {"steps": 1}, "replay_init": True,
+                      "finetune": {"lr": 1e-4, "epochs": 5, "wise_alpha": 1.0, "replay_per_batch": 4}},
+    "oracle_replay_all": {"placebo": "oracle", "inversion": {"steps": 1}, "replay_init": True, "replay_per_class": 4,
+                          "finetune": {"lr": 1e-4, "epochs": 5, "wise_alpha": 1.0, "replay_per_batch": 4}},
+    "oracle_lr3e-5": {"placebo": "oracle", "inversion": {"steps": 1},
+                      "finetune": {"lr": 3e-5, "epochs": 5, "wise_alpha": 1.0}},
     "noise_placebo": {"placebo": "noise"},
 }
 

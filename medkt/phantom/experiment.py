@@ -51,6 +51,10 @@ class Recipe:
     #: known-class phantoms per class held out for model selection (finetune keep_best /
     #: select_patience score = their zero-shot accuracy; no novel-class image is involved)
     select_per_class: int = 0
+    #: also replay the inversion's starting images (normal phantoms) captioned as "no finding", so
+    #: fine-tuning sees every edited image next to its unedited start (the placebo replays the same
+    #: normal phantoms it trains on); needs ``finetune.replay_per_batch > 0``
+    replay_init: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
@@ -187,7 +191,11 @@ class PhantomTransferExperiment:
         replay, replay_c = None, None
         if recipe.replay_per_class:
             rs = make_dataset(self.known, recipe.replay_per_class, TRAIN_SEED_BASE + 10 * seed + 2, self.image_size)
-            replay, replay_c = rs.tensor(), rs.labels
+            replay, replay_c = rs.tensor(), list(rs.labels)
+        if recipe.replay_init:
+            starts = self.train_images("normal", recipe.n_images, seed, 1)  # = the inversion's init images
+            replay = starts if replay is None else torch.cat([replay, starts])
+            replay_c = (replay_c or []) + ["no finding"] * len(starts)
         select_fn = None
         if recipe.select_per_class:
             sel = make_dataset(self.known, recipe.select_per_class, TRAIN_SEED_BASE + 10 * seed + 3, self.image_size)
