@@ -27,7 +27,7 @@ import torch
 
 from medkt.errors import ConfigError
 from medkt.phantom.findings import BUILTIN_FINDINGS
-from medkt.phantom.metrics import ZeroShotResult, class_embeddings, image_embeddings, mean_ci, zero_shot
+from medkt.phantom.metrics import ZeroShotResult, image_embeddings, mean_ci, zero_shot
 from medkt.phantom.text import description_prompts, name_prompts
 from medkt.phantom.world import make_dataset
 
@@ -201,9 +201,11 @@ class PhantomTransferExperiment:
             sel = make_dataset(self.known, recipe.select_per_class, TRAIN_SEED_BASE + 10 * seed + 3, self.image_size)
             sel_x = sel.tensor()
 
-            def select_fn() -> float:
+            def known_accuracy() -> float:
                 # 9-way prompts on known images: also catches images lost to the new class
                 return zero_shot(backend, sel_x, sel.labels, self.name_prompts).accuracy
+
+            select_fn = known_accuracy
 
         t0 = time.perf_counter()
         hist = finetune(backend, images, [self.novel] * len(images), self.descriptions(), config=ft_cfg,
