@@ -50,6 +50,8 @@ VARIANTS: dict[str, dict] = {
                            "replay_init": True},
     "lr1e-4_5ep": {"finetune": {"lr": 1e-4, "epochs": 5, "wise_alpha": 1.0}},
     "images_32": {"n_images": 32},
+    # issue 6: does the short inversion lose anything downstream? the same recipe at the paper's 5,000 steps
+    "steps_5000": {"inversion": {"steps": 5000}},
     "contrastive_objective": {"inversion": {"objective": "contrastive"}},
     "any_sign": {"inversion": {"residual_sign": "any"}},
     "from_noise": {"inversion": {"init": "uniform", "parametrization": "pixels", "lr": 0.1, "tv_weight": 0.005,

@@ -107,3 +107,37 @@ def test_pipeline_run_folder(tmp_path):
         assert (out / fig).is_file() and fig in report
     assert "placebo" in report and "## Settings" in report
     assert saved["segmentation"]["n_images"] == 2
+
+
+def test_replay_init_replays_the_inversion_start_images_as_no_finding(monkeypatch):
+    """``replay_init``: fine-tuning sees the unedited start images (captioned "no finding") next to
+    the edited ones, in the transfer arm and (same normal phantoms) in its placebo."""
+    import medkt.finetune
+    import medkt.inversion
+    from medkt.phantom.experiment import PhantomTransferExperiment, Recipe
+
+    seen: dict = {"init": [], "replay": []}
+    real_invert, real_finetune = medkt.inversion.invert, medkt.finetune.finetune
+
+    def spy_invert(*a, **k):
+        seen["init"].append(k.get("init_images"))
+        return real_invert(*a, **k)
+
+    def spy_finetune(*a, **k):
+        seen["replay"].append((k.get("replay_images"), list(k.get("replay_concepts") or [])))
+        return real_finetune(*a, **k)
+
+    monkeypatch.setattr(medkt.inversion, "invert", spy_invert)
+    monkeypatch.setattr(medkt.finetune, "finetune", spy_finetune)
+    exp = PhantomTransferExperiment("phantom:base", BUNDLE["novel"], BUNDLE["description"], BUNDLE["known_descriptions"],
+                                    eval_per_class=4, split="val", cupl_prompts=2)
+    ds = exp.eval_set(0)
+    r = fast_recipe(2, 4)
+    r["finetune"] = {**r["finetune"], "epochs": 1, "replay_per_batch": 2}
+    recipe = Recipe.from_dict({"name": "ri", **r, "replay_init": True})
+    exp.run_arm(recipe, 0, ds)
+    exp.run_arm(recipe, 0, ds, placebo=True)
+    init = seen["init"][0]
+    for images, concepts in seen["replay"]:
+        assert concepts == ["no finding"] * 4
+        torch.testing.assert_close(images, init)

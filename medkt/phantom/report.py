@@ -85,14 +85,21 @@ def confusion_figure(mats: dict[str, np.ndarray], classes: Sequence[str], path: 
     return path
 
 
+#: point colours by ``kind``: inverted-image transfers, their placebos, real-image upper bounds
+FRONTIER_COLORS = {"transfer": "tab:blue", "placebo": "tab:red", "upper_bound": "tab:green"}
+
+
 def frontier_figure(points: list[dict[str, Any]], path: Path) -> Path:
-    """Novel-accuracy gain vs known-accuracy loss (points = recipes; error bars = 95% CI)."""
+    """Novel-accuracy gain vs known-accuracy loss (points = recipes; error bars = 95% CI).
+
+    Blue: transfers from inverted images; red: placebos; green: ``kind="upper_bound"`` (real images).
+    """
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 4.0))
     for p in points:
         ax.errorbar(100 * p["known_loss"], 100 * p["novel_gain"], xerr=100 * p.get("known_loss_ci", 0),
                     yerr=100 * p.get("novel_gain_ci", 0), fmt="o", capsize=2,
-                    color="tab:red" if p.get("placebo") else "tab:blue")
+                    color=FRONTIER_COLORS.get(p.get("kind", "placebo" if p.get("placebo") else "transfer"), "tab:gray"))
         ax.annotate(p["name"], (100 * p["known_loss"], 100 * p["novel_gain"]), fontsize=7, xytext=(3, 3),
                     textcoords="offset points")
     ax.axvline(2, ls="--", lw=0.8, color="gray")
