@@ -85,6 +85,26 @@ def recipes_by_name(names: list[str]) -> dict[str, dict]:
     return {n: table[n] for n in names}
 
 
+def merged_frontier(files: list[Path]) -> list[dict]:
+    """Frontier points of several result files; rows trained on real nodules become upper bounds.
+
+    A recipe with ``placebo: "oracle"`` trains its "placebo" arm on real nodule phantoms (green,
+    "real nodules: NAME") and its transfer arm on 1-step inversions (dropped: not a transfer).
+    """
+    points = []
+    for f in files:
+        d = json.loads(f.read_text())
+        oracle = {n for n, r in d["recipes"].items() if r.get("placebo") == "oracle"}
+        for p in d["frontier"]:
+            base = p["name"].removesuffix(" placebo")
+            if base in oracle:
+                if p["placebo"]:
+                    points.append({**p, "name": f"real nodules: {base}", "kind": "upper_bound", "placebo": False})
+                continue
+            points.append({**p, "kind": "placebo" if p["placebo"] else "transfer"})
+    return points
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", choices=["val", "eval"], default="val")
@@ -95,7 +115,15 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="recipe override NAME.key.sub=JSON (repeatable)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", default=None, help="frontier plot PNG")
+    ap.add_argument("--backend", default=None, help="backend spec (default: the phantom_nodules bundle's)")
+    ap.add_argument("--plot-from", nargs="+", default=None,
+                    help="only draw --plot from the frontier points of these result JSONs (no runs)")
     args = ap.parse_args()
+    if args.plot_from:
+        from medkt.phantom.report import frontier_figure
+
+        frontier_figure(merged_frontier([Path(f) for f in args.plot_from]), Path(args.plot or "frontier.png"))
+        return
     torch.set_num_threads(1)
     from medkt.phantom.experiment import PhantomTransferExperiment, Recipe, aggregate
 
@@ -108,7 +136,7 @@ def main() -> None:
         for p in path[:-1]:
             d = d.setdefault(p, {})
         d[path[-1]] = json.loads(val)
-    exp = PhantomTransferExperiment(cfg["backend"], cfg["novel"], cfg["description"], cfg["known_descriptions"],
+    exp = PhantomTransferExperiment(args.backend or cfg["backend"], cfg["novel"], cfg["description"], cfg["known_descriptions"],
                                     eval_per_class=args.eval_per_class, split=args.split)
     results: dict = {"split": args.split, "seeds": [], "recipes": recipes, "per_recipe": {}}
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))

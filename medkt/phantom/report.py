@@ -95,12 +95,12 @@ def frontier_figure(points: list[dict[str, Any]], path: Path) -> Path:
     Blue: transfers from inverted images; red: placebos; green: ``kind="upper_bound"`` (real images).
     """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
     for p in points:
         ax.errorbar(100 * p["known_loss"], 100 * p["novel_gain"], xerr=100 * p.get("known_loss_ci", 0),
                     yerr=100 * p.get("novel_gain_ci", 0), fmt="o", capsize=2,
                     color=FRONTIER_COLORS.get(p.get("kind", "placebo" if p.get("placebo") else "transfer"), "tab:gray"))
-        ax.annotate(p["name"], (100 * p["known_loss"], 100 * p["novel_gain"]), fontsize=7, xytext=(3, 3),
+        ax.annotate(p["name"], (100 * p["known_loss"], 100 * p["novel_gain"]), fontsize=6, xytext=(3, 3),
                     textcoords="offset points")
     ax.axvline(2, ls="--", lw=0.8, color="gray")
     ax.axhline(30, ls="--", lw=0.8, color="gray")
