@@ -18,7 +18,6 @@ what open_clip produced on older transformers (a test checks it against the scor
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medkt.backends.base import Backend
-from medkt.backends.vit_fastpath import enable_fast_paths
+from medkt.backends.vit_fastpath import install_fast_paths
 from medkt.errors import ConfigError, WeightsNotFoundError, unknown_name
 
 log = logging.getLogger(__name__)
@@ -297,9 +296,7 @@ class CocaBackend(Backend):
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.pad_id = int(getattr(model, "pad_id", PAD_ID))
-        if os.environ.get("MEDKT_FAST_PATHS", "1") != "0":  # same exact ViT fast paths as open_clip CLIP
-            self.fast_paths = enable_fast_paths(model)
-            self.supports_any_resolution = bool(self.fast_paths["embeds"])
+        install_fast_paths(self, model)
 
     # -- protocol -------------------------------------------------------------------------------
     @property

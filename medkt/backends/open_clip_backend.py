@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from medkt.backends.base import Backend
-from medkt.backends.vit_fastpath import enable_fast_paths
+from medkt.backends.vit_fastpath import install_fast_paths
 from medkt.errors import ConfigError, WeightsNotFoundError, unknown_name
 from medkt.weights import README_HINT, resolve_weights
 
@@ -59,9 +59,7 @@ class OpenClipBackend(Backend):
         size = model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.mean, self.std = tuple(mean), tuple(std)
-        if os.environ.get("MEDKT_FAST_PATHS", "1") != "0":
-            self.fast_paths = enable_fast_paths(model)
-            self.supports_any_resolution = bool(self.fast_paths["embeds"])
+        install_fast_paths(self, model)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixel_values)

@@ -21,6 +21,7 @@ inversion can run the encoder at 64 or 128 px instead of upsampling every step t
 """
 from __future__ import annotations
 
+import os
 import types
 from typing import Any
 
@@ -106,9 +107,8 @@ def is_patchable_vit(visual: Any) -> bool:
     conv = getattr(visual, "conv1", None)
     return (
         isinstance(conv, nn.Conv2d) and tuple(conv.stride) == tuple(conv.kernel_size) and conv.padding in ((0, 0), 0)
-        and conv.groups == 1 and hasattr(visual, "_embeds") and hasattr(visual, "positional_embedding")
-        and getattr(visual, "positional_embedding", None) is not None and hasattr(visual, "grid_size")
-        and visual.positional_embedding.dim() == 2
+        and conv.groups == 1 and hasattr(visual, "_embeds") and hasattr(visual, "grid_size")
+        and getattr(visual, "positional_embedding", None) is not None and visual.positional_embedding.dim() == 2
     )
 
 
@@ -126,6 +126,15 @@ def enable_fast_paths(module: nn.Module) -> dict[str, int]:
         visual._embeds = types.MethodType(vit_embeds, visual)
         n_embed = 1
     return {"attention": n_attn, "embeds": n_embed}
+
+
+def install_fast_paths(backend: nn.Module, model: nn.Module) -> None:
+    """:func:`enable_fast_paths` on a backend's ``model`` unless ``MEDKT_FAST_PATHS=0``; records the
+    counts in ``backend.fast_paths`` and sets ``backend.supports_any_resolution``."""
+    if os.environ.get("MEDKT_FAST_PATHS", "1") == "0":
+        return
+    backend.fast_paths = enable_fast_paths(model)
+    backend.supports_any_resolution = bool(backend.fast_paths["embeds"])
 
 
 def disable_fast_paths(module: nn.Module) -> None:

@@ -175,6 +175,7 @@ class PhantomTransferExperiment:
         inv_cfg = InversionConfig.from_dict(inv_d)
         t_inv = 0.0
         extra: dict[str, Any] = {}
+        init = None
         if placebo:
             images = self.train_images(recipe.placebo, recipe.n_images, seed, 1)
         else:
@@ -193,7 +194,8 @@ class PhantomTransferExperiment:
             rs = make_dataset(self.known, recipe.replay_per_class, TRAIN_SEED_BASE + 10 * seed + 2, self.image_size)
             replay, replay_c = rs.tensor(), list(rs.labels)
         if recipe.replay_init:
-            starts = self.train_images("normal", recipe.n_images, seed, 1)  # = the inversion's init images
+            # the inversion's init images (the same normal phantoms, drawn here when not inverted from them)
+            starts = init if init is not None else self.train_images("normal", recipe.n_images, seed, 1)
             replay = starts if replay is None else torch.cat([replay, starts])
             replay_c = (replay_c or []) + ["no finding"] * len(starts)
         select_fn = None
