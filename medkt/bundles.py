@@ -116,8 +116,13 @@ def default_run_dir(bundle_name: str, root: str | Path = "runs") -> str:
 
 
 def run_bundle(bundle: str, overrides: dict[str, Any] | None = None, config: str = DEFAULT_CONFIG,
-               output: str | Path | None = None, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
-    """Run a bundle's workflow; returns the run's ``results.json`` content."""
+               output: str | Path | None = None, overwrite: bool = False, resume: bool = False,
+               restart: bool = False) -> dict[str, Any]:
+    """Run a bundle's workflow; returns the run's ``results.json`` content.
+
+    ``resume`` continues the interrupted run in ``<output>.partial``; ``restart`` discards it
+    (see :class:`medkt.pipelines.base.Pipeline`).
+    """
     from monai.bundle import ConfigWorkflow
 
     info = find_bundle(bundle)
@@ -143,6 +148,11 @@ def run_bundle(bundle: str, overrides: dict[str, Any] | None = None, config: str
             raise ConfigError(f"unknown config key {key!r} in bundle {info.name}; top-level keys: {top}")
     workflow.parser.update({"output_dir": out, "overwrite": overwrite, "resume": resume,
                             "bundle_name": info.name, **overrides})
+    if restart:  # bundles do not list it; it goes straight to the pipeline's arguments
+        if not isinstance(workflow.parser.get("pipeline"), dict):
+            raise ConfigError(f"bundle {info.name} has no 'pipeline' section to pass --restart to; "
+                              f"delete {out}.partial by hand instead")
+        workflow.parser["pipeline#restart"] = True
     try:
         workflow.initialize()
         workflow.run()

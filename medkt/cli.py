@@ -21,7 +21,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="medkt: teach vision-language models new visual concepts from text (knowledge transfer).")
 
 #: modules that add commands with ``register(app)``; missing optional ones are skipped
-COMMAND_MODULES = ("medkt.data.cli", "medkt.segmentation.cli", "medkt.natural.cli", "medkt.phantom.cli")
+COMMAND_MODULES = ("medkt.data.cli", "medkt.segmentation.cli", "medkt.phantom.cli")
 
 _STATE = {"debug": False}
 
@@ -50,12 +50,14 @@ def transfer(
     set_: list[str] = typer.Option([], "--set", "-s", help="Config override key=value (MONAI ids, '#' or '.' separated)."),
     config: str = typer.Option("transfer.json", "--config", help="Config file of the bundle (e.g. an ablation)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoints."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (OUTPUT.partial) from its checkpoints."),
+    restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run (OUTPUT.partial) and start over."),
 ) -> None:
     """Run a knowledge-transfer bundle: inversion -> fine-tuning -> evaluation before/after."""
     from medkt.bundles import run_bundle
 
-    results = run_bundle(bundle, _parse_sets(set_), config=config, output=output, overwrite=overwrite, resume=resume)
+    results = run_bundle(bundle, _parse_sets(set_), config=config, output=output, overwrite=overwrite, resume=resume,
+                         restart=restart)
     summary = results.get("summary_table")
     if summary:
         typer.echo(summary)
@@ -103,7 +105,8 @@ def invert(
     lr: float = typer.Option(0.1),
     seed: int = typer.Option(0),
     set_: list[str] = typer.Option([], "--set", "-s", help="Other InversionConfig fields, key=value."),
-    resume: bool = typer.Option(False, help="Continue from the checkpoints in OUTPUT."),
+    resume: bool = typer.Option(False, help="Continue from the checkpoints in OUTPUT (refused if they were made "
+                                            "with other settings or concepts)."),
     checkpoint_every: int = typer.Option(200, help="Checkpoint interval in steps (0 = off)."),
 ) -> None:
     """Synthesise images of concepts from their descriptions (model inversion)."""
@@ -116,8 +119,15 @@ def invert(
         if not sep or not name.strip() or not desc.strip():
             raise ConfigError(f"bad --concept {c!r}: expected NAME=DESCRIPTION")
         targets.append(InversionTarget(name.strip(), desc.strip(), n_images))
-    if output.exists() and any(p for p in output.iterdir() if p.name != "checkpoints") and not resume:
-        raise ConfigError(f"output folder {output} is not empty; choose another or pass --resume")
+    # resuming into a folder checks the settings its checkpoints were made with (medkt.checkpoints),
+    # so images of another run are never mixed with this one's: a folder without that record is refused
+    if output.exists() and any(output.iterdir()):
+        if not resume:
+            raise ConfigError(f"output folder {output} is not empty; pass --resume to continue the inversion it "
+                              "holds, or choose another folder")
+        if not (output / "checkpoints" / "inversion.settings.json").is_file():
+            raise ConfigError(f"cannot resume into {output}: it has no record of the settings its images were made "
+                              "with (checkpoints/inversion.settings.json); choose another folder")
     cfg = InversionConfig.from_dict({"steps": steps, "lr": lr, "seed": seed, "checkpoint_every": checkpoint_every,
                                      **_parse_sets(set_)})
     b = create_backend(backend)

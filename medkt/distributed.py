@@ -5,7 +5,8 @@ Launch any medkt command with ``torchrun``::
     torchrun --nproc_per_node 4 -m medkt transfer --bundle NAME --output runs/x
 
 torchrun sets ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``;
-:func:`init_from_env` joins the process group (NCCL on GPUs, gloo on CPU). Then
+:func:`init_from_env` joins the process group (NCCL when the model is on a GPU, gloo on CPU) and
+:func:`local_device` puts each rank on its own GPU (``cuda:LOCAL_RANK``). Then
 
 * **inversion**: the images are split into chunks of ``InversionConfig.chunk_size``; rank ``r``
   runs chunks ``r, r + W, r + 2W, ...`` (round-robin) and the images are gathered on every rank
@@ -70,10 +71,29 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_from_env(backend: str | None = None) -> bool:
+def local_device(requested: str | torch.device | None = "auto") -> torch.device:
+    """The device this process should use for ``requested`` (a ``--device`` value).
+
+    Under torchrun (``WORLD_SIZE > 1``) ``auto`` and ``cuda`` (no index) mean this rank's GPU,
+    ``cuda:LOCAL_RANK``, when CUDA is available; everything else is
+    :func:`medkt.device.resolve_device` of ``requested``.
+    """
+    from medkt.device import resolve_device
+
+    text = "auto" if requested is None else str(requested).strip().lower()
+    env = env_from_torchrun()
+    if env.world_size > 1 and text in ("auto", "cuda") and torch.cuda.is_available():
+        return resolve_device(f"cuda:{env.local_rank}")
+    return resolve_device(requested)
+
+
+def init_from_env(backend: str | None = None, device: str | torch.device | None = None) -> bool:
     """Join the process group described by torchrun's variables; True when running distributed.
 
-    ``backend`` defaults to NCCL when CUDA is available, else gloo. Idempotent.
+    ``device`` is where the model runs (a ``--device`` value, resolved with :func:`local_device`;
+    None = the CPU, create_backend's default). ``backend`` defaults to NCCL when that device is a
+    CUDA GPU (made this process's current device), else gloo: a CPU model on a GPU node uses gloo,
+    since NCCL cannot move CPU tensors. Idempotent.
     """
     if is_initialized():
         return world_size() > 1
@@ -85,9 +105,10 @@ def init_from_env(backend: str | None = None) -> bool:
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise ConfigError(f"WORLD_SIZE={env.world_size} but {var} is not set; launch with torchrun")
-    use_cuda = torch.cuda.is_available()
+    dev = local_device("cpu" if device is None else device)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(dev)
     # ranks wait for each other around rank 0's evaluations: allow long gaps (default 30 min is short)
     minutes = float(os.environ.get("MEDKT_DIST_TIMEOUT_MIN", 12 * 60))
     dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), rank=env.rank, world_size=env.world_size,
@@ -166,7 +187,7 @@ def invert_sharded(backend, targets, config=None, out_dir: str | Path | None = N
     if sorted(by_chunk) != list(range(total)):
         raise RuntimeError(f"sharded inversion is missing chunks: got {sorted(by_chunk)} of {total}")
     order = [by_chunk[c] for c in range(total)]
-    device = next(backend.parameters()).device
+    device = backend.device
     return InversionResult(
         images=torch.cat([o["images"] for o in order]).to(device),
         concepts=[c for o in order for c in o["concepts"]],
@@ -187,5 +208,5 @@ def local_share(n: int, rank_: int | None = None, world: int | None = None) -> s
     return slice(start, start + base + (1 if r < extra else 0))
 
 
-__all__ = ["DistEnv", "env_from_torchrun", "init_from_env", "is_initialized", "world_size", "rank", "is_main",
+__all__ = ["DistEnv", "env_from_torchrun", "local_device", "init_from_env", "is_initialized", "world_size", "rank", "is_main",
            "barrier", "broadcast_object", "shard_chunks", "n_chunks", "invert_sharded", "local_share"]

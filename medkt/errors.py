@@ -22,7 +22,21 @@ class UnknownNameError(MedktError, KeyError):
 
 
 class ConfigError(MedktError, ValueError):
-    """A bad configuration value or override."""
+    """A bad configuration value or override.
+
+    ``key``: the config path it is about (MONAI id, ``#``-separated), when known; ``source``: where
+    the value came from (a bundle config file, ``--set ...``), added by whoever knows it
+    (:func:`medkt.bundles.run_bundle`) and shown at the end of the message.
+    """
+
+    def __init__(self, message: str = "", *, key: str | None = None, source: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.source = source
+
+    def __str__(self) -> str:
+        msg = super().__str__()
+        return f"{msg} ({self.source})" if self.source else msg
 
 
 class DataError(MedktError, ValueError):
@@ -33,10 +47,23 @@ class OutputExistsError(MedktError, FileExistsError):
     """Refusing to overwrite an existing run directory without --overwrite."""
 
 
-def unknown_name(kind: str, name: str, known: list[str] | tuple[str, ...]) -> UnknownNameError:
-    """Build an :class:`UnknownNameError` that lists the known names and a close match."""
+class ResumeMismatchError(MedktError, ValueError):
+    """``--resume`` with settings or targets other than the ones the checkpoints were made with."""
+
+
+class CheckpointError(MedktError):
+    """A checkpoint file is corrupt, truncated or not a medkt checkpoint."""
+
+
+def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
+    """``" Did you mean 'steps'?"`` when a known name is close to ``name``, else ``""``."""
     import difflib
 
-    close = difflib.get_close_matches(name, list(known), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def unknown_name(kind: str, name: str, known: list[str] | tuple[str, ...]) -> UnknownNameError:
+    """Build an :class:`UnknownNameError` that lists the known names and a close match."""
+    hint = did_you_mean(name, known)
     return UnknownNameError(f"unknown {kind} {name!r}.{hint} Known: {', '.join(sorted(known)) or '(none)'}")

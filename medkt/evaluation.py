@@ -1,38 +1,68 @@
-"""Zero-shot classification: prompt ensembles, accuracy overall / per class, confusion matrix.
+"""Zero-shot classification: the one scoring path of medkt.
 
-A class is scored by the cosine similarity between the image embedding and its prompts:
-``"mean"`` (CLIP's ensemble: mean of normalised prompt embeddings, renormalised),
-``"mean_similarity"`` (MedCLIP's PromptClassifier with ``ensemble=True``: mean of the per-prompt
-similarities) or ``"max"`` (MedCLIP with ``ensemble=False``: best prompt). Each class's prompts
-are tokenised as one batch, as MedCLIP does (its pooling averages padding tokens too, so the
-batch's padding length matters). Text embeddings are cached per class set (they do not
-change while only the visual encoder trains); image pixels are loaded once and their embeddings
-computed once per model state — any in-place change of a weight invalidates them
-(:class:`ZeroShotEvaluator`).
+:class:`ZeroShotEvaluator` classifies a fixed image set among class prompts, before and after
+knowledge transfer, with either of the two scorers a backend can offer:
+
+* **embedding** (CLIP, MedCLIP, CoCa, phantom: :class:`~medkt.backends.base.Backend` embeddings):
+  cosine similarity between image and prompt embeddings, aggregated per class by ``"mean"``
+  (CLIP's ensemble: mean of normalised prompt embeddings, renormalised), ``"mean_similarity"``
+  (MedCLIP's PromptClassifier with ``ensemble=True``) or ``"max"`` (best prompt). Each class's
+  prompts are tokenised as one batch, as MedCLIP does (its pooling averages padding tokens too).
+* **itm** (ViLT: :class:`~medkt.backends.base.ImageTextMatcher`): the "match" logit of every
+  (image, prompt) pair, mean or max over a class's prompts; each image's tokens are computed
+  once and reused for all prompt batches.
+
+One temperature rule: :attr:`ClassificationResult.logit_scale` turns scores into probabilities
+(the backend's learned CLIP temperature for cosine scores; 1 for ITM logits, already logits).
+
+Images stream: an in-memory ``(N, C, S, S)`` tensor (inverted or synthetic images) is cut into
+batches; paths are decoded by a :class:`torch.utils.data.DataLoader` (``num_workers`` processes)
+with the backend's own preprocessing, moved to the model's device batch by batch, and only the
+embeddings are kept, so memory does not grow with the number of images. Embeddings are cached per
+model state (any in-place change of a weight invalidates them; text embeddings follow the text
+parameters, so fine-tuning the text tower changes the "after" scores) and, with ``cache_dir``, on
+disk keyed by weights, images and preprocessing. Under torchrun the images are sharded across the
+ranks and the scores gathered, so every rank returns the full result.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medkt.backends.base import Backend
-from medkt.errors import DataError
+from medkt.backends.base import Backend, ImageTextMatcher
+from medkt.errors import ConfigError, DataError
+
+log = logging.getLogger("medkt")
+
+AGGREGATES = ("mean", "mean_similarity", "max")
+SCORINGS = ("auto", "embedding", "itm")
 
 
 @dataclass
 class ClassificationResult:
+    """Zero-shot classification of N images among K classes.
+
+    ``scores`` are cosine similarities (embedding scoring) or match logits (ITM), ``(N, K)``;
+    ``logit_scale`` turns them into logits for :meth:`probabilities` (the model's temperature).
+    """
+
     classes: list[str]
     labels: list[int]  # true class index per image
     predictions: list[int]
-    scores: np.ndarray  # (N, K) cosine similarities
+    scores: np.ndarray  # (N, K)
     accuracy: float = 0.0
     per_class: dict[str, float] = field(default_factory=dict)
     confusion: np.ndarray | None = None  # (K, K) rows = true, cols = predicted
+    logit_scale: float = 1.0
 
     def to_dict(self, max_confusion_classes: int = 100) -> dict[str, Any]:
         """JSON-ready summary; the confusion matrix is left out above ``max_confusion_classes``."""
@@ -41,16 +71,33 @@ class ClassificationResult:
                 "confusion": self.confusion.tolist() if small else None,
                 "n_images": len(self.labels)}
 
-    def class_probabilities(self, logit_scale: float = 100.0) -> np.ndarray:
-        z = logit_scale * self.scores
+    def probabilities(self) -> np.ndarray:
+        """Softmax over classes of ``logit_scale * scores`` -> ``(N, K)``."""
+        z = self.logit_scale * np.asarray(self.scores, np.float64)
         z = z - z.max(1, keepdims=True)
         e = np.exp(z)
         return e / e.sum(1, keepdims=True)
 
+    def auroc(self, cls: str) -> float:
+        """AUROC of P(``cls``) for images of ``cls`` vs all other images (a bias shift of one
+        class's logit leaves it unchanged, unlike accuracy)."""
+        k = self.classes.index(cls)
+        p = self.probabilities()[:, k]
+        y = np.asarray(self.labels)
+        return auroc(p[y == k], p[y != k])
 
-def summarize(classes: Sequence[str], labels: Sequence[int], scores: np.ndarray) -> ClassificationResult:
+    def mean_accuracy(self, exclude: Sequence[str] = ()) -> float:
+        """Mean per-class accuracy over the classes with images, except ``exclude``."""
+        vals = [v for c, v in self.per_class.items() if c not in set(exclude)]
+        return float(np.mean(vals)) if vals else float("nan")
+
+
+def summarize(classes: Sequence[str], labels: Sequence[int], scores: np.ndarray,
+              logit_scale: float = 1.0) -> ClassificationResult:
+    """Accuracy overall / per class and the confusion matrix of ``scores`` ``(N, K)``."""
     labels = list(map(int, labels))
-    pred = scores.argmax(1).tolist()
+    scores = np.asarray(scores)
+    pred = scores.argmax(1).tolist() if len(scores) else []
     k = len(classes)
     conf = np.zeros((k, k), dtype=np.int64)
     for t, p in zip(labels, pred):
@@ -61,45 +108,18 @@ def summarize(classes: Sequence[str], labels: Sequence[int], scores: np.ndarray)
         if n:
             per[c] = float(conf[i, i] / n)
     acc = float(np.mean([t == p for t, p in zip(labels, pred)])) if labels else float("nan")
-    return ClassificationResult(list(classes), labels, pred, scores, acc, per, conf)
+    return ClassificationResult(list(classes), labels, pred, scores, acc, per, conf, float(logit_scale))
 
 
 def auroc(scores_pos: Sequence[float], scores_neg: Sequence[float]) -> float:
     """Area under the ROC curve (Mann-Whitney U with ties counted as 1/2)."""
+    from scipy.stats import rankdata
+
     pos, neg = np.asarray(scores_pos, float), np.asarray(scores_neg, float)
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
-    allv = np.concatenate([pos, neg])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv))
-    sorted_v = allv[order]
-    i = 0
-    while i < len(allv):  # average ranks over ties
-        j = i
-        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    r_pos = ranks[: len(pos)].sum()
-    return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
-AGGREGATES = ("mean", "mean_similarity", "max")
-
-
-def class_text_embeddings(backend: Backend, class_prompts: dict[str, Sequence[str]], batch_size: int = 256) -> list[torch.Tensor]:
-    """Normalised prompt embeddings ``(P_k, D)`` per class; each class tokenised as one batch
-    (split only beyond ``batch_size`` prompts)."""
-    out = []
-    with torch.no_grad():
-        for c, prompts in class_prompts.items():
-            if not prompts:
-                raise DataError(f"class {c!r} has no prompts")
-            prompts = list(prompts)
-            parts = [backend.encode_text(backend.tokenize(prompts[i : i + batch_size])).float()
-                     for i in range(0, len(prompts), batch_size)]
-            out.append(F.normalize(torch.cat(parts), dim=-1))
-    return out
+    ranks = rankdata(np.concatenate([pos, neg]))  # average ranks over ties
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
 def label_indices(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
@@ -113,87 +133,280 @@ def label_indices(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
 
 
 def check_aggregate(aggregate: str, allowed: Sequence[str] = AGGREGATES) -> str:
+    """``aggregate`` if allowed, else a :class:`DataError` listing the allowed ones."""
     if aggregate not in allowed:
         raise DataError(f"aggregate must be one of {tuple(allowed)}, got {aggregate!r}")
     return aggregate
 
 
+def class_text_embeddings(backend: Backend, class_prompts: dict[str, Sequence[str]], batch_size: int = 256) -> list[torch.Tensor]:
+    """Normalised prompt embeddings ``(P_k, D)`` per class (fp32, on the model's device); each
+    class tokenised as one batch (split only beyond ``batch_size`` prompts)."""
+    out = []
+    with torch.no_grad(), backend.autocast():
+        for c, prompts in class_prompts.items():
+            if not prompts:
+                raise DataError(f"class {c!r} has no prompts")
+            prompts = list(prompts)
+            parts = [backend.encode_text(backend.tokenize(prompts[i : i + batch_size])).float()
+                     for i in range(0, len(prompts), batch_size)]
+            out.append(F.normalize(torch.cat(parts), dim=-1))
+    return out
+
+
+def aggregate_scores(image_emb: torch.Tensor, text: torch.Tensor | list[torch.Tensor], aggregate: str) -> torch.Tensor:
+    """Class scores ``(B, K)`` from normalised image embeddings ``(B, D)`` and the class text
+    embeddings: ``(K, D)`` for ``"mean"``, a list of ``(P_k, D)`` otherwise."""
+    if aggregate == "mean":
+        return image_emb @ text.t()
+    if aggregate == "mean_similarity":
+        return torch.stack([(image_emb @ e.t()).mean(1) for e in text], 1)
+    return torch.stack([(image_emb @ e.t()).max(1).values for e in text], 1)
+
+
+# --- image sources -------------------------------------------------------------------------------
+class _DecodedImages(torch.utils.data.Dataset):
+    """Paths/arrays decoded on access by ``loader`` (the backend's preprocessing). DataLoader
+    workers are forked (Linux default), so the loader's model is not pickled into them."""
+
+    def __init__(self, items: Sequence[Any], loader: Callable[[Any], torch.Tensor], names: Sequence[str] | None = None):
+        self.items, self.loader, self.names = list(items), loader, names
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        try:
+            return i, self.loader(self.items[i])
+        except DataError as exc:  # name the manifest row / file that failed
+            raise DataError(f"{self.names[i] if self.names else self.items[i]}: {exc}") from None
+
+
+def _collate(batch: list[tuple[int, torch.Tensor]]) -> tuple[list[int], list[torch.Tensor]]:
+    return [i for i, _ in batch], [x for _, x in batch]
+
+
+def _model_state(backend: Backend, params: Any) -> tuple:
+    """Changes whenever one of ``params`` is modified in place (optimiser steps,
+    ``load_state_dict``, ``copy_``) or the train/eval mode flips."""
+    return (backend.training, tuple((id(t), t._version) for t in params))
+
+
 class ZeroShotEvaluator:
-    """Zero-shot classifier over a fixed image set and class-prompt set.
+    """Zero-shot classifier over a fixed image set and class-prompt set (module docstring).
 
     Args:
-        images: ``(N, C, S, S)`` [0,1] tensor, or a list of paths/arrays (loaded once with
-            ``backend.load_image``).
-        labels: class name per image.
+        backend: any backend; ``scoring="auto"`` uses embeddings when it has them, else ITM.
+        images: ``(N, C, S, S)`` [0,1] tensor, or a list of paths/arrays (decoded by the
+            backend's preprocessing in a DataLoader, batch by batch, on every model state).
+        labels: class name per image; classes may have no images (distractors, e.g. the 1000
+            ImageNet classes around a few RareConcepts images).
         class_prompts: class -> list of prompts (all classes, in output order).
-        aggregate: ``"mean"`` (embedding ensemble), ``"mean_similarity"`` (mean prompt
-            similarity) or ``"max"`` (best prompt).
+        aggregate: ``"mean"``, ``"mean_similarity"`` (embedding only) or ``"max"``.
+        batch_size: images per forward pass; ``text_batch_size``: prompts per ITM pass.
+        num_workers: DataLoader processes decoding image files (0 = in this process).
+        cache_dir: keep image embeddings of each model state on disk here (reruns and ablation
+            configs skip re-encoding unchanged models); None = memory only.
+        progress: show a progress bar / periodic progress lines.
+        image_names: how errors name each image (e.g. its manifest row); default the item.
     """
 
     def __init__(self, backend: Backend, images: Any, labels: Sequence[str], class_prompts: dict[str, Sequence[str]],
-                 aggregate: str = "mean", batch_size: int = 64):
-        check_aggregate(aggregate)
-        self.classes = list(class_prompts)
-        self.labels = label_indices(labels, self.classes)
+                 aggregate: str = "mean", batch_size: int = 64, scoring: str = "auto", num_workers: int = 0,
+                 text_batch_size: int = 128, cache_dir: str | Path | None = None, progress: bool = False,
+                 image_names: Sequence[str] | None = None):
+        if scoring not in SCORINGS:
+            raise ConfigError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+        if scoring == "auto":
+            scoring = "itm" if isinstance(backend, ImageTextMatcher) and not backend.has_embeddings else "embedding"
+        if scoring == "itm" and not isinstance(backend, ImageTextMatcher):
+            raise ConfigError(f"backend {backend.spec or backend.family!r} has no image-text matching head; "
+                              "use scoring='embedding'")
+        if scoring == "embedding" and not backend.has_embeddings:
+            raise ConfigError(f"backend {backend.spec or backend.family!r} has no image/text embeddings; "
+                              "use scoring='itm'")
+        check_aggregate(aggregate, AGGREGATES if scoring == "embedding" else ("mean", "max"))
         empty = [c for c, p in class_prompts.items() if not p]
         if empty:
             raise DataError(f"class(es) {empty} have no prompts")
+        if batch_size < 1 or num_workers < 0:
+            raise ConfigError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
         self.backend = backend
+        self.scoring = scoring
+        self.classes = list(class_prompts)
+        self.labels = label_indices(labels, self.classes)
         self.class_prompts = {c: list(p) for c, p in class_prompts.items()}
         self.aggregate = aggregate
-        self.batch_size = batch_size
-        if isinstance(images, torch.Tensor):
-            self.pixels = images
-        else:
-            self.pixels = torch.stack([backend.load_image(im) for im in images]) if len(images) else torch.empty(0)
-        if len(self.pixels) != len(self.labels):
-            raise DataError(f"{len(self.pixels)} images but {len(self.labels)} labels")
-        self._text: torch.Tensor | list[torch.Tensor] | None = None
+        self.batch_size, self.text_batch_size, self.num_workers = int(batch_size), int(text_batch_size), int(num_workers)
+        self.progress = progress
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.images = images if isinstance(images, torch.Tensor) else list(images)
+        if len(self.images) != len(self.labels):
+            raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
+        self.image_names = list(image_names) if image_names is not None else None
+        self._text: tuple[tuple, Any] | None = None
         self._img: tuple[tuple, torch.Tensor] | None = None
 
+    # -- text side ------------------------------------------------------------------------
     def text_embeddings(self) -> torch.Tensor | list[torch.Tensor]:
-        """Cached: ``(K, D)`` class embeddings ("mean") or a list of ``(P_k, D)`` (otherwise)."""
-        if self._text is None:
-            per_class = class_text_embeddings(self.backend, {c: self.class_prompts[c] for c in self.classes})
-            self._text = (torch.stack([F.normalize(e.mean(0), dim=-1) for e in per_class])
-                          if self.aggregate == "mean" else per_class)
-        return self._text
+        """``(K, D)`` class embeddings ("mean") or a list of ``(P_k, D)``, recomputed whenever a
+        text parameter changed (fine-tuning the text tower must change the "after" scores)."""
+        state = _model_state(self.backend, list(self.backend.text_parameters()))
+        if self._text is None or self._text[0] != state:
+            per_class = class_text_embeddings(self.backend, self.class_prompts)
+            emb = (torch.stack([F.normalize(e.mean(0), dim=-1) for e in per_class])
+                   if self.aggregate == "mean" else per_class)
+            self._text = (state, emb)
+        return self._text[1]
 
-    def _model_state(self) -> tuple:
-        """Changes whenever a parameter/buffer is modified in place (optimiser steps,
-        ``load_state_dict``, ``copy_``) or the train/eval mode flips."""
-        return (self.backend.training,
-                tuple((id(t), t._version) for t in (*self.backend.parameters(), *self.backend.buffers())))
+    # -- image side -----------------------------------------------------------------------
+    def _batches(self, indices: Sequence[int]):
+        """(indices, list of [0,1] images) batches of this rank's images."""
+        if isinstance(self.images, torch.Tensor):
+            for i in range(0, len(indices), self.batch_size):
+                idx = list(indices[i : i + self.batch_size])
+                yield idx, list(self.images[idx])
+            return
+        loader = self.backend.load_image
+        if self.scoring == "itm":  # ViLT keeps each image's native (variable) size, as its processor does
+            loader = self.backend.load_image_native
+        data = torch.utils.data.Subset(_DecodedImages(self.images, loader, self.image_names), list(indices))
+        batch = 1 if self.scoring == "itm" else self.batch_size
+        yield from torch.utils.data.DataLoader(data, batch_size=batch, num_workers=self.num_workers,
+                                               collate_fn=_collate, shuffle=False)
+
+    def _progress(self, total: int, desc: str):
+        from medkt.progress import Progress
+
+        return Progress(total, desc, unit="img", enabled=self.progress)
+
+    def _rank_indices(self) -> list[int]:
+        from medkt import distributed as mdist
+
+        n = len(self.images)
+        return list(range(n))[mdist.local_share(n)] if mdist.world_size() > 1 else list(range(n))
+
+    @staticmethod
+    def _gather(indices: list[int], rows: torch.Tensor, n: int) -> torch.Tensor:
+        """Every rank's ``rows`` (one per index) -> ``(n, ...)`` in image order, on every rank."""
+        from medkt import distributed as mdist
+
+        if mdist.world_size() <= 1:
+            return rows
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * mdist.world_size()
+        dist.all_gather_object(parts, (indices, rows.cpu()))
+        out = torch.empty((n, *rows.shape[1:]), dtype=rows.dtype)
+        for idx, r in parts:
+            out[idx] = r
+        return out.to(rows.device)
+
+    def _cache_file(self) -> Path | None:
+        if self.cache_dir is None or isinstance(self.images, torch.Tensor):
+            return None
+        h = hashlib.sha256()
+        for name, t in sorted(self.backend.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        for item in self.images:  # path, size and mtime: an edited file is re-encoded
+            p = Path(item) if isinstance(item, (str, Path)) else None
+            st = p.stat() if p is not None and p.exists() else None
+            h.update(json.dumps([str(item) if p else repr(type(item)), st.st_size if st else None,
+                                 st.st_mtime_ns if st else None]).encode())
+        h.update(json.dumps([self.backend.spec, type(self.backend).__qualname__, self.backend.image_size,
+                             self.backend.image_channels, list(self.backend.mean), list(self.backend.std)]).encode())
+        return self.cache_dir / f"image_embeddings_{h.hexdigest()[:24]}.pt"
 
     def image_embeddings(self) -> torch.Tensor:
-        """Normalised image embeddings ``(N, D)``, computed once per model state."""
-        state = self._model_state()
+        """Normalised image embeddings ``(N, D)`` (fp32, model device), once per model state."""
+        backend = self.backend
+        state = _model_state(backend, [*backend.parameters(), *backend.buffers()])
         if self._img is not None and self._img[0] == state:
             return self._img[1]
-        emb = self.backend.encode_images(self.pixels, self.batch_size)
+        cache = self._cache_file()
+        if cache is not None and cache.is_file():
+            emb = torch.load(cache, map_location=backend.device, weights_only=True)
+            log.info("image embeddings read from %s", cache)
+        else:
+            indices = self._rank_indices()
+            rows = []
+            was_training = backend.training
+            backend.eval()
+            bar = self._progress(len(indices), "zero-shot")
+            try:
+                with torch.no_grad(), backend.autocast():
+                    for _, imgs in self._batches(indices):
+                        x = torch.stack(imgs).to(backend.device, non_blocking=True)
+                        rows.append(F.normalize(backend.encode_pixels(x).float(), dim=-1))
+                        bar.update(len(imgs))
+            finally:
+                bar.close()
+                backend.train(was_training)
+            emb = torch.cat(rows) if rows else torch.empty(0, device=backend.device)
+            emb = self._gather(indices, emb, len(self.images))
+            if cache is not None:
+                from medkt.utils import atomic_write_bytes
+                import io
+
+                buf = io.BytesIO()
+                torch.save(emb.cpu(), buf)
+                atomic_write_bytes(cache, buf.getvalue())
         self._img = (state, emb)
         return emb
 
+    # -- scores ---------------------------------------------------------------------------
+    def _itm_scores(self) -> torch.Tensor:
+        backend = self.backend
+        flat = [p for c in self.classes for p in self.class_prompts[c]]
+        tokens = [backend.tokenize(flat[i : i + self.text_batch_size]) for i in range(0, len(flat), self.text_batch_size)]
+        owner = torch.repeat_interleave(torch.arange(len(self.classes)),
+                                        torch.tensor([len(self.class_prompts[c]) for c in self.classes]))
+        owner = owner.to(backend.device)
+        indices = self._rank_indices()
+        rows = []
+        was_training = backend.training
+        backend.eval()
+        bar = self._progress(len(indices), "ITM zero-shot")
+        try:
+            with torch.no_grad(), backend.autocast():
+                for _, imgs in self._batches(indices):
+                    for img in imgs:
+                        emb, mask = backend.embed_image(img[None].to(backend.device))
+                        s = torch.cat([backend.itm_logits_from_embeds(emb, mask, t)[:, 1].float() for t in tokens])
+                        k = len(self.classes)
+                        if self.aggregate == "mean":
+                            sums = torch.zeros(k, device=s.device).index_add_(0, owner, s)
+                            rows.append(sums / torch.bincount(owner, minlength=k).to(s.dtype))
+                        else:
+                            rows.append(torch.full((k,), -torch.inf, device=s.device).scatter_reduce(0, owner, s, "amax"))
+                    bar.update(len(imgs))
+        finally:
+            bar.close()
+            backend.train(was_training)
+        out = torch.stack(rows) if rows else torch.zeros(0, len(self.classes), device=backend.device)
+        return self._gather(indices, out, len(self.images))
+
     def scores(self) -> np.ndarray:
-        img = self.image_embeddings()
-        txt = self.text_embeddings()
-        if self.aggregate == "mean":
-            s = img @ txt.t()
-        elif self.aggregate == "mean_similarity":
-            s = torch.stack([(img @ e.t()).mean(1) for e in txt], 1)
-        else:
-            s = torch.stack([(img @ e.t()).max(1).values for e in txt], 1)
+        """``(N, K)`` class scores: cosine similarities (embedding) or mean/max match logits (ITM)."""
+        if self.scoring == "itm":
+            return self._itm_scores().cpu().numpy()
+        s = aggregate_scores(self.image_embeddings(), self.text_embeddings(), self.aggregate)
         return s.cpu().numpy()
 
+    def logit_scale(self) -> float:
+        """The temperature that turns :meth:`scores` into logits (ITM scores already are logits)."""
+        return 1.0 if self.scoring == "itm" else float(self.backend.logit_scale.detach().float().cpu())
+
     def evaluate(self) -> ClassificationResult:
-        """Embed the images with the model's current weights and classify."""
-        return summarize(self.classes, self.labels, self.scores())
+        """Score the images with the model's current weights and classify."""
+        return summarize(self.classes, self.labels, self.scores(), self.logit_scale())
 
 
 def zero_shot_classify(backend: Backend, images: Any, labels: Sequence[str], class_prompts: dict[str, Sequence[str]],
-                       aggregate: str = "mean", batch_size: int = 64) -> ClassificationResult:
+                       aggregate: str = "mean", batch_size: int = 64, **kw: Any) -> ClassificationResult:
     """One-shot convenience wrapper around :class:`ZeroShotEvaluator`."""
-    return ZeroShotEvaluator(backend, images, labels, class_prompts, aggregate, batch_size).evaluate()
+    return ZeroShotEvaluator(backend, images, labels, class_prompts, aggregate, batch_size, **kw).evaluate()
 
 
 def before_after_table(before: ClassificationResult, after: ClassificationResult, title: str = "") -> str:

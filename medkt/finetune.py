@@ -7,83 +7,88 @@ captions of every concept in the run plus ``negative_captions`` (e.g. the evalua
 classes), so a single concept still has negatives. By default only the visual encoder is trained
 (``train="text"`` / ``"both"`` reproduce the Fig. 4 ablation). Losses are pluggable
 (:func:`register_finetune_loss`).
+
+Device and precision: the model stays where it is (``backend.device``); images, targets and
+replay images are moved there batch by batch, so they may live on the CPU. The losses run under
+``backend.autocast()`` (bf16/fp16 when the backend was created with that precision) with a loss
+scaler for fp16; parameters and optimiser state stay fp32.
 """
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from medkt.backends.base import Backend
+from medkt.device import grad_scaler
 from medkt.errors import ConfigError, unknown_name
+from medkt.progress import Progress
+from medkt.validation import OneOf, Range
+
+
+#: parameter groups fine-tuning can train (``FinetuneConfig.train``)
+TRAIN_CHOICES = ("visual", "text", "both", "visual+decoder")
 
 
 @dataclass
 class FinetuneConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.2
-    batch_size: int = 4
-    epochs: int = 1
-    optimizer: str = "adam"  # "adam" (L2 weight decay, as the paper's code) | "adamw" (decoupled)
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    train: str = "visual"  # "visual" | "text" | "both"
+    lr: Annotated[float, Range(gt=0, lt=1)] = 1e-5
+    weight_decay: Annotated[float, Range(ge=0)] = 0.2
+    batch_size: Annotated[int, Range(ge=1)] = 4
+    epochs: Annotated[int, Range(ge=1)] = 1
+    optimizer: Literal["adam", "adamw"] = "adam"  # "adam" (L2 weight decay, as the paper's code) | "adamw" (decoupled)
+    betas: tuple[Annotated[float, Range(ge=0, lt=1)], Annotated[float, Range(ge=0, lt=1)]] = (0.9, 0.98)
+    eps: Annotated[float, Range(gt=0)] = 1e-6
+    train: Literal[TRAIN_CHOICES] = "visual"  # "visual" | "text" | "both" | "visual+decoder" (CoCa: also the caption decoder)
     prepend_name: bool = True
     caption_template: str = "A {name} is {description}"
-    loss: str = "infonce"
-    temperature: float | None = None  # None: the model's own logit scale
-    grad_clip: float | None = None
+    loss: Annotated[str, OneOf(_LOSSES, "finetune loss")] = "infonce"
+    temperature: Annotated[float, Range(gt=0)] | None = None  # None: the model's own logit scale
+    grad_clip: Annotated[float, Range(gt=0)] | None = None
     shuffle: bool = True
     seed: int = 0
     # --- forgetting control (off by default; see docs/README "forgetting control") -----------
     # replay: each batch also holds ``replay_per_batch`` images of known concepts (passed as
     # ``finetune(..., replay_images=, replay_concepts=)``) with their own captions as targets.
-    replay_per_batch: int = 0
+    replay_per_batch: Annotated[int, Range(ge=0)] = 0
     # distillation: 1 - cos(f_V(x), f_V0(x)) on the replay images, toward the frozen start model
-    distill_weight: float = 0.0
+    distill_weight: Annotated[float, Range(ge=0)] = 0.0
     # train only parameters whose names contain one of these strings (e.g. the last blocks)
     train_only: list[str] | None = None
     # WiSE-FT: final weights = start + wise_alpha * (fine-tuned - start)
-    wise_alpha: float = 1.0
+    wise_alpha: Annotated[float, Range(0, 1)] = 1.0
     # model selection with ``finetune(..., select_fn=)`` (higher is better), evaluated every epoch
     keep_best: bool = False
-    select_patience: int = 0  # stop after this many epochs without improvement (0 = never)
+    select_patience: Annotated[int, Range(ge=0)] = 0  # stop after this many epochs without improvement (0 = never)
+    # LoRA (medkt.lora.LoraSettings, e.g. {"rank": 8, "alpha": 16}): only low-rank adapters on the
+    # trained encoder's Linear/Conv layers train, merged into the weights at the end; None = off
+    lora: Any = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "FinetuneConfig":
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ConfigError(f"unknown finetune option(s) {bad}; known: {sorted(known)}")
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        if d.get("train_only") is not None:
-            d["train_only"] = list(d["train_only"])
-        cfg = cls(**d)
-        cfg.validate()
+    def from_dict(cls, d: dict[str, Any] | None, path: str = "finetune") -> "FinetuneConfig":
+        """Build from a dict of fields, checked by :mod:`medkt.validation` (types, ranges and
+        choices are the annotations above; ``path`` names the options in errors)."""
+        from medkt.validation import build
+
+        cfg = build(cls, d, path, what="finetune")
+        if cfg.lora is not None:
+            from medkt.lora import LoraSettings
+
+            cfg.lora = LoraSettings.from_dict(cfg.lora)
         return cfg
 
-    def validate(self) -> None:
-        if self.train not in ("visual", "text", "both"):
-            raise ConfigError(f"train must be 'visual', 'text' or 'both', got {self.train!r}")
-        if self.optimizer not in ("adam", "adamw"):
-            raise ConfigError(f"optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
-        if self.batch_size < 1 or self.epochs < 1:
-            raise ConfigError(f"batch_size and epochs must be >= 1, got {self.batch_size}, {self.epochs}")
-        if not (0 < self.lr < 1):
-            raise ConfigError(f"learning rate must be in (0, 1), got {self.lr}")
-        if self.replay_per_batch < 0 or self.distill_weight < 0:
-            raise ConfigError(f"replay_per_batch and distill_weight must be >= 0, got {self.replay_per_batch}, "
-                              f"{self.distill_weight}")
-        if not (0 <= self.wise_alpha <= 1):
-            raise ConfigError(f"wise_alpha must be in [0, 1], got {self.wise_alpha}")
+    def validate(self, path: str = "finetune") -> None:
+        """Field types and ranges (the annotations above)."""
+        from medkt.validation import check_instance
+
+        check_instance(self, path)
 
 
 def make_caption(name: str, description: str, config: FinetuneConfig) -> str:
@@ -101,17 +106,22 @@ def make_caption(name: str, description: str, config: FinetuneConfig) -> str:
 LossFn = Callable[..., torch.Tensor]
 _LOSSES: dict[str, LossFn] = {}
 _USES_CAPTION_EMBEDDINGS: dict[str, bool] = {}
+_USES_CONTEXT: dict[str, bool] = {}
 
 
-def register_finetune_loss(name: str, uses_caption_embeddings: bool = True) -> Callable[[LossFn], LossFn]:
+def register_finetune_loss(name: str, uses_caption_embeddings: bool = True,
+                           uses_context: bool = False) -> Callable[[LossFn], LossFn]:
     """Decorator: ``fn(backend, images (B,C,S,S) [0,1], targets (B,) caption indices, captions
     list[str], caption_emb (K,D) normalised or None, config) -> loss``. ``caption_emb`` is
     computed once when the text encoder is frozen and the loss was registered with
-    ``uses_caption_embeddings=True``; otherwise it is None (e.g. ViLT's ITM loss reads captions)."""
+    ``uses_caption_embeddings=True``; otherwise it is None (e.g. ViLT's ITM loss reads captions).
+    A loss registered with ``uses_context=True`` also gets ``context=`` the ``loss_context`` given
+    to :func:`finetune` (e.g. the caption targets of CoCa's captioning loss)."""
 
     def deco(fn: LossFn) -> LossFn:
         _LOSSES[name] = fn
         _USES_CAPTION_EMBEDDINGS[name] = uses_caption_embeddings
+        _USES_CONTEXT[name] = uses_context
         return fn
 
     return deco
@@ -143,8 +153,14 @@ def infonce_loss(backend: Backend, images: torch.Tensor, targets: torch.Tensor, 
 # --- main --------------------------------------------------------------------------------------
 def _trainable(backend: Backend, which: str, only: Sequence[str] | None = None) -> list[torch.nn.Parameter]:
     params: list[torch.nn.Parameter] = []
-    if which in ("visual", "both"):
+    if which in ("visual", "both", "visual+decoder"):
         params += list(backend.visual_parameters())
+    if which == "visual+decoder":
+        from medkt.backends.base import Captioner
+
+        if not isinstance(backend, Captioner):
+            raise ConfigError(f"train='visual+decoder' needs a captioning backend (CoCa), got {backend.family!r}")
+        params += list(backend.decoder_parameters())
     if which in ("text", "both"):
         params += list(backend.text_parameters())
     if only:
@@ -170,6 +186,7 @@ def finetune(
     replay_concepts: Sequence[str] | None = None,
     select_fn: Callable[[], float] | None = None,
     distributed: bool | None = None,
+    loss_context: Any = None,
 ) -> dict[str, Any]:
     """Fine-tune ``backend`` in place so each image matches its concept's caption.
 
@@ -184,6 +201,7 @@ def finetune(
             ``config.replay_per_batch > 0`` and/or distilled with ``config.distill_weight``.
         select_fn: called after every epoch, returns a score (higher = better; e.g. accuracy on
             a held-out set of known classes) for ``keep_best`` / ``select_patience``.
+        loss_context: passed as ``context=`` to a loss registered with ``uses_context=True``.
         distributed: wrap the loss in ``DistributedDataParallel`` and split every batch across
             the ranks of the process group (see :mod:`medkt.distributed`); None = when a group of
             more than one process is initialised. Every rank must call with the same arguments.
@@ -213,6 +231,8 @@ def finetune(
                           "(e.g. the evaluation task's classes)")
     targets_all = torch.tensor([captions.index(c) for c in img_caps])
     loss_fn = get_finetune_loss(cfg.loss)
+    if _USES_CONTEXT.get(cfg.loss, False):
+        loss_fn = functools.partial(loss_fn, context=loss_context)
     use_replay = replay_images is not None and (cfg.replay_per_batch > 0 or cfg.distill_weight > 0)
     if use_replay:
         if replay_concepts is None or len(replay_concepts) != len(replay_images) or len(replay_images) == 0:
@@ -223,38 +243,45 @@ def finetune(
         replay_caps = [make_caption(c, desc_of(c), cfg) for c in replay_concepts]
         replay_targets = torch.tensor([captions.index(c) for c in replay_caps])
         backend.eval()
-        teacher = backend.encode_images(replay_images)
+        with backend.autocast():
+            teacher = backend.encode_images(replay_images)  # (R, D) on the model's device
     elif cfg.replay_per_batch > 0 or cfg.distill_weight > 0:
         raise ConfigError("replay_per_batch / distill_weight need finetune(..., replay_images=, replay_concepts=)")
 
     params = _trainable(backend, cfg.train, cfg.train_only)
-    train_ids = {id(p) for p in params}
     requires = [p.requires_grad for p in backend.parameters()]
+    wise_params, lora = params, None
+    if cfg.lora is not None:  # only the adapters train; merged into ``params`` at the end
+        from medkt.lora import LoraAdapter, LoraSettings
+
+        lora = LoraAdapter(backend, LoraSettings.from_dict(cfg.lora), params)
+        params = lora.parameters()
+    train_ids = {id(p) for p in params}
     for p in backend.parameters():
         p.requires_grad_(id(p) in train_ids)
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
     caption_emb = None
     if cfg.train == "visual" and _USES_CAPTION_EMBEDDINGS.get(cfg.loss, True):  # text frozen: embed captions once
-        caption_emb = backend.encode_texts(captions)
+        with backend.autocast():
+            caption_emb = backend.encode_texts(captions)
+    device = backend.device
+    scaler = grad_scaler(device, backend.precision)  # fp16 only; a pass-through otherwise
     gen = torch.Generator().manual_seed(cfg.seed)
     history: dict[str, Any] = {"loss": [], "captions": captions, "trainable": cfg.train, "select": []}
-    start_state = [p.detach().clone() for p in params] if cfg.wise_alpha < 1 else None
+    start_state = [p.detach().clone() for p in wise_params] if cfg.wise_alpha < 1 else None
     best_score, best_state, since_best = -float("inf"), None, 0
     start = time.perf_counter()
     n = len(images)
     steps_total = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps_total, desc="fine-tune", unit="step", leave=False, disable=None)
+    bar = Progress(steps_total, "fine-tune", unit="step", enabled=progress)
     def batch_loss(batch: torch.Tensor, targets: torch.Tensor, ridx: torch.Tensor | None, weight: float = 1.0) -> torch.Tensor:
-        loss = weight * loss_fn(backend, batch, targets, captions, caption_emb, cfg)
-        if ridx is not None and cfg.distill_weight > 0:
-            emb = F.normalize(backend.encode_pixels(replay_images[ridx]).float(), dim=-1)
-            loss = loss + cfg.distill_weight * (1 - (emb * teacher[ridx]).sum(-1)).mean()
-        return loss
+        with backend.autocast():
+            loss = weight * loss_fn(backend, batch, targets, captions, caption_emb, cfg)
+            if ridx is not None and cfg.distill_weight > 0:
+                emb = F.normalize(backend.encode_pixels(replay_images[ridx].to(device)).float(), dim=-1)
+                loss = loss + cfg.distill_weight * (1 - (emb * teacher[ridx.to(teacher.device)]).sum(-1)).mean()
+        return loss.float()
 
     ddp = _make_ddp(backend, batch_loss) if _use_distributed(distributed) else None
     backend.train()
@@ -263,28 +290,30 @@ def finetune(
             order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
             for i in range(0, n, cfg.batch_size):
                 idx = order[i : i + cfg.batch_size]
-                batch, targets = images[idx], targets_all[idx]
+                # data is moved to the model batch by batch (indices drawn on the CPU: same on every device)
+                batch, targets = images[idx.to(images.device)].to(device), targets_all[idx].to(device)
                 ridx = None
                 if use_replay:
                     k = max(cfg.replay_per_batch, 1 if cfg.distill_weight > 0 else 0)
                     ridx = torch.randint(0, len(replay_images), (k,), generator=gen)
                     if cfg.replay_per_batch > 0:
-                        batch = torch.cat([batch, replay_images[ridx]])
-                        targets = torch.cat([targets, replay_targets[ridx]])
+                        batch = torch.cat([batch, replay_images[ridx.to(replay_images.device)].to(device)])
+                        targets = torch.cat([targets, replay_targets[ridx].to(device)])
                 if ddp is not None:  # this rank's share of the batch, weighted so DDP's mean is the global loss
                     loss, loss_log = _ddp_batch_loss(ddp, batch, targets, ridx)
                 else:
                     loss = batch_loss(batch, targets, ridx)
                     loss_log = loss
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if cfg.grad_clip:
+                    scaler.unscale_(opt)  # clip the true gradients (no-op unless fp16)
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
+                scaler.step(opt)  # skips the step if fp16 gradients overflowed
+                scaler.update()
                 history["loss"].append(float(loss_log.detach()))
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
+                bar.update(1)
+                bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
             if select_fn is not None:
                 backend.eval()
                 score = float(select_fn())
@@ -303,12 +332,15 @@ def finetune(
                 history["best_epoch"] = int(np.argmax(history["select"])) + 1
                 for p, b in zip(params, best_state):
                     p.copy_(b)
+            if lora is not None:  # fold the adapters into the weights: the plain module tree is back
+                lora.merge()
             if start_state is not None:  # WiSE-FT weight-space interpolation toward the start
-                for p, p0 in zip(params, start_state):
+                for p, p0 in zip(wise_params, start_state):
                     p.copy_(p0 + cfg.wise_alpha * (p - p0))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
+        if lora is not None:  # after an error: drop the adapters unmerged (no-op once merged)
+            lora.remove()
         backend.eval()
         for p, r in zip(backend.parameters(), requires):
             p.requires_grad_(r)
@@ -344,7 +376,7 @@ class _LossModule(torch.nn.Module):
 def _make_ddp(backend: Backend, fn: Callable[..., torch.Tensor]) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
-    dev = next(backend.parameters()).device
+    dev = backend.device
     # find_unused_parameters: a trainable parameter a loss does not reach must not stall the reduction
     return DistributedDataParallel(_LossModule(backend, fn), device_ids=[dev.index] if dev.type == "cuda" else None,
                                    find_unused_parameters=True)

@@ -15,8 +15,17 @@ Reproducibility: every image has its own initialisation generator seeded by ``(s
 and each chunk of images its own augmentation generator, so the result depends only on the
 seed, the targets and the chunking — not on how chunks are spread over processes. A
 checkpoint (pixels, Adam state, RNG state, step) is written atomically every
-``checkpoint_every`` steps; ``resume=True`` continues from it and gives the same images as an
-uninterrupted run.
+``checkpoint_every`` steps and when a chunk is done; ``resume=True`` continues from it and gives
+the same images as an uninterrupted run. The checkpoints are tagged with the settings and targets
+that shape the images (:func:`resume_settings`, recorded in ``checkpoints/inversion.settings.json``);
+resuming with other ones is refused with a diff (:mod:`medkt.checkpoints`).
+
+Device and precision: pixels, targets and optimiser state live on the model's device
+(``backend.device``); random numbers are drawn from seeded CPU generators and moved there, so a
+seed gives the same start images and augmentations on every device. The forward passes run
+under ``backend.autocast()`` (bf16/fp16 when the backend was created with that precision; fp32
+is untouched), the optimised pixels stay fp32, and fp16 uses a loss scaler. Checkpoints are
+written on the CPU and loaded back to the device.
 """
 from __future__ import annotations
 
@@ -26,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -34,8 +43,13 @@ import torch.nn.functional as F
 
 from medkt.augment import AffineAugment, total_variation
 from medkt.backends.base import Backend, as_numpy_image
+from medkt.device import grad_scaler
 from medkt.errors import ConfigError, unknown_name
-from medkt.utils import atomic_torch_save, atomic_write_json, atomic_write_text
+from medkt.checkpoints import concept_settings, guard_resume, load_checkpoint, save_checkpoint, settings_digest
+from medkt.faults import fault_point
+from medkt.progress import Progress
+from medkt.utils import atomic_write_json, atomic_write_text
+from medkt.validation import OneOf, Range
 
 
 @dataclass
@@ -49,27 +63,27 @@ class InversionTarget:
 
 @dataclass
 class InversionConfig:
-    steps: int = 5000
-    lr: float = 0.1
-    lr_schedule: str = "cosine"  # "cosine" | "constant"
-    lr_min: float = 0.0
-    tv_weight: float = 0.005
+    steps: Annotated[int, Range(ge=1)] = 5000
+    lr: Annotated[float, Range(gt=0)] = 0.1
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    lr_min: Annotated[float, Range(ge=0)] = 0.0
+    tv_weight: Annotated[float, Range(ge=0)] = 0.005
     tv_diagonals: bool = False
-    objective: str = "cosine"
-    augment_p: float = 0.5
-    rotate_deg: float = 30.0
-    translate: float = 0.1
+    objective: Annotated[str, OneOf(_OBJECTIVES, "inversion objective")] = "cosine"
+    augment_p: Annotated[float, Range(0, 1)] = 0.5  # probability of the random affine per view
+    rotate_deg: Annotated[float, Range(0, 180)] = 30.0
+    translate: Annotated[float, Range(0, 1)] = 0.1  # fraction of the image size
     scale: tuple[float, float] = (0.7, 1.0)
-    views: int = 1  # augmented views of each image per step (gradients averaged)
-    grad_clip: float | None = 1.0  # per-image gradient L2 norm clip
+    views: Annotated[int, Range(ge=1)] = 1  # augmented views of each image per step (gradients averaged)
+    grad_clip: Annotated[float, Range(gt=0)] | None = 1.0  # per-image gradient L2 norm clip
     clamp: bool = True  # keep pixels in [0, 1] after each step
-    init: str = "uniform"  # "uniform" U(0,1) | "normal" (N(0,1) in the model's normalised space) | "gray"
-    resolutions: list[int] | None = None  # progressive sizes, e.g. [64, 128, 224]; last = model size
-    resolution_steps: list[int] | None = None  # step at which each later size starts, e.g. [900, 1800]
-    chunk_size: int | None = None  # images optimised together; None = all at once
-    checkpoint_every: int = 0  # 0 = no checkpoints
-    early_stop_patience: int = 0  # 0 = off; stop a chunk when mean similarity gains < min_delta over this many steps
-    early_stop_min_delta: float = 1e-3
+    init: Literal["uniform", "normal", "gray", "images"] = "uniform"  # "uniform" U(0,1) | "normal" (N(0,1) in the model's normalised space) | "gray"
+    resolutions: list[Annotated[int, Range(ge=1)]] | None = None  # progressive sizes, e.g. [64, 128, 224]; last = model size
+    resolution_steps: list[Annotated[int, Range(ge=1)]] | None = None  # step at which each later size starts, e.g. [900, 1800]
+    chunk_size: Annotated[int, Range(ge=1)] | None = None  # images optimised together; None = all at once
+    checkpoint_every: Annotated[int, Range(ge=0)] = 0  # 0 = no checkpoints
+    early_stop_patience: Annotated[int, Range(ge=0)] = 0  # 0 = off; stop a chunk when mean similarity gains < min_delta over this many steps
+    early_stop_min_delta: Annotated[float, Range(ge=0)] = 1e-3
     seed: int = 0
     # --- inversion priors (off by default; see docs/README "inversion priors") ---------------
     # "pixels": optimise the image itself (paper Eq. 3). "residual": x = clamp(x0 + up(r)), with
@@ -77,68 +91,56 @@ class InversionConfig:
     # bounded by ``residual_max`` through tanh); TV then regularises the residual only. A smooth,
     # bounded residual on a normal-anatomy image cannot become an imperceptible adversarial
     # pattern spread over the whole image, so the model has to "draw" what the text describes.
-    parametrization: str = "pixels"
-    residual_size: int | None = None  # None = model size
-    residual_max: float | None = None  # None = unbounded
-    residual_l1: float = 0.0  # weight of mean |residual|: a sparse, local edit of the init image
-    residual_sign: str = "any"  # "positive" (the finding adds density) | "negative" | "any"
+    parametrization: Literal["pixels", "residual"] = "pixels"
+    residual_size: Annotated[int, Range(ge=1)] | None = None  # None = model size
+    residual_max: Annotated[float, Range(gt=0)] | None = None  # None = unbounded
+    residual_l1: Annotated[float, Range(ge=0)] = 0.0  # weight of mean |residual|: a sparse, local edit of the init image
+    residual_sign: Literal["any", "positive", "negative"] = "any"  # "positive" (the finding adds density) | "negative" | "any"
     # acquisition-like augmentation of each view (after the affine): Gaussian blur with sigma
     # drawn in [0, blur_sigma] px and additive noise with std drawn in [0, noise_std], so the
     # synthesised content must survive the degradations real scans have
-    blur_sigma: float = 0.0
-    noise_std: float = 0.0
+    blur_sigma: Annotated[float, Range(ge=0)] = 0.0
+    noise_std: Annotated[float, Range(ge=0)] = 0.0
     # captions of concepts the images must NOT look like (e.g. the known classes); used by the
     # "contrastive" objective, which inverts the paper's Eq. 1 condition directly: the image
     # should be closer to its text than to every negative caption (softmax cross-entropy)
     negative_texts: list[str] | None = None
-    contrastive_scale: float = 0.0  # 0 = the backend's logit scale
+    contrastive_scale: Annotated[float, Range(ge=0)] = 0.0  # 0 = the backend's logit scale
     # init="images" starts from ``invert(..., init_images=...)`` (cycled; e.g. normal scans)
-    init_jitter: float = 0.0  # std of Gaussian noise added to init images (pixel units)
+    init_jitter: Annotated[float, Range(ge=0)] = 0.0  # std of Gaussian noise added to init images (pixel units)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "InversionConfig":
-        """Build from a dict of fields; ``"preset": NAME`` starts from :data:`INVERSION_PRESETS`
-        (explicit fields override the preset's)."""
+    def from_dict(cls, d: dict[str, Any] | None, path: str = "inversion") -> "InversionConfig":
+        """Build from a dict of fields, checked by :mod:`medkt.validation` (types, ranges and
+        choices are the annotations above; ``path`` names the options in errors). ``"preset": NAME``
+        starts from :data:`INVERSION_PRESETS` (explicit fields override the preset's)."""
+        from medkt.validation import build, check
+
         d = dict(d or {})
         if "preset" in d:
-            d = {**preset_dict(str(d.pop("preset"))), **d}
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ConfigError(f"unknown inversion option(s) {bad}; known: {sorted(known)}")
-        if "scale" in d:
-            d["scale"] = tuple(d["scale"])
-        if d.get("negative_texts") is not None:
-            d["negative_texts"] = list(d["negative_texts"])
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
+            name = check(d.pop("preset"), str, f"{path}#preset")
+            d = {**preset_dict(name), **d}
+        return build(cls, d, path, what="inversion")
 
-    def validate(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"inversion steps must be >= 1, got {self.steps}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ConfigError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
-        if self.init not in ("uniform", "normal", "gray", "images"):
-            raise ConfigError(f"init must be 'uniform', 'normal', 'gray' or 'images', got {self.init!r}")
-        if self.parametrization not in ("pixels", "residual"):
-            raise ConfigError(f"parametrization must be 'pixels' or 'residual', got {self.parametrization!r}")
+    def validate(self, path: str = "inversion") -> None:
+        """Field types and ranges (the annotations), then the rules that involve several fields."""
+        from medkt.validation import check_instance
+
+        check_instance(self, path)
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ConfigError(f"{path}#scale = {list(self.scale)}: expected [min, max] with 0 < min <= max", key=f"{path}#scale")
         if self.parametrization == "residual" and self.resolutions is not None:
-            raise ConfigError("parametrization='residual' sets its own resolution (residual_size); remove 'resolutions'")
-        if self.residual_sign not in ("any", "positive", "negative"):
-            raise ConfigError(f"residual_sign must be 'any', 'positive' or 'negative', got {self.residual_sign!r}")
-        if self.residual_size is not None and self.residual_size < 1:
-            raise ConfigError(f"residual_size must be >= 1 pixel, got {self.residual_size}")
-        if self.views < 1:
-            raise ConfigError(f"views must be >= 1, got {self.views}")
+            raise ConfigError(f"{path}: parametrization='residual' sets its own resolution (residual_size); "
+                              "remove 'resolutions'", key=f"{path}#resolutions")
         if self.resolutions is not None:
             n_steps = len(self.resolution_steps or [])
             if n_steps != len(self.resolutions) - 1:
                 raise ConfigError(
-                    f"resolutions {self.resolutions} need {len(self.resolutions) - 1} resolution_steps, got {self.resolution_steps}"
-                )
+                    f"{path}#resolutions {self.resolutions} need {len(self.resolutions) - 1} resolution_steps, "
+                    f"got {self.resolution_steps}", key=f"{path}#resolution_steps")
             if list(self.resolution_steps or []) != sorted(self.resolution_steps or []):
-                raise ConfigError(f"resolution_steps must increase, got {self.resolution_steps}")
+                raise ConfigError(f"{path}#resolution_steps must increase, got {self.resolution_steps}",
+                                  key=f"{path}#resolution_steps")
 
 
 #: Named inversion recipes (``{"preset": NAME}`` in a config). Resolutions are given for a
@@ -181,6 +183,10 @@ class InversionResult:
         for img, c in zip(self.images, self.concepts):
             out.setdefault(c, []).append(img)
         return {c: torch.stack(v) for c, v in out.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (:func:`inversion_summary`): seconds, mean similarity per concept, steps run."""
+        return inversion_summary(self)
 
 
 # --- objectives --------------------------------------------------------------------------------
@@ -232,7 +238,7 @@ def contrastive_objective(backend: Backend, x: torch.Tensor, ctx: dict[str, Any]
     sim = (emb * ctx["text_emb"]).sum(-1)
     scale = ctx.get("contrastive_scale") or float(backend.logit_scale)
     logits = scale * torch.cat([sim[:, None], emb @ neg.T], 1)
-    return F.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long), reduction="none"), sim
+    return F.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long, device=logits.device), reduction="none"), sim
 
 
 def get_objective(name: str) -> ObjectiveFn:
@@ -266,6 +272,7 @@ def _stage_size(stages: list[tuple[int, int]], step: int) -> int:
 
 def _init_pixels(backend: Backend, cfg: InversionConfig, indices: Sequence[int], size: int,
                  init_images: torch.Tensor | None = None) -> torch.Tensor:
+    """Start images ``(n, C, size, size)`` on ``backend.device``; drawn on the CPU (same on every device)."""
     imgs = []
     for i in indices:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(i))
@@ -273,7 +280,7 @@ def _init_pixels(backend: Backend, cfg: InversionConfig, indices: Sequence[int],
         if cfg.init == "images":
             if init_images is None or len(init_images) == 0:
                 raise ConfigError("init='images' needs init images: pass invert(..., init_images=(N, C, S, S) tensor)")
-            x0 = _to_model_size(init_images[int(i) % len(init_images)][None].float(), size)[0]
+            x0 = _to_model_size(init_images[int(i) % len(init_images)][None].to("cpu", torch.float32), size)[0]
             if cfg.init_jitter:
                 x0 = x0 + cfg.init_jitter * torch.randn(shape, generator=g)
             imgs.append(x0)
@@ -286,7 +293,7 @@ def _init_pixels(backend: Backend, cfg: InversionConfig, indices: Sequence[int],
             std = torch.tensor(backend.std[: backend.image_channels]).view(-1, 1, 1)
             imgs.append(mean + std * torch.randn(shape, generator=g))
     x = torch.stack(imgs)
-    return x.clamp(0, 1) if cfg.clamp else x
+    return (x.clamp(0, 1) if cfg.clamp else x).to(backend.device)
 
 
 def _to_model_size(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -296,7 +303,10 @@ def _to_model_size(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def _negative_emb(backend: Backend, cfg: InversionConfig) -> torch.Tensor | None:
-    return backend.encode_texts(list(cfg.negative_texts)) if cfg.negative_texts else None
+    if not cfg.negative_texts:
+        return None
+    with backend.autocast():
+        return backend.encode_texts(list(cfg.negative_texts))
 
 
 def _degrade(x: torch.Tensor, cfg: InversionConfig, gen: torch.Generator) -> torch.Tensor:
@@ -306,7 +316,7 @@ def _degrade(x: torch.Tensor, cfg: InversionConfig, gen: torch.Generator) -> tor
         r = max(1, int(math.ceil(2.5 * cfg.blur_sigma)))
         t = torch.arange(-r, r + 1, dtype=x.dtype)
         k = torch.exp(-(t[None] ** 2) / (2 * sig.clamp_min(1e-3)[:, None].to(x.dtype) ** 2))
-        k = k / k.sum(1, keepdim=True)  # (B, K) separable kernels, one per sample
+        k = (k / k.sum(1, keepdim=True)).to(x.device)  # (B, K) separable kernels, one per sample
         B, C, H, W = x.shape
         xp = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="replicate")
         kk = k.repeat_interleave(C, 0)
@@ -314,8 +324,19 @@ def _degrade(x: torch.Tensor, cfg: InversionConfig, gen: torch.Generator) -> tor
         x = F.conv2d(xp, kk[:, None, :, None], groups=B * C).reshape(B, C, H, W)
     if cfg.noise_std > 0:
         std = torch.rand(x.shape[0], 1, 1, 1, generator=gen) * cfg.noise_std
-        x = x + std.to(x.dtype) * torch.randn(x.shape, generator=gen).to(x.dtype)
+        x = x + std.to(x.device, x.dtype) * torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
     return x
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Tensors of a nested state (e.g. an optimiser's state dict) copied to the CPU, for checkpoints."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _clip_per_image(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
@@ -327,6 +348,36 @@ def _clip_per_image(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
 def similarity(backend: Backend, images: torch.Tensor, text_emb: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """Cosine similarity of each image ``(N, C, S, S)`` to its row of ``text_emb`` ``(N, D)``."""
     return (backend.encode_images(images, batch_size) * text_emb).sum(-1)
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+#: fields that do not change the images (how often they are checkpointed)
+_NOT_RESULT_SHAPING = ("checkpoint_every",)
+
+
+def resume_settings(backend: Backend, cfg: InversionConfig, targets: Sequence[InversionTarget],
+                    init_images: torch.Tensor | None = None) -> dict[str, Any]:
+    """What an inversion's images depend on (recorded with its checkpoints; ``--resume`` with
+    different values is refused): the backend spec and precision, every config field but
+    ``checkpoint_every``, the targets and a digest of the init images."""
+    import hashlib
+
+    settings: dict[str, Any] = {
+        "backend": backend.spec,
+        "inversion": {k: v for k, v in asdict(cfg).items() if k not in _NOT_RESULT_SHAPING},
+        "concepts": concept_settings(targets),
+    }
+    precision = getattr(backend, "precision", None)
+    if precision is not None:
+        settings["precision"] = str(precision)
+    if init_images is not None and cfg.init == "images":
+        data = init_images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        settings["init_images"] = hashlib.sha256(data).hexdigest()[:16]
+    return settings
+
+
+def _chunk_path(ckpt_dir: Path, chunk_id: int) -> Path:
+    return ckpt_dir / f"chunk{chunk_id:04d}.pt"
 
 
 # --- main loop ---------------------------------------------------------------------------------
@@ -341,8 +392,13 @@ def _run_chunk(
     resume: bool,
     progress: Any,
     init_images: torch.Tensor | None = None,
+    digest: str | None = None,
 ) -> tuple[torch.Tensor, int, list[float]]:
     """Optimise one chunk of images; returns (images at model size, steps run, mean-similarity history).
+
+    Checkpoints (``ckpt_path``, every ``cfg.checkpoint_every`` steps and once more when the chunk
+    is done) carry ``digest``, the digest of the settings that shape the result; resuming from
+    a checkpoint with another digest is refused, and a finished chunk is not run again.
 
     The optimised tensor is the pixels themselves (``parametrization="pixels"``, optionally at
     progressive resolutions) or, with ``"residual"``, a low-resolution edit ``d`` on top of fixed
@@ -353,27 +409,34 @@ def _run_chunk(
     residual = cfg.parametrization == "residual"
     size = backend.image_size
     stages = [(0, size)] if residual else _stages(cfg, size)
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + chunk_id)
+    device = backend.device
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + chunk_id)  # CPU: same draws on every device
     base = _init_pixels(backend, cfg, indices, size, init_images).detach() if residual else None
     step, history, state = 0, [], None
+    best, since_best = -float("inf"), 0  # early stopping
     if resume and ckpt_path is not None and ckpt_path.is_file():
-        state = torch.load(ckpt_path, weights_only=True)
+        state = load_checkpoint(ckpt_path, digest)
         step, history = int(state["step"]), list(state["history"])
-        p = state["pixels"].clone()
+        best, since_best = state.get("early_stop", (best, since_best))
+        p = state["pixels"].clone().to(device)
         gen.set_state(state["rng"])
     elif residual:
         rsize = cfg.residual_size or size
-        p = torch.zeros(base.shape[0], base.shape[1], rsize, rsize)
+        p = torch.zeros(base.shape[0], base.shape[1], rsize, rsize, device=device)
     else:
         p = _init_pixels(backend, cfg, indices, _stage_size(stages, 0), init_images)
     p.requires_grad_(True)
     opt = torch.optim.Adam([p], lr=cfg.lr)
     if state is not None and state.get("adam") is not None:
-        opt.load_state_dict(state["adam"])
+        opt.load_state_dict(state["adam"])  # Adam moves its state to the pixels' device
+    # fp16 forward passes: scale the loss so small pixel gradients do not underflow (disabled otherwise)
+    scaler = grad_scaler(device, backend.precision)
+    if state is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
 
     # A backend that takes any input size runs at the stage's size (the saving progressive
     # resolution is for); otherwise each stage is upsampled to the model size every step.
-    native_stages = bool(getattr(backend, "supports_any_resolution", False))
+    native_stages = backend.supports_any_resolution
 
     def render(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (image the model sees, the tensor TV/sparsity regularise)."""
@@ -388,10 +451,20 @@ def _run_chunk(
     ctx = {"text_emb": text_emb.repeat(cfg.views, 1) if text_emb is not None else None,
            "texts": list(texts) * cfg.views,
            "negative_emb": _negative_emb(backend, cfg), "contrastive_scale": cfg.contrastive_scale}
-    best, since_best = -float("inf"), 0
+    done = bool(state is not None and state.get("done"))
+
+    def checkpoint(done: bool = False) -> None:
+        ckpt = {"step": step, "pixels": p.detach().cpu().clone(), "adam": _to_cpu(opt.state_dict()),
+                "rng": gen.get_state(), "history": history, "indices": list(indices),
+                "early_stop": [best, since_best], "done": done, "settings_digest": digest}
+        if scaler.is_enabled():
+            ckpt["scaler"] = scaler.state_dict()
+        save_checkpoint(ckpt, ckpt_path)
+        fault_point("inversion")  # kill-and-resume tests: die right after a checkpoint
+
     if progress is not None:
-        progress.update(step)
-    while step < cfg.steps:
+        progress.skip(step)
+    while step < cfg.steps and not done:
         stage = _stage_size(stages, step)
         if not residual and p.shape[-1] != stage:  # progressive resolution: upsample and restart Adam
             with torch.no_grad():
@@ -405,17 +478,19 @@ def _run_chunk(
         xa = augment(xm.repeat(cfg.views, 1, 1, 1), gen)
         if cfg.blur_sigma > 0 or cfg.noise_std > 0:
             xa = _degrade(xa, cfg, gen)
-        loss_rows, sim_rows = objective(backend, xa, ctx)
-        loss = loss_rows.view(cfg.views, -1).mean(0)
+        with backend.autocast():  # only the model runs in low precision; pixels and losses stay fp32
+            loss_rows, sim_rows = objective(backend, xa, ctx)
+        loss = loss_rows.float().view(cfg.views, -1).mean(0)
         if cfg.tv_weight:
             loss = loss + cfg.tv_weight * total_variation(reg, cfg.tv_diagonals)
         if residual and cfg.residual_l1:
             loss = loss + cfg.residual_l1 * reg.abs().mean(dim=(1, 2, 3))
-        (grad,) = torch.autograd.grad(loss.sum(), p)
+        (p.grad,) = torch.autograd.grad(scaler.scale(loss.sum()), p)
+        scaler.unscale_(opt)  # no-op unless fp16
         if cfg.grad_clip:
-            grad = _clip_per_image(grad, cfg.grad_clip)
-        p.grad = grad
-        opt.step()
+            p.grad = _clip_per_image(p.grad, cfg.grad_clip)
+        scaler.step(opt)  # skips the step if fp16 gradients overflowed
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             if residual and cfg.residual_sign != "any":  # projected gradient: keep the edit one-signed
@@ -428,12 +503,6 @@ def _run_chunk(
         if progress is not None:
             progress.update(1)
             progress.set_postfix(sim=f"{mean_sim:.3f}", size=p.shape[-1])
-        if ckpt_path is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            atomic_torch_save(
-                {"step": step, "pixels": p.detach().clone(), "adam": opt.state_dict(), "rng": gen.get_state(),
-                 "history": history, "indices": list(indices)},
-                ckpt_path,
-            )
         if cfg.early_stop_patience and stage == stages[-1][1]:
             if mean_sim > best + cfg.early_stop_min_delta:
                 best, since_best = mean_sim, 0
@@ -441,6 +510,11 @@ def _run_chunk(
                 since_best += 1
                 if since_best >= cfg.early_stop_patience:
                     break
+        # after the early-stopping update, so a resumed run continues from exactly this state
+        if ckpt_path is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            checkpoint()
+    if ckpt_path is not None and cfg.checkpoint_every and not done:
+        checkpoint(done=True)  # a finished chunk is not optimised again on resume
     with torch.no_grad():
         final = _to_model_size(render(p.detach())[0], size)
     return (final.clamp(0, 1) if cfg.clamp else final), step, history
@@ -464,7 +538,9 @@ def invert(
         config: :class:`InversionConfig` or a dict of its fields.
         out_dir: when given, checkpoints go to ``out_dir/checkpoints`` and
             :func:`save_inversion` writes PNGs, a grid and ``manifest.csv`` there.
-        resume: continue from the checkpoints in ``out_dir``.
+        resume: continue from the checkpoints in ``out_dir`` (refused with
+            :class:`~medkt.errors.ResumeMismatchError` if they were made with other settings or
+            targets). Without it, the chunk checkpoints in ``out_dir`` are started over.
         chunks: only run these chunk indices (used to shard work across processes); the result
             then holds only their images.
         init_images: ``(M, C, S, S)`` [0, 1] starting images for ``init="images"`` (image ``i``
@@ -484,18 +560,26 @@ def invert(
         concepts += [t.concept] * t.n_images
     n = len(texts)
     get_objective(cfg.objective)  # an unknown name fails before any work
+    # checkpoints are tagged with the settings that shape the images; resuming with others is refused
+    ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
+    digest = None
+    if ckpt_dir is not None:
+        settings = resume_settings(backend, cfg, targets, init_images)
+        guard_resume(ckpt_dir, "inversion", settings, resume)
+        digest = settings_digest(settings)
     text_emb = None
     if _USES_TEXT_EMBEDDINGS.get(cfg.objective, True):
         uniq = sorted(set(texts), key=texts.index)
-        emb_by_text = dict(zip(uniq, backend.encode_texts(uniq)))
+        with backend.autocast():
+            emb_by_text = dict(zip(uniq, backend.encode_texts(uniq)))
         text_emb = torch.stack([emb_by_text[t] for t in texts])
     chunk = cfg.chunk_size or n
     all_chunks = [list(range(i, min(i + chunk, n))) for i in range(0, n, chunk)]
     selected = list(range(len(all_chunks))) if chunks is None else list(chunks)
 
-    ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
-    if ckpt_dir is not None and cfg.checkpoint_every:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt_dir is not None and not resume:  # a fresh start: chunk files left in this folder are stale
+        for cid in selected:
+            _chunk_path(ckpt_dir, cid).unlink(missing_ok=True)
     requires = [p.requires_grad for p in backend.parameters()]
     for p in backend.parameters():  # only the pixels need gradients
         p.requires_grad_(False)
@@ -503,34 +587,30 @@ def invert(
     backend.eval()
     start = time.perf_counter()
     images, steps_run, histories, keep = [], [], [], []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.steps * len(selected), desc="inversion", unit="step", leave=False, disable=None)
+    bar = Progress(cfg.steps * len(selected), "inversion", unit="step", enabled=progress)
     try:
         for cid in selected:
             idx = all_chunks[cid]
-            path = ckpt_dir / f"chunk{cid:04d}.pt" if ckpt_dir is not None else None
+            path = _chunk_path(ckpt_dir, cid) if ckpt_dir is not None else None
             chunk_emb = text_emb[idx] if text_emb is not None else None
             x, s, hist = _run_chunk(backend, cfg, cid, idx, chunk_emb, [texts[i] for i in idx], path, resume, bar,
-                                    init_images)
+                                    init_images, digest)
             images.append(x)
             steps_run.append(s)
             histories.append(hist)
             keep += idx
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         for p, r in zip(backend.parameters(), requires):
             p.requires_grad_(r)
         backend.train(was_training)
     imgs = torch.cat(images)
     if text_emb is not None:
-        sims = similarity(backend, imgs, text_emb[keep]).tolist()
+        with backend.autocast():
+            sims = similarity(backend, imgs, text_emb[keep]).tolist()
     else:  # the objective's own similarity (e.g. ITM match probability), un-augmented
         fn, kept_texts, sims = get_objective(cfg.objective), [texts[i] for i in keep], []
-        with torch.no_grad():
+        with torch.no_grad(), backend.autocast():
             for i in range(0, len(imgs), 32):
                 sims += fn(backend, imgs[i : i + 32], {"texts": kept_texts[i : i + 32], "text_emb": None})[1].tolist()
     return InversionResult(

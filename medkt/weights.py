@@ -1,40 +1,171 @@
-"""Resolving local weights: a file, a folder, or a repo in the local Hugging Face cache.
+"""Resolving local weights: a file, a folder, a repo in the local Hugging Face cache, or an
+open_clip pretrained tag whose file is in that cache.
 
-medkt never downloads: a missing file raises :class:`WeightsNotFoundError` naming the file and
-how to get it (README, section "Getting weights").
+medkt never downloads and never opens a network connection: every lookup here reads the local
+cache layout only (``models--ORG--NAME/refs/<revision>`` -> ``snapshots/<commit>/<file>``, the
+layout ``huggingface_hub`` writes), and the models are then built from local paths. A missing
+file raises :class:`WeightsNotFoundError` naming the file and how to get it (README, section
+"Getting weights").
+
+Why not rely on ``HF_HUB_OFFLINE``: ``huggingface_hub`` reads it once, at import time, so setting
+it inside medkt after ``open_clip``/``transformers`` were imported changes nothing (the hub then
+retries for about a minute before failing).
 """
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
-from medkt.errors import WeightsNotFoundError
+from medkt.errors import ConfigError, WeightsNotFoundError, unknown_name
 
 WEIGHTS_ENV = "MEDKT_WEIGHTS"
 README_HINT = "see README.md, section 'Getting weights'"
 
 
-def hf_cache_snapshot(repo_id: str) -> Path | None:
-    """Path of the newest snapshot of ``repo_id`` in the local HF cache, or None (no network)."""
+def hf_cache_dir() -> Path:
+    """The Hugging Face hub cache folder, read from the environment *now* (not at import time):
+    ``$HF_HUB_CACHE``, else ``$HUGGINGFACE_HUB_CACHE``, else ``$HF_HOME/hub``, else
+    ``$XDG_CACHE_HOME/huggingface/hub`` (default ``~/.cache/huggingface/hub``), as huggingface_hub."""
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+    )
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(hub)))
+
+
+def _repo_folder(repo_id: str) -> Path:
+    return hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+
+
+def hf_cache_snapshot(repo_id: str, revision: str = "main") -> Path | None:
+    """Snapshot folder of ``repo_id`` that ``refs/<revision>`` points to in the local HF cache, or
+    None. ``revision`` may also be a commit hash. Purely local (no network)."""
+    repo = _repo_folder(repo_id)
+    ref = repo / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snap = repo / "snapshots" / commit
+    return snap if commit and snap.is_dir() else None
+
+
+def hf_cached_file(repo_id: str, filename: str, revision: str = "main") -> Path | None:
+    """Local path of ``filename`` of ``repo_id`` at ``revision`` in the HF cache, or None.
+
+    ``huggingface_hub.try_to_load_from_cache`` follows ``refs/<revision>`` and never touches the
+    network; the cache folder is passed explicitly because the library's default is frozen at import.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename, cache_dir=str(hf_cache_dir()), revision=revision)
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
+
+
+def _fetch_hint(repo_id: str, filename: str | None = None) -> str:
+    what = f"{repo_id} {filename}" if filename else repo_id
+    return (f"on a machine with internet run `hf download {what}` (huggingface_hub's CLI) and copy "
+            f"the cache folder models--{repo_id.replace('/', '--')} into {hf_cache_dir()} ({README_HINT})")
+
+
+def open_clip_tag_checkpoint(architecture: str, tag: str) -> Path:
+    """Local checkpoint file of an open_clip pretrained tag (e.g. ``ViT-B-32`` + ``openai``).
+
+    The tag is looked up in open_clip's own registry (:func:`open_clip.get_pretrained_cfg`); its
+    ``hf_hub`` entry (``org/name/[file]``) is searched in the local HF cache, preferring
+    safetensors as open_clip does; a URL-only tag in open_clip's URL cache (``~/.cache/clip``).
+
+    Raises:
+        UnknownNameError: not a tag of this architecture.
+        WeightsNotFoundError: the file is not cached; the message names it and how to fetch it.
+    """
+    import open_clip
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    cfg = open_clip.get_pretrained_cfg(architecture, tag)
+    if not cfg:
+        raise unknown_name(f"open_clip pretrained tag of {architecture}", tag,
+                           open_clip.list_pretrained_tags_by_model(architecture))
+    if cfg.get("file"):
+        return Path(cfg["file"])
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo_id, filename = os.path.split(hub)
+        # the same candidates, in the same order, as open_clip.pretrained.download_pretrained_from_hf
+        if not filename:
+            names = [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
+        elif filename.endswith((".bin", ".pth")):
+            names = [filename[:-4] + ".safetensors", filename]
+        else:
+            names = [filename]
+        for name in names:
+            path = hf_cached_file(repo_id, name)
+            if path is not None:
+                return path
+        raise WeightsNotFoundError(
+            f"open_clip weights {architecture}@{tag} are not in the local Hugging Face cache {hf_cache_dir()}: "
+            f"fetch file {names[0]} (or {names[-1]}) of repo {repo_id}; {_fetch_hint(repo_id, names[0])}"
+        )
+    url = cfg.get("url", "")
+    if url:
+        path = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)  # open_clip's URL cache
+        if path.is_file():
+            return path
+        raise WeightsNotFoundError(
+            f"open_clip weights {architecture}@{tag} are not cached: fetch {url} on a machine with internet "
+            f"and pass the file as '@/path/to/{os.path.basename(url)}' ({README_HINT})"
+        )
+    raise ConfigError(f"open_clip tag {architecture}@{tag} names no file, repo or URL")
+
+
+def open_clip_tag_options(architecture: str, tag: str) -> dict:
+    """``open_clip.create_model`` keywords that a pretrained tag implies beyond its file: the tag's
+    preprocessing (mean/std/interpolation/resize mode) and QuickGELU for OpenAI-trained weights."""
+    import open_clip
+    from open_clip.transform import merge_preprocess_dict
+
+    cfg = open_clip.get_pretrained_cfg(architecture, tag) or {}
+    return {
+        "force_preprocess_cfg": merge_preprocess_dict({}, cfg),
+        "force_quick_gelu": bool(cfg.get("quick_gelu", False)),
+    }
+
+
+@contextmanager
+def offline():
+    """Belt and braces around library calls that are given local paths only: hub access fails
+    fast. Sets the environment switches (for code that reads them later) *and* the already
+    imported ``huggingface_hub.constants.HF_HUB_OFFLINE``, which is what the hub consults."""
+    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    old_env = {k: os.environ.get(k) for k in keys}
+    os.environ.update({k: "1" for k in keys})
     try:
-        from huggingface_hub import scan_cache_dir
-        from huggingface_hub.constants import HF_HUB_CACHE
-    except ImportError:  # pragma: no cover - transformers depends on it
-        return None
-    cache = Path(os.environ.get("HF_HUB_CACHE", HF_HUB_CACHE))
-    folder = cache / ("models--" + repo_id.replace("/", "--")) / "snapshots"
-    if not folder.is_dir():
-        return None
-    snaps = sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime)
-    return snaps[-1] if snaps else None
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - transformers and open_clip depend on it
+        constants = None
+    old_const = getattr(constants, "HF_HUB_OFFLINE", None)
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = old_const
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _looks_like_repo_id(weights: str) -> bool:
+    return "/" in weights and not weights.startswith((".", "/", "~")) and weights.count("/") == 1
 
 
 def resolve_weights(weights: str | None, *, what: str, how_to_get: str, filenames: tuple[str, ...] = ()) -> Path:
     """Find local weights.
 
     Args:
-        weights: a path (file or folder), an HF repo id present in the local cache, or None to use
-            ``$MEDKT_WEIGHTS``.
+        weights: a path (file or folder), an HF repo id present in the local cache (the snapshot
+            ``refs/main`` points to), or None to use ``$MEDKT_WEIGHTS``.
         what: human name of the model, for the error message.
         how_to_get: one sentence on where to download the file and where to put it.
         filenames: when ``weights`` is a folder, the first of these that exists inside is returned
@@ -48,10 +179,14 @@ def resolve_weights(weights: str | None, *, what: str, how_to_get: str, filename
                 f"(or --set backend=...) or set {WEIGHTS_ENV}. {how_to_get} ({README_HINT})"
             )
     path = Path(weights).expanduser()
-    if not path.exists() and "/" in weights and not weights.startswith((".", "/", "~")):
+    if not path.exists() and _looks_like_repo_id(weights):
         snap = hf_cache_snapshot(weights)
-        if snap is not None:
-            path = snap
+        if snap is None:
+            raise WeightsNotFoundError(
+                f"weights for {what}: {weights} is neither a local path nor a repo in the local Hugging Face "
+                f"cache {hf_cache_dir()}; {_fetch_hint(weights)}. {how_to_get}"
+            )
+        path = snap
     if not path.exists():
         raise WeightsNotFoundError(
             f"weights not found for {what}: {weights}. {how_to_get} ({README_HINT})"

@@ -63,8 +63,14 @@ def test_shape_mismatch_is_an_error():
 def test_binarize_formats():
     assert binarize(np.array([[0, 255]], np.uint8)).tolist() == [[False, True]]
     assert binarize(np.array([[0, 1]], np.uint8)).tolist() == [[False, True]]
-    assert binarize(np.array([[0.2, 0.7]])).tolist() == [[False, True]]
-    assert binarize(np.array([[120, 140]], np.uint8)).tolist() == [[False, True]]  # JPEG-ish grey
+    assert binarize(np.array([[0.0, 1.0]])).tolist() == [[False, True]]
+    # grey / probability maps need an explicit threshold; label maps a label (ambiguous otherwise)
+    assert binarize(np.array([[0.2, 0.7]]), threshold=0.5).tolist() == [[False, True]]
+    assert binarize(np.array([[120, 140]], np.uint8), threshold=0.5).tolist() == [[False, True]]  # JPEG-ish grey
+    assert binarize(np.array([[0, 2, 1]], np.uint8), label=2).tolist() == [[False, True, False]]
+    for arr in (np.array([[0.2, 0.7]]), np.array([[120, 140]], np.uint8), np.array([[0, 2]], np.uint8)):
+        with pytest.raises(DataError, match="ambiguous mask values"):
+            binarize(arr)
 
 
 def test_pairing_is_by_name_and_strict(tmp_path):

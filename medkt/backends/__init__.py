@@ -16,6 +16,8 @@ import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from medkt.backends.base import Backend
 from medkt.errors import ConfigError, unknown_name
 
@@ -82,12 +84,27 @@ def _factory(family: str) -> BackendFactory:
     return entry
 
 
-def create_backend(spec: str | BackendSpec, device: str = "cpu", **kwargs) -> Backend:
-    """Build a backend from its spec string; the model is returned in eval mode on ``device``."""
+def create_backend(spec: str | BackendSpec, device: str | torch.device = "cpu", precision: str = "fp32",
+                   **kwargs) -> Backend:
+    """Build a backend from its spec string; the model is returned in eval mode on ``device``.
+
+    Args:
+        device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``
+            (see :func:`medkt.device.resolve_device`). Under torchrun, ``auto``/``cuda`` is the
+            local rank's GPU (:func:`medkt.distributed.local_device`).
+        precision: ``auto|fp32|bf16|fp16`` for the forward passes run under
+            ``backend.autocast()`` (:func:`medkt.device.resolve_precision`); weights stay fp32.
+    """
+    from medkt.device import resolve_precision
+    from medkt.distributed import local_device
+
+    dev = local_device(device)  # validate before building a large model
+    prec = resolve_precision(precision, dev)
     parsed = spec if isinstance(spec, BackendSpec) else BackendSpec.parse(spec)
     backend = _factory(parsed.family)(parsed.architecture, parsed.weights, **kwargs)
     backend.spec = str(parsed)
-    return backend.to(device).eval()
+    backend.precision = prec
+    return backend.to(dev).eval()
 
 
 __all__ = ["Backend", "BackendSpec", "create_backend", "list_backends", "register_backend"]

@@ -1,21 +1,33 @@
 """The backend protocol: the only interface the knowledge-transfer algorithm uses.
 
 A backend wraps one pretrained vision-language model (CLIP, MedCLIP, ViLT, CoCa, the phantom
-model...) and exposes:
+model...). Every backend is a :class:`Backend`:
 
-* ``encode_pixels(x)``: images in **[0, 1] pixel space**, shape ``(B, C, H, W)`` with
-  ``C == image_channels`` and ``H == W == image_size`` -> embeddings ``(B, D)`` (not normalised).
-  Normalisation (mean/std, grey->RGB repeat) happens inside, so inversion optimises pixels.
-* ``tokenize(texts)`` -> a model-specific token object accepted by ``encode_text``.
-* ``encode_text(tokens)`` -> ``(B, D)``.
-* ``load_image(path_or_array)`` -> ``(C, H, W)`` float tensor in [0, 1] (the model's
-  preprocessing: grey/RGB, pad/crop, resize).
-* parameter groups for fine-tuning: ``visual_parameters()``, ``text_parameters()``.
-* optional hooks: ``itm_logits(x, tokens)`` (2-way image-text matching, ViLT) and
-  ``caption_loss(x, tokens)`` (CoCa); ``supports_itm`` / ``supports_captioning`` tell which.
+* ``load_image(path_or_array)`` -> ``(C, H, W)`` float tensor in [0, 1] (the model family's own
+  preprocessing: grey/RGB, resize, crop); ``normalize`` applies mean/std inside the model call, so
+  inversion optimises [0, 1] pixels;
+* ``tokenize(texts)`` -> a model-specific token object;
+* parameter groups for fine-tuning: ``visual_parameters()``, ``text_parameters()``;
+* ``device`` / ``precision`` / ``autocast()`` (see :mod:`medkt.device`).
+
+What else a backend can do it *declares* by inheriting capability interfaces; the engine asks
+``isinstance(backend, Capability)``, never ``hasattr``:
+
+* **embeddings** (``has_embeddings = True``, CLIP-like two-tower models): ``encode_pixels(x)``
+  on [0, 1] pixels ``(B, C, S, S)`` -> ``(B, D)``, ``encode_text(tokens)`` -> ``(B, D)``,
+  ``logit_scale``. Needed by the cosine inversion objective, InfoNCE and embedding zero-shot.
+* :class:`ImageTextMatcher` (ViLT): ``itm_logits``, ``embed_image`` + ``itm_logits_from_embeds``
+  (image tokens computed once, reused for many texts), ``load_image_native``,
+  ``match_probability``.
+* :class:`Captioner` (CoCa): ``caption``, ``caption_loss``, ``image_tokens``,
+  ``decoder_parameters``.
+* :class:`MaskedLanguageModel` (ViLT): ``mlm_loss``, ``mlm_probability``.
+* :class:`VisionSplitProvider`: ``vision_split(layer)``, the encoder split M2IB needs, for models
+  whose vision tower is not one of the architectures :mod:`medkt.segmentation.m2ib` knows.
 """
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,15 +50,33 @@ class Backend(nn.Module):
     std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
     #: channels the wrapped network expects after normalisation (grey is repeated to this)
     model_channels: int = 3
-    #: default dtype/device live on the parameters
-    supports_itm: bool = False
-    supports_captioning: bool = False
+    #: two-tower image/text embeddings (``encode_pixels`` / ``encode_text``); False for
+    #: single-stream models such as ViLT, which score pairs with :class:`ImageTextMatcher`
+    has_embeddings: bool = True
     #: ``encode_pixels`` also accepts sizes other than ``image_size`` (e.g. ViTs with interpolated
     #: position embeddings); progressive-resolution inversion then runs the model at each stage's size
     supports_any_resolution: bool = False
 
     # -- identification -------------------------------------------------------------------
     spec: str = ""
+
+    # -- device and precision (see medkt.device) --------------------------------------------
+    #: precision of the forward passes run under :meth:`autocast`: "fp32" | "bf16" | "fp16"
+    #: (set by ``create_backend(..., precision=)``; parameters always stay fp32)
+    precision: str = "fp32"
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model (its first parameter or buffer); every engine tensor goes here."""
+        from medkt.device import module_device
+
+        return module_device(self)
+
+    def autocast(self):
+        """Context manager running forward passes in :attr:`precision` on :attr:`device` (fp32: no-op)."""
+        from medkt.device import autocast
+
+        return autocast(self.device, self.precision)
 
     # -- pixels ---------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,14 +129,16 @@ class Backend(nn.Module):
         """exp of the learned temperature (a scalar tensor); CLIP's default 100."""
         return torch.tensor(100.0)
 
-    # -- optional hooks -------------------------------------------------------------------
-    def itm_logits(self, x: torch.Tensor, tokens: Any) -> torch.Tensor:
-        """[0,1] pixels + tokens (paired row by row) -> 2-way logits ``(B, 2)`` [no match, match]."""
-        raise NotImplementedError(f"backend {self.family!r} has no image-text matching head")
+    # -- capabilities (derived from the declared interfaces) ------------------------------
+    @property
+    def supports_itm(self) -> bool:
+        """The backend declares :class:`ImageTextMatcher`."""
+        return isinstance(self, ImageTextMatcher)
 
-    def caption_loss(self, x: torch.Tensor, tokens: Any) -> torch.Tensor:
-        """Captioning (next-token) loss of the tokens given the [0,1] pixels."""
-        raise NotImplementedError(f"backend {self.family!r} has no caption decoder")
+    @property
+    def supports_captioning(self) -> bool:
+        """The backend declares :class:`Captioner`."""
+        return isinstance(self, Captioner)
 
     # -- helpers shared by all backends ---------------------------------------------------
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
@@ -122,7 +154,7 @@ class Backend(nn.Module):
         out = []
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
-                out.append(self.encode_pixels(x[i : i + batch_size]).float())
+                out.append(self.encode_pixels(x[i : i + batch_size].to(self.device)).float())  # batch by batch
         return torch.nn.functional.normalize(torch.cat(out), dim=-1) if out else torch.empty(0)
 
     def set_visual_trainable(self, trainable: bool = True) -> None:
@@ -145,6 +177,78 @@ class Backend(nn.Module):
             "visual_parameters": n_vis,
             "parameters": n_all,
         }
+
+
+class ImageTextMatcher(abc.ABC):
+    """Capability: a 2-way image-text matching head (ViLT). Pixels are [0, 1]."""
+
+    @abc.abstractmethod
+    def itm_logits(self, x: torch.Tensor, tokens: Any) -> torch.Tensor:
+        """Pixels ``(B, 3, H, W)`` + tokens (row-paired; a side of 1 broadcasts) -> ``(B, 2)``
+        logits ``[no match, match]``."""
+
+    @abc.abstractmethod
+    def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels ``(B, 3, H, W)`` -> image tokens ``(B, T, H)`` and their mask ``(B, T)``,
+        reusable with :meth:`itm_logits_from_embeds` for many texts."""
+
+    @abc.abstractmethod
+    def itm_logits_from_embeds(self, image_embeds: torch.Tensor, image_masks: torch.Tensor, tokens: Any) -> torch.Tensor:
+        """:meth:`itm_logits` from :meth:`embed_image` outputs -> ``(B, 2)``."""
+
+    def load_image_native(self, image: Any) -> torch.Tensor:
+        """The model's own variable-size preprocessing -> ``(3, H, W)`` [0, 1] (default: ``load_image``)."""
+        return self.load_image(image)
+
+    @torch.no_grad()
+    def match_probability(self, images: torch.Tensor, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+        """"Match" probability of each image ``(N, 3, S, S)`` with its row's text -> ``(N,)`` (CPU)."""
+        out = []
+        with self.autocast():
+            for i in range(0, len(images), batch_size):
+                x = images[i : i + batch_size].to(self.device)
+                logits = self.itm_logits(x, self.tokenize(list(texts[i : i + batch_size])))
+                out.append(logits.float().softmax(-1)[:, 1].cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+
+class Captioner(abc.ABC):
+    """Capability: an autoregressive caption decoder (CoCa). Pixels are [0, 1]."""
+
+    @abc.abstractmethod
+    def caption(self, x: torch.Tensor, **generation: Any) -> list[str]:
+        """Pixels ``(B, 3, S, S)`` -> one generated caption per image."""
+
+    @abc.abstractmethod
+    def caption_loss(self, x: torch.Tensor, tokens: Any) -> torch.Tensor:
+        """Next-token cross-entropy of ``tokens`` given the pixels (scalar)."""
+
+    @abc.abstractmethod
+    def image_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pixels -> (normalised image embedding ``(B, D)``, decoder image tokens ``(B, T, H)``)."""
+
+    @abc.abstractmethod
+    def decoder_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the caption decoder (trained with ``finetune.train="visual+decoder"``)."""
+
+
+class MaskedLanguageModel(abc.ABC):
+    """Capability: masked-language modelling conditioned on the image (ViLT)."""
+
+    #: fraction of text tokens masked for the MLM loss
+    mlm_probability: float = 0.15
+
+    @abc.abstractmethod
+    def mlm_loss(self, x: torch.Tensor, tokens: Any, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy over masked positions; ``labels`` ``(B, L)`` hold -100 elsewhere."""
+
+
+class VisionSplitProvider(abc.ABC):
+    """Capability: the vision-encoder split M2IB needs (for towers M2IB does not know)."""
+
+    @abc.abstractmethod
+    def vision_split(self, layer: int | None = None) -> Any:
+        """A :class:`medkt.segmentation.m2ib.VisionSplit` at ``layer`` (None = the default)."""
 
 
 def as_numpy_image(x: torch.Tensor) -> np.ndarray:

@@ -1,8 +1,9 @@
 """CoCa backend (family ``coca``): open_clip's ``CoCa`` with captioning and working generation.
 
 * ``coca:coca_ViT-B-32@laion2b_s13b_b90k`` / ``@mscoco_finetuned_laion2b_s13b_b90k`` - an
-  open_clip pretrained tag, looked up **only in the local Hugging Face cache**
-  (``laion/CoCa-ViT-B-32-laion2B-s13B-b90k`` etc.); same for ``coca_ViT-L-14``.
+  open_clip pretrained tag, resolved with open_clip's own registry and looked up **only in the
+  local Hugging Face cache** (:func:`medkt.weights.open_clip_tag_checkpoint`); same for
+  ``coca_ViT-L-14``.
 * ``coca:coca_ViT-B-32@/path/open_clip_pytorch_model.bin`` - a local checkpoint file or folder.
 * ``coca:tiny@random`` - a 1-layer random CoCa (``medkt/configs/open_clip/coca_tiny.json``,
   registered with ``open_clip.add_model_config``) with the real BPE tokenizer, for tests.
@@ -26,25 +27,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medkt.backends.base import Backend
+from medkt.backends.base import Backend, Captioner
 from medkt.backends.vit_fastpath import install_fast_paths
-from medkt.errors import ConfigError, WeightsNotFoundError, unknown_name
+from medkt.errors import ConfigError, unknown_name
 
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "open_clip"
 SOT_ID, EOT_ID, PAD_ID = 49406, 49407, 0
-#: open_clip pretrained tag -> HF repo holding ``open_clip_pytorch_model.bin``
-HF_REPOS = {
-    ("coca_ViT-B-32", "laion2b_s13b_b90k"): "laion/CoCa-ViT-B-32-laion2B-s13B-b90k",
-    ("coca_ViT-B-32", "mscoco_finetuned_laion2b_s13b_b90k"): "laion/mscoco_finetuned_CoCa-ViT-B-32-laion2B-s13B-b90k",
-    ("coca_ViT-L-14", "laion2b_s13b_b90k"): "laion/CoCa-ViT-L-14-laion2B-s13B-b90k",
-    ("coca_ViT-L-14", "mscoco_finetuned_laion2b_s13b_b90k"): "laion/mscoco_finetuned_CoCa-ViT-L-14-laion2B-s13B-b90k",
-}
 CHECKPOINT_NAMES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.safetensors")
 HOW_TO_GET = (
     "Download the open_clip CoCa checkpoint on a machine with internet, e.g. "
-    "`huggingface-cli download laion/CoCa-ViT-B-32-laion2B-s13B-b90k open_clip_pytorch_model.bin`, "
+    "`hf download laion/CoCa-ViT-B-32-laion2B-s13B-b90k open_clip_pytorch_model.bin`, "
     "and copy the HF cache (or pass the .bin file path after '@')"
 )
 
@@ -279,12 +273,10 @@ def sample(
 # ---------------------------------------------------------------------------------------------
 # backend
 # ---------------------------------------------------------------------------------------------
-class CocaBackend(Backend):
+class CocaBackend(Backend, Captioner):
     """open_clip CoCa: contrastive towers + autoregressive caption decoder."""
 
     family = "coca"
-    supports_itm = False
-    supports_captioning = True
     image_channels = 3
     model_channels = 3
 
@@ -316,28 +308,16 @@ class CocaBackend(Backend):
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()
 
-    #: also fine-tune the caption decoder with the visual tower (paper Tab. 9, dagger rows)
-    train_decoder: bool = False
-
     def visual_parameters(self) -> Iterator[nn.Parameter]:
-        """The vision tower (plus the caption decoder when :attr:`train_decoder` is set)."""
+        """The vision tower (``finetune.train="visual+decoder"`` adds :meth:`decoder_parameters`)."""
         yield from self.model.visual.parameters()
-        if self.train_decoder:
-            yield from self.model.text_decoder.parameters()
 
     def load_image(self, image: Any) -> torch.Tensor:
-        """open_clip's eval preprocessing: bicubic resize of the short side, centre crop, [0, 1]."""
-        from medkt.data.images import to_float_array
+        """open_clip's eval preprocessing of this model (its ``preprocess_cfg``: short side
+        resized, centre crop) -> ``(3, S, S)`` in [0, 1]; see :func:`medkt.data.images.open_clip_pixels`."""
+        from medkt.data.images import open_clip_pixels
 
-        arr = to_float_array(image)
-        t = torch.from_numpy(arr.copy())
-        t = t[None].expand(3, -1, -1) if t.dim() == 2 else t.permute(2, 0, 1)
-        h, w = t.shape[-2:]
-        s = self.image_size
-        nh, nw = (s, max(s, round(w * s / h))) if h <= w else (max(s, round(h * s / w)), s)
-        t = F.interpolate(t[None].float(), size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)[0]
-        top, left = (nh - s) // 2, (nw - s) // 2
-        return t[:, top : top + s, left : left + s].clamp(0, 1).contiguous()
+        return open_clip_pixels(image, self.model.visual.preprocess_cfg)
 
     def text_parameters(self) -> Iterator[nn.Parameter]:
         return self.model.text.parameters()
@@ -400,6 +380,7 @@ class CocaBackend(Backend):
         """[0,1] pixels ``(B, 3, S, S)`` -> token ids ``(B, L)`` (SOT first). Defaults = open_clip's."""
         was_training = self.training
         self.eval()
+        x = x.to(self._device)  # images may come from a CPU data loader; decoding runs on the model's device
         try:
             latent, embs = self.image_tokens(x)
             if method == "beam_search":
@@ -437,17 +418,14 @@ class CocaBackend(Backend):
         return self.decode(self.generate(x, **kw))
 
 
-def _resolve_checkpoint(architecture: str, weights: str) -> Path:
-    from medkt.weights import hf_cache_snapshot, resolve_weights
+def _resolve_checkpoint(architecture: str, weights: str | None) -> Path:
+    """A tag of open_clip's registry -> its file in the local HF cache; else a local file/folder."""
+    import open_clip
 
-    repo = HF_REPOS.get((architecture, weights))
-    if repo is not None:
-        snap = hf_cache_snapshot(repo)
-        if snap is None:
-            raise WeightsNotFoundError(
-                f"open_clip tag {weights!r} of {architecture} is not in the local HF cache ({repo}). {HOW_TO_GET}"
-            )
-        weights = str(snap)
+    from medkt.weights import open_clip_tag_checkpoint, resolve_weights
+
+    if weights is not None and weights in open_clip.list_pretrained_tags_by_model(architecture):
+        return open_clip_tag_checkpoint(architecture, weights)
     return resolve_weights(weights, what=f"CoCa {architecture}", how_to_get=HOW_TO_GET, filenames=CHECKPOINT_NAMES)
 
 
@@ -463,11 +441,17 @@ def create(architecture: str, weights: str | None, **kw) -> CocaBackend:
     known = [m for m in open_clip.list_models() if m.startswith("coca")]
     if architecture not in known:
         raise unknown_name("CoCa architecture", architecture, known)
+    from medkt.weights import offline, open_clip_tag_options
+
     path = None
+    options: dict[str, Any] = {}
     if weights != "random":  # find the checkpoint before building a large model
         path = _resolve_checkpoint(architecture, weights)
+        if weights in open_clip.list_pretrained_tags_by_model(architecture):
+            options = open_clip_tag_options(architecture, weights)  # the tag's preprocessing
     torch.manual_seed(int(kw.pop("seed", 0)))
-    model = open_clip.create_model(architecture, pretrained=None, device="cpu")
+    with offline():
+        model = open_clip.create_model(architecture, pretrained=None, device="cpu", **options)
     if weights == "random":
         # open_clip 3.3.0 never initialises the decoder's output projection (its
         # init_parameters() is broken and uncalled): it stays torch.empty, often all zeros, so

@@ -4,22 +4,24 @@ Specs: ``hf_clip:openai/clip-vit-base-patch32@/models/clip-vit-base-patch32`` (a
 saved with ``save_pretrained``, or a repo id already in the local HF cache when no path is
 given: ``hf_clip:openai/clip-vit-base-patch32``), ``hf_clip:tiny@random`` (a tiny random
 CLIPModel for tests; tokenised with open_clip's bundled BPE, the same vocabulary as CLIP's).
+
+Images are preprocessed by transformers' own ``CLIPImageProcessor`` (the folder's
+``preprocessor_config.json`` when present): short side resized, centre crop; normalisation is
+left to :meth:`~medkt.backends.base.Backend.normalize` with the processor's mean/std.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from medkt.backends.base import Backend
-from medkt.backends.open_clip_backend import _offline
 from medkt.errors import WeightsNotFoundError
-from medkt.weights import README_HINT, resolve_weights
+from medkt.weights import README_HINT, offline, resolve_weights
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY = {
     "text_config": dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=2, max_position_embeddings=32, bos_token_id=49406,
@@ -46,13 +48,35 @@ class _OpenClipBPE:
 class HFClipBackend(Backend):
     family = "hf_clip"
 
-    def __init__(self, model, tokenizer, mean=CLIP_MEAN, std=CLIP_STD):
+    def __init__(self, model, tokenizer, image_processor=None):
         super().__init__()
+        from transformers import CLIPImageProcessor
+
         self.model = model
         self._tokenizer = tokenizer
         self.image_size = int(model.config.vision_config.image_size)
         self.context_length = int(model.config.text_config.max_position_embeddings)
-        self.mean, self.std = tuple(mean), tuple(std)
+        if image_processor is None:  # CLIP's defaults at this model's input size
+            s = self.image_size
+            image_processor = CLIPImageProcessor(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
+        self.image_processor = image_processor
+        self.mean, self.std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
+
+    def load_image(self, image: Any) -> torch.Tensor:
+        """``CLIPImageProcessor`` without its normalisation -> ``(3, S, S)`` in [0, 1].
+
+        8-bit images reach the processor as PIL images (as ``Image.open`` gives them); others
+        as float arrays in [0, 1] (the processor resamples those through 8-bit PIL itself).
+        """
+        from medkt.data.images import upstream_input
+
+        src = upstream_input(image)
+        kw: dict[str, Any] = {"do_normalize": False, "return_tensors": "pt"}
+        if not hasattr(src, "mode"):  # float array: already in [0, 1], channels last
+            if src.ndim == 2:
+                src = src[..., None].repeat(3, axis=-1)
+            kw.update(do_rescale=False, do_convert_rgb=False, input_data_format="channels_last")
+        return self.image_processor(images=src, **kw)["pixel_values"][0].float().clamp(0, 1).contiguous()
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values=pixel_values)
@@ -106,17 +130,15 @@ def create(architecture: str, weights: str | None, **kwargs) -> HFClipBackend:
         raise WeightsNotFoundError(f"expected a folder saved with save_pretrained, got file {folder} ({README_HINT})")
     from transformers import AutoTokenizer
 
-    with _offline():
+    from transformers import CLIPImageProcessor
+
+    with offline():  # a local folder: nothing to fetch
         try:
             model = CLIPModel.from_pretrained(folder, local_files_only=True)
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            processor = None
+            if (Path(folder) / "preprocessor_config.json").is_file():
+                processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
         except OSError as exc:
             raise WeightsNotFoundError(f"incomplete CLIP folder {folder}: {exc} ({README_HINT})") from None
-    mean, std = CLIP_MEAN, CLIP_STD
-    pp = Path(folder) / "preprocessor_config.json"
-    if pp.is_file():
-        import json
-
-        cfg = json.loads(pp.read_text())
-        mean, std = tuple(cfg.get("image_mean", mean)), tuple(cfg.get("image_std", std))
-    return HFClipBackend(model, tokenizer, mean, std)
+    return HFClipBackend(model, tokenizer, processor)

@@ -194,12 +194,8 @@ class MedCLIPBackend(Backend):
 
     # pixels -------------------------------------------------------------------------------
     def load_image(self, image: Any) -> torch.Tensor:
-        """MedCLIP preprocessing -> ``(1, S, S)`` in [0, 1].
-
-        Grey conversion with ITU-R 601 luma (PIL ``"L"``), zero padding to a centred square of
-        side ``max(S, H, W)``, PIL bicubic resize to ``S`` (on float data, so 16-bit inputs keep
-        their precision). Normalisation happens later inside :meth:`encode_pixels`.
-        """
+        """MedCLIP preprocessing -> ``(1, S, S)`` in [0, 1] (see :func:`medclip_preprocess`).
+        Normalisation happens later inside :meth:`encode_pixels`."""
         return medclip_preprocess(image, self.image_size)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -239,21 +235,35 @@ class MedCLIPBackend(Backend):
 
 
 def medclip_preprocess(image: Any, size: int = 224) -> torch.Tensor:
-    """Any image (path, PIL, array) -> MedCLIP's ``(1, size, size)`` grey pixels in [0, 1]."""
+    """Any image (path, PIL, array) -> MedCLIP's ``(1, size, size)`` grey pixels in [0, 1].
+
+    The steps of upstream ``MedCLIPFeatureExtractor`` (medclip 0.0.3): grey (PIL ``"L"``), zero
+    padding to a centred square of side ``max(size, H, W)`` (``pad_img``), PIL bicubic resize to
+    ``size`` (its centre crop is then a no-op). Written out here because the upstream class cannot
+    be used: it is an optional test dependency, and on transformers 4.5x its ``__call__`` fails
+    (its positional arguments no longer match ``CLIPImageProcessor``). 8-bit images run through
+    PIL exactly as upstream (bit-exact); 16-bit/float images are resampled in PIL's float mode
+    ``"F"`` (upstream would clip them to 8 bits) so they keep their precision.
+    """
     from PIL import Image
 
-    from medkt.data.images import to_float_array
+    from medkt.data.images import upstream_input
 
-    arr = to_float_array(image)
-    if arr.ndim == 3:  # RGB -> L with PIL's weights (MedCLIP converts to mode "L")
-        arr = arr[..., 0] * 0.299 + arr[..., 1] * 0.587 + arr[..., 2] * 0.114
-    h, w = arr.shape
-    side = max(size, h, w)  # MedCLIP pads small images up to the model size instead of upscaling
+    src = upstream_input(image, grey=True)
+    if isinstance(src, Image.Image):  # exactly upstream's pad_img on an "L" canvas + resize
+        w, h = src.size
+        side = max(size, h, w)  # MedCLIP pads small images up to the model size instead of upscaling
+        canvas = Image.new("L", (side, side), 0)
+        canvas.paste(src, (int((side - w) / 2), int((side - h) / 2)))
+        arr = np.asarray(canvas.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+        return torch.from_numpy(arr)[None].contiguous()
+    h, w = src.shape
+    side = max(size, h, w)
     canvas = np.zeros((side, side), dtype=np.float32)
     top, left = int((side - h) / 2), int((side - w) / 2)
-    canvas[top : top + h, left : left + w] = arr
+    canvas[top : top + h, left : left + w] = src
     if side != size:
-        canvas = np.asarray(Image.fromarray(canvas, mode="F").resize((size, size), Image.BICUBIC))
+        canvas = np.asarray(Image.fromarray(canvas).resize((size, size), Image.BICUBIC))  # float32 -> mode "F"
     return torch.from_numpy(np.clip(canvas, 0.0, 1.0).astype(np.float32))[None].contiguous()
 
 
@@ -343,9 +353,9 @@ def load_tokenizer(folder: str | Path):
     Bio_ClinicalBERT, a folder without tokenizer_config.json gets BERT's default lower-casing."""
     from transformers import BertTokenizerFast
 
-    from medkt.backends.open_clip_backend import _offline
+    from medkt.weights import offline
 
-    with _offline():
+    with offline():
         try:
             tok = BertTokenizerFast.from_pretrained(str(folder), local_files_only=True)
         except OSError as exc:

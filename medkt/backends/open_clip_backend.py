@@ -1,23 +1,27 @@
 """open_clip CLIP backend (family ``open_clip``, alias ``clip``).
 
 Specs: ``clip:ViT-B-32@/models/ViT-B-32.pt`` (a local checkpoint file), ``clip:ViT-B-32@openai``
-(an open_clip pretrained tag, only if already in the local HF cache), ``clip:medkt-tiny-ViT@random``
-(random weights; tiny configs ship in ``medkt/configs/open_clip/``).
+(an open_clip pretrained tag, resolved with open_clip's registry from the local HF cache only; see
+:func:`medkt.weights.open_clip_tag_checkpoint`), ``clip:medkt-tiny-ViT@random`` (random weights;
+tiny configs ship in ``medkt/configs/open_clip/``).
+
+Images are preprocessed by open_clip's own eval transform built from the model's
+``visual.preprocess_cfg`` (short side resized, centre crop; the tag's interpolation/resize mode),
+see :func:`medkt.data.images.open_clip_pixels`.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from medkt.backends.base import Backend
 from medkt.backends.vit_fastpath import install_fast_paths
-from medkt.errors import ConfigError, WeightsNotFoundError, unknown_name
-from medkt.weights import README_HINT, resolve_weights
+from medkt.errors import ConfigError, unknown_name
+from medkt.weights import offline, open_clip_tag_checkpoint, open_clip_tag_options, resolve_weights
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "open_clip"
 _registered = False
@@ -33,19 +37,7 @@ def register_medkt_configs() -> None:
         _registered = True
 
 
-@contextmanager
-def _offline():
-    """Make any hub access fail fast instead of retrying (medkt never downloads)."""
-    old = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+_offline = offline  # old name, kept for importers
 
 
 class OpenClipBackend(Backend):
@@ -60,6 +52,12 @@ class OpenClipBackend(Backend):
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.mean, self.std = tuple(mean), tuple(std)
         install_fast_paths(self, model)
+
+    def load_image(self, image: Any) -> torch.Tensor:
+        """open_clip's eval preprocessing of this model (its ``preprocess_cfg``) -> ``(3, S, S)`` in [0, 1]."""
+        from medkt.data.images import open_clip_pixels
+
+        return open_clip_pixels(image, self.model.visual.preprocess_cfg)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixel_values)
@@ -95,7 +93,10 @@ def create(architecture: str, weights: str | None, **kwargs) -> OpenClipBackend:
     if weights == "random":
         pretrained = None
     elif weights is not None and weights in open_clip.list_pretrained_tags_by_model(architecture):
-        pretrained = weights  # resolved from the local HF cache only (offline below)
+        # a tag: its file is found in the local HF cache (or WeightsNotFoundError naming it) and
+        # open_clip gets the local path, plus what the tag implies (preprocessing, QuickGELU)
+        pretrained = str(open_clip_tag_checkpoint(architecture, weights))
+        kwargs = {**open_clip_tag_options(architecture, weights), **kwargs}
     else:
         pretrained = str(
             resolve_weights(
@@ -108,16 +109,12 @@ def create(architecture: str, weights: str | None, **kwargs) -> OpenClipBackend:
             )
         )
     try:
-        with _offline():
+        with offline():  # pretrained is a local file or None: nothing to fetch
             model = open_clip.create_model(architecture, pretrained=pretrained, device="cpu", **kwargs)
+            # bundled BPE for CLIP; HF-tokenizer models (SigLIP...) need their tokenizer cached
+            tokenizer = open_clip.get_tokenizer(architecture)
     except RuntimeError as exc:
-        if pretrained and not Path(pretrained).exists():
-            raise WeightsNotFoundError(
-                f"open_clip weights {architecture}@{pretrained} are not in the local cache and medkt does not "
-                f"download; pass a local file instead ({README_HINT})"
-            ) from exc
         raise ConfigError(f"could not build open_clip {architecture} from {pretrained}: {exc}") from exc
-    tokenizer = open_clip.get_tokenizer(architecture)
     mean = getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
     std = getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
     return OpenClipBackend(model, tokenizer, architecture, mean, std)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medkt.backends.base import Backend
+from medkt.backends.base import Backend, VisionSplitProvider
 from medkt.errors import ConfigError, unknown_name
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "phantom"
@@ -26,7 +26,7 @@ ARCHITECTURES = {
 }
 
 
-class PhantomBackend(Backend):
+class PhantomBackend(Backend, VisionSplitProvider):
     family = "phantom"
     image_channels = 1
     model_channels = 1
@@ -74,7 +74,7 @@ class PhantomBackend(Backend):
         n = len(vis.blocks)
         L = _check_layer(1 if layer is None else layer, n, "phantom CNN")
         with torch.no_grad():
-            probe = vis.features(torch.zeros(1, 1, self.image_size, self.image_size))[L + 1]
+            probe = vis.features(torch.zeros(1, 1, self.image_size, self.image_size, device=self.device))[L + 1]
         c, h, w = probe.shape[1:]
 
         def prefix(pixels: torch.Tensor) -> torch.Tensor:

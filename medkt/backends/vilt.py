@@ -20,10 +20,13 @@ Specs:
 * ``vilt:tiny@random`` - a 2-layer random model of the real classes with a locally written
   BERT vocabulary, for tests.
 
-Pixels: the backend takes [0, 1] RGB tensors; normalisation is ViLT's mean = std = 0.5. Square
-``image_size`` inputs (384 for the real model) are what inversion optimises; real photographs are
-loaded with ViLT's own resize rule (shortest edge 384, longest <= 640, multiple of 32) by
-:meth:`ViltBackend.load_image_native` for retrieval/classification, as the HF processor does.
+Pixels: the backend takes [0, 1] RGB tensors; normalisation is ViLT's mean = std = 0.5.
+:meth:`ViltBackend.load_image_native` is transformers' own ``ViltImageProcessor`` (shortest edge
+``image_size`` = 384, longest <= 640, multiples of 32, PIL bicubic) without its normalisation and
+batch padding; retrieval and ITM classification use it (variable sizes, one pixel mask each).
+:meth:`ViltBackend.load_image` is the one intended difference: inversion and fine-tuning batch
+square ``image_size`` inputs, so it resizes the short side with the same PIL bicubic filter and
+centre-crops the square (the processor would keep the whole, non-square picture).
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medkt.backends.base import Backend
+from medkt.backends.base import Backend, ImageTextMatcher, MaskedLanguageModel
 from medkt.errors import ConfigError, WeightsNotFoundError, unknown_name
 
 log = logging.getLogger(__name__)
@@ -201,12 +204,11 @@ def load_itm_checkpoint(model: ViltITM, state_dict: dict[str, torch.Tensor], sou
         log.warning("ignoring %d unexpected keys in %s (e.g. %s)", len(unexpected), source, unexpected[:3])
 
 
-class ViltBackend(Backend):
-    """ViLT with the ITM head. ``supports_itm``; no separate image/text embedding space."""
+class ViltBackend(Backend, ImageTextMatcher, MaskedLanguageModel):
+    """ViLT with the ITM and MLM heads; single-stream, so no separate image/text embedding space."""
 
     family = "vilt"
-    supports_itm = True
-    supports_captioning = False
+    has_embeddings = False
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
     image_channels = 3
@@ -218,6 +220,11 @@ class ViltBackend(Backend):
         self.tokenizer = tokenizer
         self.image_size = int(model.config.image_size)
         self.patch_size = int(model.config.patch_size)
+        from transformers import ViltImageProcessor
+
+        # transformers' own preprocessing; for ViLT-B/32 exactly dandelin's (shortest edge 384, /32)
+        self.image_processor = ViltImageProcessor(size={"shortest_edge": self.image_size}, size_divisor=self.patch_size,
+                                                  image_mean=list(self.mean), image_std=list(self.std))
         if max_text_len > model.config.max_position_embeddings:
             raise ConfigError(
                 f"max_text_len={max_text_len} exceeds ViLT's {model.config.max_position_embeddings} text positions"
@@ -249,26 +256,31 @@ class ViltBackend(Backend):
 
     # -- images ----------------------------------------------------------------------------
     def load_image_native(self, image: Any) -> torch.Tensor:
-        """Image -> ``(3, H, W)`` [0, 1] with ViLT's resize rule (shortest edge = image_size,
-        longest <= 1333/800 * image_size, both multiples of the patch size), bicubic."""
-        from medkt.data.images import to_float_array
+        """``ViltImageProcessor`` without normalisation and batch padding -> ``(3, H, W)`` in [0, 1]
+        (shortest edge ``image_size``, longest <= 1333/800 of it, multiples of the patch size).
 
-        arr = to_float_array(image)
-        t = torch.from_numpy(arr.copy())
-        t = t[None].expand(3, -1, -1) if t.dim() == 2 else t.permute(2, 0, 1)
-        h, w = t.shape[-2:]
-        short, longest = self.image_size, int(1333 / 800 * self.image_size)
-        scale = short / min(h, w)
-        nh, nw = (short, scale * w) if h < w else (scale * h, short)
-        if max(nh, nw) > longest:
-            r = longest / max(nh, nw)
-            nh, nw = nh * r, nw * r
-        nh, nw = int(nh + 0.5), int(nw + 0.5)
-        nh, nw = max(self.patch_size, nh // self.patch_size * self.patch_size), max(
-            self.patch_size, nw // self.patch_size * self.patch_size
-        )
-        t = F.interpolate(t[None].float(), size=(nh, nw), mode="bicubic", align_corners=False)[0]
-        return t.clamp(0, 1).contiguous()
+        8-bit images reach the processor as PIL RGB images (as ``Image.open(p).convert("RGB")``);
+        others as float arrays in [0, 1] (the processor resamples those through 8-bit PIL itself).
+        """
+        from medkt.data.images import upstream_input
+
+        src = upstream_input(image)
+        kw: dict[str, Any] = {"do_normalize": False, "do_pad": False, "return_tensors": "pt"}
+        if hasattr(src, "mode"):
+            src = src.convert("RGB")
+        else:
+            if src.ndim == 2:
+                src = src[..., None].repeat(3, axis=-1)
+            kw.update(do_rescale=False, input_data_format="channels_last")
+        return self.image_processor(images=src, **kw)["pixel_values"][0].float().clamp(0, 1).contiguous()
+
+    def load_image(self, image: Any) -> torch.Tensor:
+        """Square ``(3, S, S)`` in [0, 1] for batched inversion/fine-tuning: the short side resized
+        to ``image_size`` with PIL bicubic (the processor's filter), then the centre square
+        (see the module docstring for why this differs from :meth:`load_image_native`)."""
+        from medkt.data.images import open_clip_pixels
+
+        return open_clip_pixels(image, {"size": self.image_size, "interpolation": "bicubic", "resize_mode": "shortest"})
 
     def embed_image(self, x: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """[0,1] pixels ``(B, 3, H, W)`` -> cached image tokens ``(B, 1+P, hidden)`` and mask ``(B, 1+P)``.
@@ -347,15 +359,6 @@ class ViltBackend(Backend):
     # -- the embedding protocol does not apply -------------------------------------------------
     # ViLT is single-stream: encode_image/encode_text raise. Its objective/losses ("itm", "mlm")
     # are registered as not using embeddings, so the engine never asks for them.
-
-    @torch.no_grad()
-    def match_probability(self, images: torch.Tensor, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
-        """ITM "match" probability of each image ``(N, 3, S, S)`` with its text (row-aligned) -> ``(N,)``."""
-        out = []
-        for i in range(0, len(images), batch_size):
-            logits = self.itm_logits(images[i : i + batch_size], self.tokenize(list(texts[i : i + batch_size])))
-            out.append(logits.float().softmax(-1)[:, 1].cpu())
-        return torch.cat(out) if out else torch.zeros(0)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(

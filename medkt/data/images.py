@@ -1,7 +1,11 @@
 """Image -> model pixels: the default preprocessing shared by backends.
 
-Kept dependency-light (PIL + numpy + torch); format-specific readers (DICOM, NIfTI, JSRT raw)
-live in :mod:`medkt.data.readers` and return arrays this module accepts.
+Kept dependency-light (PIL + numpy + torch; open_clip imported lazily); format-specific readers
+(DICOM, NIfTI, JSRT raw) live in :mod:`medkt.data.readers` and return arrays this module accepts.
+
+Model families with their own preprocessing (open_clip, ``CLIPImageProcessor``, MedCLIP, ViLT)
+get their input from :func:`upstream_input`, so their upstream transform runs on the same pixels
+it would get from ``PIL.Image.open(path)``.
 """
 from __future__ import annotations
 
@@ -83,3 +87,59 @@ def to_model_pixels(image: Any, size: int, channels: int = 3, pad_to_square: boo
     if t.shape[-1] != size:
         t = F.interpolate(t[None], size=(size, size), mode="bicubic", align_corners=False)[0]
     return t.clamp(0, 1).contiguous()
+
+
+#: a float pixel is 8-bit when ``x * 255`` is this close to an integer; 16-bit values that are not
+#: multiples of 257 lie at least 1/257 = 0.0039 away, so the test cannot mistake them
+_UINT8_TOL = 1e-3
+
+
+def exact_uint8(arr: np.ndarray) -> np.ndarray | None:
+    """``arr`` (float in [0, 1]) as uint8 when that is lossless (an 8-bit source), else None."""
+    scaled = np.asarray(arr, dtype=np.float64) * 255.0
+    rounded = np.rint(scaled)
+    if scaled.size and float(np.abs(scaled - rounded).max()) > _UINT8_TOL:
+        return None
+    return rounded.clip(0, 255).astype(np.uint8)
+
+
+def upstream_input(image: Any, grey: bool = False) -> Image.Image | np.ndarray:
+    """Any image -> the input a model family's own (PIL-based) preprocessing takes.
+
+    A PIL image (mode ``"L"`` for grey, ``"RGB"``) when the pixels are exactly 8-bit (8-bit
+    PNG/JPEG...): upstream transforms then run bit-exactly as on ``Image.open(path)``. Otherwise
+    (16-bit PNG, DICOM, NIfTI, float arrays) the float32 ``(H, W)`` / ``(H, W, 3)`` array in [0, 1]
+    from :func:`to_float_array`: PIL would clip or truncate such images, so they are resampled in
+    float instead (upstream transforms that accept tensors/arrays do so without quantising).
+
+    Args:
+        grey: convert RGB to one grey channel with PIL's ``"L"`` weights (ITU-R 601-2 luma).
+    """
+    arr = to_float_array(image)
+    as8 = exact_uint8(arr)
+    if as8 is not None:
+        im = Image.fromarray(as8)  # uint8 (H, W) -> "L", (H, W, 3) -> "RGB"
+        return im.convert("L") if grey and im.mode != "L" else im
+    if grey and arr.ndim == 3:  # PIL's "L" conversion weights, in float
+        arr = arr[..., 0] * 0.299 + arr[..., 1] * 0.587 + arr[..., 2] * 0.114
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def open_clip_pixels(image: Any, preprocess_cfg: dict[str, Any]) -> torch.Tensor:
+    """open_clip's own eval transform, built from a model's ``visual.preprocess_cfg`` (size,
+    interpolation, resize mode, fill), with mean 0 / std 1 -> ``(3, S, S)`` in [0, 1].
+
+    ``backend.normalize(open_clip_pixels(x, cfg)[None])`` equals open_clip's
+    ``preprocess(Image.open(x))`` (bit-exactly for 8-bit images). Images that are not 8-bit go
+    through the same transform as a float tensor (torchvision's antialiased resize), clamped to [0, 1].
+    """
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    cfg = merge_preprocess_dict({}, preprocess_cfg)
+    cfg.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # normalisation happens in Backend.normalize
+    transform = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    src = upstream_input(image)
+    if isinstance(src, np.ndarray):
+        t = torch.from_numpy(src)
+        src = (t[None].expand(3, -1, -1) if t.dim() == 2 else t.permute(2, 0, 1)).contiguous()
+    return transform(src).clamp(0, 1).contiguous()

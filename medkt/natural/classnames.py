@@ -1,8 +1,11 @@
 """Class names and prompt templates used by the natural-image experiments (public data).
 
-* ImageNet-1k synsets in class-index order with the readable names of the CLIP repository, and
-  the ImageNet-100 subset of CMC (Tian et al. 2019) that the paper uses for ViLT (Tab. 1, 11).
-* The 80 OpenAI CLIP prompt templates (the "standard ensemble").
+* ImageNet-1k synsets in class-index order with the readable names of the CLIP repository
+  (``open_clip.zero_shot_metadata.IMAGENET_CLASSNAMES``), and the ImageNet-100 subset of CMC
+  (Tian et al. 2019) that the paper uses for ViLT (Tab. 1, 11). Only the synset ids are stored
+  here (``data/imagenet_wnids.json``); open_clip does not ship them.
+* The 80 OpenAI CLIP prompt templates (the "standard ensemble",
+  ``open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES``).
 * The 26 "a photo of a {}" style target-caption templates of the paper's CoCa experiments (§8.8).
 * The 80 MSCOCO object categories.
 """
@@ -16,42 +19,38 @@ DATA = Path(__file__).resolve().parent / "data"
 
 
 @lru_cache(maxsize=None)
-def _imagenet() -> dict:
-    return json.loads((DATA / "imagenet.json").read_text())
+def _wnids() -> dict:
+    return json.loads((DATA / "imagenet_wnids.json").read_text())
 
 
 def imagenet_wnids() -> list[str]:
     """The 1000 ILSVRC-2012 synset ids in class-index order (sorted)."""
-    return [c["wnid"] for c in _imagenet()["classes"]]
+    return list(_wnids()["wnids"])
 
 
 def imagenet_classnames() -> list[str]:
-    """Readable class names (CLIP's cleaned list), aligned with :func:`imagenet_wnids`."""
-    return [c["name"] for c in _imagenet()["classes"]]
+    """Readable class names (CLIP's cleaned list, from open_clip), aligned with :func:`imagenet_wnids`."""
+    from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+    return list(IMAGENET_CLASSNAMES)
 
 
 def imagenet_wnid_to_name() -> dict[str, str]:
-    return {c["wnid"]: c["name"] for c in _imagenet()["classes"]}
+    """Synset id -> readable class name, for all 1000 ImageNet-1k classes."""
+    return dict(zip(imagenet_wnids(), imagenet_classnames(), strict=True))
 
 
 def imagenet100_wnids() -> list[str]:
     """The CMC ImageNet-100 subset (100 synset ids)."""
-    return list(_imagenet()["imagenet100_wnids"])
-
-
-def imagenet100_classnames() -> list[str]:
-    names = imagenet_wnid_to_name()
-    return [names[w] for w in imagenet100_wnids()]
-
-
-@lru_cache(maxsize=None)
-def _templates() -> tuple[str, ...]:
-    return tuple(json.loads((DATA / "clip_templates.json").read_text())["templates"])
+    return list(_wnids()["imagenet100_wnids"])
 
 
 def clip_templates() -> list[str]:
     """The 80 OpenAI CLIP ImageNet templates; ``"{}"`` is replaced by the class name."""
-    return list(_templates())
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    # open_clip stores them as functions of the class name; "{}" turns each back into a format string
+    return [t("{}") for t in OPENAI_IMAGENET_TEMPLATES]
 
 
 #: Paper §8.8: target captions for CoCa's captioning loss, one drawn at random per sample/step.

@@ -15,8 +15,8 @@ Fine-tuning losses (``FinetuneConfig(loss=...)``):
 * ``"clip+caption"`` - CoCa (§8.8, Eq. 6): ``clip_weight * InfoNCE(image, all captions) +
   caption_weight * L_cap(image, target caption)`` where the target caption is one of the 26
   "a photo of a {}" templates filled with the image's concept, drawn per sample and step. It
-  needs to know each caption's concept: set ``backend.caption_targets =
-  CaptionTargets({caption: concept})`` (the captioning pipeline does it).
+  needs to know each caption's concept: ``finetune(..., loss_context=CaptionTargets({caption:
+  concept}))`` (the captioning pipeline passes it).
 
 Random draws use torch's global generator, which the pipelines seed.
 """
@@ -38,7 +38,7 @@ from medkt.natural.mlm import whole_word_mask
 
 
 def _require_itm(backend: Any, what: str) -> None:
-    if not getattr(backend, "supports_itm", False):
+    if not backend.supports_itm:
         raise ConfigError(f"{what} 'itm' needs a backend with an image-text matching head (ViLT), got "
                           f"{getattr(backend, 'family', type(backend).__name__)!r}")
 
@@ -70,11 +70,13 @@ def itm_finetune_loss(backend: Any, images: torch.Tensor, targets: torch.Tensor,
 @register_finetune_loss("mlm", uses_caption_embeddings=False)
 def mlm_finetune_loss(backend: Any, images: torch.Tensor, targets: torch.Tensor, captions: Sequence[str],
                       caption_emb: torch.Tensor | None, config: Any) -> torch.Tensor:
-    if not hasattr(backend, "mlm_loss"):
+    from medkt.backends.base import MaskedLanguageModel
+
+    if not isinstance(backend, MaskedLanguageModel):
         raise ConfigError(f"the 'mlm' loss needs a backend with a masked-language-model head (ViLT), got {backend.family!r}")
     tok = backend.tokenize([captions[i] for i in targets.tolist()])
     ids, labels = whole_word_mask(backend.tokenizer, tok["input_ids"].cpu(), tok.get("attention_mask").cpu(),
-                                  probability=getattr(backend, "mlm_probability", 0.15))
+                                  probability=backend.mlm_probability)
     tok = {**tok, "input_ids": ids.to(tok["input_ids"].device)}
     return backend.mlm_loss(images, tok, labels)
 
@@ -100,15 +102,15 @@ class CaptionTargets:
         return [self.templates[i].format(c) for i, c in zip(idx, concepts)]
 
 
-@register_finetune_loss("clip+caption")
+@register_finetune_loss("clip+caption", uses_context=True)
 def clip_caption_loss(backend: Any, images: torch.Tensor, targets: torch.Tensor, captions: Sequence[str],
-                      caption_emb: torch.Tensor | None, config: Any) -> torch.Tensor:
-    spec: CaptionTargets | None = getattr(backend, "caption_targets", None)
-    if not getattr(backend, "supports_captioning", False):
+                      caption_emb: torch.Tensor | None, config: Any, context: CaptionTargets | None = None) -> torch.Tensor:
+    spec = context
+    if not backend.supports_captioning:
         raise ConfigError(f"the 'clip+caption' loss needs a captioning backend (CoCa), got {backend.family!r}")
-    if spec is None:
-        raise ConfigError("the 'clip+caption' loss needs backend.caption_targets = CaptionTargets({caption: concept}) "
-                          "(set by medkt.pipelines.natural.CaptioningTransferPipeline)")
+    if not isinstance(spec, CaptionTargets):
+        raise ConfigError("the 'clip+caption' loss needs finetune(..., loss_context=CaptionTargets({caption: concept})) "
+                          "(given by medkt.pipelines.natural.CaptioningTransferPipeline)")
     t = targets.tolist()
     try:
         concepts = [spec.concept_of_caption[captions[i]] for i in t]

@@ -14,6 +14,11 @@ once (:meth:`ViltBackend.embed_image`) and reused for all caption batches; capti
 once; finished blocks of image rows are written as atomic files, so an interrupted run resumes
 where it stopped (the files carry a fingerprint of the captions, images and model so a stale
 cache is refused, not silently mixed).
+
+Scale-out: the model runs on its device (``backend.device``, images are moved there one by one,
+forward passes under ``backend.autocast()``); under torchrun the blocks are spread round-robin
+over the ranks (block ``b`` on rank ``b % world``), each rank writes its own block files, and the
+finished rows are gathered so every rank (rank 0 included) returns the whole score matrix.
 """
 from __future__ import annotations
 
@@ -99,7 +104,7 @@ class PairwiseITMScorer:
                  progress: bool = True):
         if score not in ("match_logit", "match_prob"):
             raise ConfigError(f"score must be 'match_logit' or 'match_prob', got {score!r}")
-        if not getattr(backend, "supports_itm", False) or not hasattr(backend, "embed_image"):
+        if not backend.supports_itm:
             raise ConfigError(f"backend {getattr(backend, 'spec', backend)!r} has no ITM head with cached image tokens")
         self.backend = backend
         self.captions = list(captions)
@@ -148,44 +153,75 @@ class PairwiseITMScorer:
     # -- scoring -----------------------------------------------------------------------------
     @torch.no_grad()
     def score_image(self, image: torch.Tensor, tokens: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """One image ``(3, H, W)`` against all caption batches -> ``(n_captions,)``."""
-        emb, mask = self.backend.embed_image(image[None])
-        out = []
-        for tok in tokens:
-            logits = self.backend.itm_logits_from_embeds(emb, mask, tok).float()
-            out.append(logits[:, 1] if self.score == "match_logit" else logits.softmax(-1)[:, 1])
-        return torch.cat(out).cpu()
+        """One image ``(3, H, W)`` (any device) against all caption batches -> ``(n_captions,)`` on the CPU."""
+        with self.backend.autocast():
+            emb, mask = self.backend.embed_image(image[None].to(self.backend.device))
+            out = []
+            for tok in tokens:
+                logits = self.backend.itm_logits_from_embeds(emb, mask, tok).float()
+                out.append(logits[:, 1] if self.score == "match_logit" else logits.softmax(-1)[:, 1])
+        return torch.cat(out).float().cpu()
+
+    def my_blocks(self, rank: int | None = None, world: int | None = None) -> list[tuple[int, int]]:
+        """The blocks one rank scores: round-robin (``rank, rank + world, ...``); all of them in one process."""
+        from medkt import distributed as mdist
+
+        world = mdist.world_size() if world is None else world
+        rank = mdist.rank() if rank is None else rank
+        blocks = self._blocks()
+        return [blocks[b] for b in mdist.shard_chunks(len(blocks), rank, world)]
+
+    def _prepare_cache(self) -> None:
+        """Rank 0 checks (or writes) the cache's fingerprint; a stale cache fails on every rank."""
+        from medkt import distributed as mdist
+
+        problem = None
+        if mdist.is_main():
+            try:
+                self._check_meta()
+            except DataError as exc:
+                problem = str(exc)
+        problem = mdist.broadcast_object(problem)  # also a barrier: the folder exists afterwards
+        if problem:
+            raise DataError(problem)
 
     def run(self, max_blocks: int | None = None) -> torch.Tensor:
-        """Score all pairs (or ``max_blocks`` more blocks) -> ``(n_images, n_captions)``; rows not
-        scored yet are NaN (only when ``max_blocks`` stopped early)."""
+        """Score all pairs (or ``max_blocks`` more blocks per process) -> ``(n_images, n_captions)``
+        on the CPU; rows not scored yet are NaN (only when ``max_blocks`` stopped early).
+
+        A block already in ``cache_dir`` is read, not recomputed. Under torchrun every rank must
+        call this with the same arguments; each scores its share and all get the full matrix.
+        """
+        from medkt import distributed as mdist
         from medkt.utils import atomic_torch_save
 
         if self.cache_dir is not None:
-            self._check_meta()
+            self._prepare_cache()
+        mine = self.my_blocks()
         was_training = self.backend.training
         self.backend.eval()
         tokens = [self.backend.tokenize(self.captions[i : i + self.text_batch_size])
                   for i in range(0, len(self.captions), self.text_batch_size)]
-        scores = torch.full((self.n_images, len(self.captions)), float("nan"))
+        done: dict[int, torch.Tensor] = {}  # block start -> rows (CPU)
         bar = None
-        if self.progress:
+        if self.progress and mdist.is_main():
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.n_images, desc="ITM pairs (images)", unit="img", leave=False, disable=None)
+            bar = tqdm(total=sum(e - s for s, e in mine), desc="ITM pairs (images)", unit="img", leave=False,
+                       disable=None)
         computed = 0
         try:
-            for start, end in self._blocks():
+            for start, end in mine:
                 path = self._block_path(start, end) if self.cache_dir is not None else None
                 if path is not None and path.is_file():
-                    scores[start:end] = torch.load(path, weights_only=True)
+                    done[start] = torch.load(path, weights_only=True, map_location="cpu")
                 elif max_blocks is not None and computed >= max_blocks:
                     continue
                 else:
                     rows = torch.stack([self.score_image(self.image_loader(i), tokens) for i in range(start, end)])
-                    scores[start:end] = rows
+                    done[start] = rows
                     if path is not None:
-                        atomic_torch_save(rows, path)
+                        atomic_torch_save(rows, path)  # written as soon as it is finished: resumable
                     computed += 1
                 if bar is not None:
                     bar.update(end - start)
@@ -193,6 +229,15 @@ class PairwiseITMScorer:
             if bar is not None:
                 bar.close()
             self.backend.train(was_training)
+        if mdist.world_size() > 1:  # every rank's finished blocks, to every rank
+            import torch.distributed as dist
+
+            parts: list[Any] = [None] * mdist.world_size()
+            dist.all_gather_object(parts, done)
+            done = {k: v for part in parts for k, v in part.items()}
+        scores = torch.full((self.n_images, len(self.captions)), float("nan"))
+        for start, rows in done.items():
+            scores[start : start + len(rows)] = rows
         return scores
 
 

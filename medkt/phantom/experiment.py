@@ -55,6 +55,13 @@ class Recipe:
     #: fine-tuning sees every edited image next to its unedited start (the placebo replays the same
     #: normal phantoms it trains on); needs ``finetune.replay_per_batch > 0``
     replay_init: bool = False
+    #: data-free replay (:func:`medkt.forgetting.data_free_replay`): this many images per known
+    #: class inverted from "A <class> is <description>" on the start model (no real image of the
+    #: class), added to the replay set of both arms; needs ``finetune.replay_per_batch`` or
+    #: ``finetune.distill_weight`` > 0
+    data_free_replay: int = 0
+    #: overrides of ``inversion`` for the data-free replay images (e.g. {"residual_sign": "any"})
+    replay_inversion: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
@@ -66,6 +73,13 @@ class Recipe:
         if r.placebo not in ("normal", "noise", "oracle"):
             raise ConfigError(f"placebo must be 'normal', 'noise' or 'oracle' (real novel images: an upper bound "
                               f"for research, not a placebo), got {r.placebo!r}")
+        if isinstance(r.data_free_replay, bool) or not isinstance(r.data_free_replay, int) or r.data_free_replay < 0:
+            raise ConfigError(f"data_free_replay must be an integer >= 0 (images per known class), got {r.data_free_replay!r}")
+        uses_replay = r.replay_per_class or r.replay_init or r.data_free_replay
+        if uses_replay and not (r.finetune.get("replay_per_batch", 0) > 0 or r.finetune.get("distill_weight", 0) > 0):
+            # finetune ignores replay images unless one of these is on: say so instead of doing nothing
+            raise ConfigError("the recipe builds replay images (replay_per_class / replay_init / data_free_replay) "
+                              "but finetune.replay_per_batch and finetune.distill_weight are 0: set one of them > 0")
         return r
 
 
@@ -98,7 +112,9 @@ class PhantomTransferExperiment:
         novel: the held-out finding to teach.
         description: the novel finding's description (inversion target and caption).
         known_descriptions: known finding -> description (fine-tuning negatives / replay captions).
-        classes: evaluation classes (default: all built-in findings).
+        classes: evaluation classes (default: the keys of ``known_descriptions`` plus ``novel``,
+            so a finding registered as a plugin can be taught without listing the classes; without
+            ``known_descriptions``: all built-in findings).
         eval_per_class: evaluation phantoms per class (>= 100 for reported numbers).
         cupl_prompts: descriptions per class for the description-ensemble baseline.
     """
@@ -109,7 +125,16 @@ class PhantomTransferExperiment:
                  split: str = "eval", progress: bool = False):
         self.backend_spec = backend
         self.novel = novel
-        self.classes = list(classes or BUILTIN_FINDINGS)
+        if classes:
+            self.classes = list(classes)
+        elif known_descriptions:
+            self.classes = [c for c in known_descriptions if c != novel] + [novel]
+        else:
+            self.classes = list(BUILTIN_FINDINGS)
+        from medkt.phantom.world import get_finding
+
+        for c in self.classes:
+            get_finding(c)  # unknown finding -> one-line error naming the registered ones
         if novel not in self.classes:
             raise ConfigError(f"novel finding {novel!r} is not among the evaluation classes {self.classes}")
         if not description.strip():
@@ -128,6 +153,7 @@ class PhantomTransferExperiment:
         self.progress = progress
         self.name_prompts = name_prompts(self.classes)
         self.desc_prompts = description_prompts(self.classes, cupl_prompts)
+        self._replay_cache: dict[tuple, Any] = {}  # data-free replay of the last seed (shared by its arms)
 
     # -- helpers ----------------------------------------------------------------------------
     def new_backend(self):
@@ -153,6 +179,48 @@ class PhantomTransferExperiment:
         if kind == "oracle":  # real novel-finding phantoms from the training seed range (upper bound)
             return make_dataset([self.novel], n, TRAIN_SEED_BASE + 10 * seed + k, self.image_size).tensor()
         return make_dataset(["no finding"], n, TRAIN_SEED_BASE + 10 * seed + k, self.image_size).tensor()
+
+    def replay_set(self, recipe: Recipe, seed: int, backend, init: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor | None, list[str] | None, float]:
+        """Replay images + concepts of ``recipe`` for ``seed`` and the seconds spent making them.
+
+        Real known-class phantoms (``replay_per_class``), the inversion's start images as "no
+        finding" (``replay_init``) and known classes inverted from their text on ``backend`` (the
+        start model; ``data_free_replay``, cached per seed so both arms replay the same images).
+        """
+        images: list[torch.Tensor] = []
+        concepts: list[str] = []
+        seconds = 0.0
+        if recipe.replay_per_class:
+            rs = make_dataset(self.known, recipe.replay_per_class, TRAIN_SEED_BASE + 10 * seed + 2, self.image_size)
+            images.append(rs.tensor())
+            concepts += list(rs.labels)
+        if recipe.replay_init:
+            # the inversion's init images (the same normal phantoms, drawn here when not inverted from them)
+            starts = init if init is not None else self.train_images("normal", recipe.n_images, seed, 1)
+            images.append(starts)
+            concepts += ["no finding"] * len(starts)
+        if recipe.data_free_replay:
+            inv_d = {**recipe.inversion, **recipe.replay_inversion, "seed": seed + 7919}
+            inv_d.pop("negative_texts", None)
+            if inv_d.get("objective") == "contrastive":
+                inv_d["objective"] = "cosine"  # the contrastive negatives are the novel finding's, not these
+            key = (seed, recipe.data_free_replay, repr(sorted(inv_d.items())))
+            if key not in self._replay_cache:
+                from medkt.forgetting import data_free_replay
+
+                starts = (self.train_images("normal", recipe.data_free_replay * len(self.known), seed, 4)
+                          if inv_d.get("init") == "images" else None)
+                self._replay_cache = {key: data_free_replay(
+                    backend, {c: self.known_descriptions[c] for c in self.known}, recipe.data_free_replay, inv_d,
+                    init_images=starts, progress=self.progress)}
+            rs = self._replay_cache[key]
+            images.append(rs.images)
+            concepts += rs.concepts
+            seconds = rs.seconds
+        if not images:
+            return None, None, seconds
+        return torch.cat(images), concepts, seconds
 
     def descriptions(self) -> dict[str, str]:
         return {self.novel: self.description, **{c: self.known_descriptions[c] for c in self.known}}
@@ -189,15 +257,9 @@ class PhantomTransferExperiment:
             if keep_images:
                 extra["images"] = images
                 extra["init_images"] = init
-        replay, replay_c = None, None
-        if recipe.replay_per_class:
-            rs = make_dataset(self.known, recipe.replay_per_class, TRAIN_SEED_BASE + 10 * seed + 2, self.image_size)
-            replay, replay_c = rs.tensor(), list(rs.labels)
-        if recipe.replay_init:
-            # the inversion's init images (the same normal phantoms, drawn here when not inverted from them)
-            starts = init if init is not None else self.train_images("normal", recipe.n_images, seed, 1)
-            replay = starts if replay is None else torch.cat([replay, starts])
-            replay_c = (replay_c or []) + ["no finding"] * len(starts)
+        replay, replay_c, t_replay = self.replay_set(recipe, seed, backend, init)
+        if not placebo:
+            t_inv += t_replay  # synthesising the replay is part of the transfer's cost
         select_fn = None
         if recipe.select_per_class:
             sel = make_dataset(self.known, recipe.select_per_class, TRAIN_SEED_BASE + 10 * seed + 3, self.image_size)

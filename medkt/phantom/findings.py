@@ -384,9 +384,3 @@ for _name, _draw, _desc in (
     ("nodule", draw_nodule, describe_nodule),
 ):
     register_finding(_name, _draw, _desc, definition=DEFINITIONS[_name], overwrite=True)
-
-
-def describe_any(attrs: dict[str, Any], finding: str, rng: np.random.Generator) -> str:
-    from medkt.phantom.world import get_finding
-
-    return get_finding(finding).describe(attrs, rng)

@@ -244,8 +244,33 @@ def unregister_finding(name: str) -> None:
 
 def get_finding(name: str) -> Finding:
     if name not in _FINDINGS:
-        raise unknown_name("finding", name, list(_FINDINGS))
+        err = unknown_name("finding", name, list(_FINDINGS))
+        # a plugin finding is registered when its module is imported (bundle option ``plugins``)
+        raise type(err)(f"{err} A finding from a plugin module needs that module imported first "
+                        f"(bundle option plugins=[\"my_module\"]).")
     return _FINDINGS[name]
+
+
+def load_plugins(modules: Sequence[str] | None) -> list[str]:
+    """Import finding plugin modules (each calls :func:`register_finding` at import).
+
+    Returns the findings that were newly registered. A module that cannot be imported is a
+    :class:`~medkt.errors.ConfigError` naming it.
+    """
+    import importlib
+
+    if isinstance(modules, str):
+        modules = [modules]
+    before = set(_FINDINGS)
+    for m in modules or []:
+        if not isinstance(m, str) or not m.strip():
+            raise ConfigError(f"plugins must be a list of module names, got {m!r}")
+        try:
+            importlib.import_module(m.strip())
+        except ImportError as exc:
+            raise ConfigError(f"cannot import finding plugin module {m!r} ({exc}); put it on PYTHONPATH or "
+                              "install it") from exc
+    return [f for f in _FINDINGS if f not in before]
 
 
 def list_findings() -> list[str]:

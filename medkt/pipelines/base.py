@@ -1,45 +1,104 @@
-"""Base class of bundle pipelines: atomic run folders, seeds, settings and ``results.json``.
+"""Base class of bundle pipelines: run folders that never lose work, seeds, settings, ``run.log``.
 
 A bundle's ``configs/transfer.json`` declares ``"pipeline": {"_target_": "medkt.pipelines....",
 ...}`` and ``"run": ["$@pipeline.run()"]``; MONAI's ``ConfigWorkflow`` (used by both
 ``medkt transfer`` and ``python -m monai.bundle run``) instantiates and runs it.
 
-Output safety: everything is written into ``<output_dir>.partial`` and renamed to
-``output_dir`` only when the run succeeds. A user error (:class:`~medkt.errors.MedktError`)
-removes the staging folder, so nothing half-written is left; any other interruption keeps it so
-``resume=True`` can continue from its checkpoints. An existing ``output_dir`` is never replaced
-unless ``overwrite=True``.
+Run folder and resume safety (:meth:`Pipeline.run`):
+
+1. Everything that can be checked is checked before any folder is touched: the output folder
+   (an existing ``output_dir`` is replaced only with ``overwrite=True``), the staging folder
+   ``<output_dir>.partial`` (an interrupted run's checkpoints: continuing it needs
+   ``resume=True`` / ``--resume``, discarding it ``restart=True`` / ``--restart``; without
+   either it is an error that says so), then the subclass's :meth:`Pipeline.validate`
+   (configs, weights paths, manifests).
+2. Everything is written into the staging folder, with a ``run.log`` of what medkt logged
+   (timings, versions); the folder is renamed to ``output_dir`` only when the run succeeds.
+3. After an error of any kind (a user mistake, a bug, Ctrl-C) the staging folder and its
+   checkpoints are kept, and the log says how to continue (``--resume``). Only a folder this
+   run created that holds nothing but ``run.log`` is removed (nothing to lose).
+
+Under ``python -m monai.bundle run`` the flags are ``--resume true`` and ``--pipeline#restart true``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import platform
 import shutil
+import socket
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from medkt.errors import MedktError, OutputExistsError
+from medkt.errors import ConfigError, OutputExistsError
+from medkt.faults import fault_point
 from medkt.utils import atomic_write_json, seed_everything
 
 log = logging.getLogger("medkt")
 
+RUN_LOG = "run.log"
+
+
+def versions() -> dict[str, str]:
+    """Versions of python, medkt and the libraries that shape results (installed ones only)."""
+    from importlib import metadata
+
+    from medkt import __version__
+
+    out = {"medkt": __version__, "python": platform.python_version()}
+    for dist in ("torch", "numpy", "monai", "open_clip_torch", "transformers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
 
 class Pipeline:
-    """Subclasses implement :meth:`_run` (write into ``out``; return the results dict)."""
+    """Subclasses implement :meth:`_run` (write into ``out``; return the results dict) and may
+    extend :meth:`validate` (checks that need no output folder).
+
+    Args:
+        output_dir: the run folder (written as ``<output_dir>.partial`` until the run succeeds).
+        seed: seeds python, numpy and torch before :meth:`_run`.
+        overwrite: replace an existing ``output_dir``.
+        resume: continue the interrupted run in ``<output_dir>.partial`` from its checkpoints.
+        restart: discard an interrupted run's ``<output_dir>.partial`` and start over.
+        progress: progress bars / lines (:mod:`medkt.progress`).
+        device, precision: where and in which precision the model runs (``"auto"``: see
+            :mod:`medkt.device`).
+        **settings: the subclass's settings, recorded in ``settings.json``.
+    """
 
     #: short name used in reports
     kind = "pipeline"
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Pipeline":
+        # before any __init__ runs: an unknown keyword (a typo under ``pipeline#``) or a value of
+        # the wrong type (``--set seed=abc``) is one ConfigError line, whatever the subclass
+        # (checked against the annotations of the __init__ chain, see medkt.validation.check_call)
+        from medkt.validation import check_pipeline_args
+
+        check_pipeline_args(cls, args, kwargs)
+        return super().__new__(cls)
+
     def __init__(self, output_dir: str | Path = "runs/latest", seed: int = 0, overwrite: bool = False,
-                 resume: bool = False, progress: bool = True, bundle_name: str | None = None, **settings: Any):
+                 resume: bool = False, progress: bool = True, bundle_name: str | None = None,
+                 restart: bool = False, device: str = "auto", precision: str = "auto", **settings: Any):
         self.output_dir = Path(output_dir)
         self.seed = int(seed)
         self.overwrite = bool(overwrite)
         self.resume = bool(resume)
+        self.restart = bool(restart)
         self.progress = bool(progress)
         self.bundle_name = bundle_name
+        self.device = device
+        self.precision = precision
         self.settings = settings
 
     @property
@@ -47,50 +106,115 @@ class Pipeline:
         return self.output_dir.with_name(self.output_dir.name + ".partial")
 
     def check_output(self) -> None:
+        """Refuse an existing ``output_dir`` without ``overwrite``."""
         if self.output_dir.exists() and not self.overwrite:
             raise OutputExistsError(
                 f"output folder {self.output_dir} already exists; choose another --output or pass --overwrite"
             )
 
+    def check_staging(self) -> None:
+        """Refuse to touch an interrupted run's staging folder unless told what to do with it."""
+        if self.resume and self.restart:
+            raise ConfigError("--resume and --restart contradict each other: --resume continues the interrupted run "
+                              f"in {self.staging_dir}, --restart discards it; pass one")
+        if self.staging_dir.exists() and not (self.resume or self.restart):
+            raise OutputExistsError(
+                f"{self.staging_dir} holds an interrupted run (with its checkpoints); rerun with --resume to "
+                "continue it, or with --restart to discard it and start over")
+
+    def validate(self) -> None:
+        """Check everything that can be checked without an output folder (configs, weights paths,
+        manifests), so a mistake fails in seconds and before any folder or checkpoint is touched.
+        Called by :meth:`run` after the folder checks; subclasses extend it (call ``super()``)."""
+
     def run(self) -> dict[str, Any]:
+        """Check, run :meth:`_run` in the staging folder, write ``results.json`` and
+        ``settings.json``, rename the folder to ``output_dir``. Returns the results."""
         self.check_output()
+        self.check_staging()
+        self.validate()
         staging = self.staging_dir
-        if staging.exists() and not self.resume:
+        if staging.exists() and self.restart:
             shutil.rmtree(staging)
+            log.info("discarded the interrupted run in %s (--restart)", staging)
+        elif self.resume and not staging.exists():
+            log.info("nothing to resume in %s: starting a new run", staging)
+        created = not staging.exists()
         staging.mkdir(parents=True, exist_ok=True)
-        seed_everything(self.seed)
-        start = time.perf_counter()
-        try:
-            results = self._run(staging)
-        except MedktError:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        except BaseException:
-            log.error("run interrupted; partial outputs kept in %s (rerun with --resume to continue)", staging)
-            raise
-        results = {"pipeline": self.kind, "bundle": self.bundle_name, "seed": self.seed,
-                   "seconds_total": time.perf_counter() - start, **results}
-        atomic_write_json(staging / "results.json", results)
-        atomic_write_json(staging / "settings.json", self.describe_settings())
+        with self._run_log(staging):
+            seed_everything(self.seed)
+            start = time.perf_counter()
+            try:
+                results = self._run(staging)
+                results = {"pipeline": self.kind, "bundle": self.bundle_name, "seed": self.seed,
+                           "seconds_total": time.perf_counter() - start, **results}
+                atomic_write_json(staging / "results.json", results)
+                fault_point("results")  # kill-and-resume tests: die between the results and the rename
+                atomic_write_json(staging / "settings.json", self.describe_settings())
+            except BaseException as exc:
+                self._after_error(staging, created, exc)
+                raise
         if self.output_dir.exists():  # overwrite was allowed
             shutil.rmtree(self.output_dir)
         staging.rename(self.output_dir)
         log.info("run folder written: %s", self.output_dir)
         return results
 
+    def _after_error(self, staging: Path, created: bool, exc: BaseException) -> None:
+        """Keep the staging folder (its checkpoints) and say how to continue; drop it only if
+        this run created it and wrote nothing but ``run.log`` into it."""
+        if created and all(p.name == RUN_LOG or p.is_dir() for p in staging.rglob("*")):
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped ({type(exc).__name__}: {exc})"
+        log.error("run %s; its checkpoints are kept in %s: fix the problem and rerun the same command with "
+                  "--resume to continue from them (or --restart to start over)", what, staging)
+
+    @contextlib.contextmanager
+    def _run_log(self, staging: Path) -> Iterator[None]:
+        """Copy what the ``medkt`` loggers write into ``<staging>/run.log`` (appended on resume)."""
+        logger = logging.getLogger("medkt")
+        handler = logging.FileHandler(staging / RUN_LOG, mode="a", encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        old_level = logger.level
+        if logger.getEffectiveLevel() > logging.INFO:  # run.log gets INFO even when the console does not
+            logger.setLevel(logging.INFO)
+        logger.addHandler(handler)
+        start = time.perf_counter()
+        try:
+            log.info("medkt %s %s (%s) in %s; command: %s", "resuming" if self.resume else "starting",
+                     self.bundle_name or type(self).__name__, self.kind, staging, " ".join(sys.argv))
+            log.info("versions: %s; host %s, pid %d, seed %d, device %s, precision %s",
+                     json.dumps(versions()), socket.gethostname(), os.getpid(), self.seed, self.device, self.precision)
+            yield
+            log.info("run finished in %.1f s", time.perf_counter() - start)
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
+            logger.setLevel(old_level)
+
     def describe_settings(self) -> dict[str, Any]:
         import torch
-
-        from medkt import __version__
 
         return {
             "pipeline": f"{type(self).__module__}.{type(self).__name__}",
             "bundle": self.bundle_name,
             "seed": self.seed,
+            "device": self.device,
+            "precision": self.precision,
             "settings": json.loads(json.dumps(self.settings, default=str)),
-            "versions": {"medkt": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "versions": versions(),
             "torch_threads": torch.get_num_threads(),
         }
+
+    def create_backend(self, spec: str, **options: Any):
+        """The pipeline's model on its ``device`` (under torchrun: this rank's GPU) in its ``precision``."""
+        from medkt import distributed as mdist
+        from medkt.backends import create_backend
+
+        device = mdist.local_device(getattr(self, "device", "auto"))
+        return create_backend(spec, device=device, precision=getattr(self, "precision", "auto"), **options)
 
     def _run(self, out: Path) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError

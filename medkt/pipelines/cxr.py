@@ -17,30 +17,23 @@ error naming the manifest row, unless ``skip_bad`` is set; then the report count
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 from typing import Any
 
-
-from medkt.backends import create_backend
 from medkt.backends.base import Backend
 from medkt.errors import ConfigError
 from medkt.evaluation import ClassificationResult, ZeroShotEvaluator
-from medkt.finetune import finetune
-from medkt.inversion import invert, inversion_summary, save_inversion
 from medkt.pipelines.base import Pipeline, log
-from medkt.pipelines.transfer import TransferPipeline, class_prompts_of, inversion_targets
+from medkt.pipelines.transfer import TransferPipeline, class_prompts_of
 from medkt.pipelines.transfer import load_evaluation_set as load_generic_evaluation_set
+from medkt.spine import default_negatives, synthesize, transfer
 from medkt.utils import atomic_write_json, atomic_write_text
-
-def resolve_prompts(spec: dict[str, Any]) -> dict[str, list[str]]:
-    """An evaluation spec's class -> prompts (see :func:`medkt.pipelines.transfer.class_prompts_of`)."""
-    return class_prompts_of(spec)
+from medkt.validation import EvaluationSpec
 
 
-def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any]) -> tuple[ZeroShotEvaluator, dict[str, Any]]:
+def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], progress: bool = True) -> tuple[ZeroShotEvaluator, dict[str, Any]]:
     """The generic evaluation-set loader with MedCLIP's prompt scoring as the default aggregate."""
-    return load_generic_evaluation_set(backend, name, spec, default_aggregate="mean_similarity")
+    return load_generic_evaluation_set(backend, name, spec, default_aggregate="mean_similarity", progress=progress)
 
 
 def accuracy_table(columns: list[tuple[str, dict[str, ClassificationResult]]], titles: dict[str, str]) -> str:
@@ -76,16 +69,14 @@ class CXRTransferSweep(TransferPipeline):
 
     kind = "cxr_transfer_sweep"
 
+    default_aggregate = "mean_similarity"
+
     def __init__(self, backend: str, concepts: list[dict[str, Any]], multipliers: list[float] | None = None,
-                 mode: str = "separate", concept_filter: list[str] | None = None,
-                 backend_options: dict[str, Any] | None = None, **kw: Any):
-        evaluations = kw.pop("evaluations", None) or {}
-        super().__init__(backend, concepts, evaluations={}, **kw)
-        self.settings.update(multipliers=multipliers, mode=mode, concept_filter=concept_filter,
-                             backend_options=backend_options, evaluations=evaluations)
-        self.evaluations = dict(evaluations)
-        for name, spec in self.evaluations.items():
-            resolve_prompts(spec)  # fail before any compute
+                 mode: str = "separate", concept_filter: list[str] | None = None, **kw: Any):
+        super().__init__(backend, concepts, **kw)
+        self.settings.update(multipliers=multipliers, mode=mode, concept_filter=concept_filter)
+        if not self.evaluations:
+            raise ConfigError("a CXR transfer sweep needs at least one evaluation set")
         if mode not in ("separate", "joint"):
             raise ConfigError(f"mode must be 'separate' or 'joint', got {mode!r}")
         self.mode = mode
@@ -97,31 +88,19 @@ class CXRTransferSweep(TransferPipeline):
             unknown = [c for c in concept_filter if c not in base_lrs]
             if unknown:
                 raise ConfigError(f"concept_filter names {unknown} are not concepts of this bundle: {sorted(base_lrs)}")
-            self.concepts = [c for c in self.concepts if c["name"] in concept_filter]
+            self.concepts = [c for c in self.concepts if c.name in concept_filter]
         self.base_lr = base_lrs
-        self.backend_options = dict(backend_options or {})
 
-    # -- helpers --------------------------------------------------------------------------
-    def _groups(self) -> list[tuple[str, list[dict[str, Any]], float]]:
+    def _groups(self) -> list[tuple[str, list[Any], float]]:
         """(label, concepts, base lr) per transfer experiment."""
         if self.mode == "joint":
-            return [("+".join(c["name"] for c in self.concepts), self.concepts, self.ft_cfg.lr)]
-        return [(c["name"], [c], self.base_lr[c["name"]]) for c in self.concepts]
+            return [("+".join(c.name for c in self.concepts), self.concepts, self.ft_cfg.lr)]
+        return [(c.name, [c], self.base_lr[c.name]) for c in self.concepts]
 
-    def _negatives(self, evaluators: dict[str, ZeroShotEvaluator], names: set[str]) -> list[str]:
-        if self.negative_captions is not None:
-            return list(self.negative_captions)
-        return self.default_negatives(evaluators, names)
-
-    # -- run ------------------------------------------------------------------------------
     def _run(self, out: Path) -> dict[str, Any]:
-        if not self.evaluations:
-            raise ConfigError("a CXR transfer sweep needs at least one evaluation set")
-        backend = create_backend(self.backend_spec, **self.backend_options)
+        backend = self.create_backend(self.backend_spec, **self.backend_options)
         log.info("backend %s: %s", self.backend_spec, backend.describe())
-        evaluators, info = {}, {}
-        for name, spec in self.evaluations.items():
-            evaluators[name], info[name] = load_evaluation_set(backend, name, spec)
+        evaluators, info = self.build_evaluators(backend, out)
         titles = {n: i["title"] for n, i in info.items()}
         baseline = {n: ev.evaluate() for n, ev in evaluators.items()}
         original = {k: v.detach().clone() for k, v in backend.state_dict().items()}
@@ -131,37 +110,29 @@ class CXRTransferSweep(TransferPipeline):
         for label, group, base_lr in self._groups():
             slug = "".join(ch if ch.isalnum() else "_" for ch in label.lower()).strip("_")
             backend.load_state_dict(original)
-            t0 = time.perf_counter()
-            inv = invert(backend, inversion_targets(group), self.inv_cfg, out_dir=out / "inversion" / slug,
-                         resume=self.resume, progress=self.progress)
-            save_inversion(inv, out / "inversion" / slug, self.inv_cfg)
-            t_inv = time.perf_counter() - t0
-            names = {c["name"] for c in group}
-            negatives = self._negatives(evaluators, names)
-            descriptions = {c["name"]: c["descriptions"][0] for c in group}
+            # one inversion per concept group, reused by every learning rate of the sweep
+            inv = synthesize(backend, group, self.inv_cfg, out_dir=out / "inversion" / slug, resume=self.resume,
+                             progress=self.progress)
+            names = {c.name for c in group}
+            negatives = (list(self.negative_captions) if self.negative_captions is not None
+                         else default_negatives(evaluators, names))
             for m in self.multipliers:
                 backend.load_state_dict(original)
                 cfg = copy.deepcopy(self.ft_cfg)
                 cfg.lr = base_lr * m
                 cfg.validate()
-                t1 = time.perf_counter()
-                hist = finetune(backend, inv.images, inv.concepts, descriptions, negatives, cfg,
-                                texts_of_images=inv.texts, progress=self.progress)
-                t_ft = time.perf_counter() - t1
-                after = {n: ev.evaluate() for n, ev in evaluators.items()}
+                r = transfer(backend, group, inversion_config=self.inv_cfg, finetune_config=cfg, evaluators=evaluators,
+                             negatives=negatives, images=inv, before=baseline, out_dir=out / "runs" / f"{slug}_x{m:g}",
+                             resume=self.resume, progress=self.progress, save_weights=self.save_weights)
                 col = f"{label} x{m:g} (lr {cfg.lr:.0e})"
-                columns.append((col, after))
+                columns.append((col, r.after))
+                summary = r.summary()
                 run = {"concepts": sorted(names), "multiplier": m, "lr": cfg.lr,
-                       "seconds_inversion": t_inv, "seconds_finetune": t_ft,
-                       "finetune": {"steps": hist["steps"], "first_loss": hist["loss"][0], "last_loss": hist["loss"][-1]},
-                       "inversion": inversion_summary(inv),
-                       "evaluations": {n: r.to_dict() for n, r in after.items()}}
+                       "seconds_inversion": inv.seconds, "seconds_finetune": summary["seconds_finetune"],
+                       "finetune": summary["finetune"], "inversion": summary["inversion"],
+                       "evaluations": {n: res.to_dict() for n, res in r.after.items()}}
                 runs.append(run)
                 atomic_write_json(out / "runs" / f"{slug}_x{m:g}.json", run)
-                if self.save_weights:
-                    from medkt.finetune import save_finetuned
-
-                    save_finetuned(backend, out / "runs" / f"{slug}_x{m:g}.safetensors", which=self.ft_cfg.train)
         backend.load_state_dict(original)
 
         table = accuracy_table(columns, titles)
@@ -183,22 +154,22 @@ class CXRZeroShotEvaluation(Pipeline):
 
     kind = "cxr_zero_shot"
 
-    def __init__(self, backend: str, evaluations: dict[str, dict], backend_options: dict[str, Any] | None = None,
+    def __init__(self, backend: str, evaluations: dict[str, EvaluationSpec], backend_options: dict[str, Any] | None = None,
                  **kw: Any):
         super().__init__(**kw, backend=backend, evaluations=evaluations, backend_options=backend_options)
         if not evaluations:
             raise ConfigError("nothing to evaluate: 'evaluations' is empty")
         for spec in evaluations.values():
-            resolve_prompts(spec)
+            class_prompts_of(spec)
         self.backend_spec = backend
         self.backend_options = dict(backend_options or {})
         self.evaluations = dict(evaluations)
 
     def _run(self, out: Path) -> dict[str, Any]:
-        backend = create_backend(self.backend_spec, **self.backend_options)
+        backend = self.create_backend(self.backend_spec, **self.backend_options)
         results, info = {}, {}
         for name, spec in self.evaluations.items():
-            ev, info[name] = load_evaluation_set(backend, name, spec)
+            ev, info[name] = load_evaluation_set(backend, name, spec, progress=self.progress)
             results[name] = ev.evaluate()
         table = accuracy_table([(self.backend_spec, results)], {n: i["title"] for n, i in info.items()})
         atomic_write_text(out / "report.md", f"# Zero-shot evaluation: {self.bundle_name or ''}\n\n"

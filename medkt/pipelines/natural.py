@@ -13,120 +13,38 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from medkt.backends import create_backend
-from medkt.errors import ConfigError, DataError
-from medkt.finetune import FinetuneConfig, finetune, make_caption, save_finetuned
-from medkt.inversion import InversionConfig, InversionResult, InversionTarget, invert, inversion_summary, save_inversion
+from medkt.errors import ConfigError
 from medkt.pipelines.base import Pipeline, log
-from medkt.pipelines.transfer import TransferPipeline, class_prompts_of, inversion_targets, parse_concepts, write_report
+from medkt.pipelines.transfer import TransferPipeline, write_report
+from medkt.inversion import inversion_summary
+from medkt.spine import TransferStep
 from medkt.utils import atomic_write_json, atomic_write_text
 
-
-def noise_images(backend: Any, targets: list[InversionTarget], seed: int) -> InversionResult:
-    """N(0, 1) noise in the model's normalised input space, clamped to [0, 1] pixels: one image
-    per example of each target (the implicit-transfer inputs of §8.9)."""
-    g = torch.Generator().manual_seed(seed)
-    s, c = backend.image_size, backend.image_channels
-    mean = torch.tensor(backend.mean[:c]).view(1, -1, 1, 1)
-    std = torch.tensor(backend.std[:c]).view(1, -1, 1, 1)
-    n = sum(t.n_images for t in targets)
-    images = (mean + std * torch.randn(n, c, s, s, generator=g)).clamp(0, 1)
-    concepts = [t.concept for t in targets for _ in range(t.n_images)]
-    texts = [t.text for t in targets for _ in range(t.n_images)]
-    return InversionResult(images, concepts, texts, [float("nan")] * n, steps_run=[0], history=[[]])
+#: ViLT's transfer defaults (paper §4.4.2): ITM inversion from N(0, 1) without augmentation, ITM fine-tuning
+ITM_INVERSION_DEFAULTS = {"objective": "itm", "augment_p": 0.0, "init": "normal"}
+ITM_FINETUNE_DEFAULTS = {"loss": "itm", "weight_decay": 0.01}
 
 
 class ZeroShotTransferPipeline(TransferPipeline):
-    """:class:`TransferPipeline` with evaluation sets read from disk in batches, whose class list
-    may include classes without images (the 1000 ImageNet classes the RareConcepts images are
-    classified among, paper Tab. 1). Used by the ``rare_concepts_clip`` bundle."""
+    """:class:`TransferPipeline` whose evaluation sets may list classes without images (the 1000
+    ImageNet classes the RareConcepts images are classified among, paper Tab. 1). Used by the
+    ``rare_concepts_clip`` bundle."""
 
     kind = "transfer"
-
-    def build_evaluator(self, backend: Any, name: str, spec: dict[str, Any]):
-        from medkt.natural.itm_eval import StreamingZeroShotEvaluator
-
-        if spec.get("source") == "inversion":
-            return super().build_evaluator(backend, name, spec)
-        if "manifest" not in spec:
-            raise ConfigError(f"evaluation {name!r} needs a 'manifest' (or 'source': 'inversion')")
-        prompts, manifest, root, rows = _evaluation_rows(name, spec)
-        ev = StreamingZeroShotEvaluator(backend, [root / r.path for r in rows], [r.label for r in rows], prompts,
-                                        aggregate=spec.get("aggregate", "mean"), batch_size=int(spec.get("batch_size", 64)),
-                                        progress=self.progress)
-        return ev, {"manifest": str(manifest), "n_images": len(rows), "n_classes": len(prompts)}
-
-
-
-def run_itm_transfer(pipe: Any, backend: Any, out: Path, images: str = "inversion",
-                     concepts: list[dict[str, Any]] | None = None) -> tuple[InversionResult, dict, float, float]:
-    """Inversion (or noise, or saved images) + fine-tuning for an ITM backend.
-
-    ``images``: ``"inversion"``, ``"noise"``, or the path of an inversion ``manifest.csv`` written
-    by an earlier run (the explicit-MLM baseline reuses the ITM run's images). Returns (images,
-    history, seconds of image synthesis, seconds of fine-tuning).
-    """
-    from medkt.inversion import load_inversion
-
-    concepts = pipe.concepts if concepts is None else concepts
-    t0 = time.perf_counter()
-    targets = inversion_targets(concepts)
-    if images == "inversion":
-        inv = invert(backend, targets, pipe.inv_cfg, out_dir=out / "inversion", resume=pipe.resume, progress=pipe.progress)
-    elif images == "noise":
-        inv = noise_images(backend, targets, pipe.seed)
-    else:  # an inversion manifest.csv, or a run folder holding several (one per concept)
-        src = Path(images)
-        manifests = sorted(src.rglob("inversion/manifest.csv")) if src.is_dir() else [src]
-        if not manifests:
-            raise DataError(f"no inversion/manifest.csv under {src}")
-        parts = [load_inversion(m, backend) for m in manifests]
-        inv = InversionResult(torch.cat([p.images for p in parts]), [c for p in parts for c in p.concepts],
-                              [t for p in parts for t in p.texts], [s for p in parts for s in p.similarities])
-        keep = [i for i, c in enumerate(inv.concepts) if c in {c["name"] for c in concepts}]
-        if not keep:
-            raise DataError(f"{images} holds no images of the concepts {[c['name'] for c in concepts]}")
-        inv = InversionResult(inv.images[keep], [inv.concepts[i] for i in keep], [inv.texts[i] for i in keep],
-                              [inv.similarities[i] for i in keep])
-    if hasattr(backend, "match_probability"):  # the engine's cosine similarities mean nothing for ViLT
-        inv.similarities = backend.match_probability(inv.images, inv.texts).tolist()
-    save_inversion(inv, out / "inversion", pipe.inv_cfg)
-    t1 = time.perf_counter()
-    negatives = getattr(pipe, "_negatives", None) or []
-    descriptions = {c["name"]: c["descriptions"][0] for c in concepts}
-    history = finetune(backend, inv.images, inv.concepts, descriptions, negatives, pipe.ft_cfg,
-                       texts_of_images=inv.texts, progress=pipe.progress)
-    return inv, history, t1 - t0, time.perf_counter() - t1
-
-
-def _evaluation_rows(name: str, spec: dict[str, Any]) -> tuple[dict[str, list[str]], Path, Path, list]:
-    """(class prompts, manifest, root, rows) of an evaluation set whose classes may lack images
-    (e.g. the 1000 ImageNet classes around a few RareConcepts images)."""
-    from medkt.data.manifest import read_manifest
-
-    prompts = class_prompts_of(spec)
-    manifest = Path(spec["manifest"])
-    root = Path(spec.get("root") or manifest.parent)
-    rows = read_manifest(manifest, root, split=spec.get("split"))
-    unknown = sorted({r.label for r in rows} - set(prompts))
-    if unknown:
-        raise DataError(f"{manifest}: labels {unknown[:5]} are not among the evaluation classes of {name!r}")
-    return prompts, manifest, root, rows
+    allow_missing_classes = True
 
 
 class ITMTransferPipeline(TransferPipeline):
     """:class:`TransferPipeline` for image-text-matching models (ViLT).
 
-    Differences: evaluation sets are classified by ITM scores (:class:`ITMZeroShotEvaluator`;
-    default template ``"a photo of a {}."``: every class prompt costs one forward pass per
-    image); inversion uses the ``"itm"`` objective; reported similarities are ITM match
-    probabilities.
+    Differences: evaluation sets are classified by ITM scores (default template
+    ``"a photo of a {}."``: every class prompt costs one forward pass per image); inversion uses
+    the ``"itm"`` objective; reported similarities are ITM match probabilities.
 
     Args:
         images: ``"inversion"`` (explicit transfer), ``"noise"`` (implicit transfer, with
@@ -137,80 +55,57 @@ class ITMTransferPipeline(TransferPipeline):
     """
 
     kind = "itm_transfer"
+    scoring = "itm"
+    allow_missing_classes = True
+    inversion_defaults = ITM_INVERSION_DEFAULTS
+    finetune_defaults = ITM_FINETUNE_DEFAULTS
 
-    def __init__(self, backend: str, concepts: list[dict[str, Any]], inversion: dict | None = None,
-                 finetune: dict | None = None, evaluations: dict[str, dict] | None = None,
-                 negative_captions: list[str] | None = None, save_weights: bool = True, images: str = "inversion",
+    def __init__(self, backend: str, concepts: list[dict[str, Any]], images: str = "inversion",
                  separate_concepts: bool = False, **kw: Any):
-        inversion = {"objective": "itm", "augment_p": 0.0, "init": "normal", **(inversion or {})}
-        finetune = {"loss": "itm", "weight_decay": 0.01, **(finetune or {})}
-        super().__init__(backend, concepts, inversion, finetune, evaluations, negative_captions, save_weights, **kw)
+        super().__init__(backend, concepts, **kw)
         if images not in ("inversion", "noise") and not Path(images).exists():
             raise ConfigError(f"images must be 'inversion', 'noise', an inversion manifest.csv or a run folder holding "
                               f"inversion/manifest.csv files; got {images!r}")
+        for name, spec in self.evaluations.items():
+            if spec.get("source") == "inversion":
+                raise ConfigError("ITM pipelines evaluate on real images: give a 'manifest' for every evaluation set")
         self.images = images
         self.separate_concepts = bool(separate_concepts)
         self.settings.update(images=images, separate_concepts=self.separate_concepts)
 
-    def build_evaluator(self, backend: Any, name: str, spec: dict[str, Any]):
-        from medkt.natural.itm_eval import ITMZeroShotEvaluator
-
-        if spec.get("source") == "inversion":
-            raise ConfigError("ITM pipelines evaluate on real images: give a 'manifest' for every evaluation set")
-        if "manifest" not in spec:
-            raise ConfigError(f"evaluation {name!r} needs a 'manifest'")
-        spec = {"templates": ["a photo of a {}."], **spec}
-        prompts, manifest, root, rows = _evaluation_rows(name, spec)
-        ev = ITMZeroShotEvaluator(backend, [root / r.path for r in rows], [r.label for r in rows], prompts,
-                                  aggregate=spec.get("aggregate", "mean"),
-                                  text_batch_size=int(spec.get("text_batch_size", 128)), progress=self.progress)
-        return ev, {"manifest": str(manifest), "n_images": len(rows), "scoring": "ITM match logit"}
-
-    def _transfer(self, backend: Any, evaluators: dict, out: Path, concepts: list[dict[str, Any]]) -> tuple[dict, dict]:
-        inv, history, t_inv, t_ft = run_itm_transfer(self, backend, out, self.images, concepts)
-        atomic_write_json(out / "finetune.json", history)
-        if self.save_weights:
-            save_finetuned(backend, out / "finetuned.safetensors", which=self.ft_cfg.train)
-        after = {name: ev.evaluate() for name, ev in evaluators.items()}
-        summary = {
-            "concepts": [c["name"] for c in concepts],
-            "inversion": inversion_summary(inv),
-            "finetune": {"loss": self.ft_cfg.loss, "lr": self.ft_cfg.lr, "steps": history["steps"],
-                         "first_loss": history["loss"][0], "last_loss": history["loss"][-1]},
-            "seconds_inversion": t_inv, "seconds_finetune": t_ft, "seconds_transfer": t_inv + t_ft,
-        }
-        return summary, after
+    def build_evaluator(self, backend: Any, name: str, spec: dict[str, Any], out: Path | None = None):
+        return super().build_evaluator(backend, name, {"templates": ["a photo of a {}."], **spec}, out)
 
     def _run(self, out: Path) -> dict[str, Any]:
         from medkt.evaluation import before_after_table
 
-        backend = create_backend(self.backend_spec)
+        backend = self.create_backend(self.backend_spec, **self.backend_options)
         log.info("backend %s: %s", self.backend_spec, backend.describe())
-        evaluators, eval_info = {}, {}
-        for name, spec in self.evaluations.items():
-            evaluators[name], eval_info[name] = self.build_evaluator(backend, name, spec)
-        before = {name: ev.evaluate() for name, ev in evaluators.items()}
-        self._negatives = self.negative_captions if self.negative_captions is not None else self.default_negatives(evaluators)
+        evaluators, eval_info = self.build_evaluators(backend, out)
         base = {"backend": self.backend_spec, "images": self.images, "separate_concepts": self.separate_concepts}
+        common = dict(evaluators=evaluators, negatives=self.negative_captions, images=self.images,
+                      resume=self.resume, progress=self.progress, save_weights=self.save_weights)
         if not self.separate_concepts:
-            summary, after = self._transfer(backend, evaluators, out, self.concepts)
-            results = {**base, **summary, "evaluations": {
-                n: {"info": eval_info[n], "before": before[n].to_dict(), "after": after[n].to_dict()} for n in evaluators}}
-            write_report(out, self, results, before, after)
+            r = self.step.run(backend, out_dir=out, **common)
+            results = {**base, **r.summary(), "finetune_loss": self.ft_cfg.loss, "evaluations": {
+                n: {"info": eval_info[n], "before": r.before[n].to_dict(), "after": r.after[n].to_dict()}
+                for n in evaluators}}
+            write_report(out, self, results, r.before, r.after)
             return results
         original = {k: v.detach().clone() for k, v in backend.state_dict().items()}
+        before = {n: ev.evaluate() for n, ev in evaluators.items()}
         runs: dict[str, Any] = {}
         lines = [f"# Knowledge transfer report{': ' + self.bundle_name if self.bundle_name else ''}", "",
                  f"- backend: `{self.backend_spec}`; images: {self.images}; each concept transferred on its own "
                  f"(fine-tuning: {self.ft_cfg.loss}, lr {self.ft_cfg.lr})", ""]
         for c in self.concepts:
             backend.load_state_dict(original)
-            sub = out / "concepts" / c["name"].replace("/", "_").replace(" ", "_")
-            summary, after = self._transfer(backend, evaluators, sub, [c])
-            runs[c["name"]] = {**summary, "evaluations": {n: after[n].to_dict() for n in evaluators}}
-            lines += [f"## {c['name']}", "", f"![inverted images](concepts/{sub.name}/inversion/grid.png)", ""]
-            lines += [before_after_table(before[n], after[n], title=n) for n in evaluators]
-        results = {**base, "concepts": [c["name"] for c in self.concepts],
+            sub = out / "concepts" / c.name.replace("/", "_").replace(" ", "_")
+            r = self.step.run(backend, concepts=[c], out_dir=sub, before=before, **common)
+            runs[c.name] = {**r.summary(), "evaluations": {n: r.after[n].to_dict() for n in evaluators}}
+            lines += [f"## {c.name}", "", f"![inverted images](concepts/{sub.name}/inversion/grid.png)", ""]
+            lines += [before_after_table(before[n], r.after[n], title=n) for n in evaluators]
+        results = {**base, "concepts": [c.name for c in self.concepts],
                    "evaluations_before": {n: {"info": eval_info[n], "before": before[n].to_dict()} for n in evaluators},
                    "per_concept": runs}
         atomic_write_text(out / "report.md", "\n".join(lines) + "\nAll numbers: `results.json`.\n")
@@ -262,15 +157,14 @@ class RetrievalTransferPipeline(_CaptionedSplit, Pipeline):
                          text_batch_size=text_batch_size, block_size=block_size, score=score,
                          baseline_cache=baseline_cache, evaluate_before=evaluate_before)
         self.backend_spec = backend
-        self.concepts = parse_concepts(concepts)
-        self.inv_cfg = InversionConfig.from_dict({"seed": self.seed, "objective": "itm", "augment_p": 0.0,
-                                                  "init": "normal", **(inversion or {})})
-        self.ft_cfg = FinetuneConfig.from_dict({"seed": self.seed, "loss": "itm", "weight_decay": 0.01, **(finetune or {})})
+        self.step = TransferStep(concepts, inversion, finetune, seed=self.seed,
+                                 inversion_defaults=ITM_INVERSION_DEFAULTS, finetune_defaults=ITM_FINETUNE_DEFAULTS)
+        self.concepts, self.inv_cfg, self.ft_cfg = self.step.concepts, self.step.inversion, self.step.finetune
         self.karpathy_json, self.image_root, self.split, self.limit = Path(karpathy_json), Path(image_root), split, limit
         self.text_batch_size, self.block_size, self.score = int(text_batch_size), int(block_size), score
         self.baseline_cache = Path(baseline_cache) if baseline_cache else None
         self.evaluate_before = bool(evaluate_before)
-        self._negatives = list(negative_captions or [])
+        self.negative_captions = list(negative_captions or [])
         self.save_weights = save_weights
         self.ks = tuple(int(k) for k in ks)
 
@@ -289,8 +183,8 @@ class RetrievalTransferPipeline(_CaptionedSplit, Pipeline):
     def _run(self, out: Path) -> dict[str, Any]:
         from medkt.natural.retrieval import retrieval_table
 
-        backend = create_backend(self.backend_spec)
-        if not getattr(backend, "supports_itm", False):
+        backend = self.create_backend(self.backend_spec)
+        if not backend.supports_itm:
             raise ConfigError(f"retrieval transfer needs an ITM backend (ViLT), got {self.backend_spec!r}")
         items = self._load_split()
         n_caps = sum(len(it.captions) for it in items)
@@ -300,10 +194,10 @@ class RetrievalTransferPipeline(_CaptionedSplit, Pipeline):
         if self.evaluate_before:
             before, _ = self._recall(backend, items, self.baseline_cache or out / "scores_before",
                                      f"before:{_weights_digest(backend)}")
-        inv, history, t_inv, t_ft = run_itm_transfer(self, backend, out, "inversion")
-        atomic_write_json(out / "finetune.json", history)
-        if self.save_weights:
-            save_finetuned(backend, out / "finetuned.safetensors", which=self.ft_cfg.train)
+        r = self.step.run(backend, negatives=self.negative_captions, out_dir=out, resume=self.resume,
+                          progress=self.progress, save_weights=self.save_weights)
+        inv, history = r.images, r.history
+        t_inv, t_ft = r.seconds["inversion"], r.seconds["finetune"]
         after, _ = self._recall(backend, items, out / "scores_after", f"after:{_weights_digest(backend)}")
         results = {
             "backend": self.backend_spec, "split": {"file": str(self.karpathy_json), "split": self.split,
@@ -356,9 +250,9 @@ class CaptioningTransferPipeline(_CaptionedSplit, Pipeline):
                          karpathy_json=karpathy_json, image_root=image_root, coco_captions_json=coco_captions_json,
                          split=split, limit=limit, generation=generation, metrics=metrics, batch_size=batch_size)
         self.backend_spec = backend
-        self.concepts = parse_concepts(concepts)
-        self.inv_cfg = InversionConfig.from_dict({"seed": self.seed, **(inversion or {})})
-        self.ft_cfg = FinetuneConfig.from_dict({"seed": self.seed, "loss": "clip+caption", **(finetune or {})})
+        finetune_defaults = {"loss": "clip+caption", **({"train": "visual+decoder"} if train_decoder else {})}
+        self.step = TransferStep(concepts, inversion, finetune, seed=self.seed, finetune_defaults=finetune_defaults)
+        self.concepts, self.inv_cfg, self.ft_cfg = self.step.concepts, self.step.inversion, self.step.finetune
         self.clip_weight, self.caption_weight = float(clip_weight), float(caption_weight)
         if self.clip_weight < 0 or self.caption_weight < 0:
             raise ConfigError("clip_weight and caption_weight must be >= 0")
@@ -405,32 +299,22 @@ class CaptioningTransferPipeline(_CaptionedSplit, Pipeline):
         return caption_metrics(refs, preds, metrics=self.metrics)
 
     def _run(self, out: Path) -> dict[str, Any]:
+        from medkt.finetune import make_caption
         from medkt.natural.captioning import metrics_table
         from medkt.natural.objectives import CaptionTargets
 
-        backend = create_backend(self.backend_spec)
-        if not getattr(backend, "supports_captioning", False):
+        backend = self.create_backend(self.backend_spec)
+        if not backend.supports_captioning:
             raise ConfigError(f"captioning transfer needs a captioning backend (CoCa), got {self.backend_spec!r}")
         items = self._load_split()
         before = self._score(items, self._captions(backend, items, out / "captions_before.json")) if self.evaluate_before else None
 
-        t0 = time.perf_counter()
-        inv = invert(backend, inversion_targets(self.concepts), self.inv_cfg, out_dir=out / "inversion",
-                     resume=self.resume, progress=self.progress)
-        save_inversion(inv, out / "inversion", self.inv_cfg)
-        t1 = time.perf_counter()
-        concept_of = {make_caption(c["name"], d, self.ft_cfg): c["name"] for c in self.concepts for d in c["descriptions"]}
+        concept_of = {make_caption(c.name, d, self.ft_cfg): c.name for c in self.concepts for d in c.descriptions}
         kw = {} if self.templates is None else {"templates": list(self.templates)}
-        backend.caption_targets = CaptionTargets(concept_of, clip_weight=self.clip_weight,
-                                                 caption_weight=self.caption_weight, **kw)
-        backend.train_decoder = self.train_decoder
-        descriptions = {c["name"]: c["descriptions"][0] for c in self.concepts}
-        history = finetune(backend, inv.images, inv.concepts, descriptions, [], self.ft_cfg,
-                           texts_of_images=inv.texts, progress=self.progress)
-        t2 = time.perf_counter()
-        atomic_write_json(out / "finetune.json", history)
-        if self.save_weights:
-            save_finetuned(backend, out / "finetuned.safetensors", which=self.ft_cfg.train)
+        targets = CaptionTargets(concept_of, clip_weight=self.clip_weight, caption_weight=self.caption_weight, **kw)
+        r = self.step.run(backend, negatives=[], out_dir=out, resume=self.resume, progress=self.progress,
+                          save_weights=self.save_weights, finetune_options={"loss_context": targets})
+        inv, history = r.images, r.history
         after = self._score(items, self._captions(backend, items, out / "captions_after.json"))
         results = {
             "backend": self.backend_spec,
@@ -440,7 +324,7 @@ class CaptioningTransferPipeline(_CaptionedSplit, Pipeline):
                          "caption_weight": self.caption_weight, "train_decoder": self.train_decoder,
                          "steps": history["steps"], "first_loss": history["loss"][0], "last_loss": history["loss"][-1]},
             "generation": self.generation or {"method": "beam_search"},
-            "seconds_inversion": t1 - t0, "seconds_finetune": t2 - t1,
+            "seconds_inversion": r.seconds["inversion"], "seconds_finetune": r.seconds["finetune"],
             "metrics_before": before, "metrics_after": after,
         }
         atomic_write_text(out / "report.md", "\n".join([
@@ -454,4 +338,4 @@ class CaptioningTransferPipeline(_CaptionedSplit, Pipeline):
         return results
 
 
-__all__ = ["ZeroShotTransferPipeline", "ITMTransferPipeline", "RetrievalTransferPipeline", "CaptioningTransferPipeline", "noise_images"]
+__all__ = ["ZeroShotTransferPipeline", "ITMTransferPipeline", "RetrievalTransferPipeline", "CaptioningTransferPipeline"]

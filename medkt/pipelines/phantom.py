@@ -39,6 +39,10 @@ class PhantomTransferPipeline(Pipeline):
         seeds: number of seeds (``seed``, ``seed + 1``...) or an explicit list.
         eval_per_class: fresh evaluation phantoms per class and seed.
         segmentation: run the saliency -> mask DSC check on the novel finding's images.
+        classes: evaluation classes (default: the keys of ``known_descriptions`` plus ``novel``).
+        plugins: modules to import before anything else; each registers finding plugins
+            (:func:`medkt.phantom.register_finding`), so ``novel`` can name a finding that is not
+            built in.
     """
 
     kind = "phantom_transfer"
@@ -47,12 +51,16 @@ class PhantomTransferPipeline(Pipeline):
                  known_descriptions: dict[str, str] | None = None, recipe: dict | None = None,
                  baselines: dict[str, dict] | None = None, seeds: int | list[int] = 1, eval_per_class: int = 100,
                  cupl_prompts: int = 12, segmentation: bool = True, segmentation_images: int = 24,
-                 split: str = "eval", **kw: Any):
+                 split: str = "eval", classes: list[str] | None = None, plugins: list[str] | None = None,
+                 **kw: Any):
         super().__init__(**kw, backend=backend, novel=novel, description=description,
                          known_descriptions=known_descriptions, recipe=recipe, baselines=baselines, seeds=seeds,
                          eval_per_class=eval_per_class, cupl_prompts=cupl_prompts, segmentation=segmentation,
-                         split=split)
+                         split=split, classes=classes, plugins=plugins)
         from medkt.phantom.experiment import PhantomTransferExperiment, Recipe
+        from medkt.phantom.world import load_plugins
+
+        load_plugins(plugins)  # before the class list is checked: plugins register findings
 
         if recipe is None:
             raise ConfigError("the phantom pipeline needs a 'recipe' (inversion + finetune settings)")
@@ -66,7 +74,7 @@ class PhantomTransferPipeline(Pipeline):
             raise ConfigError("seeds must be >= 1")
         self.segmentation = segmentation
         self.segmentation_images = int(segmentation_images)
-        self.exp = PhantomTransferExperiment(backend, novel, description, known_descriptions,
+        self.exp = PhantomTransferExperiment(backend, novel, description, known_descriptions, classes=classes,
                                              eval_per_class=eval_per_class, cupl_prompts=cupl_prompts,
                                              split=split, progress=self.progress)
 
@@ -184,7 +192,7 @@ class PhantomTransferPipeline(Pipeline):
             f"# Knowledge transfer in the phantom world: '{self.exp.novel}'",
             "",
             f"Backend `{self.exp.backend_spec}`; seeds {self.seeds}; {self.exp.eval_per_class} fresh evaluation phantoms "
-            f"per class and seed ({len(self.exp.classes)} classes). Accuracies are 9-way zero-shot top-1 with name "
+            f"per class and seed ({len(self.exp.classes)} classes). Accuracies are {len(self.exp.classes)}-way zero-shot top-1 with name "
             "prompts unless stated; ± is the 95% confidence interval over seeds (Student t). The novel AUROC scores "
             f"P({self.exp.novel}) of {self.exp.novel} images against all other images: a shift of the new class's bias "
             "(what the placebo can learn) does not move it.",

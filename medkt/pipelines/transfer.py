@@ -20,49 +20,19 @@ seed (a smoke check for models without any real data, e.g. random weights).
 from __future__ import annotations
 
 import copy
-import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from medkt.backends import create_backend
 from medkt.backends.base import Backend
 from medkt.errors import ConfigError, DataError
 from medkt.evaluation import ClassificationResult, ZeroShotEvaluator, before_after_table
-from medkt.finetune import FinetuneConfig, finetune, make_caption, save_finetuned
-from medkt.inversion import InversionConfig, InversionTarget, invert, inversion_summary, save_inversion
+from medkt.finetune import make_caption
 from medkt.pipelines.base import Pipeline, log
-from medkt.utils import atomic_write_json, atomic_write_text
-
-
-def parse_concepts(concepts: Sequence[dict[str, Any]], default_n: int = 10) -> list[dict[str, Any]]:
-    """Validate ``[{"name", "description" (str or list), "n_images"}]``."""
-    if not concepts:
-        raise ConfigError("the bundle defines no concepts to transfer ('concepts' is empty)")
-    out = []
-    for i, c in enumerate(concepts):
-        if not isinstance(c, dict) or "name" not in c or "description" not in c:
-            raise ConfigError(f"concept #{i} must have 'name' and 'description', got {c!r}")
-        descs = c["description"] if isinstance(c["description"], list) else [c["description"]]
-        if not all(isinstance(d, str) and d.strip() for d in descs):
-            raise ConfigError(f"concept {c['name']!r}: descriptions must be non-empty strings")
-        out.append({"name": str(c["name"]), "descriptions": descs, "n_images": int(c.get("n_images", default_n))})
-    return out
-
-
-def inversion_targets(concepts: list[dict[str, Any]]) -> list[InversionTarget]:
-    """n_images per concept, spread over its descriptions (round-robin)."""
-    targets = []
-    for c in concepts:
-        k = len(c["descriptions"])
-        for j, d in enumerate(c["descriptions"]):
-            n = c["n_images"] // k + (1 if j < c["n_images"] % k else 0)
-            if n:
-                targets.append(InversionTarget(c["name"], d, n))
-    return targets
+from medkt.spine import TransferStep
+from medkt.utils import atomic_write_text
+from medkt.validation import EvaluationSpec
 
 
 #: name -> "module:function" returning class -> prompts (``{"prompt_generator": {"name": ..., **kw}}``)
@@ -104,10 +74,19 @@ def class_prompts_of(spec: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], default_aggregate: str = "mean",
-                        progress: bool = True) -> tuple[ZeroShotEvaluator, dict[str, Any]]:
-    """Read an evaluation set's manifest, decode every image once (the model's preprocessing) and
-    build its :class:`ZeroShotEvaluator`. With ``skip_bad`` bad rows/files are skipped and counted
-    in the returned info; otherwise the first one is a :class:`DataError` naming the row."""
+                        progress: bool = True, scoring: str = "auto",
+                        allow_missing_classes: bool = False) -> tuple[ZeroShotEvaluator, dict[str, Any]]:
+    """Read an evaluation set's manifest and build its :class:`ZeroShotEvaluator` (images stream
+    from disk at evaluation time; only embeddings are kept).
+
+    With ``skip_bad`` every file is decoded once up front and bad rows/files are skipped and
+    counted in the returned info; otherwise a bad row is a :class:`DataError` naming it (at the
+    latest when the "before" evaluation reads it, before any transfer compute). Every class needs
+    an image unless ``allow_missing_classes`` (distractor classes, e.g. ImageNet's 1000).
+    Spec keys besides those of :func:`class_prompts_of`: ``manifest``, ``root``, ``split``,
+    ``aggregate``, ``skip_bad``, ``title``, ``batch_size``, ``num_workers``, ``cache_dir``,
+    ``scoring`` (``auto|embedding|itm``), ``text_batch_size``.
+    """
     from medkt.data.manifest import ManifestProblem, read_manifest
 
     prompts = class_prompts_of(spec)
@@ -120,26 +99,33 @@ def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], defau
     problems: list[ManifestProblem] = []
     rows = read_manifest(manifest, root, classes=list(prompts), split=spec.get("split"),
                          skip_bad=skip_bad, problems=problems)
-    pixels, labels = [], []
-    from tqdm.auto import tqdm
-
-    for r in tqdm(rows, desc=f"load {name}", unit="img", leave=False, disable=None if progress else True):
-        try:
-            pixels.append(backend.load_image(root / r.path))
-        except DataError as exc:
-            if not skip_bad:
-                raise DataError(f"{r.source}: {exc}") from None
-            problems.append(ManifestProblem(r.source or r.path, str(exc)))
-            continue
-        labels.append(r.label)
+    if skip_bad:
+        good = []
+        for r in rows:
+            try:
+                backend.load_image(root / r.path)
+            except DataError as exc:
+                problems.append(ManifestProblem(r.source or r.path, str(exc)))
+                continue
+            good.append(r)
+        rows = good
+    labels = [r.label for r in rows]
     empty = [c for c in prompts if c not in set(labels)]
-    if empty:
+    if empty and not allow_missing_classes:
         raise DataError(f"{manifest}: no usable images for class(es) {empty} "
                         f"({len(problems)} bad rows skipped); every class needs at least one image")
-    ev = ZeroShotEvaluator(backend, torch.stack(pixels), labels, prompts, aggregate=aggregate)
+    if not rows:
+        raise DataError(f"{manifest}: no usable images ({len(problems)} bad rows skipped)")
+    paths = [root / r.path for r in rows]
+    ev = ZeroShotEvaluator(backend, paths, labels, prompts, aggregate=aggregate,
+                           batch_size=int(spec.get("batch_size", 64)), scoring=spec.get("scoring", scoring),
+                           num_workers=int(spec.get("num_workers", 0)),
+                           text_batch_size=int(spec.get("text_batch_size", 128)),
+                           cache_dir=spec.get("cache_dir"), progress=progress,
+                           image_names=[str(r.source or r.path) for r in rows])
     info = {"title": spec.get("title", name), "manifest": str(manifest), "n_images": len(labels),
-            "skipped_rows": len(problems), "skipped": [str(p) for p in problems[:20]],
-            "aggregate": aggregate, "n_prompts": {c: len(p) for c, p in prompts.items()}}
+            "n_classes": len(prompts), "skipped_rows": len(problems), "skipped": [str(p) for p in problems[:20]],
+            "aggregate": aggregate, "scoring": ev.scoring, "n_prompts": {c: len(p) for c, p in prompts.items()}}
     if problems:
         log.warning("%s: skipped %d bad row(s), e.g. %s", name, len(problems), problems[0])
     return ev, info
@@ -150,6 +136,7 @@ class TransferPipeline(Pipeline):
 
     Args:
         backend: backend spec, e.g. ``"clip:ViT-B-32@/models/ViT-B-32.pt"``.
+        backend_options: keywords of the backend factory (e.g. ``{"tokenizer": DIR}``).
         concepts: ``[{"name", "description", "n_images"}]``.
         inversion / finetune: options of :class:`InversionConfig` / :class:`FinetuneConfig`.
         evaluations: name -> evaluation set config (see module docstring); may be empty.
@@ -159,16 +146,27 @@ class TransferPipeline(Pipeline):
     """
 
     kind = "transfer"
+    #: evaluation sets may list classes without images (distractors)
+    allow_missing_classes = False
+    #: evaluation scoring (``auto``: embeddings when the backend has them, else ITM)
+    scoring = "auto"
+    #: defaults of the inversion / fine-tuning configs for this pipeline's model family
+    inversion_defaults: dict[str, Any] = {}
+    finetune_defaults: dict[str, Any] = {}
+    default_aggregate = "mean"
 
     def __init__(self, backend: str, concepts: list[dict[str, Any]], inversion: dict | None = None,
-                 finetune: dict | None = None, evaluations: dict[str, dict] | None = None,
-                 negative_captions: list[str] | None = None, save_weights: bool = True, **kw: Any):
+                 finetune: dict | None = None, evaluations: dict[str, EvaluationSpec] | None = None,
+                 negative_captions: list[str] | None = None, save_weights: bool = True,
+                 backend_options: dict[str, Any] | None = None, **kw: Any):
         super().__init__(**kw, backend=backend, concepts=concepts, inversion=inversion, finetune=finetune,
                          evaluations=evaluations, negative_captions=negative_captions)
         self.backend_spec = backend
-        self.concepts = parse_concepts(concepts)
-        self.inv_cfg = InversionConfig.from_dict({"seed": self.seed, **(inversion or {})})
-        self.ft_cfg = FinetuneConfig.from_dict({"seed": self.seed, **(finetune or {})})
+        self.backend_options = dict(backend_options or {})
+        self.step = TransferStep(concepts, inversion, finetune, seed=self.seed,
+                                 inversion_defaults=self.inversion_defaults, finetune_defaults=self.finetune_defaults)
+        self.concepts = self.step.concepts
+        self.inv_cfg, self.ft_cfg = self.step.inversion, self.step.finetune
         self.evaluations = dict(evaluations or {})
         self.negative_captions = negative_captions
         self.save_weights = save_weights
@@ -177,39 +175,42 @@ class TransferPipeline(Pipeline):
                 class_prompts_of(spec)  # validate early, before any compute
 
     # -- evaluation sets ------------------------------------------------------------------
-    def build_evaluator(self, backend: Backend, name: str, spec: dict[str, Any]) -> tuple[ZeroShotEvaluator, dict]:
-        info: dict[str, Any] = {}
+    def build_evaluator(self, backend: Backend, name: str, spec: dict[str, Any],
+                        out: Path | None = None) -> tuple[ZeroShotEvaluator, dict]:
+        """An evaluation set's evaluator: a manifest, or ``{"source": "inversion"}`` (held-out
+        images inverted with another seed, checkpointed in ``out/heldout_<name>``)."""
         if spec.get("source") == "inversion":
+            from medkt.spine import synthesize
+
             cfg = copy.deepcopy(self.inv_cfg)
             cfg.seed = int(spec.get("seed", self.seed + 1000))
             n = int(spec.get("n_images", 5))
-            targets = [InversionTarget(c["name"], c["descriptions"][0], n) for c in self.concepts]
-            held = invert(backend, targets, cfg, progress=self.progress)
-            prompts = {c["name"]: [make_caption(c["name"], c["descriptions"][0], self.ft_cfg)] for c in self.concepts}
-            info["source"] = "held-out inversions (smoke check, not real images)"
-            return ZeroShotEvaluator(backend, held.images, held.concepts, prompts), info
-        return load_evaluation_set(backend, name, spec, progress=self.progress)
+            held_concepts = [type(c)(c.name, [c.description], n) for c in self.concepts]
+            held = synthesize(backend, held_concepts, cfg, out_dir=out / f"heldout_{name}" if out else None,
+                              resume=self.resume, progress=self.progress)
+            prompts = {c.name: [make_caption(c.name, c.description, self.ft_cfg)] for c in self.concepts}
+            info = {"source": "held-out inversions (smoke check, not real images)", "n_images": len(held.images)}
+            return ZeroShotEvaluator(backend, held.images, held.concepts, prompts, scoring=self.scoring), info
+        return load_evaluation_set(backend, name, spec, default_aggregate=self.default_aggregate,
+                                   progress=self.progress, scoring=self.scoring,
+                                   allow_missing_classes=self.allow_missing_classes)
 
-    def default_negatives(self, evaluators: dict[str, ZeroShotEvaluator], names: set[str] | None = None) -> list[str]:
-        """First prompt of every evaluation class that is not one of ``names`` (default: the concepts)."""
-        concept_names = {c["name"] for c in self.concepts} if names is None else names
-        negs: list[str] = []
-        for ev in evaluators.values():
-            for c in ev.classes:
-                if c not in concept_names:
-                    negs.append(ev.class_prompts[c][0])
-        return list(dict.fromkeys(negs))
+    def build_evaluators(self, backend: Backend, out: Path | None) -> tuple[dict[str, ZeroShotEvaluator], dict[str, Any]]:
+        evaluators, info = {}, {}
+        for name, spec in self.evaluations.items():
+            evaluators[name], info[name] = self.build_evaluator(backend, name, spec, out)
+        return evaluators, info
 
     # -- run ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Single process: :meth:`Pipeline.run`. Under torchrun (``WORLD_SIZE > 1``) every rank
-        runs :meth:`_run` (sharded inversion, DDP fine-tuning, see :mod:`medkt.distributed`) and
-        rank 0 alone writes the run folder."""
+        runs :meth:`_run` (sharded inversion, DDP fine-tuning, sharded evaluation, see
+        :mod:`medkt.distributed`) and rank 0 alone writes the run folder."""
         from medkt import distributed as mdist
         from medkt.errors import OutputExistsError
         from medkt.utils import seed_everything
 
-        if not mdist.init_from_env():
+        if not mdist.init_from_env(device=self.device):
             return super().run()
         if type(self)._run is not TransferPipeline._run:
             # a subclass with its own _run is not rank-aware: run it whole on rank 0, single-process
@@ -247,47 +248,17 @@ class TransferPipeline(Pipeline):
 
         main = mdist.is_main()
         mdist.barrier()  # rank 0 has prepared the staging folder the ranks share for checkpoints
-        backend = create_backend(self.backend_spec)
+        backend = self.create_backend(self.backend_spec, **self.backend_options)
         log.info("backend %s: %s", self.backend_spec, backend.describe())
-        evaluators, eval_info = {}, {}
-        for name, spec in self.evaluations.items():
-            evaluators[name], eval_info[name] = self.build_evaluator(backend, name, spec)
-        before = {name: ev.evaluate() for name, ev in evaluators.items()} if main else {}
-
-        t0 = time.perf_counter()
-        targets = inversion_targets(self.concepts)
-        if mdist.world_size() > 1 and mdist.n_chunks(targets, self.inv_cfg.chunk_size) < mdist.world_size():
-            log.warning("inversion has %d chunk(s) for %d ranks: set inversion.chunk_size (e.g. the images per "
-                        "concept) to share it", mdist.n_chunks(targets, self.inv_cfg.chunk_size), mdist.world_size())
-        inv = mdist.invert_sharded(backend, targets, self.inv_cfg, out_dir=out / "inversion",
-                                   resume=self.resume, progress=self.progress)
-        if main:
-            save_inversion(inv, out / "inversion", self.inv_cfg)
-        t1 = time.perf_counter()
-        negatives = self.negative_captions if self.negative_captions is not None else self.default_negatives(evaluators)
-        descriptions = {c["name"]: c["descriptions"][0] for c in self.concepts}
-        history = finetune(backend, inv.images, inv.concepts, descriptions, negatives, self.ft_cfg,
-                           texts_of_images=inv.texts, progress=self.progress and main)
-        t2 = time.perf_counter()
+        evaluators, eval_info = self.build_evaluators(backend, out)
+        result = self.step.run(backend, evaluators=evaluators, negatives=self.negative_captions, out_dir=out,
+                               resume=self.resume, progress=self.progress, save_weights=self.save_weights)
         if not main:
             return {}
-        atomic_write_json(out / "finetune.json", history)
-        if self.save_weights:
-            save_finetuned(backend, out / "finetuned.safetensors", which=self.ft_cfg.train)
-        after = {name: ev.evaluate() for name, ev in evaluators.items()}
-
-        results: dict[str, Any] = {
-            "backend": self.backend_spec,
-            "concepts": [c["name"] for c in self.concepts],
-            "inversion": inversion_summary(inv),
-            "finetune": {"steps": history["steps"], "first_loss": history["loss"][0], "last_loss": history["loss"][-1]},
-            "seconds_inversion": t1 - t0,
-            "seconds_finetune": t2 - t1,
-            "seconds_transfer": t2 - t0,
-            "evaluations": {n: {"info": eval_info[n], "before": before[n].to_dict(), "after": after[n].to_dict()}
-                            for n in evaluators},
-        }
-        write_report(out, self, results, before, after)
+        results: dict[str, Any] = {"backend": self.backend_spec, **result.summary(),
+                                   "evaluations": {n: {"info": eval_info[n], "before": result.before[n].to_dict(),
+                                                       "after": result.after[n].to_dict()} for n in evaluators}}
+        write_report(out, self, results, result.before, result.after)
         return results
 
 

@@ -36,7 +36,7 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medkt.errors import ConfigError
+from medkt.validation import Range
 
 Tensor = torch.Tensor
 
@@ -129,9 +130,10 @@ def _class_of(path: str) -> type | None:
 
 def get_vision_split(backend: nn.Module, layer: int | None = None) -> VisionSplit:
     """The vision split of a backend at block ``layer`` (None = upstream-like default depth)."""
-    own = getattr(backend, "vision_split", None)
-    if callable(own):
-        return own(layer)
+    from medkt.backends.base import VisionSplitProvider
+
+    if isinstance(backend, VisionSplitProvider):
+        return backend.vision_split(layer)
     modules = list(backend.modules())
     for class_path, factory in _SPLITS:
         cls = _class_of(class_path)
@@ -143,8 +145,8 @@ def get_vision_split(backend: nn.Module, layer: int | None = None) -> VisionSpli
     known = ", ".join(p for p, _ in _SPLITS)
     raise ConfigError(
         f"M2IB has no vision split for backend {getattr(backend, 'spec', '') or type(backend).__name__}: none of its "
-        f"modules is one of [{known}]. Add one with medkt.segmentation.m2ib.register_vision_split or give the "
-        "backend a vision_split(layer) method"
+        f"modules is one of [{known}]. Add one with medkt.segmentation.m2ib.register_vision_split or let the "
+        "backend declare medkt.backends.base.VisionSplitProvider"
     )
 
 
@@ -297,11 +299,11 @@ class TokenBottleneck(nn.Module):
 class M2IBConfig:
     """M2IB hyper-parameters (upstream defaults; MedCLIP-SAMv2 uses beta 1-2 and layers 7-9)."""
 
-    layer: int | None = None
-    beta: float = 0.1
-    steps: int = 10
-    lr: float = 1.0
-    batch_size: int = 10
+    layer: int | None = None  # vision block (negative counts from the end); None = upstream-like depth
+    beta: Annotated[float, Range(ge=0)] = 0.1
+    steps: Annotated[int, Range(ge=1)] = 10
+    lr: Annotated[float, Range(gt=0)] = 1.0
+    batch_size: Annotated[int, Range(ge=1)] = 10
     alpha_init: float = 5.0
     seed: int = 0
     cache_prefix: bool = True
@@ -348,18 +350,24 @@ class M2IB:
 
     def __init__(self, backend: nn.Module, config: M2IBConfig | None = None, **overrides: Any):
         self.backend = backend
-        self.config = config or M2IBConfig()
-        if overrides:
-            from dataclasses import replace
+        from dataclasses import asdict
 
-            self.config = replace(self.config, **overrides)
+        from medkt.validation import build, check_instance
+
+        self.config = config or M2IBConfig()
+        check_instance(self.config, "m2ib")
+        if overrides:  # checked like a bundle's "m2ib" options (unknown keys, types, ranges)
+            self.config = build(M2IBConfig, {**asdict(self.config), **overrides}, "m2ib")
         self.split = get_vision_split(backend, self.config.layer)
         self._text_cache: dict[str, Tensor] = {}
         self._verified = not self.config.verify_split
 
     # -- pieces -------------------------------------------------------------------------------
     def _device(self) -> torch.device:
-        return next(self.backend.parameters()).device
+        """The model's device: images, noise and the bottleneck live there."""
+        from medkt.device import module_device
+
+        return module_device(self.backend)
 
     def _batch(self, pixels01: Tensor) -> Tensor:
         x = pixels01 if pixels01.dim() == 4 else pixels01[None]
@@ -500,9 +508,3 @@ def upsample_normalize(token_map: np.ndarray, size: tuple[int, int]) -> np.ndarr
         warnings.warn("M2IB saliency is constant; returning zeros", RuntimeWarning, stacklevel=2)
         return np.zeros_like(up)
     return (up - lo) / (hi - lo)
-
-
-def m2ib_saliency(backend: nn.Module, pixels01: Tensor, prompt: str, **config: Any) -> np.ndarray:
-    """One-shot helper: ``M2IB(backend, M2IBConfig(**config)).saliency(pixels01, prompt)``."""
-    size = config.pop("output_size", None)
-    return M2IB(backend, M2IBConfig(**config)).saliency(pixels01, prompt, output_size=size)

@@ -11,6 +11,10 @@ cases are decided here, identically for the three metrics:
 
 Upstream MedCLIP-SAMv2 asserts on an empty pair and pairs files by unsorted ``os.listdir``; here
 files are matched by name and any mismatch is an error.
+
+Mask encodings (:func:`binarize`): 0/1 and 0/255 masks as they are; a label map needs the
+foreground ``label``, a grey probability map an explicit ``threshold``; any other value set is
+an error naming the file, never a silent guess.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,25 +36,54 @@ METRIC_NAMES = ("dsc", "nsd", "iou")
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-def binarize(mask: np.ndarray | torch.Tensor, threshold: float = 0.5) -> np.ndarray:
-    """Any mask -> boolean ``(H, W)``.
+def binarize(mask: np.ndarray | torch.Tensor, threshold: float | None = None, label: int | None = None,
+             name: str = "mask") -> np.ndarray:
+    """A mask array -> boolean ``(H, W)``. Accepted encodings (anything else is a DataError):
 
-    ``bool`` masks pass through; integer masks of 0/1 or 0/255 and float masks in [0, 1] are
-    compared with ``threshold`` on the [0, 1] scale (uint8 masks are divided by 255 first, so
-    JPEG ringing around 0/255 labels is ignored).
+    * boolean, or only the values 0/1 or 0/255 (65535 for 16-bit): foreground = non-zero;
+    * a label map (any integer values) with ``label``: foreground = pixels equal to ``label``;
+    * a probability map with ``threshold`` in [0, 1]: floats must lie in [0, 1]; 8-/16-bit
+      integers are divided by 255 / 65535 first; foreground = value > ``threshold``.
+
+    Without ``label``/``threshold`` other values (a label map with value 2, a grey JPEG-compressed
+    mask) are ambiguous and refused: silently picking a cut gave DSC 0 for correct label maps.
+    RGB(A) masks use the maximum over the colour channels (alpha dropped). ``name`` (the file)
+    is named in errors.
     """
     arr = mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # RGB(A) mask images: any channel
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # RGB(A) mask images: any colour channel
         arr = arr[..., :3].max(-1)
     if arr.ndim != 2:
-        raise DataError(f"expected a 2-D mask (H, W), got shape {arr.shape}")
+        raise DataError(f"{name}: expected a 2-D mask (H, W), got shape {arr.shape}")
+    if label is not None and threshold is not None:
+        raise DataError(f"{name}: give either a label (label map) or a threshold (probability map), not both")
     if arr.dtype == bool:
         return arr
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0 > threshold if arr.max() > 1 else arr > 0
-    if np.issubdtype(arr.dtype, np.integer):
+    if label is not None:
+        if np.issubdtype(arr.dtype, np.floating) and not np.all(np.mod(arr, 1) == 0):
+            raise DataError(f"{name}: --label {label} needs an integer label map, but the mask holds fractional "
+                            f"values (a probability map? use --threshold instead)")
+        return arr == label
+    if threshold is not None:
+        if not 0 <= threshold <= 1:
+            raise DataError(f"{name}: threshold {threshold} must be in [0, 1] (probability scale)")
+        if arr.dtype == np.uint8:
+            return arr.astype(np.float32) / 255.0 > threshold
+        if arr.dtype == np.uint16:
+            return arr.astype(np.float32) / 65535.0 > threshold
+        vals = arr.astype(np.float64)
+        if not np.isfinite(vals).all() or vals.min() < 0 or vals.max() > 1:
+            raise DataError(f"{name}: a probability map must hold values in [0, 1] (or 8/16-bit 0..255/0..65535), "
+                            f"got {vals.min():g}..{vals.max():g}; for a label map use --label")
+        return vals > threshold
+    values = np.unique(arr)
+    full = 65535 if arr.dtype == np.uint16 else 255
+    if set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, full}:
         return arr > 0
-    return arr.astype(np.float32) > threshold
+    shown = ", ".join(f"{v:g}" for v in values[:8].tolist()) + (", ..." if len(values) > 8 else "")
+    raise DataError(f"{name}: ambiguous mask values {{{shown}}} (not 0/1 or 0/{full}): for a label map pass "
+                    f"--label N (the foreground value; bundles: data#mask_label), for a grey/probability mask "
+                    f"--threshold T (e.g. 0.5; bundles: data#mask_threshold)")
 
 
 def _nsd_monai(pred: np.ndarray, gt: np.ndarray, tolerance: float, spacing: Sequence[float] | None) -> float:
@@ -125,6 +159,10 @@ class ScoreTable:
             return {k: float("nan") for k in METRIC_NAMES}
         return {k: float(np.mean([r[k] for r in self.rows])) for k in METRIC_NAMES}
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``n_images``, ``mean`` (per metric) and ``per_image`` (name -> scores), fractions."""
+        return {"n_images": len(self), "mean": self.means(), "per_image": dict(zip(self.names, self.rows))}
+
     def to_csv(self) -> str:
         """``name,dsc,nsd,iou`` rows (fractions)."""
         buf = io.StringIO()
@@ -140,20 +178,29 @@ class ScoreTable:
         return atomic_write_text(path, self.to_csv())
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """A mask image file -> boolean ``(H, W)``; unreadable files raise :class:`DataError`."""
+def read_mask_array(path: str | Path) -> np.ndarray:
+    """A mask image file as stored (palette images: their indices; RGB(A): max over colours)."""
     from PIL import Image
 
     path = Path(path)
     try:
         with Image.open(path) as im:
             im.load()
-            arr = np.asarray(im.convert("L") if im.mode not in ("L", "1", "I", "I;16", "F") else im)
+            if im.mode in ("L", "1", "I", "I;16", "F", "P"):
+                arr = np.asarray(im)  # "P": the palette indices, i.e. the labels of a label map
+            else:
+                arr = np.asarray(im.convert("RGBA" if "A" in im.mode else "RGB"))[..., :3].max(-1)
     except FileNotFoundError:
         raise DataError(f"mask not found: {path}") from None
     except OSError as exc:
         raise DataError(f"unreadable mask {path}: {exc}") from None
-    return binarize(arr)
+    return arr
+
+
+def read_mask(path: str | Path, label: int | None = None, threshold: float | None = None) -> np.ndarray:
+    """A mask image file -> boolean ``(H, W)`` (encodings: :func:`binarize`); unreadable files and
+    ambiguous values raise :class:`DataError` naming the file."""
+    return binarize(read_mask_array(path), threshold=threshold, label=label, name=str(path))
 
 
 def list_masks(folder: str | Path) -> dict[str, Path]:
@@ -187,19 +234,33 @@ def score_folders(
     nsd_tolerance: float = 2.0,
     spacing: Sequence[float] | None = None,
     resize_pred: bool = False,
+    label: int | None = None,
+    threshold: float | None = None,
+    gt_label: int | None = None,
 ) -> ScoreTable:
     """Score every prediction mask in ``pred_dir`` against the same-named mask in ``gt_dir``.
 
-    Shapes must match unless ``resize_pred`` (nearest-neighbour resize to the ground truth).
+    ``label`` / ``threshold``: how the predictions are encoded (:func:`binarize`); ``gt_label``:
+    the foreground value of ground-truth label maps. A ``label`` found in no file is an error
+    (a typo would otherwise score every image as empty). Shapes must match unless
+    ``resize_pred`` (nearest-neighbour resize to the ground truth).
     """
     table = ScoreTable()
+    seen = {"pred": label is None, "gt": gt_label is None}
     for name, p_path, g_path in pair_by_name(list_masks(pred_dir), list_masks(gt_dir)):
-        p, g = read_mask(p_path), read_mask(g_path)
+        p_arr, g_arr = read_mask_array(p_path), read_mask_array(g_path)
+        p = binarize(p_arr, threshold=threshold, label=label, name=str(p_path))
+        g = binarize(g_arr, label=gt_label, name=str(g_path))
+        seen["pred"] = seen["pred"] or bool(p.any())
+        seen["gt"] = seen["gt"] or bool(g.any())
         if p.shape != g.shape:
             if not resize_pred:
                 raise DataError(f"{name}: prediction shape {p.shape} differs from ground truth {g.shape}")
             p = resize_mask(p, g.shape)
         table.add(name, segmentation_scores(p, g, nsd_tolerance=nsd_tolerance, spacing=spacing))
+    for kind, folder, value in (("pred", pred_dir, label), ("gt", gt_dir, gt_label)):
+        if not seen[kind]:
+            raise DataError(f"label {value} occurs in no mask of {folder}; check the label value")
     return table
 
 

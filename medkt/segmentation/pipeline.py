@@ -15,7 +15,8 @@ Data config (``data``)::
     {"manifest": "udiat/manifest.csv",   # medkt manifest rows with a 'mask' column, or
      "images": "dir", "masks": "dir",    # two folders paired by sorted file stem (hard error on mismatch)
      "root": "...", "split": "test", "labels": ["lesion"], "max_images": null,
-     "volume": {"labels": [1, 2, 3], "min_pixels": 1, "max_slices": null}}   # NIfTI volumes only
+     "volume": {"labels": [1, 2, 3], "min_pixels": 1, "max_slices": null},  # NIfTI volumes only
+     "mask_label": null, "mask_threshold": null}   # label maps / grey probability masks (see read_mask)
 
 NIfTI rows whose image is a 3-D volume are expanded into their axial slices with tumour.
 """
@@ -24,15 +25,17 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 
 from medkt.errors import ConfigError, DataError
 from medkt.pipelines.base import Pipeline, log
 from medkt.segmentation.volumes import SliceSample, axial_tumour_slices, is_nifti
-from medkt.utils import atomic_write_json, atomic_write_text
+from medkt.utils import atomic_write_text
+from medkt.validation import Range, check_call, check_fields
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz")
 
@@ -48,12 +51,13 @@ def _stem(p: Path) -> str:
     return p.stem
 
 
-def read_mask_any(path: Path) -> np.ndarray:
-    """Binary mask from PNG/JPEG/DICOM/2-D NIfTI."""
+def read_mask_any(path: Path, label: int | None = None, threshold: float | None = None) -> np.ndarray:
+    """Binary mask from PNG/JPEG/DICOM/2-D NIfTI (image files: encodings of
+    :func:`medkt.segmentation.metrics.read_mask`, with its ``label`` / ``threshold``)."""
     from medkt.segmentation.metrics import read_mask
 
     if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
-        return read_mask(path)
+        return read_mask(path, label=label, threshold=threshold)
     from medkt.data.readers import read_image
 
     arr = read_image(path)
@@ -87,6 +91,45 @@ def pair_folders(images: Path, masks: Path) -> list[tuple[str, Path, Path]]:
     if not im:
         raise DataError(f"no images found in {images}")
     return [(k, im[k], ma[k]) for k in sorted(im)]
+
+
+@dataclass
+class VolumeOptions:
+    """``data#volume``: how 3-D NIfTI volumes become 2-D samples (axial slices with tumour)."""
+
+    labels: list[int] | None = None  # label values counted as tumour (None: any non-zero)
+    min_pixels: Annotated[int, Range(ge=1)] = 1
+    max_slices: Annotated[int, Range(ge=1)] | None = None
+
+
+@dataclass
+class SegmentationData:
+    """The ``data`` option of :class:`SegmentationTransferPipeline` (module docstring). Mask
+    files are read as :func:`medkt.segmentation.metrics.read_mask` says: 0/1 or 0/255 as they
+    are; a label map needs ``mask_label``, a grey probability map ``mask_threshold``."""
+
+    manifest: str | None = None
+    images: str | None = None
+    masks: str | None = None
+    root: str | None = None
+    split: str | None = None
+    labels: list[str] | None = None  # manifest labels kept
+    max_images: Annotated[int, Range(ge=1)] | None = None
+    volume: VolumeOptions | None = None
+    mask_label: int | None = None
+    mask_threshold: Annotated[float, Range(0, 1)] | None = None
+
+    def validate(self, path: str = "data") -> None:
+        if self.manifest is None and (self.images is None or self.masks is None):
+            raise ConfigError(f"{path}: needs 'manifest' or 'images' + 'masks'", key=path)
+
+
+@dataclass
+class MetricOptions:
+    """The ``metrics`` option: NSD tolerance in ``nsd_unit`` (``mm`` needs the pixel spacing)."""
+
+    nsd_tolerance: Annotated[float, Range(ge=0)] = 2.0
+    nsd_unit: Literal["px", "mm"] = "px"
 
 
 def load_samples(data: dict[str, Any]) -> list[SliceSample]:
@@ -124,7 +167,7 @@ def load_samples(data: dict[str, Any]) -> list[SliceSample]:
                                                max_slices=vol.get("max_slices")))
         else:
             image = read_image(img_path)
-            mask = read_mask_any(mask_path)
+            mask = read_mask_any(mask_path, label=data.get("mask_label"), threshold=data.get("mask_threshold"))
             if mask.shape != image.shape[:2]:
                 raise DataError(f"{name}: mask {mask_path} has shape {mask.shape}, image {img_path} has {image.shape[:2]}")
             spacing = dicom_spacing(img_path) if img_path.suffix.lower() == ".dcm" else None
@@ -244,18 +287,17 @@ class SegmentationTransferPipeline(Pipeline):
 
     kind = "segmentation_transfer"
 
-    def __init__(self, backend: str, data: dict[str, Any], prompt: str, concepts: list[dict[str, Any]] | None = None,
+    def __init__(self, backend: str, data: SegmentationData, prompt: str, concepts: list[dict[str, Any]] | None = None,
                  negative_captions: list[str] | None = None, inversion: dict | None = None, finetune: dict | None = None,
                  m2ib: dict | None = None, postprocess: dict | None = None, sam: str | None = None,
-                 sam_model_type: str = "vit_h", sam_options: dict | None = None, metrics: dict | None = None,
-                 stages: list[str] | None = None, save_masks: bool = True, device: str = "cpu", **kw: Any):
+                 sam_model_type: str = "vit_h", sam_options: dict | None = None, metrics: MetricOptions | None = None,
+                 stages: list[str] | None = None, save_masks: bool = True, **kw: Any):
         super().__init__(**kw, backend=backend, data=data, prompt=prompt, concepts=concepts,
                          negative_captions=negative_captions, inversion=inversion, finetune=finetune, m2ib=m2ib,
                          postprocess=postprocess, sam=sam, sam_model_type=sam_model_type, sam_options=sam_options,
                          metrics=metrics, stages=stages)
-        from medkt.finetune import FinetuneConfig
-        from medkt.inversion import InversionConfig
         from medkt.segmentation.m2ib import M2IBConfig
+        from medkt.spine import TransferStep
         from medkt.segmentation.postprocess import postprocess_saliency
 
         if not isinstance(prompt, str) or not prompt.strip():
@@ -267,41 +309,37 @@ class SegmentationTransferPipeline(Pipeline):
         bad = [s for s in self.stages if s not in ("baseline", "transfer")]
         if bad or not self.stages:
             raise ConfigError(f"stages must be a non-empty subset of ['baseline', 'transfer'], got {self.stages}")
-        self.concepts = None
-        if "transfer" in self.stages:
-            from medkt.pipelines.transfer import parse_concepts
-
-            self.concepts = parse_concepts(concepts or [])
+        self.step = TransferStep(concepts or [], inversion, finetune, seed=self.seed) if "transfer" in self.stages else None
         self.negative_captions = list(negative_captions or [])
-        self.inv_cfg = InversionConfig.from_dict({"seed": self.seed, **(inversion or {})})
-        self.ft_cfg = FinetuneConfig.from_dict({"seed": self.seed, **(finetune or {})})
         self.m2ib_cfg = dict(m2ib or {})
-        M2IBConfig(**self.m2ib_cfg)  # validate keys early
+        # options are checked (unknown keys, types, ranges) before any compute, each by its declaration
+        check_fields(M2IBConfig, self.m2ib_cfg, "m2ib")
         self.post_cfg = dict(postprocess or {})
-        postprocess_saliency(np.eye(4), **self.post_cfg)  # validate options early
+        check_call(postprocess_saliency, self.post_cfg, "postprocess", skip=("saliency",))
+        postprocess_saliency(np.eye(4), **self.post_cfg)  # value rules of the post-processing itself
         self.sam_spec = sam or (f"{sam_model_type}@{os.environ['MEDKT_SAM_CHECKPOINT']}"
                                 if os.environ.get("MEDKT_SAM_CHECKPOINT") else None)
+        from medkt.segmentation.sam import SamSegmenter
+
+        check_call(SamSegmenter, sam_options or {}, "sam_options", skip=("sam",))
         self.sam_options = {"multimask_output": False, "top_k": 1, **(sam_options or {})}
-        self.metric_cfg = {"nsd_tolerance": 2.0, "nsd_unit": "px", **(metrics or {})}
-        if self.metric_cfg["nsd_unit"] not in ("px", "mm"):
-            raise ConfigError(f"metrics.nsd_unit must be 'px' or 'mm', got {self.metric_cfg['nsd_unit']!r}")
+        self.metric_cfg = {"nsd_tolerance": 2.0, "nsd_unit": "px", **(metrics or {})}  # checked by MetricOptions
         self.save_masks = bool(save_masks)
-        self.device = device
 
     @property
     def mode(self) -> str:
         return "sam" if self.sam_spec else "saliency-only"
 
     def _run(self, out: Path) -> dict[str, Any]:
-        from medkt.backends import create_backend
         from medkt.segmentation.sam import SamSegmenter
 
         samples = load_samples(self.data)
         log.info("%d image(s) to segment; mode: %s", len(samples), self.mode)
-        segmenter = SamSegmenter.from_spec(self.sam_spec, device=self.device, **self.sam_options) if self.sam_spec else None
+        backend = self.create_backend(self.backend_spec)
+        segmenter = (SamSegmenter.from_spec(self.sam_spec, device=backend.device, **self.sam_options)
+                     if self.sam_spec else None)
         if segmenter is None:
             log.warning("no SAM checkpoint: running SALIENCY-ONLY (post-processed saliency masks are the predictions)")
-        backend = create_backend(self.backend_spec, device=self.device)
         stage_runs: dict[str, dict[str, Any]] = {}
         results: dict[str, Any] = {"backend": self.backend_spec, "mode": self.mode, "sam": self.sam_spec,
                                    "prompt": self.prompt, "n_images": len(samples), "stages": {}}
@@ -334,22 +372,12 @@ class SegmentationTransferPipeline(Pipeline):
         return results
 
     def _transfer(self, backend, out: Path) -> dict[str, Any]:
-        from medkt.finetune import finetune
-        from medkt.inversion import inversion_summary, invert, save_inversion
-        from medkt.pipelines.transfer import inversion_targets
-
-        t0 = time.perf_counter()
-        inv = invert(backend, inversion_targets(self.concepts), self.inv_cfg, out_dir=out / "inversion",
-                     resume=self.resume, progress=self.progress)
-        save_inversion(inv, out / "inversion", self.inv_cfg)
-        t1 = time.perf_counter()
-        descriptions = {c["name"]: c["descriptions"][0] for c in self.concepts}
-        history = finetune(backend, inv.images, inv.concepts, descriptions, self.negative_captions, self.ft_cfg,
-                           texts_of_images=inv.texts, progress=self.progress)
-        atomic_write_json(out / "finetune.json", history)
-        return {"inversion": inversion_summary(inv), "finetune_lr": self.ft_cfg.lr, "finetune_steps": history["steps"],
-                "finetune_loss": [history["loss"][0], history["loss"][-1]],
-                "seconds_inversion": t1 - t0, "seconds_finetune": time.perf_counter() - t1}
+        r = self.step.run(backend, negatives=self.negative_captions, out_dir=out, resume=self.resume,
+                          progress=self.progress, save_weights=False)
+        s = r.summary()
+        return {"inversion": s["inversion"], "finetune_lr": self.step.finetune.lr, "finetune_steps": s["finetune"]["steps"],
+                "finetune_loss": [s["finetune"]["first_loss"], s["finetune"]["last_loss"]],
+                "seconds_inversion": s["seconds_inversion"], "seconds_finetune": s["seconds_finetune"]}
 
     @staticmethod
     def _write_masks(folder: Path, masks: dict[str, np.ndarray]) -> None:
@@ -381,7 +409,7 @@ class SegmentationTransferPipeline(Pipeline):
                  f"{self.post_cfg or 'k-means, 1 component'}", ""]
         if "transfer" in results:
             t = results["transfer"]
-            lines += [f"- transfer: {', '.join(c['name'] for c in self.concepts)}; inversion {self.inv_cfg.steps} steps "
+            lines += [f"- transfer: {', '.join(c.name for c in self.step.concepts)}; inversion {self.step.inversion.steps} steps "
                       f"({t['seconds_inversion']:.1f} s), fine-tuning lr {t['finetune_lr']:g}, {t['finetune_steps']} steps "
                       f"({t['seconds_finetune']:.1f} s)", ""]
         lines += ["## Metrics (mean ± std over images)", "", self._table(results),
