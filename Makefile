@@ -9,7 +9,7 @@ STAMP := $(VENV)/.medkt-installed
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 MEDKT_REQUIRE_MEDCLIP=1
 DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench docs clean
 
 # upstream MedCLIP is installed for its oracle test only: --no-deps skips textaugment/gensim/
 # googletrans and a PyPI "asyncio" package; its model code needs just the medclip-oracle extra.
@@ -27,8 +27,18 @@ test: install
 demo: install
 	OMP_NUM_THREADS=1 $(VENV)/bin/medkt transfer --bundle phantom_nodules --output $(DEMO_OUT)
 
+# API reference from the docstrings into site/; --strict: a broken reference or a docstring griffe
+# cannot parse fails the build (tests/test_docstrings.py checks every public name has one)
+DOCS_STAMP := $(VENV)/.medkt-docs-installed
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: install
 	$(PY) -m benchmarks.run --json benchmark.json
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site

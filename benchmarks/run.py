@@ -24,6 +24,9 @@ Measured side by side in one process:
 * M2IB saliency per image with the naive path (whole encoder every step) vs the cached prefix,
   and whether the maps are identical;
 * zero-shot evaluation: encoder calls for two evaluations at an unchanged model state;
+* mixed precision: ``bf16_vs_fp32_similarity_delta`` = final similarity of a bf16 (autocast)
+  inversion minus that of the same fp32 run, tiny model, both read out in fp32 (plus fine-tuning
+  loss / embedding-change deltas in ``bf16_vs_fp32``);
 * peak memory (max RSS) after each phase; load average before/after.
 """
 from __future__ import annotations
@@ -225,6 +228,54 @@ def zero_shot_calls(backend) -> dict[str, Any]:
     second = {k: counts[k] - first[k] for k in counts}
     return {"first_evaluate": first, "second_evaluate_same_state": second,
             "text_cached": first["encode_text_rows"] > 0 and second["encode_text_rows"] == 0, "image_embeddings_cached": second["encode_pixels_images"] == 0}
+
+
+# --- mixed precision ---------------------------------------------------------------------------
+def bf16_vs_fp32(steps: int = 100, n_images: int = 4, spec: str = "clip:medkt-tiny-ViT@random") -> dict[str, Any]:
+    """How far bf16 (autocast) inversion and fine-tuning land from fp32, same seeds, on this CPU.
+
+    Both runs start from the same random model and start images; the final similarity of each
+    run's images is measured with the fp32 model (so the delta is the optimisation's, not bf16's
+    measurement error; the bf16 run's own bf16 reading is reported too). Fine-tuning: 5 epochs on
+    the inverted images, final loss and embedding change of 4 fixed probe images.
+    """
+    from medkt.backends import create_backend
+    from medkt.finetune import finetune
+    from medkt.inversion import invert, similarity
+
+    texts = [CONCEPT[1]] * n_images
+    runs: dict[str, Any] = {}
+    for prec in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        b = create_backend(spec, precision=prec).eval()
+        t = time.perf_counter()
+        inv = invert(b, _targets(n_images), {"steps": steps, "seed": 0}, progress=False)
+        t_inv = time.perf_counter() - t
+        b.precision = "fp32"  # read every run's images with the fp32 model
+        sim32 = similarity(b, inv.images, b.encode_texts(texts)).tolist()
+        b.precision = prec
+        probe = torch.rand(4, 3, b.image_size, b.image_size, generator=torch.Generator().manual_seed(1))
+        e0 = b.encode_images(probe)
+        t = time.perf_counter()
+        hist = finetune(b, inv.images, inv.concepts, {CONCEPT[0]: CONCEPT[1]}, negative_captions=NEGATIVES,
+                        config={"epochs": 5, "lr": 1e-4, "batch_size": 2, "seed": 0}, progress=False)
+        t_ft = time.perf_counter() - t
+        e1 = b.encode_images(probe)
+        runs[prec] = {"final_similarity_fp32_readout": statistics.mean(sim32),
+                      "final_similarity_own_precision": statistics.mean(inv.similarities),
+                      "inversion_s": t_inv, "finetune_first_loss": hist["loss"][0],
+                      "finetune_final_loss": hist["loss"][-1], "finetune_s": t_ft,
+                      "embedding_change": float((1 - (e0 * e1).sum(-1)).mean()), "images": inv.images}
+    i32, i16 = runs["fp32"].pop("images"), runs["bf16"].pop("images")
+    a, b_ = runs["fp32"], runs["bf16"]
+    return {
+        "similarity_delta": b_["final_similarity_fp32_readout"] - a["final_similarity_fp32_readout"],
+        "finetune_final_loss_delta": b_["finetune_final_loss"] - a["finetune_final_loss"],
+        "embedding_change_ratio": b_["embedding_change"] / a["embedding_change"] if a["embedding_change"] else None,
+        "image_max_abs_diff": float((i16 - i32).abs().max()),
+        "runs": runs, "backend": spec, "steps": steps, "images": n_images,
+        "note": "bf16 = torch.autocast(bfloat16) forward passes; pixels, weights and optimiser state fp32",
+    }
 
 
 # --- final similarity ---------------------------------------------------------------------------
@@ -441,6 +492,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # 8. zero-shot evaluation caching
     out["zero_shot"] = zero_shot_calls(backend)
+
+    # 8b. mixed precision: bf16 vs fp32 on the tiny model (cheap; same in --quick and --tiny)
+    log("bf16 vs fp32 (tiny model)")
+    out["bf16_vs_fp32"] = bf16_vs_fp32(steps=20 if tiny else (50 if a.quick else 100))
+    out["bf16_vs_fp32_similarity_delta"] = out["bf16_vs_fp32"]["similarity_delta"]
 
     # 9. levers (full run only)
     if levers_on:

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     backend = medkt.create_backend(args.backend, device=args.device)
     result = medkt.segment(backend, args.images, args.prompt, masks=args.masks, sam=args.sam,
                            saliency_config=medkt.M2IBConfig(layer=args.layer, steps=args.steps),
-                           max_images=args.n_images, seed=args.seed, device=str(backend.device))
+                           max_images=args.n_images, seed=args.seed)
     result.save_masks(args.out / "masks")
     result.scores.write_csv(args.out / "metrics.csv")
     summary = result.to_dict()

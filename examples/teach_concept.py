@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     before, after = result.before["images"], result.after["images"]
     print(f"{'class':<24}{'before':>8}{'after':>8}")
     for c in labels:
-        print(f"{c:<24}{100 * before.per_class.get(c, float('nan')):>7.1f}%{100 * after.per_class.get(c, float('nan')):>7.1f}%")
+        b, a = before.per_class.get(c, float("nan")), after.per_class.get(c, float("nan"))
+        print(f"{c:<24}{100 * b:>7.1f}%{100 * a:>7.1f}%")
     print(f"{'top-1':<24}{100 * before.accuracy:>7.1f}%{100 * after.accuracy:>7.1f}%")
     print(f"AUROC of {args.concept!r}: {before.auroc(args.concept):.3f} -> {after.auroc(args.concept):.3f}")
     summary = result.to_dict()

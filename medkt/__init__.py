@@ -7,6 +7,7 @@ score masks, save and load fine-tuned weights::
     import medkt
 
     backend = medkt.create_backend("phantom:base")
+    # phantoms/images/<class>/*.png from: medkt phantom export -o phantoms --findings "no finding,nodule"
     result = medkt.evaluate_zero_shot(backend, "phantoms/images", {"nodule": ["a chest x-ray with nodule"],
                                                                    "no_finding": ["a normal chest x-ray"]})
 

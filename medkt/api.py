@@ -3,19 +3,17 @@
 Each step of knowledge transfer is one call and returns one result object with ``to_dict()``
 (JSON-ready):
 
-=========================  ==========================================  =========================
-step                       call                                        result
-=========================  ==========================================  =========================
-model                      :func:`create_backend`                      :class:`Backend`
-whole transfer             :func:`transfer`                            :class:`TransferResult`
-synthesise images          :func:`invert`                              :class:`InversionResult`
-fine-tune                  :func:`fine_tune`                           :class:`FinetuneResult`
-zero-shot classification   :func:`evaluate_zero_shot`                  :class:`ClassificationResult`
-saliency map               :func:`saliency`                            ``(H, W)`` array in [0, 1]
-zero-shot segmentation     :func:`segment`                             :class:`SegmentationResult`
-mask metrics               :func:`score_masks`                         :class:`ScoreTable`
-weights                    :func:`save_finetuned` / :func:`load_finetuned`
-=========================  ==========================================  =========================
+| step | call | result |
+|---|---|---|
+| model | :func:`create_backend` | :class:`Backend` |
+| whole transfer | :func:`transfer` | :class:`TransferResult` |
+| synthesise images | :func:`invert` | :class:`InversionResult` |
+| fine-tune | :func:`fine_tune` | :class:`FinetuneResult` |
+| zero-shot classification | :func:`evaluate_zero_shot` | :class:`ClassificationResult` |
+| saliency map | :func:`saliency` | ``(H, W)`` array in [0, 1] |
+| zero-shot segmentation | :func:`segment` | :class:`SegmentationResult` |
+| mask metrics | :func:`score_masks` | :class:`ScoreTable` |
+| weights | :func:`save_finetuned` / :func:`load_finetuned` | a safetensors file |
 
 Conventions: images are ``(N, C, S, S)`` float tensors in [0, 1] (``S`` = the backend's input
 size) or image files (PNG/JPEG 8/16-bit, DICOM, NIfTI, JSRT ``.IMG``, read by
@@ -28,6 +26,7 @@ Example (the shipped phantom model; change the spec string for a real model)::
     import medkt
 
     backend = medkt.create_backend("phantom:base", device="auto")
+    # phantoms/images/<class>/*.png from: medkt phantom export -o phantoms --findings "no finding,nodule"
     classes = {"nodule": ["a chest x-ray with nodule"], "no_finding": ["a chest x-ray with no finding"]}
     ev = medkt.zero_shot_evaluator(backend, "phantoms/images", classes)
     result = medkt.transfer(backend, [medkt.Concept("nodule", ["a small round bright spot in the lung"], 16)],
@@ -78,7 +77,7 @@ def invert(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]],
         config: :class:`InversionConfig` or a dict of its fields (e.g. ``{"steps": 300}``);
             default the paper's 5,000 steps.
         out_dir: when given, checkpoints, ``images/*.png``, ``grid.png`` and ``manifest.csv`` are
-            written to ``out_dir/inversion``.
+            written there.
         resume: continue from the checkpoints in ``out_dir``.
         init_images: ``(M, C, S, S)`` [0, 1] starting images for ``config.init == "images"``.
     Returns:
@@ -88,8 +87,8 @@ def invert(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]],
     from medkt.spine import synthesize
 
     cfg = config if isinstance(config, InversionConfig) else InversionConfig.from_dict(dict(config or {}))
-    return synthesize(backend, parse_concepts(concepts), cfg, images="inversion", out_dir=out_dir, resume=resume,
-                      progress=progress, init_images=init_images)
+    return synthesize(backend, parse_concepts(concepts), cfg, images="inversion", inversion_dir=out_dir,
+                      resume=resume, progress=progress, init_images=init_images)
 
 
 @dataclass
@@ -127,9 +126,10 @@ def fine_tune(backend: Backend, images: InversionResult, concepts: Sequence[Conc
 
     Args:
         images: the images to train on with the concept and description of each, e.g. the result
-            of :func:`invert` (images ``(N, C, S, S)`` in [0, 1]).
-        concepts: the concepts of the images (their first description captions the images of
-            another description too, as in :func:`transfer`).
+            of :func:`invert` (images ``(N, C, S, S)`` in [0, 1]); each image is captioned with
+            its own description (``images.texts``).
+        concepts: the concepts of the images; each concept's first description is also a caption
+            (a negative for the other concepts' images), as in :func:`transfer`.
         config: :class:`FinetuneConfig` or a dict of its fields (lr, epochs, batch_size, ...).
         negatives: captions that are never a target, e.g. the other classes of the task
             (InfoNCE needs at least one other caption).
@@ -180,6 +180,10 @@ def zero_shot_evaluator(backend: Backend, images: ImageSet, classes: ClassPrompt
                               "pass labels only with a tensor or a list of images")
         if path.is_dir():
             from medkt.data.prepare import prepare_imagefolder
+
+            if root is not None or split is not None or skip_bad:
+                raise ConfigError(f"{path} is a folder: root, split and skip_bad apply to a manifest only "
+                                  "(build one with 'medkt data prepare imagefolder --root DIR')")
 
             rows = prepare_imagefolder(path, split=None)
             if not rows:
@@ -314,8 +318,8 @@ class SegmentationResult:
 def segment(backend: Backend, images: str | Path, prompt: str, *, masks: str | Path | None = None,
             sam: str | None = None, saliency_config: M2IBConfig | Mapping[str, Any] | None = None,
             postprocess: Mapping[str, Any] | None = None, nsd_tolerance: float = 2.0, root: str | Path | None = None,
-            split: str | None = None, max_images: int | None = None, seed: int = 0, device: str = "cpu",
-            progress: bool = True) -> SegmentationResult:
+            split: str | None = None, max_images: int | None = None, seed: int = 0, progress: bool = True
+            ) -> SegmentationResult:
     """Zero-shot segmentation from a text prompt, scored against ground-truth masks
     (MedCLIP-SAMv2 style: M2IB saliency -> k-means + largest components -> boxes -> SAM).
 
@@ -328,7 +332,7 @@ def segment(backend: Backend, images: str | Path, prompt: str, *, masks: str | P
             into their axial slices with a mask.
         prompt: one descriptive sentence used for every image.
         sam: ``"vit_b@/path/sam_vit_b_01ec64.pth"`` (or ``vit_l`` / ``vit_h``), ``"tiny@random"``
-            (a tiny random SAM for tests); None = saliency-only.
+            (a tiny random SAM for tests); None = saliency-only. SAM runs on the backend's device.
         saliency_config: :class:`M2IBConfig` or a dict of its fields.
         postprocess: options of :func:`medkt.segmentation.postprocess.postprocess_saliency`
             (``method``, ``n_components``, ...).
@@ -355,7 +359,7 @@ def segment(backend: Backend, images: str | Path, prompt: str, *, masks: str | P
     if sam:
         from medkt.segmentation.sam import SamSegmenter
 
-        segmenter = SamSegmenter.from_spec(sam, device=device)
+        segmenter = SamSegmenter.from_spec(sam, device=str(backend.device))
     cfg = saliency_config if isinstance(saliency_config, M2IBConfig) else M2IBConfig(**dict(saliency_config or {}))
     from dataclasses import asdict
 

@@ -10,8 +10,8 @@
 * :func:`medclip_class_scores` -- MedCLIP's ``PromptClassifier``: each class's prompts are
   tokenised together, scored against the image with the clamped logit scale, and reduced with
   the mean (``ensemble=True``) or the max over prompts.
-* :class:`PromptEnsembleEvaluator` -- :class:`medkt.evaluation.ZeroShotEvaluator` with those
-  MedCLIP semantics (``aggregate="mean_similarity"`` / ``"max"``, per-class tokenisation).
+  (:class:`medkt.evaluation.ZeroShotEvaluator` scores with the same semantics as
+  ``aggregate="mean_similarity"`` / ``"max"``.)
 """
 from __future__ import annotations
 
@@ -21,14 +21,12 @@ import random
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from medkt.backends.base import Backend
 from medkt.errors import ConfigError
-from medkt.evaluation import ZeroShotEvaluator, class_text_embeddings
+from medkt.evaluation import aggregate_scores, class_text_embeddings
 
 #: CheXpert competition tasks = the five classes of CheXpert-5x200c, in MedCLIP's order
 CHEXPERT_5X200C_CLASSES = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion")
@@ -70,35 +68,22 @@ def chexpert_class_prompts(n: int | None = 10, seed: int = 0,
 # -- MedCLIP PromptClassifier semantics -------------------------------------------------------
 def medclip_class_scores(backend: Backend, x01: torch.Tensor, class_prompts: dict[str, Sequence[str]],
                          ensemble: str = "mean") -> torch.Tensor:
-    """MedCLIP ``PromptClassifier`` logits ``(B, K)`` for [0, 1] pixels ``(B, C, S, S)``.
+    """MedCLIP ``PromptClassifier`` logits ``(B, K)`` for [0, 1] pixels ``(B, C, S, S)``: medkt's
+    zero-shot scores (:func:`medkt.evaluation.aggregate_scores`) times the model's temperature.
 
     ``ensemble="mean"``: mean over a class's prompts of ``logit_scale * cos`` (upstream
-    ``ensemble=True``); ``"max"``: the best prompt (``ensemble=False``).
+    ``ensemble=True``, medkt's ``"mean_similarity"``); ``"max"``: the best prompt (``ensemble=False``).
     """
     if ensemble not in ("mean", "max"):
         raise ConfigError(f"ensemble must be 'mean' or 'max', got {ensemble!r}")
-    with torch.no_grad():
-        img = F.normalize(backend.encode_pixels(x01).float(), dim=-1)
-        scale = backend.logit_scale.detach().float()
-        cols = []
-        for emb in class_text_embeddings(backend, class_prompts):
-            logits = scale * img @ emb.T
-            cols.append(logits.mean(1) if ensemble == "mean" else logits.max(1).values)
-    return torch.stack(cols, 1)
-
-
-class PromptEnsembleEvaluator(ZeroShotEvaluator):
-    """:class:`ZeroShotEvaluator` defaulting to MedCLIP's prompt scoring (``"mean_similarity"``:
-    mean cosine over a class's prompts, upstream ``ensemble=True``)."""
-
-    def __init__(self, backend: Backend, images: Any, labels: Sequence[str], class_prompts: dict[str, Sequence[str]],
-                 aggregate: str = "mean_similarity", batch_size: int = 64):
-        super().__init__(backend, images, labels, class_prompts, aggregate=aggregate, batch_size=batch_size)
+    img = backend.encode_images(x01)
+    scores = aggregate_scores(img, class_text_embeddings(backend, class_prompts),
+                              "mean_similarity" if ensemble == "mean" else "max")
+    return backend.logit_scale.detach().float() * scores
 
 
 __all__ = [
     "CHEXPERT_5X200C_CLASSES",
-    "PromptEnsembleEvaluator",
     "all_chexpert_prompts",
     "chexpert_class_prompts",
     "chexpert_prompt_parts",

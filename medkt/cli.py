@@ -15,6 +15,7 @@ from typing import Optional
 
 import typer
 
+from medkt.device import DEVICE_HELP, PRECISION_HELP
 from medkt.errors import ConfigError, MedktError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -43,6 +44,22 @@ def _parse_sets(sets: list[str]) -> dict:
     return dict(parse_override(s) for s in sets)
 
 
+def _config_from_options(cls: type, options: dict, sets: list[str], path: str):
+    """``cls.from_dict`` of command-line options plus ``--set`` overrides; an error names the
+    ``--set`` (or option) the bad value came from."""
+    overrides = _parse_sets(sets)
+    try:
+        return cls.from_dict({**options, **overrides})
+    except ConfigError as exc:
+        field = (exc.key or "").split("#")[1] if (exc.key or "").startswith(path + "#") else None
+        if field in overrides and exc.source is None:
+            raw = overrides[field]
+            exc.source = f"from --set {field}={raw if isinstance(raw, str) else json.dumps(raw)}"
+        elif field in options and exc.source is None:
+            exc.source = f"from --{field.replace('_', '-')}"
+        raise
+
+
 @app.command()
 def transfer(
     bundle: str = typer.Option(..., "--bundle", "-b", help="Bundle name (see `medkt bundles`) or path to a bundle folder."),
@@ -52,11 +69,17 @@ def transfer(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run folder."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (OUTPUT.partial) from its checkpoints."),
     restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run (OUTPUT.partial) and start over."),
+    device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP + " (default: the bundle's device)."),
+    precision: Optional[str] = typer.Option(None, "--precision",
+                                            help=PRECISION_HELP + " (default: the bundle's precision)."),
 ) -> None:
     """Run a knowledge-transfer bundle: inversion -> fine-tuning -> evaluation before/after."""
     from medkt.bundles import run_bundle
 
-    results = run_bundle(bundle, _parse_sets(set_), config=config, output=output, overwrite=overwrite, resume=resume,
+    overrides = _parse_sets(set_)
+    # --device / --precision are the bundle's top-level keys (same as --set device=...)
+    overrides.update({k: v for k, v in (("device", device), ("precision", precision)) if v is not None})
+    results = run_bundle(bundle, overrides, config=config, output=output, overwrite=overwrite, resume=resume,
                          restart=restart)
     summary = results.get("summary_table")
     if summary:
@@ -108,6 +131,8 @@ def invert(
     resume: bool = typer.Option(False, help="Continue from the checkpoints in OUTPUT (refused if they were made "
                                             "with other settings or concepts)."),
     checkpoint_every: int = typer.Option(200, help="Checkpoint interval in steps (0 = off)."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Synthesise images of concepts from their descriptions (model inversion)."""
     from medkt.backends import create_backend
@@ -128,9 +153,9 @@ def invert(
         if not (output / "checkpoints" / "inversion.settings.json").is_file():
             raise ConfigError(f"cannot resume into {output}: it has no record of the settings its images were made "
                               "with (checkpoints/inversion.settings.json); choose another folder")
-    cfg = InversionConfig.from_dict({"steps": steps, "lr": lr, "seed": seed, "checkpoint_every": checkpoint_every,
-                                     **_parse_sets(set_)})
-    b = create_backend(backend)
+    cfg = _config_from_options(InversionConfig, {"steps": steps, "lr": lr, "seed": seed,
+                                                 "checkpoint_every": checkpoint_every}, set_, "inversion")
+    b = create_backend(backend, device=device, precision=precision)
     result = run_invert(b, targets, cfg, out_dir=output, resume=resume)
     manifest = save_inversion(result, output, cfg)
     typer.echo(f"{len(result.images)} images, mean similarity {sum(result.similarities) / len(result.similarities):.3f}, "
@@ -145,6 +170,8 @@ def finetune(
     negative: list[str] = typer.Option([], "--negative", "-n", help="Extra negative caption (repeatable)."),
     set_: list[str] = typer.Option([], "--set", "-s", help="FinetuneConfig fields, key=value (lr, train, ...)."),
     overwrite: bool = typer.Option(False, "--overwrite"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Fine-tune the visual encoder on inverted images with InfoNCE; save the weights."""
     from medkt.backends import create_backend
@@ -153,8 +180,8 @@ def finetune(
 
     if output.exists() and not overwrite:
         raise ConfigError(f"{output} exists; pass --overwrite to replace it")
-    cfg = FinetuneConfig.from_dict(_parse_sets(set_))
-    b = create_backend(backend)
+    cfg = _config_from_options(FinetuneConfig, {}, set_, "finetune")
+    b = create_backend(backend, device=device, precision=precision)
     inv = load_inversion(images, b)
     descriptions = {c: t for c, t in zip(inv.concepts, inv.texts)}
     hist = run_finetune(b, inv.images, inv.concepts, descriptions, negative, cfg, texts_of_images=inv.texts)
@@ -166,24 +193,27 @@ def finetune(
 def evaluate(
     backend: str = typer.Option(..., help="Backend spec."),
     manifest: Path = typer.Option(..., help="Dataset manifest (path,label,...)."),
-    classes: Path = typer.Option(..., help="JSON file: class -> list of prompts."),
+    classes: Path = typer.Option(..., help="JSON file: {class: prompt or [prompts]}, or [class names] (see --template)."),
+    template: list[str] = typer.Option([], "--template", help="Prompt template(s) for class names given without "
+                                                              "prompts (default: 'a photo of a {}.')."),
     root: Optional[Path] = typer.Option(None, help="Data root (default: the manifest's folder)."),
     weights: Optional[Path] = typer.Option(None, help="Fine-tuned weights from `medkt finetune`."),
     split: Optional[str] = typer.Option(None),
     aggregate: str = typer.Option("mean", help="Prompt ensemble: mean | max."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the result as JSON."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
 ) -> None:
     """Zero-shot classification accuracy (overall and per class) of a model on a manifest."""
     from medkt.backends import create_backend
     from medkt.data.manifest import read_manifest
     from medkt.evaluation import zero_shot_classify
-    from medkt.finetune import load_finetuned
+    from medkt.finetune import check_weights_file, load_finetuned
 
-    try:
-        prompts = json.loads(classes.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read class prompts {classes}: {exc}") from None
-    b = create_backend(backend)
+    prompts = read_class_prompts(classes, template)
+    if weights is not None:
+        check_weights_file(weights)  # before the model is built
+    b = create_backend(backend, device=device, precision=precision)
     if weights is not None:
         load_finetuned(b, weights)
     rows = read_manifest(manifest, root, classes=list(prompts), split=split)
@@ -196,6 +226,34 @@ def evaluate(
         from medkt.utils import atomic_write_json
 
         atomic_write_json(output, res.to_dict())
+
+
+def read_class_prompts(path: Path, templates: list[str] | None = None) -> dict[str, list[str]]:
+    """``--classes FILE``: a JSON object class -> prompt (a string is ONE prompt) or list of
+    prompts (null: the templates), or a JSON list of class names expanded with ``templates``
+    (default ``"a photo of a {}."``). Anything else is one ConfigError line naming the file."""
+    from medkt.bundles import read_json
+    from medkt.pipelines.transfer import class_prompts_of
+    from medkt.validation import ClassPrompts, check
+
+    raw = read_json(path)
+    expected = ('a JSON object {"class": "prompt" or ["prompt", ...]} or a JSON list of class names '
+                '(prompts from --template)')
+    try:
+        check(raw, ClassPrompts, "classes")
+        if not raw:
+            raise ConfigError(f"classes = {json.dumps(raw)}: expected at least one class", key="classes")
+        spec: dict = {"classes": raw}
+        if templates:
+            spec["templates"] = list(templates)
+        return class_prompts_of(spec)
+    except ConfigError as exc:
+        if exc.key == "classes":  # the whole structure is wrong: say what is accepted
+            from medkt.validation import show
+
+            exc = ConfigError(f"classes = {show(raw)}: expected {expected}", key="classes")
+        exc.source = exc.source or f"in {path}"
+        raise exc from None
 
 
 def _register_feature_commands() -> None:

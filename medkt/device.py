@@ -16,26 +16,32 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-
-import torch
+from typing import TYPE_CHECKING
 
 from medkt.errors import ConfigError
 
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI imports this module for its help texts
+    import torch
+
 #: values of ``--precision``
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-#: autocast dtype of each precision (fp32: no autocast)
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: autocast dtype name of each resolved precision (fp32: no autocast)
+_DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 DEVICE_HELP = "auto (CUDA when available, else CPU) | cpu | cuda | cuda:N | mps"
 PRECISION_HELP = "auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16 (CUDA only)"
 
 
 def _mps_available() -> bool:
+    import torch
+
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
 
 
 def available_devices() -> list[str]:
     """The device strings this machine can run on, e.g. ``["cpu", "cuda:0", "cuda:1"]``."""
+    import torch
+
     out = ["cpu"]
     if torch.cuda.is_available():
         out += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
@@ -55,6 +61,8 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         ConfigError: a malformed spec or a device this machine does not have (the message lists
             the available ones).
     """
+    import torch
+
     if isinstance(spec, torch.device):
         text = str(spec)
     else:
@@ -85,6 +93,8 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 
 
 def _bf16_supported(device: torch.device) -> bool:
+    import torch
+
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     return device.type in ("cpu", "mps")
@@ -98,6 +108,8 @@ def resolve_precision(precision: str | None = "auto", device: str | torch.device
     loss scaler and is offered on CUDA (and MPS) only; on the CPU it is refused with a pointer
     to bf16.
     """
+    import torch
+
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     p = "auto" if precision is None else str(precision).strip().lower()
     aliases = {"float32": "fp32", "32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "16": "fp16"}
@@ -122,9 +134,12 @@ def resolve_precision(precision: str | None = "auto", device: str | torch.device
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
     """The autocast dtype of a resolved precision (None for fp32)."""
+    import torch
+
     if precision not in _DTYPES:
         raise ConfigError(f"precision must be one of {list(_DTYPES)} here, got {precision!r}")
-    return _DTYPES[precision]
+    name = _DTYPES[precision]
+    return None if name is None else getattr(torch, name)
 
 
 @contextlib.contextmanager
@@ -133,6 +148,8 @@ def autocast(device: str | torch.device, precision: str = "fp32") -> Iterator[No
 
     Outside the block nothing changes: parameters, gradients and optimiser state stay fp32.
     """
+    import torch
+
     dtype = autocast_dtype(precision)
     if dtype is None:
         yield
@@ -148,6 +165,8 @@ def grad_scaler(device: str | torch.device, precision: str = "fp32") -> torch.am
     Use it the standard way: ``scaler.scale(loss).backward()``, ``scaler.unscale_(opt)`` before
     clipping, ``scaler.step(opt)``, ``scaler.update()``.
     """
+    import torch
+
     dev = device if isinstance(device, torch.device) else torch.device(device)
     enabled = precision == "fp16"
     # a disabled scaler never touches the device (and so also works on cpu/meta)
@@ -156,6 +175,8 @@ def grad_scaler(device: str | torch.device, precision: str = "fp32") -> torch.am
 
 def module_device(module: torch.nn.Module) -> torch.device:
     """Device of the first parameter (or buffer) of ``module``; CPU for a module without tensors."""
+    import torch
+
     for t in module.parameters():
         return t.device
     for t in module.buffers():

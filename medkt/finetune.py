@@ -49,7 +49,7 @@ class FinetuneConfig:
     train: Literal[TRAIN_CHOICES] = "visual"  # "visual" | "text" | "both" | "visual+decoder" (CoCa: also the caption decoder)
     prepend_name: bool = True
     caption_template: str = "A {name} is {description}"
-    loss: Annotated[str, OneOf(_LOSSES, "finetune loss")] = "infonce"
+    loss: Annotated[str, OneOf(loss_names, "finetune loss")] = "infonce"
     temperature: Annotated[float, Range(gt=0)] | None = None  # None: the model's own logit scale
     grad_clip: Annotated[float, Range(gt=0)] | None = None
     shuffle: bool = True
@@ -127,7 +127,19 @@ def register_finetune_loss(name: str, uses_caption_embeddings: bool = True,
     return deco
 
 
+def loss_names() -> list[str]:
+    """Names of the registered fine-tuning losses (built-in plug-ins such as ViLT's "itm"/"mlm" and
+    CoCa's "clip+caption" included: their module is imported on this first lookup)."""
+    from medkt.inversion import _import_plugins
+
+    _import_plugins()
+    return list(_LOSSES)
+
+
 def get_finetune_loss(name: str) -> LossFn:
+    """The registered loss ``name`` (:func:`register_finetune_loss`)."""
+    if name not in _LOSSES:
+        loss_names()
     if name not in _LOSSES:
         raise unknown_name("fine-tuning loss", name, list(_LOSSES))
     return _LOSSES[name]
@@ -312,8 +324,8 @@ def finetune(
                 scaler.step(opt)  # skips the step if fp16 gradients overflowed
                 scaler.update()
                 history["loss"].append(float(loss_log.detach()))
-                bar.update(1)
                 bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
+                bar.update(1)
             if select_fn is not None:
                 backend.eval()
                 score = float(select_fn())
@@ -424,15 +436,31 @@ def save_finetuned(backend: Backend, path: str | Path, which: str = "visual", me
     return atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
-def load_finetuned(backend: Backend, path: str | Path) -> Backend:
-    """Load parameters saved by :func:`save_finetuned` into ``backend`` (strict on names/shapes)."""
-    from safetensors.torch import load_file
+def check_weights_file(path: str | Path) -> Path:
+    """``path`` must be a safetensors file (as :func:`save_finetuned` writes); only its header is
+    read, so this is cheap enough to run before a model is built. Returns the path."""
+    from safetensors import safe_open
 
     from medkt.errors import WeightsNotFoundError
 
     path = Path(path)
     if not path.is_file():
         raise WeightsNotFoundError(f"fine-tuned weights not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+    except Exception as exc:  # safetensors raises its own SafetensorError (or OSError) on a foreign file
+        reason = " ".join(str(exc).split())[:80]
+        raise ConfigError(f"{path} is not a safetensors file ({reason}); --weights takes the .safetensors file "
+                          "written by `medkt finetune` or a run's finetuned.safetensors") from None
+    return path
+
+
+def load_finetuned(backend: Backend, path: str | Path) -> Backend:
+    """Load parameters saved by :func:`save_finetuned` into ``backend`` (strict on names/shapes)."""
+    from safetensors.torch import load_file
+
+    path = check_weights_file(path)
     tensors = load_file(str(path))
     own = backend.state_dict()
     unknown = [k for k in tensors if k not in own]

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from medkt.backends.base import Backend
 from medkt.errors import ConfigError
+
+if TYPE_CHECKING:
+    from medkt.inversion import InversionConfig
 
 
 @dataclass
@@ -32,7 +36,7 @@ def data_free_replay(
     backend: Backend,
     known_descriptions: Mapping[str, str],
     n_per_class: int,
-    inversion_config: "InversionConfig | dict | None" = None,  # noqa: F821 - medkt.inversion.InversionConfig
+    inversion_config: InversionConfig | dict | None = None,
     *,
     text_template: str = "A {name} is {description}",
     init_images: torch.Tensor | None = None,

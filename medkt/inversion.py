@@ -33,7 +33,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -69,7 +69,7 @@ class InversionConfig:
     lr_min: Annotated[float, Range(ge=0)] = 0.0
     tv_weight: Annotated[float, Range(ge=0)] = 0.005
     tv_diagonals: bool = False
-    objective: Annotated[str, OneOf(_OBJECTIVES, "inversion objective")] = "cosine"
+    objective: Annotated[str, OneOf(objective_names, "inversion objective")] = "cosine"
     augment_p: Annotated[float, Range(0, 1)] = 0.5  # probability of the random affine per view
     rotate_deg: Annotated[float, Range(0, 180)] = 30.0
     translate: Annotated[float, Range(0, 1)] = 0.1  # fraction of the image size
@@ -193,6 +193,22 @@ class InversionResult:
 ObjectiveFn = Callable[[Backend, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
 _OBJECTIVES: dict[str, ObjectiveFn] = {}
 _USES_TEXT_EMBEDDINGS: dict[str, bool] = {}
+#: modules of built-in plug-ins (ViLT's "itm" objective...), imported on the first name lookup so
+#: that neither this engine nor a backend has to import a model family's plug-ins up front
+PLUGIN_MODULES: list[str] = ["medkt.natural.objectives"]
+
+
+def _import_plugins() -> None:
+    import importlib
+
+    for module in PLUGIN_MODULES:
+        importlib.import_module(module)
+
+
+def objective_names() -> list[str]:
+    """Names of the registered inversion objectives (built-in plug-ins included)."""
+    _import_plugins()
+    return list(_OBJECTIVES)
 
 
 def register_inversion_objective(name: str, uses_text_embeddings: bool = True) -> Callable[[ObjectiveFn], ObjectiveFn]:
@@ -242,6 +258,9 @@ def contrastive_objective(backend: Backend, x: torch.Tensor, ctx: dict[str, Any]
 
 
 def get_objective(name: str) -> ObjectiveFn:
+    """The registered objective ``name`` (:func:`register_inversion_objective`)."""
+    if name not in _OBJECTIVES:
+        _import_plugins()
     if name not in _OBJECTIVES:
         raise unknown_name("inversion objective", name, list(_OBJECTIVES))
     return _OBJECTIVES[name]
@@ -501,8 +520,8 @@ def _run_chunk(
         mean_sim = float(sim_rows.detach().mean())
         history.append(mean_sim)
         if progress is not None:
-            progress.update(1)
             progress.set_postfix(sim=f"{mean_sim:.3f}", size=p.shape[-1])
+            progress.update(1)
         if cfg.early_stop_patience and stage == stages[-1][1]:
             if mean_sim > best + cfg.early_stop_min_delta:
                 best, since_best = mean_sim, 0

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
 from medkt.errors import ConfigError
+from medkt.validation import Range
 
 #: layer types LoRA is applied to (peft supports them; grouped convolutions are skipped)
 _LAYER_TYPES = (nn.Linear, nn.Conv2d)
@@ -42,44 +43,32 @@ DEFAULT_TARGETS: dict[str, list[str]] = {"open_clip": [r"\.mlp\."], "coca": [r"\
 class LoraSettings:
     """The ``lora`` sub-section of :class:`~medkt.finetune.FinetuneConfig`."""
 
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
+    rank: Annotated[int, Range(ge=1)] = 8
+    alpha: Annotated[float, Range(gt=0)] = 16.0
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
     #: regexes matched against module names (None: every Linear / Conv2d layer being trained)
     target_modules: list[str] | None = None
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | "LoraSettings" | None) -> "LoraSettings":
-        if isinstance(d, LoraSettings):
-            d.validate()
-            return d
-        if not isinstance(d, dict):
-            raise ConfigError(f"finetune 'lora' must be an object like {{\"rank\": 8, \"alpha\": 16}} or null, got {d!r}")
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ConfigError(f"unknown lora option(s) {bad}; known: {sorted(known)}")
-        d = dict(d)
-        if d.get("target_modules") is not None:
-            if isinstance(d["target_modules"], str) or not isinstance(d["target_modules"], (list, tuple)):
-                raise ConfigError(f"lora target_modules must be a list of regexes, got {d['target_modules']!r}")
-            d["target_modules"] = list(d["target_modules"])
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
+    def from_dict(cls, d: dict[str, Any] | "LoraSettings" | None, path: str = "finetune#lora") -> "LoraSettings":
+        """Checked by :mod:`medkt.validation` (types and ranges are the annotations above)."""
+        from medkt.validation import build
 
-    def validate(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"lora rank must be an integer >= 1, got {self.rank!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ConfigError(f"lora alpha must be a number > 0, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
-        for t in self.target_modules or []:
+        if isinstance(d, LoraSettings):
+            d.validate(path)
+            return d
+        return build(cls, d, path, what="lora")
+
+    def validate(self, path: str = "finetune#lora") -> None:
+        from medkt.validation import check_instance
+
+        check_instance(self, path)
+        for i, t in enumerate(self.target_modules or []):
             try:
                 re.compile(t)
-            except (re.error, TypeError) as exc:
-                raise ConfigError(f"lora target_modules entry {t!r} is not a regular expression ({exc})") from exc
+            except re.error as exc:
+                raise ConfigError(f"{path}#target_modules#{i} = {t!r}: expected a regular expression ({exc})",
+                                  key=f"{path}#target_modules#{i}") from None
 
 
 def lora_targets(model: nn.Module, params: Iterable[nn.Parameter], patterns: list[str] | None = None) -> list[str]:

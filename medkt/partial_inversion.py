@@ -20,10 +20,11 @@ the phantom CNN, open_clip ViTs, HF CLIP ViTs).
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -31,48 +32,37 @@ from torch import nn
 
 from medkt.backends.base import Backend
 from medkt.errors import ConfigError
+from medkt.validation import Range
 
 
 @dataclass
 class PartialInversionConfig:
     """Settings of :func:`invert_features` (the ``partial`` section of a phantom recipe)."""
 
-    top_blocks: int = 2  # k: blocks above the optimised representation (the ones fine-tuned)
-    steps: int = 200
-    lr: float = 0.05  # Adam step on h, relative to the features' scale (h is optimised as h0 + s * delta)
-    lr_schedule: str = "cosine"  # "cosine" | "constant"
-    stat: str = "meanstd"  # "meanstd" | "gram": which statistics of real features h must keep
-    stat_weight: float = 1.0
-    noise_std: float = 0.0  # Gaussian noise on h per step (relative to the features' scale): robustness
+    top_blocks: Annotated[int, Range(ge=1)] = 2  # k: blocks above the optimised representation (the ones fine-tuned)
+    steps: Annotated[int, Range(ge=1)] = 200
+    lr: Annotated[float, Range(gt=0)] = 0.05  # Adam step on h, relative to the features' scale (h is optimised as h0 + s * delta)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    stat: Literal["meanstd", "gram"] = "meanstd"  # which statistics of real features h must keep
+    stat_weight: Annotated[float, Range(ge=0)] = 1.0
+    noise_std: Annotated[float, Range(ge=0)] = 0.0  # Gaussian noise on h per step (relative to the features' scale): robustness
     seed: int = 0
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | "PartialInversionConfig" | None) -> "PartialInversionConfig":
-        if isinstance(d, PartialInversionConfig):
-            d.validate()
-            return d
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known)
-        if bad:
-            raise ConfigError(f"unknown partial-inversion option(s) {bad}; known: {sorted(known)}")
-        cfg = cls(**d)
-        cfg.validate()
-        return cfg
+    def from_dict(cls, d: dict[str, Any] | "PartialInversionConfig" | None,
+                  path: str = "partial") -> "PartialInversionConfig":
+        """Checked by :mod:`medkt.validation` (types, ranges, choices: the annotations above)."""
+        from medkt.validation import build
 
-    def validate(self) -> None:
-        for name in ("top_blocks", "steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"partial inversion {name} must be an integer >= 1, got {v!r}")
-        for name in ("lr", "stat_weight", "noise_std"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name == "lr" and v == 0):
-                raise ConfigError(f"partial inversion {name} must be a number {'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
-        if self.stat not in ("meanstd", "gram"):
-            raise ConfigError(f"partial inversion stat must be 'meanstd' or 'gram', got {self.stat!r}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ConfigError(f"partial inversion lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+        if isinstance(d, PartialInversionConfig):
+            d.validate(path)
+            return d
+        return build(cls, d, path, what="partial-inversion")
+
+    def validate(self, path: str = "partial") -> None:
+        from medkt.validation import check_instance
+
+        check_instance(self, path)
 
 
 @dataclass
@@ -201,7 +191,7 @@ def invert_features(
         for step in range(cfg.steps):
             if cfg.lr_schedule == "cosine":
                 for g in opt.param_groups:
-                    g["lr"] = cfg.lr * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * step / cfg.steps))).item()
+                    g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
             h = h0 + scale * delta
             hin = h + cfg.noise_std * scale * torch.randn(h.shape, generator=gen).to(h) if cfg.noise_std else h
             sim = cos(hin)
@@ -210,7 +200,7 @@ def invert_features(
             loss.backward()
             opt.step()
             if step % 10 == 0:
-                history.append(float(sim.mean()))
+                history.append(float(sim.detach().mean()))
         with torch.no_grad():
             h = h0 + scale * delta
             final = cos(h)

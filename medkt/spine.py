@@ -143,14 +143,17 @@ class TransferResult:
     after: dict[str, ClassificationResult] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)  # phases read back from out_dir instead of run
+    finetune_config: FinetuneConfig | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready inversion / fine-tuning summary and timings (no per-class evaluations)."""
         loss = self.history.get("loss") or [float("nan")]
+        cfg = self.finetune_config or FinetuneConfig()
         return {
             "concepts": sorted(set(self.images.concepts), key=self.images.concepts.index),
             "inversion": inversion_summary(self.images),
-            "finetune": {"steps": self.history.get("steps", 0), "first_loss": loss[0], "last_loss": loss[-1]},
+            "finetune": {"loss": cfg.loss, "lr": cfg.lr, "batch_size": cfg.batch_size, "train": cfg.train,
+                         "steps": self.history.get("steps", 0), "first_loss": loss[0], "last_loss": loss[-1]},
             "seconds_inversion": self.seconds.get("inversion", 0.0),
             "seconds_finetune": self.seconds.get("finetune", 0.0),
             "seconds_transfer": self.seconds.get("inversion", 0.0) + self.seconds.get("finetune", 0.0),
@@ -190,15 +193,16 @@ def _guard(out: Path | None, phase: str, settings: dict[str, Any], resume: bool)
 
 
 def synthesize(backend: Backend, concepts: Sequence[Concept], config: InversionConfig, *,
-               images: str | Path | InversionResult = "inversion", out_dir: str | Path | None = None,
+               images: str | Path | InversionResult = "inversion", inversion_dir: str | Path | None = None,
                resume: bool = False, progress: bool = True, init_images: torch.Tensor | None = None) -> InversionResult:
     """The images to fine-tune on: ``"inversion"`` (sharded across torchrun ranks, checkpointed in
-    ``out_dir/inversion``), ``"noise"``, an earlier run's manifest/folder, or an
-    :class:`InversionResult` (reused, e.g. by a learning-rate sweep). Saved to ``out_dir/inversion``
-    on the main rank. For ITM backends the reported similarities are match probabilities."""
+    ``inversion_dir``), ``"noise"``, an earlier run's manifest/folder, or an
+    :class:`InversionResult` (reused as is, e.g. by a learning-rate sweep). New images are saved to
+    ``inversion_dir`` on the main rank. For ITM backends the reported similarities are match
+    probabilities."""
     from medkt import distributed as mdist
 
-    out = Path(out_dir) / "inversion" if out_dir is not None else None
+    out = Path(inversion_dir) if inversion_dir is not None else None
     targets = inversion_targets(concepts)
     if isinstance(images, InversionResult):
         return images
@@ -230,7 +234,8 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
              negatives: Sequence[str] | None = None, out_dir: str | Path | None = None,
              images: str | Path | InversionResult = "inversion", before: Mapping[str, ClassificationResult] | None = None,
              evaluate_before: bool = True, resume: bool = False, progress: bool = True, save_weights: bool = True,
-             init_images: torch.Tensor | None = None, finetune_options: Mapping[str, Any] | None = None) -> TransferResult:
+             init_images: torch.Tensor | None = None, finetune_options: Mapping[str, Any] | None = None,
+             known_descriptions: Mapping[str, str] | None = None) -> TransferResult:
     """Teach ``concepts`` to ``backend`` (in place) and evaluate before/after.
 
     Args:
@@ -250,6 +255,8 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
         init_images: starting images for ``inversion_config.init == "images"``.
         finetune_options: extra keyword arguments of :func:`medkt.finetune.finetune` (replay
             images, ``select_fn``, loss context, ...).
+        known_descriptions: concepts the model already knows -> description: their captions are
+            fine-tuning negatives and the targets of replay images (``finetune_options``).
     Returns:
         a :class:`TransferResult`.
     """
@@ -270,14 +277,15 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
     seconds["evaluation_before"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    inv = synthesize(backend, concepts, inv_cfg, images=images, out_dir=out, resume=resume, progress=progress,
-                     init_images=init_images)
+    inv = synthesize(backend, concepts, inv_cfg, images=images, inversion_dir=out / "inversion" if out else None,
+                     resume=resume, progress=progress, init_images=init_images)
     seconds["inversion"] = time.perf_counter() - t
     _fault("after_inversion")
 
     names = {c.name for c in concepts}
     negs = list(negatives) if negatives is not None else default_negatives(evaluators, names)
     descriptions = {c.name: c.description for c in concepts}
+    descriptions.update({k: v for k, v in (known_descriptions or {}).items() if k not in descriptions})
     t = time.perf_counter()
     history = _finetune_phase(backend, inv, concepts, descriptions, negs, ft_cfg, out, resume, progress and main,
                               save_weights, dict(finetune_options or {}), resumed)
@@ -287,7 +295,7 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
     t = time.perf_counter()
     after = {n: ev.evaluate() for n, ev in evaluators.items()}
     seconds["evaluation_after"] = time.perf_counter() - t
-    return TransferResult(inv, history, before, after, seconds, resumed)
+    return TransferResult(inv, history, before, after, seconds, resumed, ft_cfg)
 
 
 def _finetune_phase(backend: Backend, inv: InversionResult, concepts: Sequence[Concept], descriptions: dict[str, str],

@@ -4,29 +4,54 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def seed_everything(seed: int) -> torch.Generator:
     """Seed python, numpy and torch; return a CPU generator seeded the same way."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``), else
+    by the classic set-and-restore."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    """Write to a temp file in the same folder, fsync, then rename over ``path``.
+
+    The file gets the mode a plain ``open(path, "w")`` would give (``0o666`` minus the umask):
+    ``mkstemp`` creates its temp files ``0o600``, which made results unreadable to a group.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o666 & ~current_umask())
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -48,6 +73,8 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     import io
 
+    import torch
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     return atomic_write_bytes(path, buf.getvalue())
@@ -60,8 +87,33 @@ def _json_default(o: Any) -> Any:
         return float(o)
     if isinstance(o, np.ndarray):
         return o.tolist()
-    if isinstance(o, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only if torch was imported (this module stays light)
+    if torch is not None and isinstance(o, torch.Tensor):
         return o.tolist()
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class _OnceFilter:
+    """A logging filter that lets each distinct message through once per process."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def filter(self, record: Any) -> bool:
+        msg = record.getMessage()
+        if msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+def log_once(logger_name: str) -> None:
+    """Show each message of logger ``logger_name`` once per process (e.g. MONAI's
+    "nvImageCodec is not available" warning, logged again by every ``LoadImage`` it builds)."""
+    import logging
+
+    lg = logging.getLogger(logger_name)
+    if not any(isinstance(f, _OnceFilter) for f in lg.filters):
+        lg.addFilter(_OnceFilter())

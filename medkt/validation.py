@@ -217,7 +217,12 @@ def check(value: Any, tp: Any, path: str) -> Any:
             return None
         alts = [a for a in args if a is not type(None)]
         if len(alts) == 1:
-            return check(value, alts[0], path)
+            try:
+                return check(value, alts[0], path)
+            except ConfigError as exc:
+                if exc.key != path or ": expected " not in str(exc) or type(None) not in args:
+                    raise
+                raise fail(path, value, describe(tp), _quoted_number_hint(value)) from None
         errors = []
         for a in alts:
             try:
@@ -310,7 +315,7 @@ def check_fields(cls: type, data: Mapping[str, Any] | None, path: str, what: str
     if not isinstance(data, Mapping):
         raise fail(path, data, describe(cls))
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    what = what or (path.rsplit("#", 1)[-1] if path else cls.__name__)
+    what = what or getattr(cls, "config_name", None) or (path.rsplit("#", 1)[-1] if path else cls.__name__)
     for key in data:
         if key not in fields:
             raise ConfigError(f"unknown {what} option {key!r} ({child(path, key)}).{did_you_mean(str(key), list(fields))} "
@@ -410,6 +415,8 @@ ClassPrompts = Union[dict[str, Union[str, list[str], None]], list[str]]
 class EvaluationSpec:
     """One entry of a pipeline's ``evaluations`` (zero-shot classification sets). See
     :mod:`medkt.pipelines.transfer` for the meaning; each key is used by the pipelines noted."""
+
+    config_name: typing.ClassVar[str] = "evaluation-set"
 
     manifest: str | None = None  # medkt manifest (path,label[,mask,split,sha256])
     root: str | None = None  # data root (default: the manifest's folder)

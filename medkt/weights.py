@@ -66,6 +66,12 @@ def _fetch_hint(repo_id: str, filename: str | None = None) -> str:
             f"the cache folder models--{repo_id.replace('/', '--')} into {hf_cache_dir()} ({README_HINT})")
 
 
+def _url_cache_file(url: str) -> Path | None:
+    """The file open_clip's URL download would have left in its cache (``~/.cache/clip``)."""
+    path = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url) if url else None
+    return path if path is not None and path.is_file() else None
+
+
 def open_clip_tag_checkpoint(architecture: str, tag: str) -> Path:
     """Local checkpoint file of an open_clip pretrained tag (e.g. ``ViT-B-32`` + ``openai``).
 
@@ -100,14 +106,17 @@ def open_clip_tag_checkpoint(architecture: str, tag: str) -> Path:
             path = hf_cached_file(repo_id, name)
             if path is not None:
                 return path
+        legacy = _url_cache_file(cfg.get("url", ""))
+        if legacy is not None:
+            return legacy
         raise WeightsNotFoundError(
             f"open_clip weights {architecture}@{tag} are not in the local Hugging Face cache {hf_cache_dir()}: "
             f"fetch file {names[0]} (or {names[-1]}) of repo {repo_id}; {_fetch_hint(repo_id, names[0])}"
         )
     url = cfg.get("url", "")
     if url:
-        path = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)  # open_clip's URL cache
-        if path.is_file():
+        path = _url_cache_file(url)
+        if path is not None:
             return path
         raise WeightsNotFoundError(
             f"open_clip weights {architecture}@{tag} are not cached: fetch {url} on a machine with internet "

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medkt.backends.base import Backend
+from medkt.backends.base import Backend, VisionSplitProvider
 
 
 class _HashTokenizer:
@@ -83,7 +83,7 @@ class _Identity(nn.Module):
         return x
 
 
-class PlantedToyBackend(Backend):
+class PlantedToyBackend(Backend, VisionSplitProvider):
     """A toy CLIP whose answer is known.
 
     Image: 8x8 patches of a 32x32 grey image -> 16 tokens of width 16; a patch brighter than 0.5

@@ -124,6 +124,34 @@ class MetaHostSyncs(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+def vilt_visual_embed_full_mask(self, pixel_values, pixel_mask, max_image_length=200):
+    """``ViltEmbeddings.visual_embed`` for an all-ones ``pixel_mask`` (what medkt passes) without
+    data-dependent shapes: transformers' version selects valid patches with ``nonzero``/``unique``/
+    ``multinomial``, which a meta tensor cannot run. Same result when every patch is valid and
+    ``max_image_length`` keeps them all (checked against the original in tests/test_device.py);
+    the pixel mask still takes part, so a mask on another device than the pixels raises.
+    """
+    import torch.nn.functional as F
+
+    x = self.patch_embeddings(pixel_values)
+    x_mask = F.interpolate(pixel_mask[:, None, :, :].float(), size=(x.shape[2], x.shape[3])).long()
+    batch_size, num_channels, height, width = x.shape
+    patch_dim = self.config.image_size // self.config.patch_size
+    spatial_pos = self.position_embeddings[:, 1:, :].transpose(1, 2).view(1, num_channels, patch_dim, patch_dim)
+    pos_embed = F.interpolate(spatial_pos, size=(height, width), mode="bilinear", align_corners=True)
+    pos_embed = pos_embed.expand(batch_size, -1, -1, -1).flatten(2).transpose(1, 2)
+    x = (x * x_mask).flatten(2).transpose(1, 2)  # the mask multiplies: a device mismatch raises
+    ii, jj = torch.meshgrid(torch.arange(height, device=x.device), torch.arange(width, device=x.device), indexing="ij")
+    patch_index = torch.stack([ii, jj], -1).flatten(0, 1)[None].expand(batch_size, -1, -1)
+    x_mask = x_mask.flatten(1)
+    cls_tokens = self.cls_token.expand(batch_size, -1, -1)
+    x = torch.cat((cls_tokens, x), dim=1)
+    pos_embed = torch.cat((self.position_embeddings[:, 0, :][:, None, :].expand(batch_size, -1, -1), pos_embed), dim=1)
+    x = self.dropout(x + pos_embed)
+    x_mask = torch.cat([torch.ones(x_mask.shape[0], 1).to(x_mask), x_mask], dim=1)
+    return x, x_mask, (patch_index, (height, width))
+
+
 def assert_on(x: Any, device_type: str = "meta") -> None:
     """Every tensor in ``x`` (nested lists/tuples/dicts) is on ``device_type``."""
     if isinstance(x, torch.Tensor):
@@ -136,4 +164,4 @@ def assert_on(x: Any, device_type: str = "meta") -> None:
             assert_on(v, device_type)
 
 
-__all__ = ["MetaHostSyncs", "assert_on"]
+__all__ = ["MetaHostSyncs", "assert_on", "vilt_visual_embed_full_mask"]

@@ -61,7 +61,7 @@ def test_transfer_end_to_end_and_refuses_to_overwrite(tmp_path, medkt):
         (["transfer", "--bundle", "quickstart_tiny", "--set", "nonsense"], "expected key=value"),
         (["transfer", "--bundle", "quickstart_tiny", "--set", "backend=clip:ViT-B-32@/no/such/file.pt"],
          "weights not found for open_clip ViT-B-32: /no/such/file.pt"),
-        (["transfer", "--bundle", "quickstart_tiny", "--set", "inversion={\"steps\": 0}"], "steps must be >= 1"),
+        (["transfer", "--bundle", "quickstart_tiny", "--set", "inversion={\"steps\": 0}"], "inversion#steps = 0: expected integer >= 1"),
     ],
 )
 def test_user_errors_exit_2_one_line_nothing_written(tmp_path, medkt, args, message):

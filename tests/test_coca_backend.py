@@ -158,7 +158,7 @@ def test_unknown_architecture_and_missing_weights():
 
     with pytest.raises(UnknownNameError, match="coca_ViT-B-32"):
         create_backend("coca:coca_ViT-B-33@random")
-    with pytest.raises(WeightsNotFoundError, match="HF cache"):
+    with pytest.raises(WeightsNotFoundError, match="Hugging Face cache"):
         create_backend("coca:coca_ViT-B-32@laion2b_s13b_b90k")
 
 
@@ -175,9 +175,12 @@ def test_checkpoint_file_and_hf_cache_tag(coca, tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_pixels(x), coca.encode_pixels(x))
         torch.testing.assert_close(loaded.model.text_decoder.text_projection, coca.model.text_decoder.text_projection)
-    # pretrained tags resolve to the local HF cache only
-    snap = tmp_path / "hub" / "models--laion--CoCa-ViT-B-32-laion2B-s13B-b90k" / "snapshots" / "abc"
+    # pretrained tags resolve to the local HF cache only (the snapshot refs/main points to)
+    repo = tmp_path / "hub" / "models--laion--CoCa-ViT-B-32-laion2B-s13B-b90k"
+    snap = repo / "snapshots" / "abc"
     snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
     (snap / "open_clip_pytorch_model.bin").write_bytes(b"x")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     assert _resolve_checkpoint("coca_ViT-B-32", "laion2b_s13b_b90k") == snap / "open_clip_pytorch_model.bin"

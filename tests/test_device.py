@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from meta_device import MetaHostSyncs, assert_on
+from meta_device import MetaHostSyncs, assert_on, vilt_visual_embed_full_mask
 from medkt.errors import ConfigError
 
 META = "meta"
@@ -103,11 +103,33 @@ def test_finetune_on_model_device(train, replay):
 
 
 # -- natural-image backends ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def vilt_meta():
+@pytest.fixture
+def vilt_meta(monkeypatch):
+    """Tiny ViLT on meta; transformers' data-dependent patch selection replaced by its full-mask equivalent."""
+    from transformers.models.vilt import modeling_vilt
+
     from medkt.backends import create_backend
 
+    monkeypatch.setattr(modeling_vilt.ViltEmbeddings, "visual_embed", vilt_visual_embed_full_mask)
     return create_backend("vilt:tiny@random", device=META)
+
+
+def test_vilt_full_mask_stand_in_equals_transformers():
+    from medkt.backends import create_backend
+
+    b = create_backend("vilt:tiny@random")
+    emb = b.model.vilt.embeddings
+    x = b.normalize(torch.rand(2, 3, 64, 96))
+    mask = torch.ones(2, 64, 96, dtype=torch.long)
+    ref = emb.visual_embed(x, mask, max_image_length=b.model.config.max_image_length)
+    mine = vilt_visual_embed_full_mask(emb, x, mask, max_image_length=b.model.config.max_image_length)
+    # transformers visits the (all valid) patches in a random order (multinomial): sort them back
+    h, w = ref[2][1]
+    order = (ref[2][0][..., 0] * w + ref[2][0][..., 1]).argsort(dim=1)  # (B, P)
+    ref_x = torch.cat([ref[0][:, :1], torch.gather(ref[0][:, 1:], 1, order[..., None].expand(-1, -1, ref[0].shape[-1]))], 1)
+    torch.testing.assert_close(mine[0], ref_x, rtol=0, atol=0)
+    assert torch.equal(mine[1], ref[1]) and mine[2][1] == ref[2][1]
+    assert torch.equal(mine[2][0], torch.gather(ref[2][0], 1, order[..., None].expand(-1, -1, 2)))
 
 
 def test_vilt_itm_inversion_and_finetune(vilt_meta):
@@ -264,3 +286,20 @@ def test_create_backend_device_and_precision():
     assert emb.dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="fp16"):
         create_backend("clip:medkt-tiny-ViT@random", precision="fp16")
+
+
+# -- command line ------------------------------------------------------------------------------------
+def test_cli_device_and_precision_options(tmp_path, monkeypatch, capsys):
+    from conftest import run_medkt_in_process
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    base = ["invert", "--backend", "clip:medkt-tiny-ViT@random", "-c", "moongate=a round opening", "--n-images", "1",
+            "--steps", "2", "--checkpoint-every", "0"]
+    code, io = run_medkt_in_process(monkeypatch, capsys, *base, "-o", str(tmp_path / "a"), "--device", "cuda")
+    assert code == 2 and "CUDA is not available" in io.err and "--device" in io.err
+    code, io = run_medkt_in_process(monkeypatch, capsys, *base, "-o", str(tmp_path / "b"), "--precision", "fp16")
+    assert code == 2 and "bf16" in io.err
+    code, io = run_medkt_in_process(monkeypatch, capsys, *base, "-o", str(tmp_path / "c"), "--device", "cpu",
+                                    "--precision", "bf16")
+    assert code == 0, io.err
+    assert (tmp_path / "c" / "manifest.csv").is_file()

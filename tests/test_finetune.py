@@ -77,7 +77,7 @@ def test_save_load_safetensors_roundtrip(inverted, tmp_path):
 
 
 def test_bad_finetune_config():
-    with pytest.raises(ConfigError, match="train must be"):
+    with pytest.raises(ConfigError, match=r"finetune#train = \"all\": expected one of"):
         FinetuneConfig.from_dict({"train": "all"})
     with pytest.raises(ConfigError, match="unknown finetune option"):
         FinetuneConfig.from_dict({"learning_rate": 1e-5})

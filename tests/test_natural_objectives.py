@@ -160,31 +160,27 @@ def test_clip_caption_loss_matches_its_definition(coca):
     x = torch.rand(2, 3, coca.image_size, coca.image_size)
     targets = torch.tensor([0, 1])
     cfg = FinetuneConfig()
-    if hasattr(coca, "caption_targets"):
-        del coca.caption_targets
-    with pytest.raises(ConfigError, match="caption_targets"):
+    with pytest.raises(ConfigError, match="loss_context"):
         loss_fn(coca, x, targets, captions, None, cfg)
-    coca.caption_targets = CaptionTargets({captions[0]: "cup", captions[1]: "bowl"}, clip_weight=1.0, caption_weight=0.1)
+    spec = CaptionTargets({captions[0]: "cup", captions[1]: "bowl"}, clip_weight=1.0, caption_weight=0.1)
     emb = coca.encode_texts(captions)
     with torch.no_grad():
         torch.manual_seed(5)
-        val = loss_fn(coca, x, targets, captions, emb, cfg)
+        val = loss_fn(coca, x, targets, captions, emb, cfg, context=spec)
         torch.manual_seed(5)
-        drawn = coca.caption_targets.draw(["cup", "bowl"])
+        drawn = spec.draw(["cup", "bowl"])
         assert all(any(t.format(c) == d for t in COCA_TARGET_TEMPLATES) for c, d in zip(["cup", "bowl"], drawn))
         img = F.normalize(coca.encode_pixels(x), dim=-1)
         clip = F.cross_entropy(coca.logit_scale * img @ emb.t(), targets)
         cap = coca.caption_loss(x, coca.tokenize(drawn))
     assert val.item() == pytest.approx((clip + 0.1 * cap).item(), rel=1e-4)
-    assert coca.caption_targets.last_parts["caption"] == pytest.approx(cap.item(), rel=1e-4)
-    del coca.caption_targets
+    assert spec.last_parts["caption"] == pytest.approx(cap.item(), rel=1e-4)
 
 
-def test_coca_train_decoder_switch(coca):
+def test_coca_decoder_is_a_declared_parameter_group(coca):
+    from medkt.finetune import _trainable
+
     dec = {id(p) for p in coca.decoder_parameters()}
     assert not dec & {id(p) for p in coca.visual_parameters()}
-    coca.train_decoder = True
-    try:
-        assert dec <= {id(p) for p in coca.visual_parameters()}
-    finally:
-        coca.train_decoder = False
+    assert not dec & {id(p) for p in _trainable(coca, "visual")}
+    assert dec <= {id(p) for p in _trainable(coca, "visual+decoder")}

@@ -55,3 +55,17 @@ def test_bundle_teaches_a_plugin_finding(tmp_path, monkeypatch, capsys):
     res = json.loads((out / "results.json").read_text())
     assert res["novel"] == "test speck"
     assert "test speck" in res["arms"]["transfer"]["per_class"] and "nodule" not in res["arms"]["transfer"]["per_class"]
+
+
+def test_extra_held_out_findings_draw_a_lesion_and_never_name_themselves():
+    from medkt.phantom import BUILTIN_FINDINGS, list_findings, make_phantom
+    from medkt.phantom.findings import EXTRA_HELD_OUT
+    from medkt.phantom.world import get_finding
+
+    for name in EXTRA_HELD_OUT:
+        assert name in list_findings() and name not in BUILTIN_FINDINGS  # default class lists unchanged
+        assert name in get_finding(name).definition
+        for i in range(6):
+            p = make_phantom(name, 7, i)
+            assert p.mask.any() and p.image.shape == (64, 64)
+            assert name not in p.describe(i).lower()

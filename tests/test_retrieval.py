@@ -90,3 +90,67 @@ def test_pairwise_scorer_brute_force_and_resume(vilt, tmp_path):
     assert ((probs > 0) & (probs < 1)).all()
     with pytest.raises(DataError, match="another run"):
         PairwiseITMScorer(vilt, captions[:-1], loader, 5, cache_dir=cache, block_size=2, progress=False).run()
+
+
+# -- sharded across torchrun ranks -----------------------------------------------------------------
+_CAPTIONS = ["a dog on the grass", "a red car", "two people sitting", "a cat", "a stone wall"]
+
+
+def _images() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return [torch.rand(3, 64, 64, generator=g) for _ in range(5)]
+
+
+def _retrieval_worker(rank: int, world: int, port: int, cache: str, out: str) -> None:
+    import os
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from medkt import distributed as mdist
+    from medkt.backends import create_backend
+
+    assert mdist.init_from_env(device="cpu")
+    try:
+        images, calls = _images(), []
+        scorer = PairwiseITMScorer(create_backend("vilt:tiny@random"), _CAPTIONS,
+                                   lambda i: calls.append(i) or images[i], 5, cache_dir=cache, text_batch_size=3,
+                                   block_size=2, progress=False)
+        scores = scorer.run()
+        torch.save({"scores": scores, "calls": calls}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_blocks_are_sharded_across_ranks_and_gathered(tmp_path):
+    """2 gloo ranks: rank r scores blocks r, r+2, ... into the shared cache; every rank returns the whole matrix,
+    equal to one process's; a rerun reads every block from disk."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from medkt.backends import create_backend
+
+    images = _images()
+    single = PairwiseITMScorer(create_backend("vilt:tiny@random"), _CAPTIONS, lambda i: images[i], 5,
+                               text_batch_size=3, block_size=2, progress=False)
+    assert single.my_blocks(0, 2) == [(0, 2), (4, 5)] and single.my_blocks(1, 2) == [(2, 4)]
+    ref = single.run()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache = tmp_path / "scores"
+    mp.start_processes(_retrieval_worker, args=(2, port, str(cache), str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["calls"] == [0, 1, 4] and ranks[1]["calls"] == [2, 3]  # each image scored once, by its rank
+    for r in ranks:
+        torch.testing.assert_close(r["scores"], ref, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in cache.glob("rows_*.pt")) == ["rows_0000000_0000002.pt", "rows_0000002_0000004.pt",
+                                                                "rows_0000004_0000005.pt"]
+    calls = []
+    again = PairwiseITMScorer(create_backend("vilt:tiny@random"), _CAPTIONS, lambda i: calls.append(i) or images[i], 5,
+                              cache_dir=cache, text_batch_size=3, block_size=2, progress=False).run()
+    assert calls == [] and torch.equal(again, ranks[0]["scores"])  # resumed from the rank files

@@ -424,7 +424,7 @@ def _resolve_checkpoint(architecture: str, weights: str | None) -> Path:
 
     from medkt.weights import open_clip_tag_checkpoint, resolve_weights
 
-    if weights is not None and weights in open_clip.list_pretrained_tags_by_model(architecture):
+    if weights is not None and open_clip.is_pretrained_cfg(architecture, weights):
         return open_clip_tag_checkpoint(architecture, weights)
     return resolve_weights(weights, what=f"CoCa {architecture}", how_to_get=HOW_TO_GET, filenames=CHECKPOINT_NAMES)
 
@@ -433,7 +433,6 @@ def create(architecture: str, weights: str | None, **kw) -> CocaBackend:
     """Factory for ``coca:<open_clip CoCa config>@<tag | path | random>``."""
     import open_clip
 
-    import medkt.natural.objectives  # noqa: F401  (registers the 'itm' / 'mlm' / 'clip+caption' plug-ins)
 
     register_tiny_configs()
     if architecture == "tiny":
@@ -447,7 +446,7 @@ def create(architecture: str, weights: str | None, **kw) -> CocaBackend:
     options: dict[str, Any] = {}
     if weights != "random":  # find the checkpoint before building a large model
         path = _resolve_checkpoint(architecture, weights)
-        if weights in open_clip.list_pretrained_tags_by_model(architecture):
+        if open_clip.is_pretrained_cfg(architecture, weights):
             options = open_clip_tag_options(architecture, weights)  # the tag's preprocessing
     torch.manual_seed(int(kw.pop("seed", 0)))
     with offline():

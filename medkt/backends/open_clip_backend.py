@@ -92,7 +92,7 @@ def create(architecture: str, weights: str | None, **kwargs) -> OpenClipBackend:
     pretrained: str | None
     if weights == "random":
         pretrained = None
-    elif weights is not None and weights in open_clip.list_pretrained_tags_by_model(architecture):
+    elif weights is not None and open_clip.is_pretrained_cfg(architecture, weights):
         # a tag: its file is found in the local HF cache (or WeightsNotFoundError naming it) and
         # open_clip gets the local path, plus what the tag implies (preprocessing, QuickGELU)
         pretrained = str(open_clip_tag_checkpoint(architecture, weights))

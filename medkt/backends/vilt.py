@@ -53,7 +53,7 @@ MAX_TEXT_POSITIONS = 40
 HOW_TO_GET = (
     "Download the Hugging Face repos dandelin/vilt-b32-mlm-itm (weights with the ITM head) and "
     "dandelin/vilt-b32-mlm (tokenizer) on a machine with internet, e.g. "
-    "`huggingface-cli download dandelin/vilt-b32-mlm-itm`, and copy the HF cache or the folders here"
+    "`hf download dandelin/vilt-b32-mlm-itm` (and dandelin/vilt-b32-mlm), and copy the HF cache or the folders here"
 )
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
@@ -406,8 +406,6 @@ class ViltBackend(Backend, ImageTextMatcher, MaskedLanguageModel):
 def create(architecture: str, weights: str | None, tokenizer: str | None = None, **kw) -> ViltBackend:
     """Factory for ``vilt:<architecture>@<weights>`` (see the module docstring)."""
     from transformers import ViltConfig
-
-    import medkt.natural.objectives  # noqa: F401  (registers the 'itm' / 'mlm' / 'clip+caption' plug-ins)
 
     if architecture not in ARCHITECTURES:
         raise unknown_name("ViLT architecture", architecture, list(ARCHITECTURES))

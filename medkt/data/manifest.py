@@ -19,6 +19,9 @@ COLUMNS = ("path", "label", "mask", "split", "sha256")
 
 @dataclass
 class ManifestRow:
+    """One image of a dataset: its path relative to the data root, its label, and optionally
+    its mask path, split and sha256 (see the module docstring)."""
+
     path: str
     label: str
     mask: str | None = None
@@ -28,6 +31,7 @@ class ManifestRow:
     source: str | None = field(default=None, compare=False, repr=False)
 
     def to_record(self) -> dict[str, str | None]:
+        """The row as written to a manifest: ``{column: value or None}`` for :data:`COLUMNS`."""
         return {k: getattr(self, k) for k in COLUMNS}
 
 
@@ -160,6 +164,7 @@ def _check_row(rec: dict, names: set[str], root: Path, where: str, classes: Sequ
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in ``chunk``-byte blocks (the manifest's ``sha256`` column)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(chunk), b""):

@@ -61,6 +61,8 @@ def list_preparers() -> dict[str, str]:
 
 
 def get_preparer(name: str) -> Preparer:
+    """The preparer registered as ``name`` (importing the feature areas' modules if needed); an
+    unknown name is a :class:`~medkt.errors.ConfigError` listing the known ones."""
     if name not in _REGISTRY:
         _load_providers()
     if name not in _REGISTRY:

@@ -25,6 +25,10 @@ from typing import Any
 import numpy as np
 
 from medkt.errors import DataError
+from medkt.utils import log_once
+
+# every MONAI LoadImage registers its readers and logs this once per call, i.e. per image read
+log_once("monai.data.nvimgcodec_pydicom_plugin")
 
 #: JSRT database geometry (http://db.jsrt.or.jp/eng.php): 2048 x 2048 pixels, 12-bit, 0.175 mm.
 JSRT_SHAPE = (2048, 2048)

@@ -62,6 +62,11 @@ class Recipe:
     data_free_replay: int = 0
     #: overrides of ``inversion`` for the data-free replay images (e.g. {"residual_sign": "any"})
     replay_inversion: dict[str, Any] = field(default_factory=dict)
+    #: partial-layer inversion (:mod:`medkt.partial_inversion`, paper Eq. 4) instead of pixel
+    #: inversion: {"top_blocks": k, ...} optimises the features entering the top k blocks from
+    #: the normal phantoms' features and fine-tunes only those blocks (``inversion`` is unused;
+    #: the placebo trains the top blocks on the un-inverted features); {} = off
+    partial: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
@@ -76,6 +81,10 @@ class Recipe:
         if isinstance(r.data_free_replay, bool) or not isinstance(r.data_free_replay, int) or r.data_free_replay < 0:
             raise ConfigError(f"data_free_replay must be an integer >= 0 (images per known class), got {r.data_free_replay!r}")
         uses_replay = r.replay_per_class or r.replay_init or r.data_free_replay
+        if r.partial:
+            from medkt.partial_inversion import PartialInversionConfig
+
+            PartialInversionConfig.from_dict(r.partial)
         if uses_replay and not (r.finetune.get("replay_per_batch", 0) > 0 or r.finetune.get("distill_weight", 0) > 0):
             # finetune ignores replay images unless one of these is on: say so instead of doing nothing
             raise ConfigError("the recipe builds replay images (replay_per_class / replay_init / data_free_replay) "
@@ -229,12 +238,18 @@ class PhantomTransferExperiment:
     def run_arm(self, recipe: Recipe, seed: int, ds, *, placebo: bool = False,
                 keep_images: bool = False) -> ArmResult:
         """Transfer (or its placebo) with ``recipe`` on a fresh backend; evaluate on ``ds``."""
-        from medkt.finetune import FinetuneConfig, finetune
-        from medkt.inversion import InversionConfig, InversionTarget, invert
-
-        from medkt.finetune import make_caption
+        from medkt.finetune import FinetuneConfig, make_caption
+        from medkt.inversion import InversionConfig, InversionResult
+        from medkt.spine import Concept, transfer
 
         backend = self.new_backend()
+        train_backend, split, partial = backend, None, None
+        if recipe.partial:  # partial-layer inversion: images are the features entering the top blocks
+            from medkt.partial_inversion import FeatureBackend, PartialInversionConfig, invert_features, split_top
+
+            partial = PartialInversionConfig.from_dict({"seed": seed, **recipe.partial})
+            split = split_top(backend, partial.top_blocks)
+            train_backend = FeatureBackend(backend, split)
         ft_cfg = FinetuneConfig.from_dict({"seed": seed, **recipe.finetune})
         inv_d = {"seed": seed, **recipe.inversion}
         if inv_d.get("objective") == "contrastive" and not inv_d.get("negative_texts"):
@@ -244,22 +259,28 @@ class PhantomTransferExperiment:
         t_inv = 0.0
         extra: dict[str, Any] = {}
         init = None
+        n = recipe.n_images
+        images: InversionResult | str = "inversion"  # the spine inverts, unless the images are given
         if placebo:
-            images = self.train_images(recipe.placebo, recipe.n_images, seed, 1)
+            x = self.train_images(recipe.placebo, n, seed, 1)
+            if split is not None:
+                x = split.features(backend, x)
+            images = InversionResult(x, [self.novel] * n, [self.description] * n, [float("nan")] * n)
         else:
-            init = self.train_images("normal", recipe.n_images, seed, 1) if inv_cfg.init == "images" else None
-            t0 = time.perf_counter()
-            inv = invert(backend, [InversionTarget(self.novel, self.description, recipe.n_images)], inv_cfg,
-                         progress=self.progress, init_images=init)
-            t_inv = time.perf_counter() - t0
-            images = inv.images
-            extra["inversion_similarity"] = float(np.mean(inv.similarities))
-            if keep_images:
-                extra["images"] = images
-                extra["init_images"] = init
+            init = (self.train_images("normal", n, seed, 1)
+                    if inv_cfg.init == "images" or partial is not None else None)
+            if partial is not None:
+                t0 = time.perf_counter()
+                finv = invert_features(backend, split, self.description, init, partial)
+                t_inv = time.perf_counter() - t0
+                images = InversionResult(finv.features, [self.novel] * n, [self.description] * n,
+                                         list(map(float, finv.similarities)))
+                extra["partial_start_similarity"] = float(np.mean(finv.start_similarities))
         replay, replay_c, t_replay = self.replay_set(recipe, seed, backend, init)
         if not placebo:
             t_inv += t_replay  # synthesising the replay is part of the transfer's cost
+        if replay is not None and split is not None:
+            replay = split.features(backend, replay)
         select_fn = None
         if recipe.select_per_class:
             sel = make_dataset(self.known, recipe.select_per_class, TRAIN_SEED_BASE + 10 * seed + 3, self.image_size)
@@ -271,10 +292,20 @@ class PhantomTransferExperiment:
 
             select_fn = known_accuracy
 
-        t0 = time.perf_counter()
-        hist = finetune(backend, images, [self.novel] * len(images), self.descriptions(), config=ft_cfg,
-                        progress=self.progress, replay_images=replay, replay_concepts=replay_c, select_fn=select_fn)
-        t_ft = time.perf_counter() - t0
+        # the transfer step (medkt.spine): invert (unless given) -> fine-tune; evaluation is the arm's own
+        r = transfer(train_backend, [Concept(self.novel, [self.description], n)], inversion_config=inv_cfg,
+                     finetune_config=ft_cfg, images=images, negatives=[], evaluate_before=False,
+                     known_descriptions={c: self.known_descriptions[c] for c in self.known}, progress=self.progress,
+                     init_images=init, finetune_options={"replay_images": replay, "replay_concepts": replay_c,
+                                                         "select_fn": select_fn})
+        hist, t_ft = r.history, r.seconds["finetune"]
+        t_inv += r.seconds["inversion"]
+        if not placebo:
+            extra["inversion_similarity"] = float(np.mean(r.images.similarities))
+            if keep_images:  # pixels for the report (partial-layer inversion edits features: its start images)
+                extra["images"] = init if partial is not None else r.images.images
+                extra["init_images"] = init
+                extra["partial"] = partial is not None
         extra["finetune_steps"] = hist["steps"]
         if hist.get("select"):
             extra["select_scores"] = hist["select"]

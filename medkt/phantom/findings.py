@@ -10,8 +10,6 @@ the held-out *nodule*, can be described entirely with words the model already gr
 from __future__ import annotations
 
 import math
-from typing import Any
-
 import numpy as np
 from scipy import ndimage
 
@@ -357,6 +355,90 @@ def describe_nodule(attrs: dict, rng: np.random.Generator) -> str:
     return join_phrases(main, extras, rng)
 
 
+# ----------------------------------------------------------------------------------------------
+# extra held-out findings for the generality protocol (issue 14): registered, never in
+# BUILTIN_FINDINGS (the shipped model and the default class lists are unchanged); the model
+# ``phantom_clip_heldout3`` holds out nodule, cavity and pneumoperitoneum
+# ----------------------------------------------------------------------------------------------
+def draw_cavity(cv: Canvas, rng: np.random.Generator):
+    """A round lesion with a bright thick wall and a dark air-filled centre (mostly upper zones)."""
+    count = 1 if rng.random() < 0.8 else 2
+    side0 = "right" if rng.random() < 0.5 else "left"
+    mask = np.zeros((cv.size, cv.size), bool)
+    locs, radii, walls = [], [], []
+    for k in range(count):
+        r = rng.uniform(3.2, 5.0)
+        wall = rng.uniform(1.1, 1.8)
+        side = side0 if k == 0 else ("left" if side0 == "right" else "right")
+        zone = "upper" if rng.random() < 0.6 else "middle"
+        cy, cx, side, zone = cv.lung_point(rng, side=side, zone=zone, margin=r * 0.8)
+        outer = cv.soft_disk(cy, cx, r * (1 + 0.15 * rng.random()), r, rng.uniform(0, 180), edge=0.55)
+        _blend(cv, outer, cv.values["soft"] * rng.uniform(1.0, 1.15))
+        inner = cv.soft_disk(cy, cx, r - wall, r - wall, edge=0.5)
+        _blend(cv, inner, cv.values["lung"] * rng.uniform(0.55, 0.8))
+        mask |= outer > 0.5
+        locs.append((side, zone))
+        radii.append(r)
+        walls.append(wall)
+    sides = {s for s, _ in locs}
+    return mask, {"count": count, "side": side0 if len(sides) == 1 else "bilateral",
+                  "zone": locs[0][1] if len(sides) == 1 else None,
+                  "radius": round(float(np.mean(radii)) / BASE_SIZE_CM, 2), "thick": float(np.mean(walls)) > 1.45}
+
+
+def describe_cavity(attrs: dict, rng: np.random.Generator) -> str:
+    n = attrs.get("count", 1)
+    loc = location_phrase(attrs.get("side", "right"), attrs.get("zone"), rng)
+    wall = "thick-walled" if attrs.get("thick") else pick(rng, ["thick-walled", "thin-walled"])
+    if n > 1:
+        main = pick(rng, [f"two round {wall} lesions with dark lucent centres {loc}",
+                          f"two ring-shaped opacities with central air {loc}"])
+    else:
+        main = pick(rng, [f"a round {wall} lesion with a dark lucent centre {loc}",
+                          f"a ring-shaped opacity with a bright rim and central air {loc}",
+                          f"a round lucent space surrounded by a dense wall {loc}",
+                          f"a hollow round opacity with central lucency {loc}"])
+    extras = ["a bright well-defined rim", "air inside the lesion", "no fluid level", "a smooth inner wall"]
+    return join_phrases(main, extras, rng)
+
+
+def draw_pneumoperitoneum(cv: Canvas, rng: np.random.Generator):
+    """A dark crescent of free air under one or both diaphragm domes (below the lung base)."""
+    u = rng.random()
+    sides = ["right"] if u < 0.6 else (["left"] if u < 0.8 else ["right", "left"])
+    mask = np.zeros((cv.size, cv.size), bool)
+    thick = rng.uniform(1.4, 2.6)
+    for side in sides:
+        lung = cv.lungs[side]
+        cols = np.where(lung.any(0))[0]
+        if len(cols) < 4:
+            continue
+        # the inner two thirds of the lung's width, where the dome is highest
+        c0 = cols[0] + len(cols) // 6
+        c1 = cols[-1] - len(cols) // 6
+        base = np.full(cv.size, -1.0)
+        for c in range(c0, c1 + 1):
+            rows = np.where(lung[:, c])[0]
+            if len(rows):
+                base[c] = cv.yy[rows[-1], c]  # the dome's height in this column (64-px units)
+        below = (cv.yy > base[None, :] + 0.9) & (cv.yy < base[None, :] + 0.9 + thick) & (base[None, :] > 0)
+        alpha = ndimage.gaussian_filter(below.astype(np.float32), 0.5 * cv.scale)
+        _blend(cv, np.clip(alpha * 1.4, 0, 1), cv.values["lung"] * rng.uniform(0.5, 0.8))
+        mask |= alpha > 0.4
+    side_word = "bilateral" if len(sides) == 2 else sides[0]
+    return mask, {"side": side_word, "size": "large" if thick > 2.1 else "small"}
+
+
+def describe_pneumoperitoneum(attrs: dict, rng: np.random.Generator) -> str:
+    side, size = attrs.get("side", "right"), attrs.get("size", "small")
+    where = "beneath both hemidiaphragms" if side == "bilateral" else f"beneath the {side} hemidiaphragm"
+    main = pick(rng, [f"a {'thin' if size == 'small' else 'broad'} dark crescent of free air {where}",
+                      f"a lucent crescent {where}", f"free gas under the diaphragm {where.replace('beneath ', 'on ')}",
+                      f"a dark curved band of air {where}"])
+    extras = ["a sharp outline of the diaphragm", "clear lungs", "air outlining the upper abdomen", "a normal heart size"]
+    return join_phrases(main, extras, rng)
+
+
 DEFINITIONS = {
     "no finding": "a normal chest x-ray with clear lungs and a normal heart",
     "cardiomegaly": "cardiomegaly is an enlarged heart wider than half of the chest",
@@ -367,7 +449,12 @@ DEFINITIONS = {
     "pneumothorax": "a pneumothorax is air without lung markings between the lung and the chest wall",
     "mass": "a mass is a large round well-defined dense lesion larger than 3 cm",
     "nodule": "a nodule is a small round well-defined dense opacity smaller than 3 cm, sometimes multiple",
+    "cavity": "a cavity is a round lesion with a thick bright wall and a dark air-filled lucent centre",
+    "pneumoperitoneum": "pneumoperitoneum is free air under the diaphragm, a dark crescent below the lung base",
 }
+
+#: findings drawn only for the generality protocol (held out by ``phantom_clip_heldout3``)
+EXTRA_HELD_OUT = ("cavity", "pneumoperitoneum")
 
 BUILTIN_FINDINGS = ("no finding", "cardiomegaly", "pleural effusion", "edema", "consolidation", "atelectasis",
                     "pneumothorax", "mass", "nodule")
@@ -382,5 +469,7 @@ for _name, _draw, _desc in (
     ("pneumothorax", draw_pneumothorax, describe_pneumothorax),
     ("mass", draw_mass, describe_mass),
     ("nodule", draw_nodule, describe_nodule),
+    ("cavity", draw_cavity, describe_cavity),
+    ("pneumoperitoneum", draw_pneumoperitoneum, describe_pneumoperitoneum),
 ):
     register_finding(_name, _draw, _desc, definition=DEFINITIONS[_name], overwrite=True)

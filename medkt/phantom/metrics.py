@@ -12,17 +12,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medkt.evaluation import auroc  # noqa: F401  (re-exported: phantom code imports it from here)
+from medkt.evaluation import aggregate_scores, auroc, class_text_embeddings, label_indices, summarize  # noqa: F401  (auroc re-exported)
 
 
-@torch.no_grad()
 def class_embeddings(backend, class_prompts: dict[str, list[str]]) -> torch.Tensor:
     """Mean of the normalised prompt embeddings per class, renormalised -> ``(K, D)``."""
-    out = []
-    for c, prompts in class_prompts.items():
-        e = backend.encode_texts(list(prompts))
-        out.append(F.normalize(e.mean(0), dim=-1))
-    return torch.stack(out)
+    return torch.stack([F.normalize(e.mean(0), dim=-1) for e in class_text_embeddings(backend, class_prompts)])
 
 
 def image_embeddings(backend, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -65,20 +60,15 @@ class ZeroShotResult:
 @torch.no_grad()
 def zero_shot(backend, images: torch.Tensor, labels: Sequence[str], class_prompts: dict[str, list[str]],
               image_emb: torch.Tensor | None = None, text_emb: torch.Tensor | None = None) -> ZeroShotResult:
-    """Classify ``images`` among ``class_prompts`` keys by cosine similarity; per-class accuracy."""
+    """Classify ``images`` among ``class_prompts`` keys with medkt's zero-shot scorer (CLIP's
+    prompt-embedding ensemble, the model's temperature); ``image_emb`` / ``text_emb`` reuse
+    embeddings already computed for the same model state."""
     classes = list(class_prompts)
     t = class_embeddings(backend, class_prompts) if text_emb is None else text_emb
     v = image_embeddings(backend, images) if image_emb is None else image_emb
-    scale = float(getattr(backend, "logit_scale", torch.tensor(100.0)))
-    logits = scale * v @ t.T
-    probs = logits.softmax(-1).numpy()
-    y = np.array([classes.index(l) for l in labels])
-    pred = probs.argmax(1)
-    K = len(classes)
-    conf = np.zeros((K, K), int)
-    np.add.at(conf, (y, pred), 1)
-    per = {c: float(conf[i, i] / max(1, conf[i].sum())) for i, c in enumerate(classes) if conf[i].sum() > 0}
-    return ZeroShotResult(classes, float((pred == y).mean()), per, conf, probs, y)
+    res = summarize(classes, label_indices(labels, classes), aggregate_scores(v, t, "mean").cpu().numpy(),
+                    float(backend.logit_scale.detach().float().cpu()))
+    return ZeroShotResult(classes, res.accuracy, res.per_class, res.confusion, res.probabilities(), np.asarray(res.labels))
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:

@@ -141,7 +141,7 @@ class Pipeline:
             log.info("nothing to resume in %s: starting a new run", staging)
         created = not staging.exists()
         staging.mkdir(parents=True, exist_ok=True)
-        with self._run_log(staging):
+        with self._run_log(staging) as run_log:
             seed_everything(self.seed)
             start = time.perf_counter()
             try:
@@ -152,7 +152,7 @@ class Pipeline:
                 fault_point("results")  # kill-and-resume tests: die between the results and the rename
                 atomic_write_json(staging / "settings.json", self.describe_settings())
             except BaseException as exc:
-                self._after_error(staging, created, exc)
+                self._after_error(staging, created, exc, run_log)
                 raise
         if self.output_dir.exists():  # overwrite was allowed
             shutil.rmtree(self.output_dir)
@@ -160,18 +160,20 @@ class Pipeline:
         log.info("run folder written: %s", self.output_dir)
         return results
 
-    def _after_error(self, staging: Path, created: bool, exc: BaseException) -> None:
+    def _after_error(self, staging: Path, created: bool, exc: BaseException, run_log: logging.Handler) -> None:
         """Keep the staging folder (its checkpoints) and say how to continue; drop it only if
         this run created it and wrote nothing but ``run.log`` into it."""
         if created and all(p.name == RUN_LOG or p.is_dir() for p in staging.rglob("*")):
             shutil.rmtree(staging, ignore_errors=True)
             return
-        what = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped ({type(exc).__name__}: {exc})"
-        log.error("run %s; its checkpoints are kept in %s: fix the problem and rerun the same command with "
-                  "--resume to continue from them (or --restart to start over)", what, staging)
+        # the error itself into run.log only: the CLI prints it (once) on the console
+        run_log.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s: %s", (type(exc).__name__, exc), None))
+        what = "was interrupted" if isinstance(exc, KeyboardInterrupt) else f"stopped ({type(exc).__name__})"
+        log.error("the run %s; its checkpoints are kept in %s: rerun the same command with --resume to continue "
+                  "from them once the problem is fixed, or with --restart to start over", what, staging)
 
     @contextlib.contextmanager
-    def _run_log(self, staging: Path) -> Iterator[None]:
+    def _run_log(self, staging: Path) -> Iterator[logging.Handler]:
         """Copy what the ``medkt`` loggers write into ``<staging>/run.log`` (appended on resume)."""
         logger = logging.getLogger("medkt")
         handler = logging.FileHandler(staging / RUN_LOG, mode="a", encoding="utf-8")
@@ -187,7 +189,7 @@ class Pipeline:
                      self.bundle_name or type(self).__name__, self.kind, staging, " ".join(sys.argv))
             log.info("versions: %s; host %s, pid %d, seed %d, device %s, precision %s",
                      json.dumps(versions()), socket.gethostname(), os.getpid(), self.seed, self.device, self.precision)
-            yield
+            yield handler
             log.info("run finished in %.1f s", time.perf_counter() - start)
         finally:
             logger.removeHandler(handler)

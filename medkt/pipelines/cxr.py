@@ -111,7 +111,7 @@ class CXRTransferSweep(TransferPipeline):
             slug = "".join(ch if ch.isalnum() else "_" for ch in label.lower()).strip("_")
             backend.load_state_dict(original)
             # one inversion per concept group, reused by every learning rate of the sweep
-            inv = synthesize(backend, group, self.inv_cfg, out_dir=out / "inversion" / slug, resume=self.resume,
+            inv = synthesize(backend, group, self.inv_cfg, inversion_dir=out / "inversion" / slug, resume=self.resume,
                              progress=self.progress)
             names = {c.name for c in group}
             negatives = (list(self.negative_captions) if self.negative_captions is not None

@@ -87,7 +87,7 @@ class ITMTransferPipeline(TransferPipeline):
                       resume=self.resume, progress=self.progress, save_weights=self.save_weights)
         if not self.separate_concepts:
             r = self.step.run(backend, out_dir=out, **common)
-            results = {**base, **r.summary(), "finetune_loss": self.ft_cfg.loss, "evaluations": {
+            results = {**base, **r.summary(), "evaluations": {
                 n: {"info": eval_info[n], "before": r.before[n].to_dict(), "after": r.after[n].to_dict()}
                 for n in evaluators}}
             write_report(out, self, results, r.before, r.after)
@@ -202,7 +202,7 @@ class RetrievalTransferPipeline(_CaptionedSplit, Pipeline):
         results = {
             "backend": self.backend_spec, "split": {"file": str(self.karpathy_json), "split": self.split,
                                                     "images": len(items), "captions": n_caps},
-            "concepts": [c["name"] for c in self.concepts], "inversion": inversion_summary(inv),
+            "concepts": [c.name for c in self.concepts], "inversion": inversion_summary(inv),
             "finetune": {"loss": self.ft_cfg.loss, "lr": self.ft_cfg.lr, "batch_size": self.ft_cfg.batch_size,
                          "steps": history["steps"], "first_loss": history["loss"][0], "last_loss": history["loss"][-1]},
             "seconds_inversion": t_inv, "seconds_finetune": t_ft,
@@ -250,8 +250,13 @@ class CaptioningTransferPipeline(_CaptionedSplit, Pipeline):
                          karpathy_json=karpathy_json, image_root=image_root, coco_captions_json=coco_captions_json,
                          split=split, limit=limit, generation=generation, metrics=metrics, batch_size=batch_size)
         self.backend_spec = backend
-        finetune_defaults = {"loss": "clip+caption", **({"train": "visual+decoder"} if train_decoder else {})}
-        self.step = TransferStep(concepts, inversion, finetune, seed=self.seed, finetune_defaults=finetune_defaults)
+        finetune = dict(finetune or {})
+        if train_decoder:  # the bundle's switch (Tab. 9 dagger) selects the visual tower + caption decoder
+            if finetune.get("train", "visual") not in ("visual", "visual+decoder"):
+                raise ConfigError(f"train_decoder=true trains the visual tower and the decoder; finetune.train "
+                                  f"{finetune['train']!r} contradicts it")
+            finetune["train"] = "visual+decoder"
+        self.step = TransferStep(concepts, inversion, finetune, seed=self.seed, finetune_defaults={"loss": "clip+caption"})
         self.concepts, self.inv_cfg, self.ft_cfg = self.step.concepts, self.step.inversion, self.step.finetune
         self.clip_weight, self.caption_weight = float(clip_weight), float(caption_weight)
         if self.clip_weight < 0 or self.caption_weight < 0:
@@ -319,7 +324,7 @@ class CaptioningTransferPipeline(_CaptionedSplit, Pipeline):
         results = {
             "backend": self.backend_spec,
             "split": {"file": str(self.karpathy_json), "split": self.split, "images": len(items)},
-            "concepts": [c["name"] for c in self.concepts], "inversion": inversion_summary(inv),
+            "concepts": [c.name for c in self.concepts], "inversion": inversion_summary(inv),
             "finetune": {"loss": self.ft_cfg.loss, "lr": self.ft_cfg.lr, "clip_weight": self.clip_weight,
                          "caption_weight": self.caption_weight, "train_decoder": self.train_decoder,
                          "steps": history["steps"], "first_loss": history["loss"][0], "last_loss": history["loss"][-1]},

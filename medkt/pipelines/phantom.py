@@ -146,8 +146,12 @@ class PhantomTransferPipeline(Pipeline):
         x = ds.tensor()
         lab = np.array(ds.labels)
         arm = objs["arms"]["transfer"]
-        rows = [(f"inverted toward the description of '{novel}' (transfer recipe)", arm.extra["images"])]
-        if arm.extra.get("init_images") is not None:
+        if arm.extra.get("partial"):  # features were inverted, not pixels: there is no inverted image to show
+            rows = [(f"start images of the partial-layer inversion toward '{novel}' (their features were edited)",
+                     arm.extra["images"])]
+        else:
+            rows = [(f"inverted toward the description of '{novel}' (transfer recipe)", arm.extra["images"])]
+        if arm.extra.get("init_images") is not None and not arm.extra.get("partial"):
             rows.append(("their starting images (normal phantoms)", arm.extra["init_images"]))
         for key, a in objs["arms"].items():
             if key not in ("transfer", "placebo") and "images" in a.extra:

@@ -97,8 +97,12 @@ def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], defau
     skip_bad = bool(spec.get("skip_bad", False))
     aggregate = spec.get("aggregate", default_aggregate)
     problems: list[ManifestProblem] = []
-    rows = read_manifest(manifest, root, classes=list(prompts), split=spec.get("split"),
-                         skip_bad=skip_bad, problems=problems)
+    # with distractor classes a class may have no rows; labels must still be among the classes
+    rows = read_manifest(manifest, root, classes=None if allow_missing_classes else list(prompts),
+                         split=spec.get("split"), skip_bad=skip_bad, problems=problems)
+    unknown = sorted({r.label for r in rows} - set(prompts))
+    if unknown:
+        raise DataError(f"{manifest}: labels {unknown[:5]} are not among the evaluation classes of {name!r}")
     if skip_bad:
         good = []
         for r in rows:
@@ -186,7 +190,7 @@ class TransferPipeline(Pipeline):
             cfg.seed = int(spec.get("seed", self.seed + 1000))
             n = int(spec.get("n_images", 5))
             held_concepts = [type(c)(c.name, [c.description], n) for c in self.concepts]
-            held = synthesize(backend, held_concepts, cfg, out_dir=out / f"heldout_{name}" if out else None,
+            held = synthesize(backend, held_concepts, cfg, inversion_dir=out / f"heldout_{name}" if out else None,
                               resume=self.resume, progress=self.progress)
             prompts = {c.name: [make_caption(c.name, c.description, self.ft_cfg)] for c in self.concepts}
             info = {"source": "held-out inversions (smoke check, not real images)", "n_images": len(held.images)}

@@ -302,7 +302,7 @@ class M2IBConfig:
     layer: int | None = None  # vision block (negative counts from the end); None = upstream-like depth
     beta: Annotated[float, Range(ge=0)] = 0.1
     steps: Annotated[int, Range(ge=1)] = 10
-    lr: Annotated[float, Range(gt=0)] = 1.0
+    lr: Annotated[float, Range(ge=0)] = 1.0  # 0: no optimisation (the initial bottleneck)
     batch_size: Annotated[int, Range(ge=1)] = 10
     alpha_init: float = 5.0
     seed: int = 0
@@ -312,6 +312,9 @@ class M2IBConfig:
 
 @dataclass
 class SaliencyResult:
+    """One M2IB explanation: the per-token KL map on the encoder's token grid and the loss of
+    every optimisation step."""
+
     token_kl: np.ndarray  # (rows, cols) raw per-token KL (summed over channels, batch-averaged)
     losses: list[float] = field(default_factory=list)
 
@@ -392,6 +395,8 @@ class M2IB:
         return self._text_cache[prompt]
 
     def prefix_tokens(self, xb: Tensor) -> Tensor:
+        """Tokens ``(B, T, D)`` after the frozen encoder prefix (computed once per image, then
+        only the suffix runs at every bottleneck step)."""
         with torch.enable_grad():  # same kernels as the naive path (e.g. PyTorch's MHA fast path is off there)
             return self.split.prefix(xb).detach()
 

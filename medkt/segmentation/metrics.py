@@ -148,6 +148,7 @@ class ScoreTable:
     rows: list[dict[str, float]] = field(default_factory=list)
 
     def add(self, name: str, scores: dict[str, float]) -> None:
+        """Append one image's scores (``{"dsc", "nsd", "iou"}``)."""
         self.names.append(name)
         self.rows.append(dict(scores))
 
@@ -155,6 +156,7 @@ class ScoreTable:
         return len(self.rows)
 
     def means(self) -> dict[str, float]:
+        """Mean of each metric over the images (NaN when empty)."""
         if not self.rows:
             return {k: float("nan") for k in METRIC_NAMES}
         return {k: float(np.mean([r[k] for r in self.rows])) for k in METRIC_NAMES}
@@ -173,6 +175,7 @@ class ScoreTable:
         return buf.getvalue()
 
     def write_csv(self, path: str | Path) -> Path:
+        """Write :meth:`to_csv` atomically to ``path``; returns it."""
         from medkt.utils import atomic_write_text
 
         return atomic_write_text(path, self.to_csv())

@@ -36,6 +36,7 @@ class PostprocessResult:
 
     @property
     def empty(self) -> bool:
+        """True when no pixel survived the cut (no box for SAM)."""
         return not bool(self.mask.any())
 
 
@@ -63,6 +64,7 @@ def kmeans_threshold(values: np.ndarray, max_iter: int = 100) -> float:
 
 
 def otsu_threshold(values: np.ndarray) -> float:
+    """Otsu's cut of the intensities (scikit-image ``threshold_otsu``)."""
     from skimage.filters import threshold_otsu
 
     return float(threshold_otsu(np.asarray(values, dtype=np.float64)))
