@@ -498,6 +498,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["bf16_vs_fp32"] = bf16_vs_fp32(steps=20 if tiny else (50 if a.quick else 100))
     out["bf16_vs_fp32_similarity_delta"] = out["bf16_vs_fp32"]["similarity_delta"]
 
+    # 8c. dataset-scale evaluation: peak memory must not grow with the number of images
+    from benchmarks.eval_memory import measure as eval_measure
+
+    small, large = (30, 240) if tiny else (100, 800) if a.quick else (300, 2400)
+    log(f"streamed evaluation memory: {small} vs {large} images at 224 px")
+    ev_kw = {"backend": "clip:medkt-tiny-ViT@random"} if tiny else {}
+    ev_small = eval_measure(small, 0, **ev_kw)
+    ev_large = eval_measure(large, 0, **ev_kw)
+    ev_workers = eval_measure(small, 2, **ev_kw)
+    out["eval_memory"] = {"small": ev_small, "large": ev_large, "small_2_workers": ev_workers}
+    out["eval_peak_rss_mb_small"] = ev_small["peak_rss_mb"]
+    out["eval_peak_rss_mb_large"] = ev_large["peak_rss_mb"]
+    out["eval_peak_rss_ratio_large_small"] = ev_large["peak_rss_mb"] / ev_small["peak_rss_mb"]
+    out["eval_images_per_s"] = {"0_workers": ev_small["images_per_s"], "2_workers": ev_workers["images_per_s"]}
+
     # 9. levers (full run only)
     if levers_on:
         log("levers")

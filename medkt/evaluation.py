@@ -360,9 +360,9 @@ class ZeroShotEvaluator:
         backend = self.backend
         flat = [p for c in self.classes for p in self.class_prompts[c]]
         tokens = [backend.tokenize(flat[i : i + self.text_batch_size]) for i in range(0, len(flat), self.text_batch_size)]
-        owner = torch.repeat_interleave(torch.arange(len(self.classes)),
-                                        torch.tensor([len(self.class_prompts[c]) for c in self.classes]))
-        owner = owner.to(backend.device)
+        counts = torch.tensor([len(self.class_prompts[c]) for c in self.classes])
+        owner = torch.repeat_interleave(torch.arange(len(self.classes)), counts).to(backend.device)
+        counts = counts.to(backend.device, torch.float32)
         indices = self._rank_indices()
         rows = []
         was_training = backend.training
@@ -377,7 +377,7 @@ class ZeroShotEvaluator:
                         k = len(self.classes)
                         if self.aggregate == "mean":
                             sums = torch.zeros(k, device=s.device).index_add_(0, owner, s)
-                            rows.append(sums / torch.bincount(owner, minlength=k).to(s.dtype))
+                            rows.append(sums / counts)
                         else:
                             rows.append(torch.full((k,), -torch.inf, device=s.device).scatter_reduce(0, owner, s, "amax"))
                     bar.update(len(imgs))

@@ -70,16 +70,6 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    import io
-
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return atomic_write_bytes(path, buf.getvalue())
-
-
 def _json_default(o: Any) -> Any:
     if isinstance(o, (np.integer,)):
         return int(o)

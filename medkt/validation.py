@@ -42,7 +42,7 @@ from typing import Any, Literal, Union
 from medkt.errors import ConfigError, did_you_mean
 
 __all__ = ["Range", "OneOf", "check", "check_fields", "build", "check_instance", "check_call",
-           "describe", "EvaluationSpec", "child", "ClassPrompts"]
+           "check_pipeline_args", "describe", "fail", "show", "child", "EvaluationSpec", "ClassPrompts"]
 
 
 # -- markers used inside Annotated[...] -------------------------------------------------------

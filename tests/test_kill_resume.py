@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +35,7 @@ TINY = ["--set", "inversion#steps=8", "--set", "inversion#checkpoint_every=2",
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 
 
-def run_forked(args: list[str], log: Path, env: dict[str, str] | None = None) -> int:
+def run_forked(args: list[str], log: Path, env: dict[str, str] | None = None, timeout: float = 300) -> int:
     """Run ``medkt ARGS`` in a forked child; its stdout/stderr go to ``log``. Returns the exit
     code, or ``-signal`` when the child was killed (``-9`` for SIGKILL)."""
     pid = os.fork()
@@ -67,8 +69,16 @@ def run_forked(args: list[str], log: Path, env: dict[str, str] | None = None) ->
                 sys.stderr.flush()
             finally:
                 os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise TimeoutError(f"medkt {' '.join(args)} did not finish in {timeout} s; log: {log}")
+        time.sleep(0.05)
 
 
 def transfer(out: Path, log: Path, *extra: str, fault: str | None = None) -> int:
@@ -114,12 +124,10 @@ def outputs(folder: Path) -> dict[str, bytes]:
 
 def warm_imports() -> None:
     """Import here, once, what every run imports lazily, so the forked runs skip it (~20 s each)."""
-    import matplotlib.pyplot  # noqa: F401  (report figures)
-    import monai.bundle  # noqa: F401
-    import open_clip  # noqa: F401
+    import importlib
 
-    import medkt.cli  # noqa: F401
-    import medkt.pipelines.transfer  # noqa: F401
+    for module in ("matplotlib.pyplot", "monai.bundle", "open_clip", "medkt.cli", "medkt.pipelines.transfer"):
+        importlib.import_module(module)
     from medkt.backends import create_backend
 
     create_backend("clip:medkt-tiny-ViT@random")  # loads the backend family's modules

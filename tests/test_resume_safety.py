@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from medkt.checkpoints import describe_changes, guard_resume, load_checkpoint, save_checkpoint
-from medkt.errors import CheckpointError, ConfigError, ResumeMismatchError
+from medkt.errors import CheckpointError, ConfigError, DataError, ResumeMismatchError
 from medkt.inversion import InversionConfig, InversionTarget, invert
+from medkt.pipelines.base import Pipeline
 from medkt.progress import Progress, log_interval
 from test_kill_resume import TINY
 
@@ -107,6 +108,59 @@ def test_existing_partial_without_resume_is_refused_and_restart_discards_it(medk
     assert r.returncode == 0, r.stderr[-2000:]
     assert not partial.exists() and (out / "results.json").is_file()
     assert "medkt resuming" not in (out / "run.log").read_text()
+
+
+class _Toy(Pipeline):
+    """A pipeline that writes a checkpoint and then fails (or not), to test the run folder rules."""
+
+    def __init__(self, fail: str = "", fail_in_validate: bool = False, **kw):
+        super().__init__(**kw)
+        self.fail, self.fail_in_validate = fail, fail_in_validate
+
+    def validate(self) -> None:
+        super().validate()
+        if self.fail_in_validate:
+            raise DataError("manifest /no/such.csv not found")
+
+    def _run(self, out: Path) -> dict:
+        if self.fail == "before writing":
+            raise DataError("bad image row 3")
+        (out / "chunk0000.pt").write_bytes(b"work")
+        if self.fail == "after a checkpoint":
+            raise DataError("bad image row 7")
+        return {"ok": True}
+
+
+def test_pipeline_validate_runs_before_any_folder_is_touched(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(DataError):
+        _Toy(output_dir=out, fail_in_validate=True).run()
+    assert not out.with_name("run.partial").exists() and not out.exists()
+    out.with_name("run.partial").mkdir()
+    (out.with_name("run.partial") / "chunk0000.pt").write_bytes(b"old work")
+    with pytest.raises(DataError):
+        _Toy(output_dir=out, fail_in_validate=True, resume=True).run()
+    assert (out.with_name("run.partial") / "chunk0000.pt").read_bytes() == b"old work"
+    assert not (out.with_name("run.partial") / "run.log").exists()
+
+
+def test_pipeline_error_keeps_work_and_says_how_to_resume(tmp_path, caplog):
+    out, partial = tmp_path / "run", tmp_path / "run.partial"
+    with pytest.raises(DataError):
+        _Toy(output_dir=out, fail="before writing").run()
+    assert not partial.exists()  # nothing was written: nothing to keep, nothing blocks the next run
+    with pytest.raises(DataError):
+        _Toy(output_dir=out, fail="after a checkpoint").run()
+    assert (partial / "chunk0000.pt").is_file()
+    log = (partial / "run.log").read_text()
+    assert "DataError: bad image row 7" in log and "--resume" in log and "kept in" in log
+    assert any("--resume" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    assert _Toy(output_dir=out, resume=True).run() == {"pipeline": "pipeline", "bundle": None, "seed": 0,
+                                                        "seconds_total": pytest.approx(0, abs=60), "ok": True}
+    assert (out / "results.json").is_file() and (out / "settings.json").is_file() and not partial.exists()
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["device"] == "auto" and settings["precision"] == "auto"
+    assert "restart" not in settings["settings"]
 
 
 # --- resume never mixes runs -----------------------------------------------------------------------

@@ -193,7 +193,8 @@ class PairwiseITMScorer:
         call this with the same arguments; each scores its share and all get the full matrix.
         """
         from medkt import distributed as mdist
-        from medkt.utils import atomic_torch_save
+        from medkt.checkpoints import load_checkpoint, save_checkpoint
+        from medkt.progress import Progress
 
         if self.cache_dir is not None:
             self._prepare_cache()
@@ -203,31 +204,26 @@ class PairwiseITMScorer:
         tokens = [self.backend.tokenize(self.captions[i : i + self.text_batch_size])
                   for i in range(0, len(self.captions), self.text_batch_size)]
         done: dict[int, torch.Tensor] = {}  # block start -> rows (CPU)
-        bar = None
-        if self.progress and mdist.is_main():
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=sum(e - s for s, e in mine), desc="ITM pairs (images)", unit="img", leave=False,
-                       disable=None)
+        bar = Progress(sum(e - s for s, e in mine), "ITM pairs (images)", unit="img",
+                       enabled=self.progress and mdist.is_main())
         computed = 0
         try:
             for start, end in mine:
                 path = self._block_path(start, end) if self.cache_dir is not None else None
                 if path is not None and path.is_file():
-                    done[start] = torch.load(path, weights_only=True, map_location="cpu")
-                elif max_blocks is not None and computed >= max_blocks:
+                    done[start] = load_checkpoint(path)  # a damaged block file is named, not half-read
+                    bar.skip(end - start)  # cached: not part of this run's rate
                     continue
-                else:
-                    rows = torch.stack([self.score_image(self.image_loader(i), tokens) for i in range(start, end)])
-                    done[start] = rows
-                    if path is not None:
-                        atomic_torch_save(rows, path)  # written as soon as it is finished: resumable
-                    computed += 1
-                if bar is not None:
-                    bar.update(end - start)
+                if max_blocks is not None and computed >= max_blocks:
+                    continue
+                rows = torch.stack([self.score_image(self.image_loader(i), tokens) for i in range(start, end)])
+                done[start] = rows
+                if path is not None:
+                    save_checkpoint(rows, path)  # written as soon as it is finished: resumable
+                computed += 1
+                bar.update(end - start)
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
             self.backend.train(was_training)
         if mdist.world_size() > 1:  # every rank's finished blocks, to every rank
             import torch.distributed as dist

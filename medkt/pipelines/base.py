@@ -127,12 +127,19 @@ class Pipeline:
         manifests), so a mistake fails in seconds and before any folder or checkpoint is touched.
         Called by :meth:`run` after the folder checks; subclasses extend it (call ``super()``)."""
 
-    def run(self) -> dict[str, Any]:
-        """Check, run :meth:`_run` in the staging folder, write ``results.json`` and
-        ``settings.json``, rename the folder to ``output_dir``. Returns the results."""
+    def preflight(self) -> None:
+        """Every check that runs before a folder is touched, in order: output folder, staging
+        folder, :meth:`validate`. (Under torchrun: run it on rank 0 and share the error, so no
+        rank starts work that rank 0 refuses.)"""
         self.check_output()
         self.check_staging()
         self.validate()
+
+    def run(self) -> dict[str, Any]:
+        """:meth:`preflight`, then run :meth:`_run` in the staging folder, write
+        ``results.json`` and ``settings.json``, rename the folder to ``output_dir``. Returns the
+        results."""
+        self.preflight()
         staging = self.staging_dir
         if staging.exists() and self.restart:
             shutil.rmtree(staging)
