@@ -222,8 +222,7 @@ class Pipeline:
         from medkt import distributed as mdist
         from medkt.backends import create_backend
 
-        device = mdist.local_device(getattr(self, "device", "auto"))
-        return create_backend(spec, device=device, precision=getattr(self, "precision", "auto"), **options)
+        return create_backend(spec, device=mdist.local_device(self.device), precision=self.precision, **options)
 
     def _run(self, out: Path) -> dict[str, Any]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -279,21 +279,16 @@ class CaptioningTransferPipeline(_CaptionedSplit, Pipeline):
         """image id -> generated caption; cached in ``path`` (reused on --resume)."""
         if self.resume and path.is_file():
             return {r["image_id"]: r["caption"] for r in json.loads(path.read_text())}
-        preds: dict[str, str] = {}
-        bar = None
-        if self.progress:
-            from tqdm.auto import tqdm
+        from medkt.progress import Progress
 
-            bar = tqdm(total=len(items), desc="captioning", unit="img", leave=False, disable=None)
-        for i in range(0, len(items), self.batch_size):
-            chunk = items[i : i + self.batch_size]
-            x = torch.stack([backend.load_image(it.path) for it in chunk])
-            for it, cap in zip(chunk, backend.caption(x, **self.generation)):
-                preds[str(it.image_id)] = cap
-            if bar is not None:
+        preds: dict[str, str] = {}
+        with Progress(len(items), "captioning", unit="img", enabled=self.progress) as bar:
+            for i in range(0, len(items), self.batch_size):
+                chunk = items[i : i + self.batch_size]
+                x = torch.stack([backend.load_image(it.path) for it in chunk])
+                for it, cap in zip(chunk, backend.caption(x, **self.generation)):
+                    preds[str(it.image_id)] = cap
                 bar.update(len(chunk))
-        if bar is not None:
-            bar.close()
         atomic_write_json(path, [{"image_id": k, "caption": v} for k, v in preds.items()])
         return preds
 

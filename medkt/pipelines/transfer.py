@@ -135,6 +135,20 @@ def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], defau
     return ev, info
 
 
+def check_backend_weights(spec: str) -> None:
+    """A backend spec whose weights are a local path (``family:arch@/path`` or ``./path``) must
+    point at an existing file or folder; tags, ``random`` and HF-cache ids are resolved later."""
+    from medkt.backends import BackendSpec
+    from medkt.errors import WeightsNotFoundError
+
+    weights = BackendSpec.parse(spec).weights
+    if weights and (weights.startswith(("/", "./", "../", "~")) or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+        path = Path(weights).expanduser()
+        if not path.exists():
+            raise WeightsNotFoundError(f"weights not found: {path} (backend {spec}); fix the path after '@' "
+                                       "(README 'Getting weights')")
+
+
 class TransferPipeline(Pipeline):
     """Knowledge transfer + zero-shot classification before/after (see module docstring).
 
@@ -178,6 +192,16 @@ class TransferPipeline(Pipeline):
             if spec.get("source") != "inversion":
                 class_prompts_of(spec)  # validate early, before any compute
 
+    def validate(self) -> None:
+        """Before any folder is touched: the backend's weights path and every evaluation manifest
+        exist (a typo fails in seconds, not after the inversion)."""
+        super().validate()
+        check_backend_weights(self.backend_spec)
+        for name, spec in self.evaluations.items():
+            if spec.get("source") != "inversion" and "manifest" in spec and not Path(spec["manifest"]).is_file():
+                raise DataError(f"evaluation {name!r}: manifest not found: {spec['manifest']}; build one with "
+                                "'medkt data prepare NAME --root DIR' or fix the path")
+
     # -- evaluation sets ------------------------------------------------------------------
     def build_evaluator(self, backend: Backend, name: str, spec: dict[str, Any],
                         out: Path | None = None) -> tuple[ZeroShotEvaluator, dict]:
@@ -211,7 +235,7 @@ class TransferPipeline(Pipeline):
         runs :meth:`_run` (sharded inversion, DDP fine-tuning, sharded evaluation, see
         :mod:`medkt.distributed`) and rank 0 alone writes the run folder."""
         from medkt import distributed as mdist
-        from medkt.errors import OutputExistsError
+        from medkt.errors import MedktError
         from medkt.utils import seed_everything
 
         if not mdist.init_from_env(device=self.device):
@@ -227,14 +251,14 @@ class TransferPipeline(Pipeline):
         # every rank must use rank 0's folder (default folder names carry a timestamp)
         self.output_dir = Path(mdist.broadcast_object(str(self.output_dir)))
         problem = None
-        if mdist.is_main():
+        if mdist.is_main():  # rank 0 checks; every rank stops on its verdict (no rank waits at a barrier)
             try:
-                self.check_output()
-            except OutputExistsError as exc:
-                problem = str(exc)
+                self.preflight()
+            except MedktError as exc:
+                problem = (type(exc), str(exc))
         problem = mdist.broadcast_object(problem)
-        if problem:
-            raise OutputExistsError(problem)
+        if problem is not None:
+            raise problem[0](problem[1])
         if mdist.is_main():
             results = super().run()
             mdist.barrier()  # the run folder is complete

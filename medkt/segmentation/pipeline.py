@@ -227,12 +227,9 @@ def segment_samples(backend, samples: list[SliceSample], prompt: str, m2ib_cfg: 
     n_empty = 0
     tol = float(metric_cfg.get("nsd_tolerance", 2.0))
     unit = metric_cfg.get("nsd_unit", "px")
-    iterator = samples
-    if progress:
-        from tqdm.auto import tqdm
+    from medkt.progress import track
 
-        iterator = tqdm(samples, desc="segment", unit="img", leave=False, disable=None)
-    for smp in iterator:
+    for smp in track(samples, "segment", unit="img", enabled=progress):
         t0 = time.perf_counter()
         sal = saliency_for_image(m2ib, smp.image, prompt, seed)
         t1 = time.perf_counter()
