@@ -52,6 +52,10 @@ CANDIDATES: dict[str, dict] = {
             "finetune": {"replay_per_batch": 4, "distill_weight": 1.0}},
     # partial-layer inversion of the top 2 blocks (8x8 map entering them), fine-tune only those
     "partial": {"partial": {"top_blocks": 2, "steps": 200, "lr": 0.05, "stat_weight": 1.0}},
+    # second validation round (after round one: LoRA best, replay + distillation froze everything)
+    "lora_wise": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 1e-3, "wise_alpha": 0.5}},
+    "lora_replay": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 1e-3, "wise_alpha": 1.0, "replay_per_batch": 4},
+                    "data_free_replay": 2, "replay_inversion": {"residual_sign": "any"}},
     "lora_dfr": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 1e-3, "wise_alpha": 1.0,
                               "replay_per_batch": 4, "distill_weight": 1.0},
                  "data_free_replay": 2, "replay_inversion": {"residual_sign": "any"}},

@@ -31,6 +31,9 @@ DEFAULT_CONFIG = "transfer.json"
 
 @dataclass
 class BundleInfo:
+    """A bundle found on disk: ``name`` (its folder name), ``path`` (the bundle folder), and the
+    ``description`` and ``version`` of its ``configs/metadata.json``."""
+
     name: str
     path: Path
     description: str
@@ -38,10 +41,12 @@ class BundleInfo:
 
     @property
     def configs(self) -> list[str]:
+        """File names of the bundle's runnable configs (``configs/*.json`` but metadata), sorted."""
         return sorted(p.name for p in (self.path / "configs").glob("*.json") if p.name != "metadata.json")
 
 
 def search_path() -> list[Path]:
+    """Existing bundle roots in search order: ``$MEDKT_BUNDLES``, ``./bundles``, the checkout's ``bundles/``."""
     paths = [Path(p) for p in os.environ.get("MEDKT_BUNDLES", "").split(os.pathsep) if p]
     paths += [Path.cwd() / "bundles", REPO_BUNDLES]
     out: list[Path] = []
@@ -63,6 +68,7 @@ def _info(path: Path) -> BundleInfo:
 
 
 def list_bundles() -> list[BundleInfo]:
+    """Every readable bundle on :func:`search_path`; a name found twice keeps the first root's."""
     found: dict[str, BundleInfo] = {}
     for root in search_path():
         for meta in sorted(root.glob("*/configs/metadata.json")):
@@ -76,6 +82,7 @@ def list_bundles() -> list[BundleInfo]:
 
 
 def find_bundle(name_or_path: str) -> BundleInfo:
+    """A bundle by folder path or by name on :func:`search_path`; unknown -> :class:`ConfigError`."""
     p = Path(name_or_path)
     if (p / "configs" / "metadata.json").is_file():
         return _info(p)
@@ -116,6 +123,7 @@ def _find_user_error(exc: BaseException) -> MedktError | None:
 
 
 def default_run_dir(bundle_name: str, root: str | Path = "runs") -> str:
+    """A fresh ``<root>/<bundle>-YYYYmmdd-HHMMSS[-k]`` path (neither it nor its ``.partial`` exists)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = Path(root) / f"{bundle_name}-{stamp}"
     k = 1

@@ -318,74 +318,72 @@ class ZeroShotEvaluator:
                              self.backend.image_channels, list(self.backend.mean), list(self.backend.std)]).encode())
         return self.cache_dir / f"image_embeddings_{h.hexdigest()[:24]}.pt"
 
+    def _map_images(self, fn: Callable[[list[torch.Tensor]], torch.Tensor], desc: str) -> torch.Tensor:
+        """``fn`` (a batch of [0,1] images, CPU, -> one row per image on the model's device) over
+        this rank's images in eval mode, without gradients, in the backend's precision, with
+        progress; the rows of every rank gathered in image order -> ``(N, ...)``."""
+        backend = self.backend
+        indices = self._rank_indices()
+        rows = []
+        was_training = backend.training
+        backend.eval()
+        bar = self._progress(len(indices), desc)
+        try:
+            with torch.no_grad(), backend.autocast():
+                for _, imgs in self._batches(indices):
+                    rows.append(fn(imgs))
+                    bar.update(len(imgs))
+        finally:
+            bar.close()
+            backend.train(was_training)
+        out = torch.cat(rows) if rows else torch.empty(0, device=backend.device)
+        return self._gather(indices, out, len(self.images))
+
     def image_embeddings(self) -> torch.Tensor:
         """Normalised image embeddings ``(N, D)`` (fp32, model device), once per model state."""
+        from medkt.checkpoints import load_checkpoint, save_checkpoint
+
         backend = self.backend
         state = _model_state(backend, [*backend.parameters(), *backend.buffers()])
         if self._img is not None and self._img[0] == state:
             return self._img[1]
         cache = self._cache_file()
         if cache is not None and cache.is_file():
-            emb = torch.load(cache, map_location=backend.device, weights_only=True)
+            emb = load_checkpoint(cache).to(backend.device)
             log.info("image embeddings read from %s", cache)
         else:
-            indices = self._rank_indices()
-            rows = []
-            was_training = backend.training
-            backend.eval()
-            bar = self._progress(len(indices), "zero-shot")
-            try:
-                with torch.no_grad(), backend.autocast():
-                    for _, imgs in self._batches(indices):
-                        x = torch.stack(imgs).to(backend.device, non_blocking=True)
-                        rows.append(F.normalize(backend.encode_pixels(x).float(), dim=-1))
-                        bar.update(len(imgs))
-            finally:
-                bar.close()
-                backend.train(was_training)
-            emb = torch.cat(rows) if rows else torch.empty(0, device=backend.device)
-            emb = self._gather(indices, emb, len(self.images))
+            emb = self._map_images(lambda imgs: F.normalize(backend.encode_pixels(
+                torch.stack(imgs).to(backend.device, non_blocking=True)).float(), dim=-1), "zero-shot")
             if cache is not None:
-                from medkt.utils import atomic_write_bytes
-                import io
-
-                buf = io.BytesIO()
-                torch.save(emb.cpu(), buf)
-                atomic_write_bytes(cache, buf.getvalue())
+                save_checkpoint(emb.cpu(), cache)
         self._img = (state, emb)
         return emb
 
     # -- scores ---------------------------------------------------------------------------
     def _itm_scores(self) -> torch.Tensor:
+        """``(N, K)`` mean/max match logits over each class's prompts; each image's tokens are
+        computed once and reused for every prompt batch."""
         backend = self.backend
         flat = [p for c in self.classes for p in self.class_prompts[c]]
         tokens = [backend.tokenize(flat[i : i + self.text_batch_size]) for i in range(0, len(flat), self.text_batch_size)]
+        k = len(self.classes)
         counts = torch.tensor([len(self.class_prompts[c]) for c in self.classes])
-        owner = torch.repeat_interleave(torch.arange(len(self.classes)), counts).to(backend.device)
+        owner = torch.repeat_interleave(torch.arange(k), counts).to(backend.device)
         counts = counts.to(backend.device, torch.float32)
-        indices = self._rank_indices()
-        rows = []
-        was_training = backend.training
-        backend.eval()
-        bar = self._progress(len(indices), "ITM zero-shot")
-        try:
-            with torch.no_grad(), backend.autocast():
-                for _, imgs in self._batches(indices):
-                    for img in imgs:
-                        emb, mask = backend.embed_image(img[None].to(backend.device))
-                        s = torch.cat([backend.itm_logits_from_embeds(emb, mask, t)[:, 1].float() for t in tokens])
-                        k = len(self.classes)
-                        if self.aggregate == "mean":
-                            sums = torch.zeros(k, device=s.device).index_add_(0, owner, s)
-                            rows.append(sums / counts)
-                        else:
-                            rows.append(torch.full((k,), -torch.inf, device=s.device).scatter_reduce(0, owner, s, "amax"))
-                    bar.update(len(imgs))
-        finally:
-            bar.close()
-            backend.train(was_training)
-        out = torch.stack(rows) if rows else torch.zeros(0, len(self.classes), device=backend.device)
-        return self._gather(indices, out, len(self.images))
+
+        def rows(imgs: list[torch.Tensor]) -> torch.Tensor:
+            out = []
+            for img in imgs:  # native, variable-size images: one at a time
+                emb, mask = backend.embed_image(img[None].to(backend.device))
+                s = torch.cat([backend.itm_logits_from_embeds(emb, mask, t)[:, 1].float() for t in tokens])
+                if self.aggregate == "mean":
+                    out.append(torch.zeros(k, device=s.device).index_add_(0, owner, s) / counts)
+                else:
+                    out.append(torch.full((k,), -torch.inf, device=s.device).scatter_reduce(0, owner, s, "amax"))
+            return torch.stack(out)
+
+        out = self._map_images(rows, "ITM zero-shot")
+        return out if len(out) else torch.zeros(0, k, device=backend.device)
 
     def scores(self) -> np.ndarray:
         """``(N, K)`` class scores: cosine similarities (embedding) or mean/max match logits (ITM)."""

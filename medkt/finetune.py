@@ -39,6 +39,18 @@ TRAIN_CHOICES = ("visual", "text", "both", "visual+decoder")
 
 @dataclass
 class FinetuneConfig:
+    """Settings of :func:`finetune`; the defaults are the paper's (§4.2, README "Engine defaults").
+
+    Adam (L2 ``weight_decay`` 0.2, ``betas`` (0.9, 0.98), ``eps`` 1e-6) at ``lr`` 1e-5 (set per
+    bundle), ``batch_size`` 4, 1 epoch, on the visual encoder only (``train``: ``"text"`` /
+    ``"both"`` for the Fig. 4 ablation). Each image is paired with ``caption_template``
+    ("A <name> is <description>"; ``prepend_name=False`` keeps only the description, Fig. 5) and
+    trained with the InfoNCE ``loss`` at the model's own logit scale (``temperature`` overrides
+    it). Replay, distillation, ``train_only``, WiSE-FT, best-epoch selection and LoRA (forgetting
+    control) are off by default. Build from a dict with :meth:`from_dict`; the field comments
+    give the meaning of each option.
+    """
+
     lr: Annotated[float, Range(gt=0, lt=1)] = 1e-5
     weight_decay: Annotated[float, Range(ge=0)] = 0.2
     batch_size: Annotated[int, Range(ge=1)] = 4
@@ -155,6 +167,8 @@ def encode_captions(backend: Backend, captions: Sequence[str], batch_size: int =
 @register_finetune_loss("infonce")
 def infonce_loss(backend: Backend, images: torch.Tensor, targets: torch.Tensor, captions: Sequence[str],
                  caption_emb: torch.Tensor | None, config: FinetuneConfig) -> torch.Tensor:
+    """Paper Eq. 2: cross-entropy of ``scale * cos(image, caption)`` logits ``(B, K)`` against the
+    caption index ``targets`` ``(B,)``; ``scale`` is ``1 / temperature`` or the model's logit scale."""
     img = F.normalize(backend.encode_pixels(images).float(), dim=-1)
     txt = caption_emb if caption_emb is not None else encode_captions(backend, captions)
     scale = (1.0 / config.temperature) if config.temperature else backend.logit_scale.detach().float()

@@ -63,6 +63,18 @@ class InversionTarget:
 
 @dataclass
 class InversionConfig:
+    """Settings of :func:`invert`; the defaults are the paper's (§4.2, README "Engine defaults").
+
+    5,000 Adam ``steps`` at ``lr`` 0.1 with cosine annealing to ``lr_min``; loss = ``objective``
+    (``"cosine"``: -cos(f_V(A(x)), f_T(text))) + ``tv_weight`` 0.005 * TV(x); random affine ``A``
+    with probability ``augment_p`` 0.5 (±``rotate_deg`` 30°, ``translate`` 10 % of the size,
+    ``scale`` 0.7-1.0); per-image gradient-norm clip 1.0; pixels clamped to [0, 1]; init U(0, 1).
+    Progressive ``resolutions``, ``views``, ``chunk_size``, checkpoints, early stopping, the
+    ``"residual"`` parametrization and the acquisition/contrastive options are off by default.
+    Build from a dict (or a ``"preset"``) with :meth:`from_dict`; the field comments give the
+    units and the meaning of each option.
+    """
+
     steps: Annotated[int, Range(ge=1)] = 5000
     lr: Annotated[float, Range(gt=0)] = 0.1
     lr_schedule: Literal["cosine", "constant"] = "cosine"
@@ -170,6 +182,10 @@ def preset_dict(name: str, image_size: int | None = None) -> dict[str, Any]:
 
 @dataclass
 class InversionResult:
+    """What :func:`invert` returns: ``images`` ``(N, C, S, S)`` in [0, 1] with their ``concepts``
+    and ``texts`` (one per image), the final un-augmented cosine ``similarities``, wall-clock
+    ``seconds``, and per chunk the ``steps_run`` and ``history`` of mean similarity."""
+
     images: torch.Tensor  # (N, C, S, S) in [0, 1]
     concepts: list[str]
     texts: list[str]
@@ -179,6 +195,7 @@ class InversionResult:
     history: list[list[float]] = field(default_factory=list)  # per chunk: mean similarity every log step
 
     def by_concept(self) -> dict[str, torch.Tensor]:
+        """Concept -> its images ``(n, C, S, S)``, in first-seen order of the concepts."""
         out: dict[str, list[torch.Tensor]] = {}
         for img, c in zip(self.images, self.concepts):
             out.setdefault(c, []).append(img)
@@ -231,6 +248,7 @@ def register_inversion_objective(name: str, uses_text_embeddings: bool = True) -
 
 @register_inversion_objective("cosine")
 def cosine_objective(backend: Backend, x: torch.Tensor, ctx: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default (paper Eq. 3): loss ``-cos(f_V(x), text_emb)`` and the cosine, both ``(B,)``."""
     emb = F.normalize(backend.encode_pixels(x).float(), dim=-1)
     sim = (emb * ctx["text_emb"]).sum(-1)
     return -sim, sim
@@ -268,6 +286,7 @@ def get_objective(name: str) -> ObjectiveFn:
 
 # --- helpers -----------------------------------------------------------------------------------
 def lr_at(cfg: InversionConfig, step: int) -> float:
+    """Learning rate at ``step`` (0-based): constant, or cosine from ``lr`` to ``lr_min`` over ``steps``."""
     if cfg.lr_schedule == "constant":
         return cfg.lr
     return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * step / cfg.steps))
@@ -747,6 +766,7 @@ def save_grid(images: torch.Tensor, path: str | Path, labels: Sequence[str] | No
 
 
 def inversion_summary(result: InversionResult) -> dict[str, Any]:
+    """JSON-ready ``{"seconds", "per_concept_similarity" (mean cosine per concept), "steps_run"}``."""
     per: dict[str, list[float]] = {}
     for c, s in zip(result.concepts, result.similarities):
         per.setdefault(c, []).append(s)

@@ -67,6 +67,7 @@ class Concept:
         return self.descriptions[0]
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready ``{"name", "descriptions", "n_images"}`` (accepted back by :func:`parse_concepts`)."""
         return {"name": self.name, "descriptions": list(self.descriptions), "n_images": self.n_images}
 
 

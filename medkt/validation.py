@@ -56,10 +56,12 @@ class Range:
     lt: float | None = None
 
     def ok(self, v: float) -> bool:
+        """``v`` satisfies every bound that is set."""
         return ((self.ge is None or v >= self.ge) and (self.le is None or v <= self.le)
                 and (self.gt is None or v > self.gt) and (self.lt is None or v < self.lt))
 
     def describe(self) -> str:
+        """The bounds for error messages: ``"in [0, 1]"``, ``"> 0"``, ``">= 1"``; empty when unbounded."""
         lo = f"[{self.ge:g}" if self.ge is not None else (f"({self.gt:g}" if self.gt is not None else None)
         hi = f"{self.le:g}]" if self.le is not None else (f"{self.lt:g})" if self.lt is not None else None)
         if lo and hi:
@@ -80,10 +82,12 @@ class OneOf:
     kind: str = "name"
 
     def choices(self) -> list[str]:
+        """The names registered now (the registry is read at each call)."""
         names = self.registry() if callable(self.registry) else self.registry
         return [str(n) for n in names]
 
     def describe(self) -> str:
+        """For error messages: ``"a known <kind> (name1, name2, ...)"``."""
         return f"a known {self.kind} ({', '.join(sorted(self.choices()))})"
 
 
@@ -439,6 +443,7 @@ class EvaluationSpec:
     text_batch_size: typing.Annotated[int, Range(ge=1)] = 128  # prompts per ITM batch (ViLT)
 
     def validate(self, path: str = "evaluation") -> None:
+        """Require a ``manifest`` (unless ``source`` is set) and ``classes`` or a ``prompt_generator``."""
         if self.source is None and self.manifest is None:
             raise ConfigError(f"{path}: an evaluation set needs a 'manifest' (or \"source\": \"inversion\")", key=path)
         if self.source is None and self.classes is None and self.prompt_generator is None:

@@ -8,6 +8,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import NamedTuple  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -71,3 +73,24 @@ def run_medkt_in_process(monkeypatch, capsys, *args: str):
     finally:
         root.handlers[:] = handlers  # drop handlers bound to this test's captured stdout
     return code, capsys.readouterr()
+
+
+class MedktRun(NamedTuple):
+    """What ``medkt ARGS`` did: like ``subprocess.CompletedProcess`` and unpackable."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def medkt(capsys, monkeypatch):
+    """``medkt ARGS`` in-process from the repository root (fast) -> :class:`MedktRun`."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def run(*args: str) -> MedktRun:
+        monkeypatch.chdir(repo)
+        code, io = run_medkt_in_process(monkeypatch, capsys, *args)
+        return MedktRun(code, io.out, io.err)
+
+    return run

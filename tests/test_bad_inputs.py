@@ -22,17 +22,6 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "bundles" / "quickstart_tiny"
 
 
-@pytest.fixture
-def medkt(capsys, monkeypatch):
-    """``medkt ARGS`` in-process; returns (exit code, stdout, stderr)."""
-    from conftest import run_medkt_in_process
-
-    def run(*args: str) -> tuple[int, str, str]:
-        monkeypatch.chdir(REPO)
-        code, io = run_medkt_in_process(monkeypatch, capsys, *args)
-        return code, io.out, io.err
-
-    return run
 
 
 def one_line_error(err: str) -> str:

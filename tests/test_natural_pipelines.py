@@ -148,8 +148,10 @@ def test_flickr30k_vilt(data, tmp_path):
         assert set(res[key]) == {"tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10", "rsum"}
     blocks = sorted((tmp_path / "baseline").glob("rows_*.pt"))
     assert [b.name for b in blocks] == ["rows_0000000_0000003.pt", "rows_0000003_0000004.pt"]
-    before = torch.cat([torch.load(b) for b in blocks])
-    after = torch.cat([torch.load(b) for b in sorted((tmp_path / "run" / "scores_after").glob("rows_*.pt"))])
+    from medkt.checkpoints import load_checkpoint
+
+    before = torch.cat([load_checkpoint(b) for b in blocks])
+    after = torch.cat([load_checkpoint(b) for b in sorted((tmp_path / "run" / "scores_after").glob("rows_*.pt"))])
     assert before.shape == after.shape == (4, 20) and not torch.allclose(before, after)  # fine-tuning changed the model
     # a second run (e.g. another learning rate) reuses the baseline scores instead of recomputing them
     stamps = [b.stat().st_mtime_ns for b in blocks]

@@ -27,17 +27,6 @@ TARGETS = [InversionTarget("moongate", "a round opening in a garden wall", 2),
            InversionTarget("gyroscope", "a spinning disc inside rings", 1)]
 
 
-@pytest.fixture
-def medkt(capsys, monkeypatch):
-    """``medkt ARGS`` in-process -> CompletedProcess(returncode, stdout, stderr)."""
-    from conftest import run_medkt_in_process
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        monkeypatch.chdir(REPO)
-        code, io = run_medkt_in_process(monkeypatch, capsys, *args)
-        return subprocess.CompletedProcess(args, code, io.out, io.err)
-
-    return run
 
 
 @pytest.fixture

@@ -37,6 +37,12 @@ _REGISTRY: dict[str, str | BackendFactory] = {
 
 @dataclass(frozen=True)
 class BackendSpec:
+    """A parsed backend spec ``family:architecture[@weights]``.
+
+    ``family`` is the registered adapter name, ``architecture`` the model shape, ``weights`` a local
+    path, an HF-cache repo id, ``random``, or ``None`` for the family's default.
+    """
+
     family: str
     architecture: str
     weights: str | None
@@ -70,6 +76,7 @@ def register_backend(family: str) -> Callable[[BackendFactory], BackendFactory]:
 
 
 def list_backends() -> list[str]:
+    """Registered backend family names, sorted (built-in and :func:`register_backend` ones)."""
     return sorted(_REGISTRY)
 
 

@@ -111,6 +111,7 @@ class Backend(nn.Module):
         raise NotImplementedError
 
     def tokenize(self, texts: Sequence[str]) -> Any:
+        """``B`` texts -> what :meth:`encode_text` takes (a tensor or dict of tensors) on :attr:`device`."""
         raise NotImplementedError
 
     def encode_text(self, tokens: Any) -> torch.Tensor:
@@ -122,6 +123,7 @@ class Backend(nn.Module):
         raise NotImplementedError
 
     def text_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the text encoder (trained only when fine-tuning unfreezes the text side)."""
         raise NotImplementedError
 
     @property
@@ -158,6 +160,7 @@ class Backend(nn.Module):
         return torch.nn.functional.normalize(torch.cat(out), dim=-1) if out else torch.empty(0)
 
     def set_visual_trainable(self, trainable: bool = True) -> None:
+        """Set ``requires_grad`` on every parameter of :meth:`visual_parameters`."""
         for p in self.visual_parameters():
             p.requires_grad_(trainable)
 
@@ -167,6 +170,7 @@ class Backend(nn.Module):
         return {k: v for k, v in self.state_dict(keep_vars=True).items() if id(v) in ids}
 
     def describe(self) -> dict[str, Any]:
+        """Summary for logs: spec, family, image size/channels and parameter counts (visual, total)."""
         n_vis = sum(p.numel() for p in self.visual_parameters())
         n_all = sum(p.numel() for p in self.parameters())
         return {

@@ -103,6 +103,7 @@ class Pipeline:
 
     @property
     def staging_dir(self) -> Path:
+        """``<output_dir>.partial``: where the run writes (and keeps its checkpoints) until it succeeds."""
         return self.output_dir.with_name(self.output_dir.name + ".partial")
 
     def check_output(self) -> None:
@@ -204,6 +205,7 @@ class Pipeline:
             logger.setLevel(old_level)
 
     def describe_settings(self) -> dict[str, Any]:
+        """The run's ``settings.json``: pipeline class, bundle, seed, device, precision, settings, versions."""
         import torch
 
         return {

@@ -224,6 +224,7 @@ class TransferPipeline(Pipeline):
                                    allow_missing_classes=self.allow_missing_classes)
 
     def build_evaluators(self, backend: Backend, out: Path | None) -> tuple[dict[str, ZeroShotEvaluator], dict[str, Any]]:
+        """:meth:`build_evaluator` for every entry of ``evaluations``: (name -> evaluator, name -> info)."""
         evaluators, info = {}, {}
         for name, spec in self.evaluations.items():
             evaluators[name], info[name] = self.build_evaluator(backend, name, spec, out)
@@ -326,6 +327,7 @@ def accuracy_bars(before: ClassificationResult, after: ClassificationResult, pat
 
 def write_report(out: Path, pipe: TransferPipeline, results: dict[str, Any],
                  before: dict[str, ClassificationResult], after: dict[str, ClassificationResult]) -> Path:
+    """Write ``out/report.md`` (run summary, before/after table and accuracy plot per evaluation); returns its path."""
     lines = [f"# Knowledge transfer report{': ' + pipe.bundle_name if pipe.bundle_name else ''}", "",
              f"- backend: `{pipe.backend_spec}`", f"- seed: {pipe.seed}",
              f"- concepts: {', '.join(results['concepts'])}",

@@ -65,6 +65,7 @@ def read_mask_any(path: Path, label: int | None = None, threshold: float | None 
 
 
 def dicom_spacing(path: Path) -> tuple[float, float] | None:
+    """(row, column) pixel spacing in mm of a DICOM file (``PixelSpacing`` or ``ImagerPixelSpacing``), or None."""
     try:
         import pydicom
 
@@ -120,6 +121,7 @@ class SegmentationData:
     mask_threshold: Annotated[float, Range(0, 1)] | None = None
 
     def validate(self, path: str = "data") -> None:
+        """Require a ``manifest`` or both ``images`` and ``masks`` folders (:class:`ConfigError` otherwise)."""
         if self.manifest is None and (self.images is None or self.masks is None):
             raise ConfigError(f"{path}: needs 'manifest' or 'images' + 'masks'", key=path)
 
@@ -325,6 +327,7 @@ class SegmentationTransferPipeline(Pipeline):
 
     @property
     def mode(self) -> str:
+        """``"sam"`` when a SAM checkpoint is set, else ``"saliency-only"`` (saliency masks are the predictions)."""
         return "sam" if self.sam_spec else "saliency-only"
 
     def _run(self, out: Path) -> dict[str, Any]:
