@@ -208,13 +208,19 @@ def evaluate(
     from medkt.backends import create_backend
     from medkt.data.manifest import read_manifest
     from medkt.evaluation import zero_shot_classify
-    from medkt.finetune import check_weights_file, load_finetuned
+    from medkt.finetune import check_weights_file, load_finetuned, weights_difference
 
     prompts = read_class_prompts(classes, template)
     if weights is not None:
         check_weights_file(weights)  # before the model is built
     b = create_backend(backend, device=device, precision=precision)
     if weights is not None:
+        d = weights_difference(b, weights)
+        typer.echo(f"{weights}: {d['changed_tensors']} of {d['tensors']} tensors ({d['changed_values']:,} of "
+                   f"{d['values']:,} values) differ from {backend}'s weights (max |change| {d['max_abs_change']:.3g})")
+        if d["changed_values"] == 0:
+            typer.echo("warning: the fine-tuned weights equal the base model's: the numbers below are the base "
+                       "model's (was the learning rate too small, or nothing trained?)", err=True)
         load_finetuned(b, weights)
     rows = read_manifest(manifest, root, classes=list(prompts), split=split)
     data_root = root or manifest.parent

@@ -470,8 +470,8 @@ def check_weights_file(path: str | Path) -> Path:
     return path
 
 
-def load_finetuned(backend: Backend, path: str | Path) -> Backend:
-    """Load parameters saved by :func:`save_finetuned` into ``backend`` (strict on names/shapes)."""
+def _read_finetuned(backend: Backend, path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a :func:`save_finetuned` file, checked against ``backend``'s names and shapes."""
     from safetensors.torch import load_file
 
     path = check_weights_file(path)
@@ -483,5 +483,28 @@ def load_finetuned(backend: Backend, path: str | Path) -> Backend:
     bad = [k for k, v in tensors.items() if tuple(v.shape) != tuple(own[k].shape)]
     if bad:
         raise ConfigError(f"{path} does not match backend {backend.spec}: shape mismatch for {bad[:3]}")
-    backend.load_state_dict(tensors, strict=False)
+    return tensors
+
+
+def weights_difference(backend: Backend, path: str | Path) -> dict[str, Any]:
+    """How far the weights in ``path`` are from ``backend``'s current ones (e.g. the base model):
+    ``tensors`` in the file, ``changed_tensors``, ``changed_values`` (elements that differ) and
+    ``max_abs_change``. Zero changed values means loading the file changes nothing."""
+    own = backend.state_dict()
+    changed_t, changed_v, max_abs = 0, 0, 0.0
+    tensors = _read_finetuned(backend, path)
+    for k, v in tensors.items():
+        diff = (v.to(own[k].device, own[k].dtype) != own[k])
+        n = int(diff.sum())
+        if n:
+            changed_t += 1
+            changed_v += n
+            max_abs = max(max_abs, float((v.float().cpu() - own[k].float().cpu()).abs().max()))
+    return {"tensors": len(tensors), "changed_tensors": changed_t, "changed_values": changed_v,
+            "values": int(sum(v.numel() for v in tensors.values())), "max_abs_change": max_abs}
+
+
+def load_finetuned(backend: Backend, path: str | Path) -> Backend:
+    """Load parameters saved by :func:`save_finetuned` into ``backend`` (strict on names/shapes)."""
+    backend.load_state_dict(_read_finetuned(backend, path), strict=False)
     return backend

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = ["--set", "inversion#steps=8", "--set", "evaluations#held_out_inversions#n_images=2"]
@@ -116,6 +117,21 @@ def test_invert_finetune_evaluate_commands(tmp_path, medkt):
               "--classes", str(tmp_path / "classes.json"), "--weights", str(w), "--output", str(tmp_path / "e.json"))
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "e.json").read_text())["n_images"] == 4
+    assert "tensors (" in r.stdout and "differ from clip:medkt-tiny-ViT@random" in r.stdout
+    # "nothing changed" is visible: weights equal to the base model's are counted and warned about
+    from safetensors.torch import load_file, save_file
+
+    from medkt.backends import create_backend
+
+    torch.manual_seed(0)
+    base = create_backend("clip:medkt-tiny-ViT@random").state_dict()
+    same = tmp_path / "same.safetensors"
+    save_file({k: base[k].contiguous() for k in load_file(str(w))}, str(same))
+    torch.manual_seed(0)
+    r = medkt("evaluate", "--backend", "clip:medkt-tiny-ViT@random", "--manifest", str(tmp_path / "m.csv"),
+              "--classes", str(tmp_path / "classes.json"), "--weights", str(same))
+    assert r.returncode == 0, r.stderr
+    assert " 0 of " in r.stdout and "equal the base model" in r.stderr
     # a manifest row whose file is missing is a one-line user error
     (tmp_path / "bad.csv").write_text("path,label\nnope.png,moongate\n")
     r = medkt("evaluate", "--backend", "clip:medkt-tiny-ViT@random", "--manifest", str(tmp_path / "bad.csv"),
