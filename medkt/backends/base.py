@@ -19,9 +19,9 @@ What else a backend can do it *declares* by inheriting capability interfaces; th
 * :class:`ImageTextMatcher` (ViLT): ``itm_logits``, ``embed_image`` + ``itm_logits_from_embeds``
   (image tokens computed once, reused for many texts), ``load_image_native``,
   ``match_probability``.
-* :class:`Captioner` (CoCa): ``caption``, ``caption_loss``, ``image_tokens``,
-  ``decoder_parameters``.
-* :class:`MaskedLanguageModel` (ViLT): ``mlm_loss``, ``mlm_probability``.
+* :class:`Captioner` (CoCa): ``caption``, ``caption_loss``, ``caption_logits``, ``image_tokens``,
+  ``decoder_parameters``, ``pad_id``.
+* :class:`MaskedLanguageModel` (ViLT): ``mlm_loss``, ``mlm_probability``, ``tokenizer``.
 * :class:`VisionSplitProvider`: ``vision_split(layer)``, the encoder split M2IB needs, for models
   whose vision tower is not one of the architectures :mod:`medkt.segmentation.m2ib` knows.
 """
@@ -219,6 +219,9 @@ class ImageTextMatcher(abc.ABC):
 class Captioner(abc.ABC):
     """Capability: an autoregressive caption decoder (CoCa). Pixels are [0, 1]."""
 
+    #: token id of padding, ignored by the caption loss
+    pad_id: int = 0
+
     @abc.abstractmethod
     def caption(self, x: torch.Tensor, **generation: Any) -> list[str]:
         """Pixels ``(B, 3, S, S)`` -> one generated caption per image."""
@@ -232,6 +235,12 @@ class Captioner(abc.ABC):
         """Pixels -> (normalised image embedding ``(B, D)``, decoder image tokens ``(B, T, H)``)."""
 
     @abc.abstractmethod
+    def caption_logits(self, x: torch.Tensor | None, tokens: Any,
+                       image_embs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced decoder logits ``(B, T-1, V)`` and their labels ``(B, T-1)`` for pixels
+        ``x`` (or precomputed ``image_embs`` from :meth:`image_tokens`)."""
+
+    @abc.abstractmethod
     def decoder_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the caption decoder (trained with ``finetune.train="visual+decoder"``)."""
 
@@ -241,6 +250,8 @@ class MaskedLanguageModel(abc.ABC):
 
     #: fraction of text tokens masked for the MLM loss
     mlm_probability: float = 0.15
+    #: the Hugging Face tokenizer whose word boundaries whole-word masking follows
+    tokenizer: Any = None
 
     @abc.abstractmethod
     def mlm_loss(self, x: torch.Tensor, tokens: Any, labels: torch.Tensor) -> torch.Tensor:

@@ -68,11 +68,11 @@ class PhantomBackend(Backend, VisionSplitProvider):
         The feature map ``(B, C, h, w)`` is presented as ``(B, h*w, C)`` tokens (no CLS token).
         Default layer 1: a 16x16 grid at 64 px input, fine enough for 3-px nodules.
         """
-        from medkt.segmentation.m2ib import VisionSplit, _check_layer
+        from medkt.segmentation.m2ib import VisionSplit, check_layer
 
         vis = self.model.visual
         n = len(vis.blocks)
-        L = _check_layer(1 if layer is None else layer, n, "phantom CNN")
+        L = check_layer(1 if layer is None else layer, n, "phantom CNN")
         with torch.no_grad():
             probe = vis.features(torch.zeros(1, 1, self.image_size, self.image_size, device=self.device))[L + 1]
         c, h, w = probe.shape[1:]

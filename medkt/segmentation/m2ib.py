@@ -97,7 +97,10 @@ def default_layer(num_layers: int) -> int:
     return max(0, round(num_layers * 10 / 12) - 1)
 
 
-def _check_layer(layer: int | None, num_layers: int, what: str) -> int:
+def check_layer(layer: int | None, num_layers: int, what: str) -> int:
+    """Block index for M2IB in a tower of ``num_layers`` blocks: ``layer`` (negative counts from
+    the end) or the upstream-like default depth; out of range is a ConfigError naming ``what``.
+    Public for backends that provide their own :class:`VisionSplit`."""
     if layer is None:
         return default_layer(num_layers)
     idx = layer + num_layers if layer < 0 else layer
@@ -156,7 +159,7 @@ def get_vision_split(backend: nn.Module, layer: int | None = None) -> VisionSpli
 @register_vision_split("open_clip.transformer:VisionTransformer")
 def _open_clip_vit(visual: nn.Module, backend: nn.Module, layer: int | None) -> VisionSplit:
     blocks = visual.transformer.resblocks
-    L = _check_layer(layer, len(blocks), "open_clip VisionTransformer")
+    L = check_layer(layer, len(blocks), "open_clip VisionTransformer")
     batch_first = getattr(visual.transformer, "batch_first", True)
 
     def run(x: Tensor, mods) -> Tensor:
@@ -182,7 +185,7 @@ def _open_clip_vit(visual: nn.Module, backend: nn.Module, layer: int | None) -> 
 @register_vision_split("transformers.models.clip.modeling_clip:CLIPVisionTransformer")
 def _hf_clip_vit(vm: nn.Module, backend: nn.Module, layer: int | None) -> VisionSplit:
     layers = vm.encoder.layers
-    L = _check_layer(layer, len(layers), "HF CLIPVisionTransformer")
+    L = check_layer(layer, len(layers), "HF CLIPVisionTransformer")
     proj = _find_child_projection(backend, vm)
 
     def prefix(pixels: Tensor) -> Tensor:
@@ -209,7 +212,7 @@ def _hf_swin(sm: nn.Module, backend: nn.Module, layer: int | None) -> VisionSpli
     (swin-tiny: depths 2-2-6-2 -> 12 blocks, so layer 9 is the last block of stage 3 on a 14x14 grid)."""
     stages = sm.encoder.layers
     flat = [(s, b) for s, st in enumerate(stages) for b in range(len(st.blocks))]
-    L = _check_layer(layer, len(flat), "HF SwinModel")
+    L = check_layer(layer, len(flat), "HF SwinModel")
     s_idx, b_idx = flat[L]
     proj = _find_child_projection(backend, sm)
     grid = tuple(int(v) for v in sm.embeddings.patch_grid)
@@ -250,7 +253,7 @@ def _open_clip_timm_vit(tm: nn.Module, backend: nn.Module, layer: int | None) ->
     if not all(hasattr(trunk, a) for a in ("blocks", "patch_embed", "_pos_embed", "forward_head")):
         raise ConfigError(f"M2IB supports open_clip timm towers that are ViTs; got {type(trunk).__name__}")
     blocks = trunk.blocks
-    L = _check_layer(layer, len(blocks), f"timm {type(trunk).__name__}")
+    L = check_layer(layer, len(blocks), f"timm {type(trunk).__name__}")
 
     def prefix(pixels: Tensor) -> Tensor:
         x = trunk.norm_pre(trunk.patch_drop(trunk._pos_embed(trunk.patch_embed(pixels))))
