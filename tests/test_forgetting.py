@@ -44,6 +44,7 @@ def test_inverts_each_known_class_toward_its_caption_without_changing_the_model(
                     reason="shipped phantom checkpoint missing")
 def test_recipe_replays_inverted_known_classes_in_both_arms(monkeypatch):
     import medkt.finetune
+    import medkt.spine
     from medkt.phantom.experiment import PhantomTransferExperiment, Recipe
 
     seen = []
@@ -53,7 +54,7 @@ def test_recipe_replays_inverted_known_classes_in_both_arms(monkeypatch):
         seen.append((k.get("replay_images"), list(k.get("replay_concepts") or [])))
         return real_finetune(*a, **k)
 
-    monkeypatch.setattr(medkt.finetune, "finetune", spy)
+    monkeypatch.setattr(medkt.spine, "finetune", spy)  # the transfer step's fine-tuning call
     exp = PhantomTransferExperiment("phantom:base", BUNDLE["novel"], BUNDLE["description"], BUNDLE["known_descriptions"],
                                     eval_per_class=2, split="val", cupl_prompts=2)
     ds = exp.eval_set(0)
