@@ -10,7 +10,6 @@ so the phantom world exercises the real data path (readers, manifests, segmentat
 """
 from __future__ import annotations
 
-import datetime
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path

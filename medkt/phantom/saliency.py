@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 
 def saliency_dsc(backend, phantoms, prompt: str, layer: int = 1, method: str = "otsu",
                  n_components: int = 3, beta: float = 0.1, steps: int = 10) -> dict[str, Any]:
