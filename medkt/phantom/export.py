@@ -24,6 +24,7 @@ FORMATS = ("png", "dicom")
 
 
 def slug(name: str) -> str:
+    """A finding name as a folder/file name: ``"pleural effusion"`` -> ``"pleural_effusion"``."""
     return "".join(ch if ch.isalnum() else "_" for ch in name.lower()).strip("_")
 
 

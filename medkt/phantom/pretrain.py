@@ -198,11 +198,9 @@ def train(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
     N = len(images)
     ga, gb, gy = gloss
     history = []
-    it = range(cfg.steps)
-    if progress:
-        from tqdm import tqdm
+    from medkt.progress import track
 
-        it = tqdm(it, desc="pretrain", mininterval=10)
+    it = track(range(cfg.steps), "pretrain", unit="step", enabled=progress)
     model.train()
     t_loop = time.time()
     for step in it:

@@ -64,6 +64,7 @@ class Canvas:
 
     @property
     def lung_union(self) -> np.ndarray:
+        """Boolean mask ``(S, S)`` of both lungs."""
         return self.lungs["right"] | self.lungs["left"]
 
     def ellipse(self, cy: float, cx: float, ry: float, rx: float, angle_deg: float = 0.0) -> np.ndarray:
@@ -243,6 +244,7 @@ def unregister_finding(name: str) -> None:
 
 
 def get_finding(name: str) -> Finding:
+    """The registered finding ``name``; an unknown one is an error listing the known findings."""
     if name not in _FINDINGS:
         err = unknown_name("finding", name, list(_FINDINGS))
         # a plugin finding is registered when its module is imported (bundle option ``plugins``)
@@ -283,12 +285,15 @@ def list_findings() -> list[str]:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class Phantom:
+    """One synthetic chest X-ray: the image, the finding's mask, its name and the drawn attributes."""
+
     image: np.ndarray  # (S, S) float32 in [0, 1]
     mask: np.ndarray  # (S, S) bool, the finding's pixels (empty for no finding / global findings)
     finding: str
     attributes: dict[str, Any]
 
     def describe(self, rng: np.random.Generator | int = 0) -> str:
+        """A caption of this phantom's finding from its attributes (random wording by ``rng``)."""
         rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
         return get_finding(self.finding).describe(self.attributes, rng)
 
@@ -331,6 +336,7 @@ class PhantomSet:
         return torch.from_numpy(self.images[:, None].copy())
 
     def subset(self, idx: Sequence[int]) -> "PhantomSet":
+        """The phantoms at positions ``idx`` (same seed), as a new set."""
         idx = list(idx)
         return PhantomSet(self.images[idx], self.masks[idx], [self.labels[i] for i in idx],
                           [self.attributes[i] for i in idx], self.seed)
@@ -350,12 +356,9 @@ def make_dataset(
     masks = np.zeros((n, size, size), bool)
     labels: list[str] = []
     attrs: list[dict[str, Any]] = []
-    it = range(n)
-    if progress:
-        from tqdm import tqdm
+    from medkt.progress import track
 
-        it = tqdm(it, desc="phantoms", leave=False)
-    for k in it:
+    for k in track(range(n), "phantoms", unit="img", enabled=progress):
         f, i = findings[k // n_per_class], k % n_per_class
         p = make_phantom(f, seed, i, size)
         images[k], masks[k] = p.image, p.mask
