@@ -28,14 +28,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from medkt.backends.base import Backend, ImageTextMatcher
+from medkt.checkpoints import guard_resume
 from medkt.errors import ConfigError, DataError
+from medkt.faults import fault_point
 from medkt.evaluation import ClassificationResult, ZeroShotEvaluator
 from medkt.finetune import FinetuneConfig, finetune, load_finetuned, make_caption, save_finetuned
 from medkt.inversion import InversionConfig, InversionResult, InversionTarget, inversion_summary, save_inversion
@@ -179,20 +181,6 @@ def default_negatives(evaluators: Mapping[str, ZeroShotEvaluator], exclude: set[
     return list(dict.fromkeys(negs))
 
 
-def _fault(name: str) -> None:
-    from medkt.faults import fault_point
-
-    fault_point(name)
-
-
-def _guard(out: Path | None, phase: str, settings: dict[str, Any], resume: bool) -> None:
-    if out is None:
-        return
-    from medkt.checkpoints import guard_resume
-
-    guard_resume(out, phase, settings, resume)
-
-
 def synthesize(backend: Backend, concepts: Sequence[Concept], config: InversionConfig, *,
                images: str | Path | InversionResult = "inversion", inversion_dir: str | Path | None = None,
                resume: bool = False, progress: bool = True, init_images: torch.Tensor | None = None) -> InversionResult:
@@ -203,10 +191,10 @@ def synthesize(backend: Backend, concepts: Sequence[Concept], config: InversionC
     probabilities."""
     from medkt import distributed as mdist
 
-    out = Path(inversion_dir) if inversion_dir is not None else None
-    targets = inversion_targets(concepts)
     if isinstance(images, InversionResult):
         return images
+    out = Path(inversion_dir) if inversion_dir is not None else None
+    targets = inversion_targets(concepts)
     if images == "inversion":
         if mdist.world_size() > 1 and mdist.n_chunks(targets, config.chunk_size) < mdist.world_size():
             import logging
@@ -281,7 +269,7 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
     inv = synthesize(backend, concepts, inv_cfg, images=images, inversion_dir=out / "inversion" if out else None,
                      resume=resume, progress=progress, init_images=init_images)
     seconds["inversion"] = time.perf_counter() - t
-    _fault("after_inversion")
+    fault_point("after_inversion")
 
     names = {c.name for c in concepts}
     negs = list(negatives) if negatives is not None else default_negatives(evaluators, names)
@@ -292,7 +280,7 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
                               save_weights, dict(finetune_options or {}), resumed)
     seconds["finetune"] = time.perf_counter() - t
 
-    _fault("evaluation")
+    fault_point("evaluation")
     t = time.perf_counter()
     after = {n: ev.evaluate() for n, ev in evaluators.items()}
     seconds["evaluation_after"] = time.perf_counter() - t
@@ -310,31 +298,25 @@ def _finetune_phase(backend: Backend, inv: InversionResult, concepts: Sequence[C
 
     weights = out / "finetuned.safetensors" if out is not None else None
     record = out / "finetune.json" if out is not None else None
-    settings = {"finetune": _jsonable(cfg), "negatives": negatives, "descriptions": descriptions,
+    settings = {"finetune": asdict(cfg), "negatives": negatives, "descriptions": descriptions,
                 "captions": [make_caption(c, d, cfg) for c, d in descriptions.items()],
                 "images": [inv.concepts, inv.texts], "options": sorted(options)}
     # fine-tuning outputs are reused only when they were saved whole (weights written last)
     can_reuse = resume and save_weights and weights is not None and weights.is_file() and record.is_file()
-    _guard(out, "finetune", settings, resume)
+    if out is not None:
+        guard_resume(out, "finetune", settings, resume)  # records or compares (JSON-normalised)
     if can_reuse:
         load_finetuned(backend, weights)
         resumed.append("finetune")
         return json.loads(record.read_text())
     history = finetune(backend, inv.images, inv.concepts, descriptions, negatives, cfg, texts_of_images=inv.texts,
                        progress=progress, **options)
-    _fault("finetune")
+    fault_point("finetune")
     if out is not None and mdist.is_main():
         atomic_write_json(record, history)
         if save_weights:
             save_finetuned(backend, weights, which=cfg.train)
     return history
-
-
-def _jsonable(cfg: Any) -> dict[str, Any]:
-    import dataclasses
-    import json
-
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
 
 
 class TransferStep:

@@ -30,7 +30,7 @@ from medkt.errors import ConfigError, DataError
 from medkt.evaluation import ClassificationResult, ZeroShotEvaluator, before_after_table
 from medkt.finetune import make_caption
 from medkt.pipelines.base import Pipeline, log
-from medkt.spine import TransferStep
+from medkt.spine import Concept, TransferStep
 from medkt.utils import atomic_write_text
 from medkt.validation import EvaluationSpec
 
@@ -213,7 +213,7 @@ class TransferPipeline(Pipeline):
             cfg = copy.deepcopy(self.inv_cfg)
             cfg.seed = int(spec.get("seed", self.seed + 1000))
             n = int(spec.get("n_images", 5))
-            held_concepts = [type(c)(c.name, [c.description], n) for c in self.concepts]
+            held_concepts = [Concept(c.name, [c.description], n) for c in self.concepts]
             held = synthesize(backend, held_concepts, cfg, inversion_dir=out / f"heldout_{name}" if out else None,
                               resume=self.resume, progress=self.progress)
             prompts = {c.name: [make_caption(c.name, c.description, self.ft_cfg)] for c in self.concepts}
