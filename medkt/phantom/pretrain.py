@@ -198,12 +198,12 @@ def train(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
     N = len(images)
     ga, gb, gy = gloss
     history = []
-    from medkt.progress import track
+    from medkt.progress import Progress
 
-    it = track(range(cfg.steps), "pretrain", unit="step", enabled=progress)
+    bar = Progress(cfg.steps, "pretrain", unit="step", enabled=progress)
     model.train()
     t_loop = time.time()
-    for step in it:
+    for step in range(cfg.steps):
         for pg in opt.param_groups + opt_tok.param_groups:
             pg["lr"] = lr_at(step)
         idx = torch.randint(0, N, (cfg.batch_size,), generator=g)
@@ -245,16 +245,17 @@ def train(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
         opt_tok.step()
         if step % 50 == 0 or step == cfg.steps - 1:
             rec = {"step": step, "loss": float(loss.detach()), "contrastive": float(loss_c.detach()), "lr": lr_at(step),
-                   "logit_scale": float(scale), "seconds": round(time.time() - t_start, 1)}
+                   "logit_scale": float(scale.detach()), "seconds": round(time.time() - t_start, 1)}
             if cfg.glossary_weight > 0:
                 rec["glossary"] = float(loss_g.detach())
             history.append(rec)
-            if progress:
-                it.set_postfix(loss=f"{float(loss_c):.3f}", s=rec["seconds"])
+            bar.set_postfix(loss=f"{float(loss_c):.3f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             # a salvageable snapshot (no evaluation) in case a long run is interrupted
             save_checkpoint(model, out.with_name(out.stem + ".partial.safetensors"),
                             {"pretrain_config": asdict(cfg), "step": step + 1, "history": history})
+        bar.update(1)
+    bar.close()
     t_train = time.time() - t_loop
     model.eval()
     t0 = time.time()
@@ -284,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="override the number of steps")
     ap.add_argument("--model-card", default=None, help="write MODEL_CARD.md here")
     args = ap.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # progress lines when not on a terminal
     cfg = PretrainConfig.load(args.config)
     if args.steps is not None:
         cfg.steps = args.steps
