@@ -113,6 +113,53 @@ def frontier_figure(points: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def matplotlib_ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
+
+
+def wise_frontier_figure(panels: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """WiSE-FT curves per finding: novel gain and AUROC gain vs known loss (all in points / AUROC).
+
+    ``panels``: finding -> curves; a curve is ``{"label", "kind": "transfer" | "placebo" |
+    "upper_bound", "points": [{"alpha", "known_loss", "novel_gain", "auroc_gain"}, ...]}`` (fractions;
+    ``alpha`` 0 is the start model). Top row: novel-accuracy gain; bottom row: novel-AUROC gain.
+    Dashed lines: the issue's targets (known loss <= 2 points, gain >= 30 points / +0.10 AUROC).
+    """
+    plt = _plt()
+    n = len(panels)
+    fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 7.0), squeeze=False)
+    styles = {"transfer": "-", "placebo": ":", "upper_bound": "--"}
+    markers = ["o", "s", "^", "D", "v", "P"]
+    for j, (finding, curves) in enumerate(panels.items()):
+        for k, c in enumerate(curves):
+            pts = sorted(c["points"], key=lambda p: p["alpha"])
+            x = [100 * p["known_loss"] for p in pts]
+            kw = {"ls": styles.get(c.get("kind", "transfer"), "-"), "marker": markers[k % len(markers)], "ms": 4,
+                  "label": c["label"]}
+            line = axes[0, j].plot(x, [100 * p["novel_gain"] for p in pts], **kw)[0]
+            axes[1, j].plot(x, [p["auroc_gain"] for p in pts], color=line.get_color(), **kw)
+            last = pts[-1]
+            axes[0, j].annotate(f"a={last['alpha']:g}", (x[-1], 100 * last["novel_gain"]), fontsize=6,
+                                xytext=(2, 2), textcoords="offset points", color=line.get_color())
+        for i, (target, label) in enumerate([(30, "novel-accuracy gain (points)"), (0.10, "novel-AUROC gain")]):
+            ax = axes[i, j]
+            ax.axvline(2, ls="--", lw=0.8, color="gray")
+            ax.axhline(target, ls="--", lw=0.8, color="gray")
+            ax.set_xlabel("known-findings accuracy loss (points)")
+            ax.set_ylabel(label)
+            ax.set_xscale("symlog", linthresh=2)
+            ax.xaxis.set_major_formatter(matplotlib_ticker().ScalarFormatter())
+        axes[0, j].set_title(finding, fontsize=10)
+    axes[0, 0].legend(fontsize=6, loc="lower right")
+    fig.suptitle("WiSE-FT weight a from 0 (start) to 1; target: upper left of the dashed lines", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def fmt_ci(d: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
     return f"{scale * d['mean']:.{digits}f} ± {scale * d['ci95']:.{digits}f}"
 
