@@ -21,6 +21,7 @@ Round three (forgetting controls around LoRA; rule fixed before its runs, becaus
 picked a recipe that collapsed the third finding): validation seeds 0-1, nodule and cavity; the
 recipe with the highest mean of ``novel gain - 3 x known loss`` (points) among ``lora`` (its
 round-two rows for seeds 0-1) and the ``lora_*`` candidates below, printed as ``strict_score``.
+Round four (text side, ``tokens*``): the same strict rule on validation seeds 0-1, nodule and cavity.
 """
 from __future__ import annotations
 
@@ -75,6 +76,16 @@ CANDIDATES: dict[str, dict] = {
                   "replay_init": True},
     "lora_init_dfr": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 1e-3, "wise_alpha": 1.0, "replay_per_batch": 4},
                       "replay_init": True, "data_free_replay": 1, "replay_inversion": {"residual_sign": "any"}},
+    # round four: text side (medkt.concept_tokens): only the new name's token embeddings learn, from the
+    # same inverted images, against the known findings' name prompts; visual tower frozen
+    "tokens": {"finetune": {"train": "concept_tokens", "caption_template": "a chest x-ray with {name}", "lr": 0.05,
+                            "epochs": 100, "batch_size": 16, "optimizer": "adam", "weight_decay": 0.0,
+                            "wise_alpha": 1.0}},
+    # ... plus the inversion's start images as "no finding" in every batch (a balanced negative)
+    "tokens_init": {"finetune": {"train": "concept_tokens", "caption_template": "a chest x-ray with {name}",
+                                 "lr": 0.05, "epochs": 100, "batch_size": 16, "optimizer": "adam",
+                                 "weight_decay": 0.0, "wise_alpha": 1.0, "replay_per_batch": 16},
+                    "replay_init": True},
 }
 
 

@@ -34,7 +34,8 @@ from medkt.validation import OneOf, Range
 
 
 #: parameter groups fine-tuning can train (``FinetuneConfig.train``)
-TRAIN_CHOICES = ("visual", "text", "both", "visual+decoder")
+#: ("concept_tokens": only the new concepts' name-token embeddings, see :mod:`medkt.concept_tokens`)
+TRAIN_CHOICES = ("visual", "text", "both", "visual+decoder", "concept_tokens")
 
 
 @dataclass
@@ -58,7 +59,9 @@ class FinetuneConfig:
     optimizer: Literal["adam", "adamw"] = "adam"  # "adam" (L2 weight decay, as the paper's code) | "adamw" (decoupled)
     betas: tuple[Annotated[float, Range(ge=0, lt=1)], Annotated[float, Range(ge=0, lt=1)]] = (0.9, 0.98)
     eps: Annotated[float, Range(gt=0)] = 1e-6
-    train: Literal[TRAIN_CHOICES] = "visual"  # "visual" | "text" | "both" | "visual+decoder" (CoCa: also the caption decoder)
+    # "visual" | "text" | "both" | "visual+decoder" (CoCa: also the caption decoder) | "concept_tokens"
+    # (text side: only the token embeddings of the new concepts' names; medkt.concept_tokens)
+    train: Literal[TRAIN_CHOICES] = "visual"
     prepend_name: bool = True
     caption_template: str = "A {name} is {description}"
     loss: Annotated[str, OneOf(loss_names, "finetune loss")] = "infonce"
@@ -90,6 +93,9 @@ class FinetuneConfig:
         from medkt.validation import build
 
         cfg = build(cls, d, path, what="finetune")
+        if cfg.train == "concept_tokens" and (cfg.lora is not None or cfg.train_only):
+            raise ConfigError(f"{path}#train = 'concept_tokens' trains only the new name's token embeddings; "
+                              f"it cannot be combined with lora or train_only (remove them)", key=f"{path}#train")
         if cfg.lora is not None:
             from medkt.lora import LoraSettings
 
@@ -274,9 +280,23 @@ def finetune(
     elif cfg.replay_per_batch > 0 or cfg.distill_weight > 0:
         raise ConfigError("replay_per_batch / distill_weight need finetune(..., replay_images=, replay_concepts=)")
 
-    params = _trainable(backend, cfg.train, cfg.train_only)
+    concept_tokens = None
+    if cfg.train == "concept_tokens":  # text side: offsets on the new names' token embeddings only
+        from medkt.concept_tokens import ConceptTokens
+
+        if _use_distributed(distributed):
+            raise ConfigError("finetune.train='concept_tokens' runs in one process (a few offsets train); "
+                              "run it without torchrun")
+        new = list(dict.fromkeys(concepts_of_images))
+        others = [c for c in list(descriptions) + list(replay_concepts or []) if c not in new]
+        concept_tokens = ConceptTokens(backend, new, others)
+        params = []
+    else:
+        params = _trainable(backend, cfg.train, cfg.train_only)
     requires = [p.requires_grad for p in backend.parameters()]
     wise_params, lora = params, None
+    if concept_tokens is not None:
+        params = concept_tokens.parameters()
     if cfg.lora is not None:  # only the adapters train; merged into ``params`` at the end
         from medkt.lora import LoraAdapter, LoraSettings
 
@@ -360,6 +380,8 @@ def finetune(
                     p.copy_(b)
             if lora is not None:  # fold the adapters into the weights: the plain module tree is back
                 lora.merge()
+            if concept_tokens is not None:  # WiSE-FT of the offsets = scaling them
+                concept_tokens.merge(cfg.wise_alpha)
             if start_state is not None:  # WiSE-FT weight-space interpolation toward the start
                 for p, p0 in zip(wise_params, start_state):
                     p.copy_(p0 + cfg.wise_alpha * (p - p0))
@@ -367,6 +389,8 @@ def finetune(
         bar.close()
         if lora is not None:  # after an error: drop the adapters unmerged (no-op once merged)
             lora.remove()
+        if concept_tokens is not None:
+            concept_tokens.remove()
         backend.eval()
         for p, r in zip(backend.parameters(), requires):
             p.requires_grad_(r)
@@ -435,7 +459,8 @@ def _ddp_batch_loss(ddp: torch.nn.Module, batch: torch.Tensor, targets: torch.Te
 
 
 def save_finetuned(backend: Backend, path: str | Path, which: str = "visual", metadata: dict[str, str] | None = None) -> Path:
-    """Save the fine-tuned parameters (``which`` = visual | text | both | all) as safetensors."""
+    """Save the fine-tuned parameters (``which`` = visual | text | both | all | concept_tokens: the
+    token-embedding matrix) as safetensors."""
     from safetensors.torch import save
 
     from medkt.utils import atomic_write_bytes
@@ -443,7 +468,8 @@ def save_finetuned(backend: Backend, path: str | Path, which: str = "visual", me
     if which == "all":
         tensors = dict(backend.state_dict())
     else:
-        ids = {id(p) for p in _trainable(backend, which)}
+        ids = ({id(backend.token_embedding().weight)} if which == "concept_tokens"
+               else {id(p) for p in _trainable(backend, which)})
         tensors = {k: v for k, v in backend.state_dict(keep_vars=True).items() if id(v) in ids}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = {"medkt_spec": backend.spec, "which": which, **(metadata or {})}

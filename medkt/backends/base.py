@@ -126,6 +126,13 @@ class Backend(nn.Module):
         """Parameters of the text encoder (trained only when fine-tuning unfreezes the text side)."""
         raise NotImplementedError
 
+    def token_embedding(self) -> nn.Embedding:
+        """The text tower's input token embedding (``finetune.train = "concept_tokens"``)."""
+        from medkt.errors import ConfigError
+
+        raise ConfigError(f"backend family {self.family!r} does not expose its token embedding, so "
+                          f"finetune.train='concept_tokens' is not available for it; use train='visual'")
+
     @property
     def logit_scale(self) -> torch.Tensor:
         """exp of the learned temperature (a scalar tensor); CLIP's default 100."""

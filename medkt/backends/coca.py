@@ -322,6 +322,9 @@ class CocaBackend(Backend, Captioner):
     def text_parameters(self) -> Iterator[nn.Parameter]:
         return self.model.text.parameters()
 
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.text.token_embedding
+
     def decoder_parameters(self) -> Iterator[nn.Parameter]:
         """The multimodal text decoder (trained too in the paper's Tab.9 dagger rows)."""
         return self.model.text_decoder.parameters()

@@ -101,6 +101,9 @@ class HFClipBackend(Backend):
         yield from self.model.text_model.parameters()
         yield from self.model.text_projection.parameters()
 
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.text_model.embeddings.token_embedding
+
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp().clamp(max=100.0)

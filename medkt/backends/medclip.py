@@ -222,6 +222,9 @@ class MedCLIPBackend(Backend):
     def text_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.model.text_model.parameters()
 
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.text_model.model.embeddings.word_embeddings
+
     @property
     def logit_scale(self) -> torch.Tensor:
         """``exp(clamp(logit_scale, 0, 4.6052))`` as MedCLIP's ``compute_logits`` (max 100)."""

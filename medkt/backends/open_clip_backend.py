@@ -78,6 +78,13 @@ class OpenClipBackend(Backend):
             skip.add(id(self.model.logit_bias))
         return (p for p in self.model.parameters() if id(p) not in skip)
 
+    def token_embedding(self) -> nn.Embedding:
+        # CLIP keeps it at the top level; CustomTextCLIP (e.g. SigLIP / HF text towers) in .text
+        emb = getattr(self.model, "token_embedding", None) or getattr(getattr(self.model, "text", None), "token_embedding", None)
+        if not isinstance(emb, nn.Embedding):
+            return super().token_embedding()
+        return emb
+
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp().clamp(max=100.0)

@@ -58,6 +58,9 @@ class PhantomBackend(Backend, VisionSplitProvider):
     def text_parameters(self) -> Iterator[nn.Parameter]:
         return self.model.text.parameters()
 
+    def token_embedding(self) -> nn.Embedding:
+        return self.model.text.token
+
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.detach().exp().clamp(max=100.0)
