@@ -236,8 +236,13 @@ class PhantomTransferExperiment:
 
     # -- arms --------------------------------------------------------------------------------
     def run_arm(self, recipe: Recipe, seed: int, ds, *, placebo: bool = False,
-                keep_images: bool = False) -> ArmResult:
-        """Transfer (or its placebo) with ``recipe`` on a fresh backend; evaluate on ``ds``."""
+                keep_images: bool = False, given_images: torch.Tensor | None = None) -> ArmResult:
+        """Transfer (or its placebo) with ``recipe`` on a fresh backend; evaluate on ``ds``.
+
+        ``given_images`` ``(N, 1, S, S)``: fine-tune on these instead of inverting (e.g. images
+        inverted with another model: paper §7.3 Q2); the rest of the recipe is unchanged
+        (``replay_init`` replays the start images an inversion of this seed would have edited).
+        """
         from medkt.finetune import FinetuneConfig, make_caption
         from medkt.inversion import InversionConfig, InversionResult
         from medkt.spine import Concept, transfer
@@ -261,7 +266,15 @@ class PhantomTransferExperiment:
         init = None
         n = recipe.n_images
         images: InversionResult | str = "inversion"  # the spine inverts, unless the images are given
-        if placebo:
+        if given_images is not None:
+            if placebo or partial is not None:
+                raise ConfigError("given_images replaces the inversion of a pixel-space transfer arm; "
+                                  "not with placebo=True or a partial-layer recipe")
+            n = len(given_images)
+            images = InversionResult(given_images, [self.novel] * n, [self.description] * n, [float("nan")] * n)
+            if inv_cfg.init == "images":  # replay_init: the start images an inversion of this seed edits
+                init = self.train_images("normal", n, seed, 1)
+        elif placebo:
             x = self.train_images(recipe.placebo, n, seed, 1)
             if split is not None:
                 x = split.features(backend, x)

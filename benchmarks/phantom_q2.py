@@ -1,0 +1,89 @@
+"""Paper §7.3 Q2 in the phantom world: do images inverted with one model teach another model?
+
+Model A is the generality protocol's model (``heldout3``, pretraining seed 0); model B has the
+same settings and held-out findings but pretraining seeds 1 / data seed 1001
+(``medkt/assets/phantom/pretrain_config_heldout3_seed1.json``; not shipped, reproduce with
+``python -m medkt.phantom.pretrain --config medkt/assets/phantom/pretrain_config_heldout3_seed1.json
+--out runs/heldout3_seed1/phantom_clip.safetensors``). For every finding and seed the recipe's
+images are inverted with A and with B; B is then taught with B's own images (``self``) and with A's
+(``cross``), and A with its own (``A self``), same recipe, same evaluation phantoms.
+
+    OMP_NUM_THREADS=1 python benchmarks/phantom_q2.py --second runs/heldout3_seed1 --recipe tokens \\
+        --seeds 3 --out benchmarks/phantom_q2.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.phantom_generality import CANDIDATES, DESCRIPTIONS, HELDOUT3, _stats  # noqa: E402
+from benchmarks.phantom_recipes import _bundle, _merge  # noqa: E402
+
+
+def run(args) -> dict:
+    from medkt.phantom.experiment import PhantomTransferExperiment, Recipe, summarize
+
+    torch.set_num_threads(1)
+    cfg = _bundle("phantom_nodules")
+    rd = _merge(cfg["recipe"], CANDIDATES[args.recipe])
+    if args.quick:
+        rd["n_images"], rd["inversion"]["steps"], rd["finetune"]["epochs"] = 2, 3, 1
+    rec = Recipe.from_dict({"name": args.recipe, **rd})
+    second = f"phantom:base@{Path(args.second).resolve()}"
+    seeds = list(range(args.seeds))
+    out = {"recipe": rd, "model_a": HELDOUT3, "model_b": second, "seeds": seeds, "findings": {}}
+    t0 = time.time()
+    for finding in args.findings.split(","):
+        exps = {m: PhantomTransferExperiment(spec, finding, DESCRIPTIONS[finding], cfg["known_descriptions"],
+                                             eval_per_class=args.eval_per_class, split="eval")
+                for m, spec in (("A", HELDOUT3), ("B", second))}
+        rows = {k: [] for k in ("A self", "B self", "B cross")}
+        befores = {"A": [], "B": []}
+        for seed in seeds:
+            ds = exps["A"].eval_set(seed)  # the same phantoms for both models
+            for m, exp in exps.items():
+                befores[m].append(summarize(exp.evaluate(exp.new_backend(), ds)[0], finding))
+            a_self = exps["A"].run_arm(rec, seed, ds, keep_images=True)
+            b_self = exps["B"].run_arm(rec, seed, ds)
+            b_cross = exps["B"].run_arm(rec, seed, ds, given_images=a_self.extra["images"])
+            for k, arm in (("A self", a_self), ("B self", b_self), ("B cross", b_cross)):
+                rows[k].append(summarize(arm.name_prompts, finding))
+            print(f"[{time.time() - t0:5.0f}s] {finding} seed {seed}: " + "; ".join(
+                f"{k} {r[-1]['novel_accuracy']:.2f}/{r[-1]['known_accuracy']:.3f}/{r[-1]['novel_auroc']:.3f}"
+                for k, r in rows.items()), flush=True)
+        known = exps["A"].known
+        summ = {k: _stats(r, befores["A" if k.startswith("A") else "B"], known) for k, r in rows.items()}
+        out["findings"][finding] = {"summary": summ, "per_seed": rows, "before": befores}
+        Path(args.out).write_text(json.dumps(out, indent=1, default=float))
+    print("\nfinding          arm       novel gain     known loss    AUROC before -> after")
+    for finding, f in out["findings"].items():
+        for k, s in f["summary"].items():
+            print(f"{finding:16s} {k:8s} {100 * s['novel_gain']['mean']:5.1f} ± {100 * s['novel_gain']['ci95']:4.1f}  "
+                  f"{100 * s['known_loss']['mean']:5.1f} ± {100 * s['known_loss']['ci95']:4.1f}  "
+                  f"{s['auroc_before']['mean']:.3f} -> {s['auroc_after']['mean']:.3f}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--second", required=True, help="folder of model B's phantom_clip.safetensors")
+    ap.add_argument("--recipe", default="tokens", choices=sorted(CANDIDATES))
+    ap.add_argument("--findings", default="nodule,cavity,pneumoperitoneum")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--eval-per-class", type=int, default=100)
+    ap.add_argument("--quick", action="store_true", help="tiny settings to check the script (numbers meaningless)")
+    ap.add_argument("--out", required=True)
+    run(ap.parse_args())
+
+
+if __name__ == "__main__":
+    main()
