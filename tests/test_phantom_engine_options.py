@@ -2,6 +2,8 @@
 init images, replay / distillation / last-blocks-only / WiSE-FT / model selection in fine-tuning."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -118,3 +120,27 @@ def test_keep_best_restores_best_epoch(tiny, normals):
     assert hist["select"] == [0.9, 0.1, 0.2] and hist["best_epoch"] == 1
     now = tiny.visual_state_dict()
     assert all(torch.allclose(snapshots[0][k], now[k]) for k in now)
+
+
+def test_run_arm_with_given_images_equals_inverting_them_itself():
+    """Q2's cross arm: fine-tuning on images inverted elsewhere; given the arm's own images back,
+    the result is the arm's own (so a cross-model difference is the images', not the code path's)."""
+    import json as _json
+
+    from medkt.phantom.experiment import PhantomTransferExperiment, Recipe
+
+    bundle = _json.loads((Path(__file__).resolve().parent.parent / "bundles" / "phantom_nodules" / "configs"
+                          / "transfer.json").read_text())
+    exp = PhantomTransferExperiment("phantom:base", bundle["novel"], bundle["description"], bundle["known_descriptions"],
+                                    eval_per_class=2, split="val", cupl_prompts=2)
+    ds = exp.eval_set(0)
+    r = _json.loads(_json.dumps(bundle["recipe"]))
+    r["n_images"], r["inversion"]["steps"] = 2, 2
+    r["finetune"] = {**r["finetune"], "epochs": 1}
+    rec = Recipe.from_dict({"name": "t", **r})
+    own = exp.run_arm(rec, 0, ds, keep_images=True)
+    given = exp.run_arm(rec, 0, ds, given_images=own.extra["images"])
+    assert given.name_prompts.confusion.tolist() == own.name_prompts.confusion.tolist()
+    assert given.seconds_inversion < own.seconds_inversion
+    with pytest.raises(ConfigError, match="given_images"):
+        exp.run_arm(rec, 0, ds, placebo=True, given_images=own.extra["images"])
