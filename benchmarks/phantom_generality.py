@@ -86,6 +86,14 @@ CANDIDATES: dict[str, dict] = {
                                  "lr": 0.05, "epochs": 100, "batch_size": 16, "optimizer": "adam",
                                  "weight_decay": 0.0, "wise_alpha": 1.0, "replay_per_batch": 16},
                     "replay_init": True},
+    # round four, second batch (one inversion per seed shared by all of them): caption template and strength
+    "tokens_bare": {"finetune": {"train": "concept_tokens", "caption_template": "{name}", "lr": 0.05, "epochs": 100,
+                                 "batch_size": 16, "optimizer": "adam", "weight_decay": 0.0, "wise_alpha": 1.0}},
+    "tokens_strong": {"finetune": {"train": "concept_tokens", "caption_template": "a chest x-ray with {name}",
+                                   "lr": 0.1, "epochs": 200, "batch_size": 16, "optimizer": "adam",
+                                   "weight_decay": 0.0, "wise_alpha": 1.0}},
+    "tokens_paper_caption": {"finetune": {"train": "concept_tokens", "lr": 0.05, "epochs": 100, "batch_size": 16,
+                                          "optimizer": "adam", "weight_decay": 0.0, "wise_alpha": 1.0}},
 }
 
 

@@ -144,3 +144,37 @@ def test_run_arm_with_given_images_equals_inverting_them_itself():
     assert given.seconds_inversion < own.seconds_inversion
     with pytest.raises(ConfigError, match="given_images"):
         exp.run_arm(rec, 0, ds, placebo=True, given_images=own.extra["images"])
+
+
+def test_recipes_sharing_an_inversion_reuse_its_images(monkeypatch):
+    """Recipes that differ only after the inversion (e.g. the fine-tuning) reuse the seed's inverted
+    images instead of inverting again; a different inversion setting inverts anew."""
+    import json as _json
+
+    import medkt.distributed
+    from medkt.phantom.experiment import PhantomTransferExperiment, Recipe
+
+    bundle = _json.loads((Path(__file__).resolve().parent.parent / "bundles" / "phantom_nodules" / "configs"
+                          / "transfer.json").read_text())
+    exp = PhantomTransferExperiment("phantom:base", bundle["novel"], bundle["description"], bundle["known_descriptions"],
+                                    eval_per_class=2, split="val", cupl_prompts=2)
+    ds = exp.eval_set(0)
+    calls = []
+    real = medkt.distributed.invert_sharded
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(medkt.distributed, "invert_sharded", spy)
+    r = _json.loads(_json.dumps(bundle["recipe"]))
+    r["n_images"], r["inversion"]["steps"] = 2, 2
+    r["finetune"] = {**r["finetune"], "epochs": 1}
+    a = exp.run_arm(Recipe.from_dict({"name": "a", **r}), 0, ds, keep_images=True)
+    b = exp.run_arm(Recipe.from_dict({"name": "b", **r, "finetune": {**r["finetune"], "lr": 1e-4}}), 0, ds,
+                    keep_images=True)
+    assert len(calls) == 1
+    torch.testing.assert_close(a.extra["images"], b.extra["images"])
+    assert b.seconds_inversion > 0  # the reused inversion's time still counts
+    exp.run_arm(Recipe.from_dict({"name": "c", **r, "inversion": {**r["inversion"], "steps": 3}}), 0, ds)
+    assert len(calls) == 2
