@@ -257,12 +257,43 @@ def at_equal_loss(curve: list[dict], loss: float, key: str) -> float:
     return float(np.interp(loss, [p["known_loss"] for p in pts], [p[key] for p in pts]))
 
 
+def markdown_table(d: dict) -> str:
+    """One row per finding x recipe (x WiSE weight, when swept): means ± 95% CI in points."""
+    def pm(st, scale=100.0):
+        return f"{scale * st['mean']:+.1f} ± {scale * st['ci95']:.1f}"
+
+    lines = ["| finding | recipe | WiSE a | seeds | novel gain (pts) | known loss (pts) | worst class drop (pts) | "
+             "AUROC before → after | placebo AUROC | real-image arm gain / loss / AUROC | s per seed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for finding, f in d["findings"].items():
+        for r, s in f["summary"].items():
+            curves = s.get("wise", {}).get("after") or {f"{rec_wise(d['recipes'][r]):g}": s}
+            for a in sorted(curves, key=float, reverse=True):
+                st = curves[a]
+                plc = s.get("wise", {}).get("placebo", {}).get(a)
+                orc = s.get("wise", {}).get("oracle", {}).get(a)
+                if not s.get("wise"):
+                    plc = {"auroc_after": s["placebo_auroc"]} if "placebo_auroc" in s else None
+                    orc = ({"novel_gain": s["oracle_novel_gain"], "known_loss": s["oracle_known_loss"],
+                            "auroc_after": s["oracle_auroc"]} if "oracle_auroc" in s else None)
+                p_txt = f"{plc['auroc_after']['mean']:.3f}" if plc else "–"
+                o_txt = (f"{100 * orc['novel_gain']['mean']:+.0f} / {100 * orc['known_loss']['mean']:.0f} / "
+                         f"{orc['auroc_after']['mean']:.3f}" if orc else "–")
+                lines.append(f"| {finding} | `{r}` | {a} | {len(st['novel_gain']['values'])} | {pm(st['novel_gain'])} | "
+                             f"{pm(st['known_loss'])} | {100 * st['max_class_drop']['mean']:.0f} ({st['worst_class']}) | "
+                             f"{st['auroc_before']['mean']:.3f} → {st['auroc_after']['mean']:.3f} | {p_txt} | {o_txt} | "
+                             f"{s['seconds']['mean']:.0f} |")
+    return "\n".join(lines)
+
+
 def report(paths: list[Path], plot: Path | None) -> dict:
     """Frontier plot + how much of the real-image upper bound each text-only transfer reaches
     (``paths``: result JSONs, e.g. one per finding, merged by finding)."""
-    d = {"findings": {}}
+    d = {"findings": {}, "recipes": {}}
     for path in paths:
-        d["findings"].update(json.loads(Path(path).read_text())["findings"])
+        one = json.loads(Path(path).read_text())
+        d["findings"].update(one["findings"])
+        d["recipes"].update(one["recipes"])
     panels, reach = {}, {}
     labels = {"after": "{r}", "placebo": "{r} placebo", "oracle": "{r} on real images"}
     kinds = {"after": "transfer", "placebo": "placebo", "oracle": "upper_bound"}
@@ -280,6 +311,7 @@ def report(paths: list[Path], plot: Path | None) -> dict:
                     "auroc_gain": text[-1]["auroc_gain"], "real_auroc_gain": real[-1]["auroc_gain"],
                     "real_known_loss": real[-1]["known_loss"], "real_novel_gain": real[-1]["novel_gain"]}
         panels[finding] = curves
+    print(markdown_table(d))
     if plot is not None:
         from medkt.phantom.report import wise_frontier_figure
 
