@@ -301,6 +301,8 @@ def report(paths: list[Path], plot: Path | None) -> dict:
         curves = []
         for r, s in f["summary"].items():
             for arm, st in s.get("wise", {}).items():
+                if arm == "placebo":  # placebos are in the table; the plot stays readable
+                    continue
                 curves.append({"label": labels[arm].format(r=r), "kind": kinds[arm], "points": _curve(st)})
             if "oracle" in s.get("wise", {}):
                 text, real = _curve(s["wise"]["after"]), _curve(s["wise"]["oracle"])
