@@ -303,7 +303,7 @@ def report(paths: list[Path], plot: Path | None) -> dict:
             for arm, st in s.get("wise", {}).items():
                 if arm == "placebo":  # placebos are in the table; the plot stays readable
                     continue
-                curves.append({"label": labels[arm].format(r=r), "kind": kinds[arm], "points": _curve(st)})
+                curves.append({"label": labels[arm].format(r=r), "group": r, "kind": kinds[arm], "points": _curve(st)})
             if "oracle" in s.get("wise", {}):
                 text, real = _curve(s["wise"]["after"]), _curve(s["wise"]["oracle"])
                 loss = text[-1]["known_loss"]

@@ -122,8 +122,9 @@ def matplotlib_ticker():
 def wise_frontier_figure(panels: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """WiSE-FT curves per finding: novel gain and AUROC gain vs known loss (all in points / AUROC).
 
-    ``panels``: finding -> curves; a curve is ``{"label", "kind": "transfer" | "placebo" |
-    "upper_bound", "points": [{"alpha", "known_loss", "novel_gain", "auroc_gain"}, ...]}`` (fractions;
+    ``panels``: finding -> curves; a curve is ``{"label", "group" (colour; default the label), "kind":
+    "transfer" | "placebo" | "upper_bound", "points": [{"alpha", "known_loss", "novel_gain",
+    "auroc_gain"}, ...]}`` (fractions;
     ``alpha`` 0 is the start model). Top row: novel-accuracy gain; bottom row: novel-AUROC gain.
     Dashed lines: the issue's targets (known loss <= 2 points, gain >= 30 points / +0.10 AUROC).
     """
@@ -131,15 +132,20 @@ def wise_frontier_figure(panels: dict[str, list[dict[str, Any]]], path: Path) ->
     n = len(panels)
     fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 7.0), squeeze=False)
     styles = {"transfer": "-", "placebo": ":", "upper_bound": "--"}
-    markers = ["o", "s", "^", "D", "v", "P"]
+    markers = {"transfer": "o", "placebo": "x", "upper_bound": "s"}
+    groups: list[str] = []  # one colour per group (recipe): its transfer, placebo and real-image curves
+    for curves in panels.values():
+        groups += [c.get("group", c["label"]) for c in curves if c.get("group", c["label"]) not in groups]
+    colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
     for j, (finding, curves) in enumerate(panels.items()):
-        for k, c in enumerate(curves):
+        for c in curves:
             pts = sorted(c["points"], key=lambda p: p["alpha"])
             x = [100 * p["known_loss"] for p in pts]
-            kw = {"ls": styles.get(c.get("kind", "transfer"), "-"), "marker": markers[k % len(markers)], "ms": 4,
-                  "label": c["label"]}
+            kind = c.get("kind", "transfer")
+            kw = {"ls": styles.get(kind, "-"), "marker": markers.get(kind, "o"), "ms": 4, "label": c["label"],
+                  "color": colors[c.get("group", c["label"])]}
             line = axes[0, j].plot(x, [100 * p["novel_gain"] for p in pts], **kw)[0]
-            axes[1, j].plot(x, [p["auroc_gain"] for p in pts], color=line.get_color(), **kw)
+            axes[1, j].plot(x, [p["auroc_gain"] for p in pts], **kw)
             last = pts[-1]
             axes[0, j].annotate(f"a={last['alpha']:g}", (x[-1], 100 * last["novel_gain"]), fontsize=6,
                                 xytext=(2, 2), textcoords="offset points", color=line.get_color())
