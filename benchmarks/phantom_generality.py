@@ -306,23 +306,26 @@ def report(paths: list[Path], plot: Path | None) -> dict:
                 curves.append({"label": labels[arm].format(r=r), "group": r, "kind": kinds[arm], "points": _curve(st)})
             if "oracle" in s.get("wise", {}):
                 text, real = _curve(s["wise"]["after"]), _curve(s["wise"]["oracle"])
-                loss = text[-1]["known_loss"]
-                reach.setdefault(finding, {})[r] = {
-                    "known_loss": loss, "novel_gain": text[-1]["novel_gain"],
-                    "real_novel_gain_at_equal_loss": at_equal_loss(real, loss, "novel_gain"),
-                    "auroc_gain": text[-1]["auroc_gain"], "real_auroc_gain": real[-1]["auroc_gain"],
-                    "real_known_loss": real[-1]["known_loss"], "real_novel_gain": real[-1]["novel_gain"]}
+                reach.setdefault(finding, {})[r] = [
+                    {"alpha": p["alpha"], "known_loss": p["known_loss"], "novel_gain": p["novel_gain"],
+                     "auroc_gain": p["auroc_gain"],
+                     "real_novel_gain_at_equal_loss": at_equal_loss(real, p["known_loss"], "novel_gain"),
+                     "real_auroc_gain_at_equal_loss": at_equal_loss(real, p["known_loss"], "auroc_gain")}
+                    for p in text if p["alpha"] > 0]
         panels[finding] = curves
     print(markdown_table(d))
     if plot is not None:
         from medkt.phantom.report import wise_frontier_figure
 
         wise_frontier_figure(panels, plot)
+    print("\n| finding | recipe | WiSE a | known loss (pts) | novel gain: text / real images at that loss (pts) | "
+          "AUROC gain: text / real images at that loss |\n|---|---|---|---|---|---|")
     for finding, rows in reach.items():
-        for r, v in rows.items():
-            print(f"{finding:16s} {r:10s} text: +{100 * v['novel_gain']:.1f} at loss {100 * v['known_loss']:.1f}; real "
-                  f"images at the same loss: +{100 * v['real_novel_gain_at_equal_loss']:.1f}; AUROC gain text "
-                  f"{v['auroc_gain']:+.3f} vs real {v['real_auroc_gain']:+.3f}")
+        for r, pts in rows.items():
+            for v in sorted(pts, key=lambda p: -p["alpha"]):
+                print(f"| {finding} | `{r}` | {v['alpha']:g} | {100 * v['known_loss']:.1f} | "
+                      f"{100 * v['novel_gain']:+.1f} / {100 * v['real_novel_gain_at_equal_loss']:+.1f} | "
+                      f"{v['auroc_gain']:+.3f} / {v['real_auroc_gain_at_equal_loss']:+.3f} |")
     return reach
 
 

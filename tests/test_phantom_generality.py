@@ -24,6 +24,7 @@ def test_wise_sweep_equals_retraining_and_report_draws_the_frontier(tmp_path):
     plot = tmp_path / "frontier.png"
     reach = report([out], plot)
     assert plot.stat().st_size > 0 and set(reach["nodule"]) == {"full"}
+    assert [p["alpha"] for p in reach["nodule"]["full"]] == [0.5, 1.0]
     assert json.loads(out.read_text())["wise_alphas"] == [0.5, 1.0]
 
 
