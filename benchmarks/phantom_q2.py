@@ -38,6 +38,8 @@ def run(args) -> dict:
     if args.quick:
         rd["n_images"], rd["inversion"]["steps"], rd["finetune"]["epochs"] = 2, 3, 1
     rec = Recipe.from_dict({"name": args.recipe, **rd})
+    if not args.second:
+        raise SystemExit("--second FOLDER (model B) is required for a run")
     second = f"phantom:base@{Path(args.second).resolve()}"
     seeds = list(range(args.seeds))
     out = {"recipe": rd, "model_a": HELDOUT3, "model_b": second, "seeds": seeds, "findings": {}}
@@ -64,25 +66,41 @@ def run(args) -> dict:
         summ = {k: _stats(r, befores["A" if k.startswith("A") else "B"], known) for k, r in rows.items()}
         out["findings"][finding] = {"summary": summ, "per_seed": rows, "before": befores}
         Path(args.out).write_text(json.dumps(out, indent=1, default=float))
-    print("\nfinding          arm       novel gain     known loss    AUROC before -> after")
+    print(markdown_table(out))
+    return out
+
+
+def markdown_table(out: dict) -> str:
+    """One row per finding x arm: means ± 95% CI over seeds (points; AUROC before -> after)."""
+    lines = ["| finding | arm (model taught ← images from) | novel gain (pts) | known loss (pts) | worst class drop (pts) | "
+             "AUROC before → after |", "|---|---|---|---|---|---|"]
+    names = {"A self": "A ← A", "B self": "B ← B", "B cross": "B ← A"}
     for finding, f in out["findings"].items():
         for k, s in f["summary"].items():
-            print(f"{finding:16s} {k:8s} {100 * s['novel_gain']['mean']:5.1f} ± {100 * s['novel_gain']['ci95']:4.1f}  "
-                  f"{100 * s['known_loss']['mean']:5.1f} ± {100 * s['known_loss']['ci95']:4.1f}  "
-                  f"{s['auroc_before']['mean']:.3f} -> {s['auroc_after']['mean']:.3f}")
-    return out
+            lines.append(f"| {finding} | {names.get(k, k)} | {100 * s['novel_gain']['mean']:+.1f} ± "
+                         f"{100 * s['novel_gain']['ci95']:.1f} | {100 * s['known_loss']['mean']:+.1f} ± "
+                         f"{100 * s['known_loss']['ci95']:.1f} | {100 * s['max_class_drop']['mean']:.0f} "
+                         f"({s['worst_class']}) | {s['auroc_before']['mean']:.3f} → {s['auroc_after']['mean']:.3f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--second", required=True, help="folder of model B's phantom_clip.safetensors")
+    ap.add_argument("--second", default=None, help="folder of model B's phantom_clip.safetensors")
     ap.add_argument("--recipe", default="tokens", choices=sorted(CANDIDATES))
     ap.add_argument("--findings", default="nodule,cavity,pneumoperitoneum")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--eval-per-class", type=int, default=100)
     ap.add_argument("--quick", action="store_true", help="tiny settings to check the script (numbers meaningless)")
-    ap.add_argument("--out", required=True)
-    run(ap.parse_args())
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--table", default=None, help="no runs: print the markdown table of this result JSON")
+    args = ap.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(Path(args.table).read_text())))
+    elif not args.out:
+        ap.error("--out is required")
+    else:
+        run(args)
 
 
 if __name__ == "__main__":
