@@ -288,11 +288,13 @@ def markdown_table(d: dict) -> str:
 
 def report(paths: list[Path], plot: Path | None) -> dict:
     """Frontier plot + how much of the real-image upper bound each text-only transfer reaches
-    (``paths``: result JSONs, e.g. one per finding, merged by finding)."""
+    (``paths``: result JSONs, merged by finding and recipe)."""
     d = {"findings": {}, "recipes": {}}
     for path in paths:
         one = json.loads(Path(path).read_text())
-        d["findings"].update(one["findings"])
+        for finding, f in one["findings"].items():  # recipes of one finding may come from several files
+            merged = d["findings"].setdefault(finding, {"summary": {}})
+            merged["summary"].update(f["summary"])
         d["recipes"].update(one["recipes"])
     panels, reach = {}, {}
     labels = {"after": "{r}", "placebo": "{r} placebo", "oracle": "{r} on real images"}

@@ -78,6 +78,7 @@ class ConceptTokens:
         return output + (match @ self.delta).to(output.dtype)
 
     def parameters(self) -> list[nn.Parameter]:
+        """The trainable offsets (one ``(T, E)`` parameter; not registered on the backend)."""
         return [self.delta]
 
     @torch.no_grad()
@@ -88,6 +89,7 @@ class ConceptTokens:
         w[self._index.to(w.device)] += (alpha * self.delta).to(w.dtype)
 
     def remove(self) -> None:
+        """Drop the hook without merging (after an error; a no-op once merged)."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

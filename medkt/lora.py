@@ -60,6 +60,7 @@ class LoraSettings:
         return build(cls, d, path, what="lora")
 
     def validate(self, path: str = "finetune#lora") -> None:
+        """Types and ranges (the annotations) and that every ``target_modules`` entry compiles."""
         from medkt.validation import check_instance
 
         check_instance(self, path)
@@ -125,9 +126,11 @@ class LoraAdapter:
         self._active = True
 
     def parameters(self) -> list[nn.Parameter]:
+        """The adapters' ``lora_A`` / ``lora_B`` weights (the only ones fine-tuning trains)."""
         return list(self._params)
 
     def num_parameters(self) -> int:
+        """Number of trainable adapter values."""
         return sum(p.numel() for p in self._params)
 
     def _layers(self) -> list[tuple[nn.Module, str, nn.Module]]:
