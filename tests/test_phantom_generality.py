@@ -26,6 +26,13 @@ def test_wise_sweep_equals_retraining_and_report_draws_the_frontier(tmp_path):
     assert plot.stat().st_size > 0 and set(reach["nodule"]) == {"full"}
     assert [p["alpha"] for p in reach["nodule"]["full"]] == [0.5, 1.0]
     assert json.loads(out.read_text())["wise_alphas"] == [0.5, 1.0]
+    # results of one finding split over several files (one run per recipe) are merged, not overwritten
+    other = json.loads(out.read_text())
+    f = other["findings"]["nodule"]
+    f["summary"] = {"full2": f["summary"]["full"]}
+    other["recipes"] = {"full2": other["recipes"]["full"]}
+    (tmp_path / "g2.json").write_text(json.dumps(other))
+    assert set(report([out, tmp_path / "g2.json"], None)["nodule"]) == {"full", "full2"}
 
 
 def test_at_equal_loss_interpolates_along_known_loss():
