@@ -249,7 +249,7 @@ def train(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
             if cfg.glossary_weight > 0:
                 rec["glossary"] = float(loss_g.detach())
             history.append(rec)
-            bar.set_postfix(loss=f"{float(loss_c):.3f}")
+            bar.set_postfix(loss=f"{float(loss_c.detach()):.3f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             # a salvageable snapshot (no evaluation) in case a long run is interrupted
             save_checkpoint(model, out.with_name(out.stem + ".partial.safetensors"),
