@@ -9,7 +9,8 @@ from medkt.concept_tokens import ConceptTokens, name_token_ids
 from medkt.errors import ConfigError
 from medkt.finetune import FinetuneConfig, finetune, load_finetuned, save_finetuned
 
-SPECS = ["phantom:tiny@random", "clip:medkt-tiny-ViT@random", "hf_clip:tiny@random"]
+SPECS = ["phantom:tiny@random", "clip:medkt-tiny-ViT@random", "hf_clip:tiny@random", "medclip:tiny@random",
+         "coca:tiny@random"]
 # "speckle" shares its first piece(s) with nothing here; "band" and "haze" are known concepts
 DESCRIPTIONS = {"speckle": "a tiny bright speck", "band": "a thin dark band", "haze": "a diffuse haze"}
 CFG = {"train": "concept_tokens", "lr": 0.5, "epochs": 3, "batch_size": 4, "weight_decay": 0.0,
