@@ -97,6 +97,17 @@ CANDIDATES: dict[str, dict] = {
 }
 
 
+def quick_recipe(r: dict) -> None:
+    """Shrink a recipe in place for a smoke test of a benchmark script (numbers meaningless)."""
+    r["n_images"] = 2
+    r["inversion"]["steps"] = 3
+    r["finetune"]["epochs"] = 1
+    if r.get("partial"):
+        r["partial"]["steps"] = 3
+    if r.get("data_free_replay"):
+        r["data_free_replay"] = 1
+
+
 def _wise_rows(exp, trained, start: dict, alphas: list[float], ds, finding: str) -> dict[str, dict]:
     """Evaluate ``start + a * (trained - start)`` for each a (WiSE-FT without re-training).
 
@@ -141,15 +152,9 @@ def run(args) -> dict:
     torch.set_num_threads(1)
     cfg = _bundle("phantom_nodules")
     recipes = {n: _merge(cfg["recipe"], CANDIDATES[n]) for n in args.recipes.split(",")}
-    if args.quick:  # smoke test of the script itself: numbers meaningless
+    if args.quick:
         for r in recipes.values():
-            r["n_images"] = 2
-            r["inversion"]["steps"] = 3
-            r["finetune"]["epochs"] = 1
-            if r.get("partial"):
-                r["partial"]["steps"] = 3
-            if r.get("data_free_replay"):
-                r["data_free_replay"] = 1
+            quick_recipe(r)
     alphas = sorted({float(a) for a in args.wise.split(",") if a.strip()} - {1.0}) if args.wise else []
     placebo_for = set() if args.no_placebo else set(args.placebo.split(",") if args.placebo else recipes)
     oracle_for = set(args.oracle.split(",")) if args.oracle else set()
@@ -167,7 +172,7 @@ def run(args) -> dict:
             before = summarize(exp.evaluate(exp.new_backend(), ds)[0], finding)
             for name, rd in recipes.items():
                 rec = Recipe.from_dict({"name": name, **rd})
-                wise = rec.finetune.get("wise_alpha", 1.0)
+                wise = rec_wise(rd)
                 arms = {"after": {}}
                 if name in placebo_for:
                     arms["placebo"] = {"placebo": True}

@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.phantom_generality import CANDIDATES, DESCRIPTIONS, HELDOUT3, _stats  # noqa: E402
+from benchmarks.phantom_generality import CANDIDATES, DESCRIPTIONS, HELDOUT3, _stats, quick_recipe  # noqa: E402
 from benchmarks.phantom_recipes import _bundle, _merge  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def run(args) -> dict:
     cfg = _bundle("phantom_nodules")
     rd = _merge(cfg["recipe"], CANDIDATES[args.recipe])
     if args.quick:
-        rd["n_images"], rd["inversion"]["steps"], rd["finetune"]["epochs"] = 2, 3, 1
+        quick_recipe(rd)
     rec = Recipe.from_dict({"name": args.recipe, **rd})
     if not args.second:
         raise SystemExit("--second FOLDER (model B) is required for a run")

@@ -28,7 +28,7 @@ from medkt.errors import ConfigError
 
 def _token_ids(tokens) -> torch.Tensor:
     """``backend.tokenize`` output (a tensor or a dict with ``input_ids``) -> ids ``(B, L)``."""
-    if isinstance(tokens, dict) or hasattr(tokens, "keys"):
+    if hasattr(tokens, "keys"):  # a dict or transformers' BatchEncoding
         tokens = tokens["input_ids"]
     return torch.as_tensor(tokens)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medkt.backends import create_backend
+from helpers_phantom import tiny_backend, tiny_images
 from medkt.concept_tokens import ConceptTokens, name_token_ids
 from medkt.errors import ConfigError
 from medkt.finetune import FinetuneConfig, finetune, load_finetuned, save_finetuned
@@ -17,20 +17,10 @@ CFG = {"train": "concept_tokens", "lr": 0.5, "epochs": 3, "batch_size": 4, "weig
        "caption_template": "a photo of {name}"}
 
 
-def _backend(spec: str):
-    torch.manual_seed(0)
-    return create_backend(spec)
-
-
-def _images(backend, n: int = 4) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    return torch.rand(n, backend.image_channels, backend.image_size, backend.image_size, generator=g)
-
-
 @pytest.mark.parametrize("spec", SPECS)
 def test_only_the_new_names_token_rows_change_and_the_new_caption_moves(spec, tmp_path):
-    be = _backend(spec)
-    x = _images(be)
+    be = tiny_backend(spec)
+    x = tiny_images(be)
     before = {k: v.detach().clone() for k, v in be.state_dict().items()}
     with torch.no_grad():
         t0 = be.encode_texts(["a photo of speckle", "a photo of band", "a photo of haze"])
@@ -50,14 +40,14 @@ def test_only_the_new_names_token_rows_change_and_the_new_caption_moves(spec, tm
     assert not any(h is not None for h in emb._forward_hooks.values())  # hook removed after merge
     # saved weights hold the embedding matrix and load like any other fine-tuned weights
     path = save_finetuned(be, tmp_path / "ft.safetensors", which="concept_tokens")
-    fresh = _backend(spec)
+    fresh = tiny_backend(spec)
     load_finetuned(fresh, path)
     with torch.no_grad():
         torch.testing.assert_close(fresh.encode_texts(["a photo of speckle"]), t1[:1])
 
 
 def test_tokens_shared_with_a_known_name_are_left_alone_and_a_name_without_own_tokens_is_refused():
-    be = _backend("phantom:tiny@random")
+    be = tiny_backend("phantom:tiny@random")
     shared = set(name_token_ids(be, "pneumothorax"))
     ct = ConceptTokens(be, ["pneumoperitoneum"], ["pneumothorax", "mass"])
     try:
@@ -70,8 +60,8 @@ def test_tokens_shared_with_a_known_name_are_left_alone_and_a_name_without_own_t
 
 
 def test_wise_alpha_scales_the_learned_offsets():
-    x = _images(_backend("phantom:tiny@random"))
-    full, half = _backend("phantom:tiny@random"), _backend("phantom:tiny@random")
+    x = tiny_images(tiny_backend("phantom:tiny@random"))
+    full, half = tiny_backend("phantom:tiny@random"), tiny_backend("phantom:tiny@random")
     start = full.token_embedding().weight.detach().clone()
     finetune(full, x, ["speckle"] * 4, DESCRIPTIONS, config=CFG, progress=False)
     finetune(half, x, ["speckle"] * 4, DESCRIPTIONS, config={**CFG, "wise_alpha": 0.5}, progress=False)

@@ -4,23 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medkt.backends import create_backend
+from helpers_phantom import tiny_backend, tiny_images
 from medkt.errors import ConfigError
 from medkt.finetune import FinetuneConfig, finetune, load_finetuned, save_finetuned
 from medkt.lora import LoraAdapter, LoraSettings, lora_targets
 
 SPECS = ["phantom:tiny@random", "clip:medkt-tiny-ViT@random"]
 DESCRIPTIONS = {"speck": "a tiny bright speck", "band": "a thin dark band", "haze": "a diffuse haze"}
-
-
-def _backend(spec: str):
-    torch.manual_seed(0)
-    return create_backend(spec)
-
-
-def _images(backend, n: int = 4) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    return torch.rand(n, backend.image_channels, backend.image_size, backend.image_size, generator=g)
 
 
 def _train_adapters(backend, adapter: LoraAdapter, x: torch.Tensor, steps: int = 3) -> None:
@@ -35,8 +25,8 @@ def _train_adapters(backend, adapter: LoraAdapter, x: torch.Tensor, steps: int =
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_only_adapters_get_gradients_and_base_weights_stay_until_merge(spec):
-    be = _backend(spec)
-    x = _images(be)
+    be = tiny_backend(spec)
+    x = tiny_images(be)
     base = {k: v.detach().clone() for k, v in be.state_dict().items()}
     ad = LoraAdapter(be, LoraSettings(rank=2, alpha=4), be.visual_parameters())
     assert ad.targets and ad.num_parameters() > 0
@@ -58,8 +48,8 @@ def test_only_adapters_get_gradients_and_base_weights_stay_until_merge(spec):
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_merge_round_trip_and_saved_weights_load_like_any_other(spec, tmp_path):
-    be = _backend(spec)
-    x = _images(be)
+    be = tiny_backend(spec)
+    x = tiny_images(be)
     before = be.encode_pixels(x).detach()
     keys = set(be.state_dict())
     ad = LoraAdapter(be, LoraSettings(rank=4, alpha=8), be.visual_parameters())
@@ -73,17 +63,17 @@ def test_merge_round_trip_and_saved_weights_load_like_any_other(spec, tmp_path):
     torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
     assert set(be.state_dict()) == keys  # the plain module tree is back
     path = save_finetuned(be, tmp_path / "visual.safetensors")
-    fresh = load_finetuned(_backend(spec), path)
+    fresh = load_finetuned(tiny_backend(spec), path)
     with torch.no_grad():
         torch.testing.assert_close(fresh.encode_pixels(x), merged, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_finetune_with_lora_changes_only_adapted_layers(spec):
-    be = _backend(spec)
-    x = _images(be)
+    be = tiny_backend(spec)
+    x = tiny_images(be)
     start = {k: v.detach().clone() for k, v in be.state_dict().items()}
-    probe = _backend(spec)
+    probe = tiny_backend(spec)
     targets = set(LoraAdapter(probe, LoraSettings(), probe.visual_parameters()).targets)
     cfg = FinetuneConfig.from_dict({"lr": 1e-2, "epochs": 2, "batch_size": 2, "lora": {"rank": 2, "alpha": 4}})
     assert isinstance(cfg.lora, LoraSettings)
@@ -97,8 +87,8 @@ def test_finetune_with_lora_changes_only_adapted_layers(spec):
 
 
 def test_lora_with_wise_alpha_zero_is_the_start_model():
-    be = _backend("phantom:tiny@random")
-    x = _images(be)
+    be = tiny_backend("phantom:tiny@random")
+    x = tiny_images(be)
     start = {k: v.detach().clone() for k, v in be.state_dict().items()}
     finetune(be, x, ["speck", "band", "speck", "haze"], DESCRIPTIONS, progress=False,
              config={"lr": 1e-2, "epochs": 1, "lora": {"rank": 2}, "wise_alpha": 0.0})
@@ -114,10 +104,10 @@ def test_lora_settings_are_validated():
     with pytest.raises(ConfigError, match="lora"):
         FinetuneConfig.from_dict({"lora": 8})
     assert FinetuneConfig.from_dict({}).lora is None  # off by default (paper-faithful)
-    be = _backend("phantom:tiny@random")
+    be = tiny_backend("phantom:tiny@random")
     with pytest.raises(ConfigError, match="match no"):
         LoraAdapter(be, LoraSettings(target_modules=["no_such_layer"]), be.visual_parameters())
     # a target regex narrows the layers; MultiheadAttention's inner Linear layers are never chosen
     assert all(t.endswith("conv2") for t in lora_targets(be, be.visual_parameters(), ["conv2$"]))
-    vit = _backend("clip:medkt-tiny-ViT@random")
+    vit = tiny_backend("clip:medkt-tiny-ViT@random")
     assert not any(t.endswith("attn.out_proj") for t in lora_targets(vit, vit.visual_parameters()))

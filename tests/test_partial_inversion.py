@@ -80,22 +80,15 @@ def test_config_is_validated():
 
 
 def test_phantom_recipe_with_partial_inversion_trains_only_the_top_blocks():
-    import json
-    from pathlib import Path
-
     from medkt.backends.phantom import DEFAULT_CHECKPOINT
-    from medkt.phantom.experiment import PhantomTransferExperiment, Recipe
+    from medkt.phantom.experiment import Recipe
 
     if not DEFAULT_CHECKPOINT.is_file():
         pytest.skip("shipped phantom checkpoint missing")
-    bundle = json.loads((Path(__file__).resolve().parent.parent / "bundles" / "phantom_nodules" / "configs"
-                         / "transfer.json").read_text())
-    exp = PhantomTransferExperiment("phantom:base", bundle["novel"], bundle["description"], bundle["known_descriptions"],
-                                    eval_per_class=2, split="val", cupl_prompts=2)
-    ds = exp.eval_set(0)
-    r = json.loads(json.dumps(bundle["recipe"]))
-    r.update(n_images=2, partial={"top_blocks": 2, "steps": 3})
-    r["finetune"] = {**r["finetune"], "epochs": 1}
+    from helpers_phantom import tiny_phantom_experiment
+
+    exp, ds, r = tiny_phantom_experiment()
+    r["partial"] = {"top_blocks": 2, "steps": 3}
     arm = exp.run_arm(Recipe.from_dict({"name": "partial", **r}), 0, ds, keep_images=True)
     assert arm.extra["partial"] and arm.extra["inversion_similarity"] > arm.extra["partial_start_similarity"]
     start, end = exp.new_backend().state_dict(), arm.extra["backend"].state_dict()

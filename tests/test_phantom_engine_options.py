@@ -2,8 +2,6 @@
 init images, replay / distillation / last-blocks-only / WiSE-FT / model selection in fine-tuning."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -12,6 +10,7 @@ from medkt.errors import ConfigError
 from medkt.finetune import FinetuneConfig, finetune
 from medkt.inversion import InversionConfig, InversionTarget, invert
 from medkt.phantom import make_dataset
+from helpers_phantom import tiny_phantom_experiment
 
 
 @pytest.fixture()
@@ -125,18 +124,9 @@ def test_keep_best_restores_best_epoch(tiny, normals):
 def test_run_arm_with_given_images_equals_inverting_them_itself():
     """Q2's cross arm: fine-tuning on images inverted elsewhere; given the arm's own images back,
     the result is the arm's own (so a cross-model difference is the images', not the code path's)."""
-    import json as _json
+    from medkt.phantom.experiment import Recipe
 
-    from medkt.phantom.experiment import PhantomTransferExperiment, Recipe
-
-    bundle = _json.loads((Path(__file__).resolve().parent.parent / "bundles" / "phantom_nodules" / "configs"
-                          / "transfer.json").read_text())
-    exp = PhantomTransferExperiment("phantom:base", bundle["novel"], bundle["description"], bundle["known_descriptions"],
-                                    eval_per_class=2, split="val", cupl_prompts=2)
-    ds = exp.eval_set(0)
-    r = _json.loads(_json.dumps(bundle["recipe"]))
-    r["n_images"], r["inversion"]["steps"] = 2, 2
-    r["finetune"] = {**r["finetune"], "epochs": 1}
+    exp, ds, r = tiny_phantom_experiment()
     rec = Recipe.from_dict({"name": "t", **r})
     own = exp.run_arm(rec, 0, ds, keep_images=True)
     given = exp.run_arm(rec, 0, ds, given_images=own.extra["images"])
@@ -149,16 +139,10 @@ def test_run_arm_with_given_images_equals_inverting_them_itself():
 def test_recipes_sharing_an_inversion_reuse_its_images(monkeypatch):
     """Recipes that differ only after the inversion (e.g. the fine-tuning) reuse the seed's inverted
     images instead of inverting again; a different inversion setting inverts anew."""
-    import json as _json
-
     import medkt.distributed
-    from medkt.phantom.experiment import PhantomTransferExperiment, Recipe
+    from medkt.phantom.experiment import Recipe
 
-    bundle = _json.loads((Path(__file__).resolve().parent.parent / "bundles" / "phantom_nodules" / "configs"
-                          / "transfer.json").read_text())
-    exp = PhantomTransferExperiment("phantom:base", bundle["novel"], bundle["description"], bundle["known_descriptions"],
-                                    eval_per_class=2, split="val", cupl_prompts=2)
-    ds = exp.eval_set(0)
+    exp, ds, r = tiny_phantom_experiment()
     calls = []
     real = medkt.distributed.invert_sharded
 
@@ -167,9 +151,6 @@ def test_recipes_sharing_an_inversion_reuse_its_images(monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(medkt.distributed, "invert_sharded", spy)
-    r = _json.loads(_json.dumps(bundle["recipe"]))
-    r["n_images"], r["inversion"]["steps"] = 2, 2
-    r["finetune"] = {**r["finetune"], "epochs": 1}
     a = exp.run_arm(Recipe.from_dict({"name": "a", **r}), 0, ds, keep_images=True)
     b = exp.run_arm(Recipe.from_dict({"name": "b", **r, "finetune": {**r["finetune"], "lr": 1e-4}}), 0, ds,
                     keep_images=True)
