@@ -102,6 +102,29 @@ def test_finetune_on_model_device(train, replay):
     assert_on(list(b.parameters()))
 
 
+def test_concept_tokens_on_model_device(monkeypatch):
+    """The text-side option's offsets, hook and merge run on the model's device. Token ids are host
+    values a meta tensor cannot give (placeholders would make every name look alike), so the
+    lookup of the names' ids is replaced by fixed ids; the rest is the real code path."""
+    import medkt.concept_tokens
+    from medkt.backends import create_backend
+    from medkt.finetune import finetune
+
+    ids = {"moongate": [1000, 1001], "tonometer": [1002], "dog": [1003], "cat": [1004]}
+    monkeypatch.setattr(medkt.concept_tokens, "name_token_ids", lambda backend, name: ids[name])
+    torch.manual_seed(0)
+    b = create_backend("clip:medkt-tiny-ViT@random", device=META)
+    s = b.image_size
+    desc = {"moongate": "a round opening", "tonometer": "a medical probe", "dog": "a pet", "cat": "a small pet"}
+    with MetaHostSyncs():
+        hist = finetune(b, torch.rand(4, 3, s, s), ["moongate", "moongate", "tonometer", "tonometer"], desc,
+                        config={"train": "concept_tokens", "batch_size": 2, "epochs": 1, "lr": 1e-2,
+                                "caption_template": "a photo of {name}"}, progress=False)
+    assert hist["steps"] == 2
+    assert_on(list(b.parameters()))
+    assert not b.token_embedding()._forward_hooks  # merged: the hook is gone
+
+
 # -- natural-image backends ----------------------------------------------------------------------
 @pytest.fixture
 def vilt_meta(monkeypatch):
