@@ -48,6 +48,7 @@ from medkt.errors import ConfigError, unknown_name
 from medkt.checkpoints import concept_settings, guard_resume, load_checkpoint, save_checkpoint, settings_digest
 from medkt.faults import fault_point
 from medkt.progress import Progress
+from medkt.registry import Registry
 from medkt.utils import atomic_write_json, atomic_write_text
 from medkt.validation import OneOf, Range
 
@@ -208,28 +209,20 @@ class InversionResult:
 
 # --- objectives --------------------------------------------------------------------------------
 ObjectiveFn = Callable[[Backend, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
-_OBJECTIVES: dict[str, ObjectiveFn] = {}
-_USES_TEXT_EMBEDDINGS: dict[str, bool] = {}
-#: modules of built-in plug-ins (ViLT's "itm" objective...), imported on the first name lookup so
-#: that neither this engine nor a backend has to import a model family's plug-ins up front
-PLUGIN_MODULES: list[str] = ["medkt.natural.objectives"]
-
-
-def _import_plugins() -> None:
-    import importlib
-
-    for module in PLUGIN_MODULES:
-        importlib.import_module(module)
+#: inversion objectives: ``fn(backend, x01 (B,C,S,S), ctx) -> (loss (B,), similarity (B,))``;
+#: metadata ``uses_text_embeddings`` (default True). ViLT's "itm" registers itself from
+#: :mod:`medkt.natural.objectives` (an entry point of the group ``medkt.inversion_objectives``, see :mod:`medkt.registry`).
+INVERSION_OBJECTIVES: Registry[ObjectiveFn] = Registry("inversion objective", group="medkt.inversion_objectives")
 
 
 def objective_names() -> list[str]:
     """Names of the registered inversion objectives (built-in plug-ins included)."""
-    _import_plugins()
-    return list(_OBJECTIVES)
+    return INVERSION_OBJECTIVES.names()
 
 
 def register_inversion_objective(name: str, uses_text_embeddings: bool = True) -> Callable[[ObjectiveFn], ObjectiveFn]:
-    """Decorator: ``fn(backend, x01 (B,C,S,S), ctx) -> (loss (B,), similarity (B,))``.
+    """Decorator registering an objective in :data:`INVERSION_OBJECTIVES`:
+    ``fn(backend, x01 (B,C,S,S), ctx) -> (loss (B,), similarity (B,))``.
 
     ``ctx`` holds ``texts`` (list of B strings) and ``text_emb`` (B, D) normalised target
     embeddings, aligned with the rows of ``x01`` (plus ``negative_emb``/``contrastive_scale``).
@@ -237,13 +230,7 @@ def register_inversion_objective(name: str, uses_text_embeddings: bool = True) -
     ViLT's image-text matching, which reads the texts: such a model has no embeddings); their
     returned similarity (e.g. the match probability) is what the run reports per image.
     """
-
-    def deco(fn: ObjectiveFn) -> ObjectiveFn:
-        _OBJECTIVES[name] = fn
-        _USES_TEXT_EMBEDDINGS[name] = uses_text_embeddings
-        return fn
-
-    return deco
+    return INVERSION_OBJECTIVES.register(name, uses_text_embeddings=uses_text_embeddings)
 
 
 @register_inversion_objective("cosine")
@@ -276,12 +263,8 @@ def contrastive_objective(backend: Backend, x: torch.Tensor, ctx: dict[str, Any]
 
 
 def get_objective(name: str) -> ObjectiveFn:
-    """The registered objective ``name`` (:func:`register_inversion_objective`)."""
-    if name not in _OBJECTIVES:
-        _import_plugins()
-    if name not in _OBJECTIVES:
-        raise unknown_name("inversion objective", name, list(_OBJECTIVES))
-    return _OBJECTIVES[name]
+    """The registered objective ``name`` (:data:`INVERSION_OBJECTIVES`)."""
+    return INVERSION_OBJECTIVES.get(name)
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -606,7 +589,7 @@ def invert(
         guard_resume(ckpt_dir, "inversion", settings, resume)
         digest = settings_digest(settings)
     text_emb = None
-    if _USES_TEXT_EMBEDDINGS.get(cfg.objective, True):
+    if INVERSION_OBJECTIVES.meta(cfg.objective, "uses_text_embeddings", True):
         uniq = sorted(set(texts), key=texts.index)
         with backend.autocast():
             emb_by_text = dict(zip(uniq, backend.encode_texts(uniq)))
@@ -774,8 +757,67 @@ def inversion_summary(result: InversionResult) -> dict[str, Any]:
             "steps_run": result.steps_run}
 
 
+# --- several processes (torchrun; see medkt.distributed) ---------------------------------------
+def invert_sharded(backend, targets, config=None, out_dir: str | Path | None = None, resume: bool = False,
+                   progress: bool = True, init_images: torch.Tensor | None = None):
+    """:func:`medkt.inversion.invert` with the chunks spread over the ranks; every rank gets the
+    whole result (images in the single-process order). Without a process group: plain ``invert``.
+
+    Use ``config.chunk_size`` to make several chunks (one chunk = nothing to share): e.g. the
+    number of images per concept, so each concept is one chunk.
+    """
+    import torch.distributed as dist
+
+    from medkt.distributed import is_main, n_chunks, rank, shard_chunks, world_size
+
+    cfg = config if isinstance(config, InversionConfig) else InversionConfig.from_dict(config)
+    world = world_size()
+    if world == 1:
+        return invert(backend, targets, cfg, out_dir=out_dir, resume=resume, progress=progress,
+                      init_images=init_images)
+    total = n_chunks(targets, cfg.chunk_size)
+    mine = shard_chunks(total, rank(), world)
+    part = None
+    if mine:
+        part = invert(backend, targets, cfg, out_dir=out_dir, resume=resume, progress=progress and is_main(),
+                      chunks=mine, init_images=init_images)
+    payload = None if part is None else {
+        "chunks": mine, "images": part.images.cpu(), "concepts": part.concepts, "texts": part.texts,
+        "similarities": part.similarities, "steps_run": part.steps_run, "history": part.history,
+        "seconds": part.seconds}
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, payload)
+    # reassemble in chunk order: chunk c's images are the next block of its rank's images
+    chunk_size = cfg.chunk_size or sum(int(t.n_images) for t in targets)
+    by_chunk: dict[int, dict[str, Any]] = {}
+    for p in parts:
+        if p is None:
+            continue
+        offset = 0
+        for j, c in enumerate(p["chunks"]):
+            n_c = min(chunk_size, sum(int(t.n_images) for t in targets) - c * chunk_size)
+            sl = slice(offset, offset + n_c)
+            by_chunk[c] = {"images": p["images"][sl], "concepts": p["concepts"][sl], "texts": p["texts"][sl],
+                           "similarities": p["similarities"][sl], "steps_run": p["steps_run"][j],
+                           "history": p["history"][j]}
+            offset += n_c
+    if sorted(by_chunk) != list(range(total)):
+        raise RuntimeError(f"sharded inversion is missing chunks: got {sorted(by_chunk)} of {total}")
+    order = [by_chunk[c] for c in range(total)]
+    device = backend.device
+    return InversionResult(
+        images=torch.cat([o["images"] for o in order]).to(device),
+        concepts=[c for o in order for c in o["concepts"]],
+        texts=[t for o in order for t in o["texts"]],
+        similarities=[s for o in order for s in o["similarities"]],
+        seconds=max(p["seconds"] for p in parts if p is not None),
+        steps_run=[o["steps_run"] for o in order],
+        history=[o["history"] for o in order],
+    )
+
+
 __all__ = [
     "InversionConfig", "InversionResult", "InversionTarget", "invert", "INVERSION_PRESETS", "preset_dict",
     "save_inversion", "load_inversion",
-    "register_inversion_objective", "get_objective", "save_grid", "similarity", "inversion_summary",
+    "register_inversion_objective", "get_objective", "invert_sharded", "INVERSION_OBJECTIVES", "save_grid", "similarity", "inversion_summary",
 ]

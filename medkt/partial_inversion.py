@@ -15,7 +15,7 @@ then trains only the top ``k`` blocks on ``(h*, caption)`` with the ordinary eng
 (:func:`medkt.finetune.finetune` on a :class:`FeatureBackend`, so replay, distillation, LoRA and
 WiSE-FT all apply); the bottom blocks never change.
 
-Works for every backend with a vision split (:func:`medkt.segmentation.m2ib.get_vision_split`:
+Works for every backend with a vision split (:func:`medkt.backends.vision_split.get_vision_split`:
 the phantom CNN, open_clip ViTs, HF CLIP ViTs).
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ class TopSplit:
 
 def split_top(backend: Backend, top_blocks: int) -> TopSplit:
     """Cut ``backend``'s visual encoder before its last ``top_blocks`` blocks (see :class:`TopSplit`)."""
-    from medkt.segmentation.m2ib import get_vision_split
+    from medkt.backends.vision_split import get_vision_split
 
     probe_split = get_vision_split(backend, 0)
     n = probe_split.num_layers

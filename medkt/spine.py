@@ -40,7 +40,14 @@ from medkt.errors import ConfigError, DataError
 from medkt.faults import fault_point
 from medkt.evaluation import ClassificationResult, ZeroShotEvaluator
 from medkt.finetune import FinetuneConfig, finetune, load_finetuned, make_caption, save_finetuned
-from medkt.inversion import InversionConfig, InversionResult, InversionTarget, inversion_summary, save_inversion
+from medkt.inversion import (
+    InversionConfig,
+    InversionResult,
+    InversionTarget,
+    inversion_summary,
+    invert_sharded,
+    save_inversion,
+)
 
 
 @dataclass
@@ -202,8 +209,8 @@ def synthesize(backend: Backend, concepts: Sequence[Concept], config: InversionC
             logging.getLogger("medkt").warning(
                 "inversion has %d chunk(s) for %d ranks: set inversion.chunk_size (e.g. the images per concept) to "
                 "share it", mdist.n_chunks(targets, config.chunk_size), mdist.world_size())
-        inv = mdist.invert_sharded(backend, targets, config, out_dir=out, resume=resume, progress=progress,
-                                   init_images=init_images)
+        inv = invert_sharded(backend, targets, config, out_dir=out, resume=resume, progress=progress,
+                             init_images=init_images)
     elif images == "noise":
         inv = noise_images(backend, targets, config.seed)
     else:

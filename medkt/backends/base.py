@@ -23,7 +23,7 @@ What else a backend can do it *declares* by inheriting capability interfaces; th
   ``decoder_parameters``, ``pad_id``.
 * :class:`MaskedLanguageModel` (ViLT): ``mlm_loss``, ``mlm_probability``, ``tokenizer``.
 * :class:`VisionSplitProvider`: ``vision_split(layer)``, the encoder split M2IB needs, for models
-  whose vision tower is not one of the architectures :mod:`medkt.segmentation.m2ib` knows.
+  whose vision tower is not one of the architectures :mod:`medkt.backends.vision_split` knows.
 """
 from __future__ import annotations
 
@@ -270,7 +270,7 @@ class VisionSplitProvider(abc.ABC):
 
     @abc.abstractmethod
     def vision_split(self, layer: int | None = None) -> Any:
-        """A :class:`medkt.segmentation.m2ib.VisionSplit` at ``layer`` (None = the default)."""
+        """A :class:`medkt.backends.vision_split.VisionSplit` at ``layer`` (None = the default)."""
 
 
 def as_numpy_image(x: torch.Tensor) -> np.ndarray:
