@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medkt.backends.base import Backend
+from medkt.backends.base import Backend, require_embeddings
 from medkt.device import grad_scaler
 from medkt.errors import ConfigError
 from medkt.progress import Progress
@@ -251,6 +251,8 @@ def finetune(
                           "(e.g. the evaluation task's classes)")
     targets_all = torch.tensor([captions.index(c) for c in img_caps])
     loss_fn = get_finetune_loss(cfg.loss)
+    if FINETUNE_LOSSES.meta(cfg.loss, "uses_caption_embeddings", True):
+        require_embeddings(backend, f"fine-tuning loss {cfg.loss!r}", "loss 'itm' or 'mlm'")
     if FINETUNE_LOSSES.meta(cfg.loss, "uses_context", False):
         loss_fn = functools.partial(loss_fn, context=loss_context)
     use_replay = replay_images is not None and (cfg.replay_per_batch > 0 or cfg.distill_weight > 0)

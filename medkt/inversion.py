@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from medkt.augment import AffineAugment, total_variation
-from medkt.backends.base import Backend, as_numpy_image
+from medkt.backends.base import AnyResolution, Backend, as_numpy_image, require_embeddings
 from medkt.device import grad_scaler
 from medkt.errors import ConfigError, unknown_name
 from medkt.checkpoints import concept_settings, guard_resume, load_checkpoint, save_checkpoint, settings_digest
@@ -388,9 +388,7 @@ def resume_settings(backend: Backend, cfg: InversionConfig, targets: Sequence[In
         "inversion": {k: v for k, v in asdict(cfg).items() if k not in _NOT_RESULT_SHAPING},
         "concepts": concept_settings(targets),
     }
-    precision = getattr(backend, "precision", None)
-    if precision is not None:
-        settings["precision"] = str(precision)
+    settings["precision"] = str(backend.precision)
     if init_images is not None and cfg.init == "images":
         data = init_images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
         settings["init_images"] = hashlib.sha256(data).hexdigest()[:16]
@@ -457,7 +455,7 @@ def _run_chunk(
 
     # A backend that takes any input size runs at the stage's size (the saving progressive
     # resolution is for); otherwise each stage is upsampled to the model size every step.
-    native_stages = backend.supports_any_resolution
+    native_stages = isinstance(backend, AnyResolution) and backend.accepts_any_size()
 
     def render(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (image the model sees, the tensor TV/sparsity regularise)."""
@@ -590,6 +588,7 @@ def invert(
         digest = settings_digest(settings)
     text_emb = None
     if INVERSION_OBJECTIVES.meta(cfg.objective, "uses_text_embeddings", True):
+        require_embeddings(backend, f"inversion objective {cfg.objective!r}", "objective 'itm'")
         uniq = sorted(set(texts), key=texts.index)
         with backend.autocast():
             emb_by_text = dict(zip(uniq, backend.encode_texts(uniq)))
@@ -672,6 +671,8 @@ def save_inversion(result: InversionResult, out_dir: str | Path, config: Inversi
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(out / "manifest.csv", buf.getvalue())
+    from medkt.figures import save_grid
+
     save_grid(result.images, out / "grid.png", labels=result.concepts)
     meta = {"seconds": result.seconds, "steps_run": result.steps_run,
             "mean_similarity": float(np.mean(result.similarities))}
@@ -705,47 +706,6 @@ def load_inversion(manifest: str | Path, backend: Backend | None = None) -> Inve
         imgs.append(to_model_pixels(path, size=size, channels=ch))
     return InversionResult(torch.stack(imgs), [r["concept"] for r in rows], [r["caption"] for r in rows],
                            [float(r["similarity"]) for r in rows])
-
-
-def save_grid(images: torch.Tensor, path: str | Path, labels: Sequence[str] | None = None, ncol: int | None = None) -> Path:
-    """Save a labelled grid of ``(N, C, S, S)`` [0, 1] images as PNG (one row per concept when labelled)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(images)
-    if labels is not None:
-        groups: dict[str, list[int]] = {}
-        for i, lab in enumerate(labels):
-            groups.setdefault(lab, []).append(i)
-        rows = list(groups.values())
-        names = list(groups)
-    else:
-        ncol = ncol or min(n, 10)
-        rows = [list(range(i, min(i + ncol, n))) for i in range(0, n, ncol)]
-        names = [""] * len(rows)
-    ncols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.3 * ncols + 1.2, 1.4 * len(rows)), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for r, (idx, name) in enumerate(zip(rows, names)):
-        for c, i in enumerate(idx):
-            arr = as_numpy_image(images[i])
-            axes[r, c].imshow(arr, cmap="gray" if arr.ndim == 2 else None, vmin=0, vmax=255)
-        if name:
-            axes[r, 0].set_title(name, fontsize=8, loc="left")
-    fig.tight_layout()
-    buf_path = Path(path)
-    buf_path.parent.mkdir(parents=True, exist_ok=True)
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    from medkt.utils import atomic_write_bytes
-
-    return atomic_write_bytes(buf_path, buf.getvalue())
 
 
 def inversion_summary(result: InversionResult) -> dict[str, Any]:
@@ -819,5 +779,5 @@ def invert_sharded(backend, targets, config=None, out_dir: str | Path | None = N
 __all__ = [
     "InversionConfig", "InversionResult", "InversionTarget", "invert", "INVERSION_PRESETS", "preset_dict",
     "save_inversion", "load_inversion",
-    "register_inversion_objective", "get_objective", "invert_sharded", "INVERSION_OBJECTIVES", "save_grid", "similarity", "inversion_summary",
+    "register_inversion_objective", "get_objective", "invert_sharded", "INVERSION_OBJECTIVES", "similarity", "inversion_summary",
 ]

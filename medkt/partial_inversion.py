@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medkt.backends.base import Backend
+from medkt.backends.base import Backend, ImageTextEmbedder
 from medkt.errors import ConfigError
 from medkt.validation import Range
 
@@ -212,7 +212,7 @@ def invert_features(
                                   history)
 
 
-class FeatureBackend(Backend):
+class FeatureBackend(Backend, ImageTextEmbedder):
     """``backend`` seen from the cut: ``encode_pixels`` takes the tokens entering the top blocks.
 
     Its visual parameters are the top blocks' only, so :func:`medkt.finetune.finetune` (with
@@ -228,8 +228,13 @@ class FeatureBackend(Backend):
         self.spec = f"{backend.spec}#top{split.num_layers - split.layer - 1}"
         self.precision = backend.precision
 
-    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens entering the top blocks ``(B, T, D)`` -> image embeddings ``(B, E)``."""
         return self.split.top(x)
+
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The engine's image input here is already features: no pixel normalisation."""
+        return self.encode_image(x)
 
     def tokenize(self, texts: Sequence[str]) -> Any:
         return self.inner.tokenize(texts)

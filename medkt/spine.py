@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from medkt.backends.base import Backend, ImageTextMatcher
+from medkt.backends.base import Backend, ImageTextEmbedder, ImageTextMatcher
 from medkt.checkpoints import guard_resume
 from medkt.errors import ConfigError, DataError
 from medkt.faults import fault_point
@@ -215,7 +215,7 @@ def synthesize(backend: Backend, concepts: Sequence[Concept], config: InversionC
         inv = noise_images(backend, targets, config.seed)
     else:
         inv = images_from_manifests(images, backend, concepts)
-    if isinstance(backend, ImageTextMatcher) and not backend.has_embeddings:
+    if isinstance(backend, ImageTextMatcher) and not isinstance(backend, ImageTextEmbedder):
         # cosine similarities mean nothing for a single-stream model: report ITM match probabilities
         inv.similarities = backend.match_probability(inv.images, inv.texts).tolist()
     if out is not None and mdist.is_main():

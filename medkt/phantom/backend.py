@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from medkt.backends import register_backend
-from medkt.backends.base import Backend, VisionSplitProvider
+from medkt.backends.base import Backend, ImageTextEmbedder, VisionSplitProvider
 from medkt.errors import ConfigError, unknown_name
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "phantom"
@@ -31,7 +31,7 @@ ARCHITECTURES = {
 }
 
 
-class PhantomBackend(Backend, VisionSplitProvider):
+class PhantomBackend(Backend, ImageTextEmbedder, VisionSplitProvider):
     family = "phantom"
     image_channels = 1
     model_channels = 1

@@ -194,7 +194,7 @@ class M2IB:
         if ref.shape != mine.shape or float(F.cosine_similarity(ref, mine).min()) < 0.999:
             raise ConfigError(
                 f"the {self.split.description} vision split does not reproduce encode_image of backend "
-                f"{getattr(self.backend, 'spec', '')!r} (shapes {tuple(ref.shape)} vs {tuple(mine.shape)}); "
+                f"{self.backend.spec!r} (shapes {tuple(ref.shape)} vs {tuple(mine.shape)}); "
                 "register a matching split with register_vision_split"
             )
         self._verified = True
