@@ -531,6 +531,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def measure_levers(backend, paper: dict[str, Any], n: int, reps: int, threads: int, matmul_n: int) -> dict[str, Any]:
     """Per-image step times of alternatives, each paired with the baseline in the same repetition."""
     import medkt.inversion as inv
+    from medkt.backends.base import AnyResolution
 
     base = {**paper}
     res: dict[str, Any] = {}
@@ -560,7 +561,7 @@ def measure_levers(backend, paper: dict[str, Any], n: int, reps: int, threads: i
             res["upstream_kernels_s_per_image"] = per_image(base, n)
         finally:
             enable_fast_paths(backend.model)
-    if getattr(backend, "supports_any_resolution", False):  # what a progressive stage costs at its own size
+    if isinstance(backend, AnyResolution) and backend.accepts_any_size():  # a progressive stage at its own size
         for size in (64, 128):
             res[f"native_{size}px_s_per_image"] = per_image({**base, "resolutions": [size], "resolution_steps": []}, n)
     return res

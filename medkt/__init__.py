@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # = pyproject.toml; sub-packages read the installed version (importlib.metadata)
 
 #: the public names, all defined in :mod:`medkt.api`
 __all__ = [

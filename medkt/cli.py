@@ -2,11 +2,10 @@
 
 User errors (:class:`~medkt.errors.MedktError`) print one line and exit with code 2; ``--debug``
 shows the traceback. Feature areas add their own commands through modules with
-``register(app)`` listed in :data:`COMMAND_MODULES`.
+``register(app)`` declared as entry points of the group :data:`COMMAND_GROUP`.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import sys
@@ -21,8 +20,9 @@ from medkt.errors import ConfigError, MedktError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="medkt: teach vision-language models new visual concepts from text (knowledge transfer).")
 
-#: modules that add commands with ``register(app)``; missing optional ones are skipped
-COMMAND_MODULES = ("medkt.data.cli", "medkt.segmentation.cli", "medkt.phantom.cli")
+#: entry-point group of ``register(app)`` functions that add commands (``pyproject.toml``:
+#: data, segmentation, phantom); a third-party package adds its commands the same way
+COMMAND_GROUP = "medkt.commands"
 
 _STATE = {"debug": False}
 
@@ -263,14 +263,10 @@ def read_class_prompts(path: Path, templates: list[str] | None = None) -> dict[s
 
 
 def _register_feature_commands() -> None:
-    for mod in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name and mod.startswith(exc.name):  # feature not installed in this checkout
-                continue
-            raise
-        module.register(app)
+    from importlib import metadata
+
+    for ep in metadata.entry_points(group=COMMAND_GROUP):
+        ep.load()(app)
 
 
 _register_feature_commands()

@@ -26,7 +26,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,62 +142,6 @@ def n_chunks(targets: Sequence[Any], chunk_size: int | None) -> int:
     return (n + c - 1) // c
 
 
-def invert_sharded(backend, targets, config=None, out_dir: str | Path | None = None, resume: bool = False,
-                   progress: bool = True, init_images: torch.Tensor | None = None):
-    """:func:`medkt.inversion.invert` with the chunks spread over the ranks; every rank gets the
-    whole result (images in the single-process order). Without a process group: plain ``invert``.
-
-    Use ``config.chunk_size`` to make several chunks (one chunk = nothing to share): e.g. the
-    number of images per concept, so each concept is one chunk.
-    """
-    from medkt.inversion import InversionConfig, InversionResult, invert
-
-    cfg = config if isinstance(config, InversionConfig) else InversionConfig.from_dict(config)
-    world = world_size()
-    if world == 1:
-        return invert(backend, targets, cfg, out_dir=out_dir, resume=resume, progress=progress,
-                      init_images=init_images)
-    total = n_chunks(targets, cfg.chunk_size)
-    mine = shard_chunks(total, rank(), world)
-    part = None
-    if mine:
-        part = invert(backend, targets, cfg, out_dir=out_dir, resume=resume, progress=progress and is_main(),
-                      chunks=mine, init_images=init_images)
-    payload = None if part is None else {
-        "chunks": mine, "images": part.images.cpu(), "concepts": part.concepts, "texts": part.texts,
-        "similarities": part.similarities, "steps_run": part.steps_run, "history": part.history,
-        "seconds": part.seconds}
-    parts: list[Any] = [None] * world
-    dist.all_gather_object(parts, payload)
-    # reassemble in chunk order: chunk c's images are the next block of its rank's images
-    chunk_size = cfg.chunk_size or sum(int(t.n_images) for t in targets)
-    by_chunk: dict[int, dict[str, Any]] = {}
-    for p in parts:
-        if p is None:
-            continue
-        offset = 0
-        for j, c in enumerate(p["chunks"]):
-            n_c = min(chunk_size, sum(int(t.n_images) for t in targets) - c * chunk_size)
-            sl = slice(offset, offset + n_c)
-            by_chunk[c] = {"images": p["images"][sl], "concepts": p["concepts"][sl], "texts": p["texts"][sl],
-                           "similarities": p["similarities"][sl], "steps_run": p["steps_run"][j],
-                           "history": p["history"][j]}
-            offset += n_c
-    if sorted(by_chunk) != list(range(total)):
-        raise RuntimeError(f"sharded inversion is missing chunks: got {sorted(by_chunk)} of {total}")
-    order = [by_chunk[c] for c in range(total)]
-    device = backend.device
-    return InversionResult(
-        images=torch.cat([o["images"] for o in order]).to(device),
-        concepts=[c for o in order for c in o["concepts"]],
-        texts=[t for o in order for t in o["texts"]],
-        similarities=[s for o in order for s in o["similarities"]],
-        seconds=max(p["seconds"] for p in parts if p is not None),
-        steps_run=[o["steps_run"] for o in order],
-        history=[o["history"] for o in order],
-    )
-
-
 def local_share(n: int, rank_: int | None = None, world: int | None = None) -> slice:
     """Contiguous slice of ``n`` items for one rank (sizes differ by at most one)."""
     r = rank() if rank_ is None else rank_
@@ -209,4 +152,4 @@ def local_share(n: int, rank_: int | None = None, world: int | None = None) -> s
 
 
 __all__ = ["DistEnv", "env_from_torchrun", "local_device", "init_from_env", "is_initialized", "world_size", "rank", "is_main",
-           "barrier", "broadcast_object", "shard_chunks", "n_chunks", "invert_sharded", "local_share"]
+           "barrier", "broadcast_object", "shard_chunks", "n_chunks", "local_share"]

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medkt.backends.base import Backend, ImageTextMatcher
+from medkt.backends.base import Backend, ImageTextEmbedder, ImageTextMatcher
 from medkt.errors import ConfigError, DataError
 
 log = logging.getLogger("medkt")
@@ -218,11 +218,11 @@ class ZeroShotEvaluator:
         if scoring not in SCORINGS:
             raise ConfigError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
         if scoring == "auto":
-            scoring = "itm" if isinstance(backend, ImageTextMatcher) and not backend.has_embeddings else "embedding"
+            scoring = "embedding" if isinstance(backend, ImageTextEmbedder) or not isinstance(backend, ImageTextMatcher) else "itm"
         if scoring == "itm" and not isinstance(backend, ImageTextMatcher):
             raise ConfigError(f"backend {backend.spec or backend.family!r} has no image-text matching head; "
                               "use scoring='embedding'")
-        if scoring == "embedding" and not backend.has_embeddings:
+        if scoring == "embedding" and not isinstance(backend, ImageTextEmbedder):
             raise ConfigError(f"backend {backend.spec or backend.family!r} has no image/text embeddings; "
                               "use scoring='itm'")
         check_aggregate(aggregate, AGGREGATES if scoring == "embedding" else ("mean", "max"))

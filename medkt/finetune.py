@@ -26,10 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medkt.backends.base import Backend
+from medkt.backends.base import Backend, require_embeddings
 from medkt.device import grad_scaler
-from medkt.errors import ConfigError, unknown_name
+from medkt.errors import ConfigError
 from medkt.progress import Progress
+from medkt.registry import Registry
 from medkt.validation import OneOf, Range
 
 
@@ -122,45 +123,32 @@ def make_caption(name: str, description: str, config: FinetuneConfig) -> str:
 
 # --- losses ------------------------------------------------------------------------------------
 LossFn = Callable[..., torch.Tensor]
-_LOSSES: dict[str, LossFn] = {}
-_USES_CAPTION_EMBEDDINGS: dict[str, bool] = {}
-_USES_CONTEXT: dict[str, bool] = {}
+#: fine-tuning losses; metadata ``uses_caption_embeddings`` (default True) and ``uses_context``
+#: (default False), see :func:`register_finetune_loss`
+FINETUNE_LOSSES: Registry[LossFn] = Registry("fine-tuning loss", group="medkt.finetune_losses")
 
 
 def register_finetune_loss(name: str, uses_caption_embeddings: bool = True,
                            uses_context: bool = False) -> Callable[[LossFn], LossFn]:
-    """Decorator: ``fn(backend, images (B,C,S,S) [0,1], targets (B,) caption indices, captions
-    list[str], caption_emb (K,D) normalised or None, config) -> loss``. ``caption_emb`` is
-    computed once when the text encoder is frozen and the loss was registered with
-    ``uses_caption_embeddings=True``; otherwise it is None (e.g. ViLT's ITM loss reads captions).
-    A loss registered with ``uses_context=True`` also gets ``context=`` the ``loss_context`` given
-    to :func:`finetune` (e.g. the caption targets of CoCa's captioning loss)."""
-
-    def deco(fn: LossFn) -> LossFn:
-        _LOSSES[name] = fn
-        _USES_CAPTION_EMBEDDINGS[name] = uses_caption_embeddings
-        _USES_CONTEXT[name] = uses_context
-        return fn
-
-    return deco
+    """Decorator registering a loss in :data:`FINETUNE_LOSSES`: ``fn(backend, images (B,C,S,S)
+    [0,1], targets (B,) caption indices, captions list[str], caption_emb (K,D) normalised or None,
+    config) -> loss``. ``caption_emb`` is computed once when the text encoder is frozen and the
+    loss was registered with ``uses_caption_embeddings=True``; otherwise it is None (e.g. ViLT's
+    ITM loss reads captions). A loss registered with ``uses_context=True`` also gets
+    ``context=`` the ``loss_context`` given to :func:`finetune` (e.g. the caption targets of
+    CoCa's captioning loss)."""
+    return FINETUNE_LOSSES.register(name, uses_caption_embeddings=uses_caption_embeddings, uses_context=uses_context)
 
 
 def loss_names() -> list[str]:
     """Names of the registered fine-tuning losses (built-in plug-ins such as ViLT's "itm"/"mlm" and
-    CoCa's "clip+caption" included: their module is imported on this first lookup)."""
-    from medkt.inversion import _import_plugins
-
-    _import_plugins()
-    return list(_LOSSES)
+    CoCa's "clip+caption" included: their module is loaded on this first lookup)."""
+    return FINETUNE_LOSSES.names()
 
 
 def get_finetune_loss(name: str) -> LossFn:
-    """The registered loss ``name`` (:func:`register_finetune_loss`)."""
-    if name not in _LOSSES:
-        loss_names()
-    if name not in _LOSSES:
-        raise unknown_name("fine-tuning loss", name, list(_LOSSES))
-    return _LOSSES[name]
+    """The registered loss ``name`` (:data:`FINETUNE_LOSSES`)."""
+    return FINETUNE_LOSSES.get(name)
 
 
 def encode_captions(backend: Backend, captions: Sequence[str], batch_size: int = 64) -> torch.Tensor:
@@ -263,7 +251,9 @@ def finetune(
                           "(e.g. the evaluation task's classes)")
     targets_all = torch.tensor([captions.index(c) for c in img_caps])
     loss_fn = get_finetune_loss(cfg.loss)
-    if _USES_CONTEXT.get(cfg.loss, False):
+    if FINETUNE_LOSSES.meta(cfg.loss, "uses_caption_embeddings", True):
+        require_embeddings(backend, f"fine-tuning loss {cfg.loss!r}", "loss 'itm' or 'mlm'")
+    if FINETUNE_LOSSES.meta(cfg.loss, "uses_context", False):
         loss_fn = functools.partial(loss_fn, context=loss_context)
     use_replay = replay_images is not None and (cfg.replay_per_batch > 0 or cfg.distill_weight > 0)
     if use_replay:
@@ -308,7 +298,7 @@ def finetune(
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
     caption_emb = None
-    if cfg.train == "visual" and _USES_CAPTION_EMBEDDINGS.get(cfg.loss, True):  # text frozen: embed captions once
+    if cfg.train == "visual" and FINETUNE_LOSSES.meta(cfg.loss, "uses_caption_embeddings", True):  # text frozen: embed captions once
         with backend.autocast():
             caption_emb = backend.encode_texts(captions)
     device = backend.device

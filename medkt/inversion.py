@@ -42,12 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from medkt.augment import AffineAugment, total_variation
-from medkt.backends.base import Backend, as_numpy_image
+from medkt.backends.base import AnyResolution, Backend, as_numpy_image, require_embeddings
 from medkt.device import grad_scaler
 from medkt.errors import ConfigError, unknown_name
 from medkt.checkpoints import concept_settings, guard_resume, load_checkpoint, save_checkpoint, settings_digest
 from medkt.faults import fault_point
 from medkt.progress import Progress
+from medkt.registry import Registry
 from medkt.utils import atomic_write_json, atomic_write_text
 from medkt.validation import OneOf, Range
 
@@ -208,28 +209,20 @@ class InversionResult:
 
 # --- objectives --------------------------------------------------------------------------------
 ObjectiveFn = Callable[[Backend, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
-_OBJECTIVES: dict[str, ObjectiveFn] = {}
-_USES_TEXT_EMBEDDINGS: dict[str, bool] = {}
-#: modules of built-in plug-ins (ViLT's "itm" objective...), imported on the first name lookup so
-#: that neither this engine nor a backend has to import a model family's plug-ins up front
-PLUGIN_MODULES: list[str] = ["medkt.natural.objectives"]
-
-
-def _import_plugins() -> None:
-    import importlib
-
-    for module in PLUGIN_MODULES:
-        importlib.import_module(module)
+#: inversion objectives: ``fn(backend, x01 (B,C,S,S), ctx) -> (loss (B,), similarity (B,))``;
+#: metadata ``uses_text_embeddings`` (default True). ViLT's "itm" registers itself from
+#: :mod:`medkt.natural.objectives` (an entry point of the group ``medkt.inversion_objectives``, see :mod:`medkt.registry`).
+INVERSION_OBJECTIVES: Registry[ObjectiveFn] = Registry("inversion objective", group="medkt.inversion_objectives")
 
 
 def objective_names() -> list[str]:
     """Names of the registered inversion objectives (built-in plug-ins included)."""
-    _import_plugins()
-    return list(_OBJECTIVES)
+    return INVERSION_OBJECTIVES.names()
 
 
 def register_inversion_objective(name: str, uses_text_embeddings: bool = True) -> Callable[[ObjectiveFn], ObjectiveFn]:
-    """Decorator: ``fn(backend, x01 (B,C,S,S), ctx) -> (loss (B,), similarity (B,))``.
+    """Decorator registering an objective in :data:`INVERSION_OBJECTIVES`:
+    ``fn(backend, x01 (B,C,S,S), ctx) -> (loss (B,), similarity (B,))``.
 
     ``ctx`` holds ``texts`` (list of B strings) and ``text_emb`` (B, D) normalised target
     embeddings, aligned with the rows of ``x01`` (plus ``negative_emb``/``contrastive_scale``).
@@ -237,13 +230,7 @@ def register_inversion_objective(name: str, uses_text_embeddings: bool = True) -
     ViLT's image-text matching, which reads the texts: such a model has no embeddings); their
     returned similarity (e.g. the match probability) is what the run reports per image.
     """
-
-    def deco(fn: ObjectiveFn) -> ObjectiveFn:
-        _OBJECTIVES[name] = fn
-        _USES_TEXT_EMBEDDINGS[name] = uses_text_embeddings
-        return fn
-
-    return deco
+    return INVERSION_OBJECTIVES.register(name, uses_text_embeddings=uses_text_embeddings)
 
 
 @register_inversion_objective("cosine")
@@ -276,12 +263,8 @@ def contrastive_objective(backend: Backend, x: torch.Tensor, ctx: dict[str, Any]
 
 
 def get_objective(name: str) -> ObjectiveFn:
-    """The registered objective ``name`` (:func:`register_inversion_objective`)."""
-    if name not in _OBJECTIVES:
-        _import_plugins()
-    if name not in _OBJECTIVES:
-        raise unknown_name("inversion objective", name, list(_OBJECTIVES))
-    return _OBJECTIVES[name]
+    """The registered objective ``name`` (:data:`INVERSION_OBJECTIVES`)."""
+    return INVERSION_OBJECTIVES.get(name)
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -405,9 +388,7 @@ def resume_settings(backend: Backend, cfg: InversionConfig, targets: Sequence[In
         "inversion": {k: v for k, v in asdict(cfg).items() if k not in _NOT_RESULT_SHAPING},
         "concepts": concept_settings(targets),
     }
-    precision = getattr(backend, "precision", None)
-    if precision is not None:
-        settings["precision"] = str(precision)
+    settings["precision"] = str(backend.precision)
     if init_images is not None and cfg.init == "images":
         data = init_images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
         settings["init_images"] = hashlib.sha256(data).hexdigest()[:16]
@@ -474,7 +455,7 @@ def _run_chunk(
 
     # A backend that takes any input size runs at the stage's size (the saving progressive
     # resolution is for); otherwise each stage is upsampled to the model size every step.
-    native_stages = backend.supports_any_resolution
+    native_stages = isinstance(backend, AnyResolution) and backend.accepts_any_size()
 
     def render(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (image the model sees, the tensor TV/sparsity regularise)."""
@@ -606,7 +587,8 @@ def invert(
         guard_resume(ckpt_dir, "inversion", settings, resume)
         digest = settings_digest(settings)
     text_emb = None
-    if _USES_TEXT_EMBEDDINGS.get(cfg.objective, True):
+    if INVERSION_OBJECTIVES.meta(cfg.objective, "uses_text_embeddings", True):
+        require_embeddings(backend, f"inversion objective {cfg.objective!r}", "objective 'itm'")
         uniq = sorted(set(texts), key=texts.index)
         with backend.autocast():
             emb_by_text = dict(zip(uniq, backend.encode_texts(uniq)))
@@ -689,6 +671,8 @@ def save_inversion(result: InversionResult, out_dir: str | Path, config: Inversi
     w.writeheader()
     w.writerows(rows)
     atomic_write_text(out / "manifest.csv", buf.getvalue())
+    from medkt.figures import save_grid
+
     save_grid(result.images, out / "grid.png", labels=result.concepts)
     meta = {"seconds": result.seconds, "steps_run": result.steps_run,
             "mean_similarity": float(np.mean(result.similarities))}
@@ -724,47 +708,6 @@ def load_inversion(manifest: str | Path, backend: Backend | None = None) -> Inve
                            [float(r["similarity"]) for r in rows])
 
 
-def save_grid(images: torch.Tensor, path: str | Path, labels: Sequence[str] | None = None, ncol: int | None = None) -> Path:
-    """Save a labelled grid of ``(N, C, S, S)`` [0, 1] images as PNG (one row per concept when labelled)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(images)
-    if labels is not None:
-        groups: dict[str, list[int]] = {}
-        for i, lab in enumerate(labels):
-            groups.setdefault(lab, []).append(i)
-        rows = list(groups.values())
-        names = list(groups)
-    else:
-        ncol = ncol or min(n, 10)
-        rows = [list(range(i, min(i + ncol, n))) for i in range(0, n, ncol)]
-        names = [""] * len(rows)
-    ncols = max(len(r) for r in rows)
-    fig, axes = plt.subplots(len(rows), ncols, figsize=(1.3 * ncols + 1.2, 1.4 * len(rows)), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for r, (idx, name) in enumerate(zip(rows, names)):
-        for c, i in enumerate(idx):
-            arr = as_numpy_image(images[i])
-            axes[r, c].imshow(arr, cmap="gray" if arr.ndim == 2 else None, vmin=0, vmax=255)
-        if name:
-            axes[r, 0].set_title(name, fontsize=8, loc="left")
-    fig.tight_layout()
-    buf_path = Path(path)
-    buf_path.parent.mkdir(parents=True, exist_ok=True)
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    from medkt.utils import atomic_write_bytes
-
-    return atomic_write_bytes(buf_path, buf.getvalue())
-
-
 def inversion_summary(result: InversionResult) -> dict[str, Any]:
     """JSON-ready ``{"seconds", "per_concept_similarity" (mean cosine per concept), "steps_run"}``."""
     per: dict[str, list[float]] = {}
@@ -774,8 +717,67 @@ def inversion_summary(result: InversionResult) -> dict[str, Any]:
             "steps_run": result.steps_run}
 
 
+# --- several processes (torchrun; see medkt.distributed) ---------------------------------------
+def invert_sharded(backend, targets, config=None, out_dir: str | Path | None = None, resume: bool = False,
+                   progress: bool = True, init_images: torch.Tensor | None = None):
+    """:func:`medkt.inversion.invert` with the chunks spread over the ranks; every rank gets the
+    whole result (images in the single-process order). Without a process group: plain ``invert``.
+
+    Use ``config.chunk_size`` to make several chunks (one chunk = nothing to share): e.g. the
+    number of images per concept, so each concept is one chunk.
+    """
+    import torch.distributed as dist
+
+    from medkt.distributed import is_main, n_chunks, rank, shard_chunks, world_size
+
+    cfg = config if isinstance(config, InversionConfig) else InversionConfig.from_dict(config)
+    world = world_size()
+    if world == 1:
+        return invert(backend, targets, cfg, out_dir=out_dir, resume=resume, progress=progress,
+                      init_images=init_images)
+    total = n_chunks(targets, cfg.chunk_size)
+    mine = shard_chunks(total, rank(), world)
+    part = None
+    if mine:
+        part = invert(backend, targets, cfg, out_dir=out_dir, resume=resume, progress=progress and is_main(),
+                      chunks=mine, init_images=init_images)
+    payload = None if part is None else {
+        "chunks": mine, "images": part.images.cpu(), "concepts": part.concepts, "texts": part.texts,
+        "similarities": part.similarities, "steps_run": part.steps_run, "history": part.history,
+        "seconds": part.seconds}
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, payload)
+    # reassemble in chunk order: chunk c's images are the next block of its rank's images
+    chunk_size = cfg.chunk_size or sum(int(t.n_images) for t in targets)
+    by_chunk: dict[int, dict[str, Any]] = {}
+    for p in parts:
+        if p is None:
+            continue
+        offset = 0
+        for j, c in enumerate(p["chunks"]):
+            n_c = min(chunk_size, sum(int(t.n_images) for t in targets) - c * chunk_size)
+            sl = slice(offset, offset + n_c)
+            by_chunk[c] = {"images": p["images"][sl], "concepts": p["concepts"][sl], "texts": p["texts"][sl],
+                           "similarities": p["similarities"][sl], "steps_run": p["steps_run"][j],
+                           "history": p["history"][j]}
+            offset += n_c
+    if sorted(by_chunk) != list(range(total)):
+        raise RuntimeError(f"sharded inversion is missing chunks: got {sorted(by_chunk)} of {total}")
+    order = [by_chunk[c] for c in range(total)]
+    device = backend.device
+    return InversionResult(
+        images=torch.cat([o["images"] for o in order]).to(device),
+        concepts=[c for o in order for c in o["concepts"]],
+        texts=[t for o in order for t in o["texts"]],
+        similarities=[s for o in order for s in o["similarities"]],
+        seconds=max(p["seconds"] for p in parts if p is not None),
+        steps_run=[o["steps_run"] for o in order],
+        history=[o["history"] for o in order],
+    )
+
+
 __all__ = [
     "InversionConfig", "InversionResult", "InversionTarget", "invert", "INVERSION_PRESETS", "preset_dict",
     "save_inversion", "load_inversion",
-    "register_inversion_objective", "get_objective", "save_grid", "similarity", "inversion_summary",
+    "register_inversion_objective", "get_objective", "invert_sharded", "INVERSION_OBJECTIVES", "similarity", "inversion_summary",
 ]

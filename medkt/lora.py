@@ -109,7 +109,7 @@ class LoraAdapter:
         params = list(params)
         patterns = settings.target_modules
         if patterns is None:
-            patterns = DEFAULT_TARGETS.get(getattr(backend, "family", ""))
+            patterns = DEFAULT_TARGETS.get(backend.family)
         targets = lora_targets(backend, params, patterns)
         if not targets:
             names = [n for n, m in backend.named_modules() if isinstance(m, _LAYER_TYPES)][-6:]

@@ -15,7 +15,7 @@ then trains only the top ``k`` blocks on ``(h*, caption)`` with the ordinary eng
 (:func:`medkt.finetune.finetune` on a :class:`FeatureBackend`, so replay, distillation, LoRA and
 WiSE-FT all apply); the bottom blocks never change.
 
-Works for every backend with a vision split (:func:`medkt.segmentation.m2ib.get_vision_split`:
+Works for every backend with a vision split (:func:`medkt.backends.vision_split.get_vision_split`:
 the phantom CNN, open_clip ViTs, HF CLIP ViTs).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medkt.backends.base import Backend
+from medkt.backends.base import Backend, ImageTextEmbedder
 from medkt.errors import ConfigError
 from medkt.validation import Range
 
@@ -92,7 +92,7 @@ class TopSplit:
 
 def split_top(backend: Backend, top_blocks: int) -> TopSplit:
     """Cut ``backend``'s visual encoder before its last ``top_blocks`` blocks (see :class:`TopSplit`)."""
-    from medkt.segmentation.m2ib import get_vision_split
+    from medkt.backends.vision_split import get_vision_split
 
     probe_split = get_vision_split(backend, 0)
     n = probe_split.num_layers
@@ -212,7 +212,7 @@ def invert_features(
                                   history)
 
 
-class FeatureBackend(Backend):
+class FeatureBackend(Backend, ImageTextEmbedder):
     """``backend`` seen from the cut: ``encode_pixels`` takes the tokens entering the top blocks.
 
     Its visual parameters are the top blocks' only, so :func:`medkt.finetune.finetune` (with
@@ -228,8 +228,13 @@ class FeatureBackend(Backend):
         self.spec = f"{backend.spec}#top{split.num_layers - split.layer - 1}"
         self.precision = backend.precision
 
-    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens entering the top blocks ``(B, T, D)`` -> image embeddings ``(B, E)``."""
         return self.split.top(x)
+
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The engine's image input here is already features: no pixel normalisation."""
+        return self.encode_image(x)
 
     def tokenize(self, texts: Sequence[str]) -> Any:
         return self.inner.tokenize(texts)

@@ -34,13 +34,20 @@ from typing import Any
 
 import torch
 
-from medkt.backends.base import Backend, ImageTextMatcher
+from medkt.backends.base import Backend, ImageTextEmbedder, ImageTextMatcher
 from medkt.checkpoints import guard_resume
 from medkt.errors import ConfigError, DataError
 from medkt.faults import fault_point
 from medkt.evaluation import ClassificationResult, ZeroShotEvaluator
 from medkt.finetune import FinetuneConfig, finetune, load_finetuned, make_caption, save_finetuned
-from medkt.inversion import InversionConfig, InversionResult, InversionTarget, inversion_summary, save_inversion
+from medkt.inversion import (
+    InversionConfig,
+    InversionResult,
+    InversionTarget,
+    inversion_summary,
+    invert_sharded,
+    save_inversion,
+)
 
 
 @dataclass
@@ -202,13 +209,13 @@ def synthesize(backend: Backend, concepts: Sequence[Concept], config: InversionC
             logging.getLogger("medkt").warning(
                 "inversion has %d chunk(s) for %d ranks: set inversion.chunk_size (e.g. the images per concept) to "
                 "share it", mdist.n_chunks(targets, config.chunk_size), mdist.world_size())
-        inv = mdist.invert_sharded(backend, targets, config, out_dir=out, resume=resume, progress=progress,
-                                   init_images=init_images)
+        inv = invert_sharded(backend, targets, config, out_dir=out, resume=resume, progress=progress,
+                             init_images=init_images)
     elif images == "noise":
         inv = noise_images(backend, targets, config.seed)
     else:
         inv = images_from_manifests(images, backend, concepts)
-    if isinstance(backend, ImageTextMatcher) and not backend.has_embeddings:
+    if isinstance(backend, ImageTextMatcher) and not isinstance(backend, ImageTextEmbedder):
         # cosine similarities mean nothing for a single-stream model: report ITM match probabilities
         inv.similarities = backend.match_probability(inv.images, inv.texts).tolist()
     if out is not None and mdist.is_main():

@@ -127,7 +127,7 @@ class PlantedToyBackend(Backend, VisionSplitProvider):
         return iter([])
 
     def vision_split(self, layer):
-        from medkt.segmentation.m2ib import VisionSplit
+        from medkt.backends.vision_split import VisionSplit
 
         return VisionSplit(prefix=lambda x: self.block(self._embed(x)), suffix=lambda t: t.mean(1), grid=(4, 4),
                            n_extra_tokens=0, hook_module=self.block, layer=0, num_layers=1, description="toy")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medkt.backends.base import Captioner, ImageTextMatcher
+
 open_clip = pytest.importorskip("open_clip")
 
 
@@ -18,7 +20,7 @@ def coca():
 def test_tiny_coca_protocol(coca):
     from open_clip.coca_model import CoCa
 
-    assert isinstance(coca.model, CoCa) and coca.supports_captioning and not coca.supports_itm
+    assert isinstance(coca.model, CoCa) and isinstance(coca, Captioner) and not isinstance(coca, ImageTextMatcher)
     x = torch.rand(2, 3, coca.image_size, coca.image_size)
     tok = coca.tokenize(["a photo of a moongate.", "a gyroscope"])
     assert tok.shape == (2, 76) and tok[0, 0].item() == 49406

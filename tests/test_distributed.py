@@ -55,11 +55,12 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
     from medkt import distributed as mdist
     from medkt.finetune import finetune
+    from medkt.inversion import invert_sharded
 
     assert mdist.init_from_env()
     try:
         b = _backend()
-        res = mdist.invert_sharded(b, _targets(), INV, progress=False)
+        res = invert_sharded(b, _targets(), INV, progress=False)
         hist = finetune(b, res.images, res.concepts, {c: t for c, t, _ in TARGETS}, ["a photo of a dog."], FT,
                         texts_of_images=res.texts, progress=False)
         torch.save({"images": res.images, "concepts": res.concepts, "steps_run": res.steps_run,

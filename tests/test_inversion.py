@@ -56,11 +56,11 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_clip, tmp_path, mo
             raise KeyboardInterrupt
         return real(backend, x, ctx)
 
-    monkeypatch.setitem(inv._OBJECTIVES, "cosine", dying)
+    monkeypatch.setitem(inv.INVERSION_OBJECTIVES._entries, "cosine", dying)
     with pytest.raises(KeyboardInterrupt):
         invert(tiny_clip, TARGETS, cfg, out_dir=tmp_path, progress=False)
     assert (tmp_path / "checkpoints" / "chunk0000.pt").is_file()
-    monkeypatch.setitem(inv._OBJECTIVES, "cosine", real)
+    monkeypatch.setitem(inv.INVERSION_OBJECTIVES._entries, "cosine", real)
     resumed = invert(tiny_clip, TARGETS, cfg, out_dir=tmp_path, resume=True, progress=False)
     assert torch.equal(full.images, resumed.images)
 

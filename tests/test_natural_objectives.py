@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from medkt.errors import ConfigError
+
 
 @pytest.fixture(scope="module")
 def vilt():
@@ -46,7 +48,7 @@ def test_itm_inversion_through_engine_raises_match_probability(vilt):
     cfg = InversionConfig(steps=6, lr=0.1, objective="itm", augment_p=0.0, init="normal", tv_weight=0.0)
     targets = [InversionTarget("moongate", "a moongate is a round archway", 2)]
     cosine = InversionConfig(steps=2, objective="cosine", augment_p=0.0)
-    with pytest.raises(NotImplementedError, match="single-stream"):  # no silent cosine on ViLT
+    with pytest.raises(ConfigError, match="single-stream"):  # no silent cosine on ViLT
         invert(vilt, targets, cosine, progress=False)
     res = invert(vilt, targets, cfg, progress=False)  # "itm" never asks ViLT for embeddings
     end = vilt.match_probability(res.images, res.texts)

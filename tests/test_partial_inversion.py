@@ -80,7 +80,7 @@ def test_config_is_validated():
 
 
 def test_phantom_recipe_with_partial_inversion_trains_only_the_top_blocks():
-    from medkt.backends.phantom import DEFAULT_CHECKPOINT
+    from medkt.phantom.backend import DEFAULT_CHECKPOINT
     from medkt.phantom.experiment import Recipe
 
     if not DEFAULT_CHECKPOINT.is_file():

@@ -139,18 +139,18 @@ def test_run_arm_with_given_images_equals_inverting_them_itself():
 def test_recipes_sharing_an_inversion_reuse_its_images(monkeypatch):
     """Recipes that differ only after the inversion (e.g. the fine-tuning) reuse the seed's inverted
     images instead of inverting again; a different inversion setting inverts anew."""
-    import medkt.distributed
+    import medkt.spine
     from medkt.phantom.experiment import Recipe
 
     exp, ds, r = tiny_phantom_experiment()
     calls = []
-    real = medkt.distributed.invert_sharded
+    real = medkt.spine.invert_sharded
 
     def spy(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(medkt.distributed, "invert_sharded", spy)
+    monkeypatch.setattr(medkt.spine, "invert_sharded", spy)
     a = exp.run_arm(Recipe.from_dict({"name": "a", **r}), 0, ds, keep_images=True)
     b = exp.run_arm(Recipe.from_dict({"name": "b", **r, "finetune": {**r["finetune"], "lr": 1e-4}}), 0, ds,
                     keep_images=True)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import run_medkt_in_process
-from medkt.backends.phantom import DEFAULT_CHECKPOINT
+from medkt.phantom.backend import DEFAULT_CHECKPOINT
 
 FAST = ["--set", "seeds=1", "--set", "eval_per_class=3", "--set", "segmentation=false",
         "--set", "recipe#n_images=2", "--set", "recipe#inversion#steps=2", "--set", "recipe#finetune#epochs=1"]

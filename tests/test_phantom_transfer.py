@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medkt.backends import create_backend
-from medkt.backends.phantom import DEFAULT_CHECKPOINT
+from medkt.phantom.backend import DEFAULT_CHECKPOINT
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = json.loads((ROOT / "bundles" / "phantom_nodules" / "configs" / "transfer.json").read_text())
@@ -90,7 +90,7 @@ def test_real_nodules_raise_auroc_but_normal_placebo_does_not():
 
 
 def test_pipeline_run_folder(tmp_path):
-    from medkt.pipelines.phantom import PhantomTransferPipeline
+    from medkt.phantom.pipeline import PhantomTransferPipeline
 
     out = tmp_path / "run"
     pipe = PhantomTransferPipeline(backend="phantom:base", novel="nodule", description=BUNDLE["description"],

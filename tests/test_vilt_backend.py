@@ -6,6 +6,8 @@ import logging
 import pytest
 import torch
 
+from medkt.backends.base import ImageTextMatcher
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -19,7 +21,7 @@ def vilt():
 def test_itm_head_is_linear_on_pooler(vilt):
     from transformers import ViltForMaskedLM
 
-    assert isinstance(vilt.model.mlm, ViltForMaskedLM) and vilt.supports_itm
+    assert isinstance(vilt.model.mlm, ViltForMaskedLM) and isinstance(vilt, ImageTextMatcher)
     assert tuple(vilt.model.itm_score.fc.weight.shape) == (2, vilt.model.config.hidden_size)
     x = torch.rand(2, 3, vilt.image_size, vilt.image_size)
     tok = vilt.tokenize(["a moongate is a circular archway", "a dog on the grass"])

@@ -18,7 +18,7 @@ def _upstream(backend):
 
 def test_fast_paths_are_patched_and_exact(tiny_clip):
     assert tiny_clip.fast_paths["embeds"] == 1 and tiny_clip.fast_paths["attention"] >= 2
-    assert tiny_clip.supports_any_resolution
+    assert tiny_clip.accepts_any_size()
     ref = _upstream(tiny_clip)
     assert "_embeds" not in vars(ref.model.visual) and "_embeds" in vars(tiny_clip.model.visual)
     assert list(ref.state_dict()) == list(tiny_clip.state_dict())  # checkpoints unchanged
@@ -52,7 +52,7 @@ def test_fast_paths_follow_deepcopy_and_can_be_switched_off(tiny_clip, monkeypat
     from medkt.backends import create_backend
 
     plain = create_backend("clip:medkt-tiny-ViT@random")
-    assert not plain.supports_any_resolution and "_embeds" not in vars(plain.model.visual)
+    assert not plain.accepts_any_size() and "_embeds" not in vars(plain.model.visual)
 
 
 def test_any_resolution_and_position_interpolation(tiny_clip):
@@ -86,7 +86,7 @@ def test_progressive_inversion_runs_the_model_at_stage_size(tiny_clip, monkeypat
     assert seen.count(s // 2) == 3 and seen.count(s) >= 3
     # a backend without the capability gets the stage upsampled to its size every step
     seen.clear()
-    monkeypatch.setattr(tiny_clip, "supports_any_resolution", False)
+    monkeypatch.setattr(tiny_clip, "accepts_any_size", lambda: False)
     invert(tiny_clip, [InversionTarget("moongate", "a round gate in a wall", 2)], cfg, progress=False)
     assert set(seen) == {s}
 

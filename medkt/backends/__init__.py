@@ -12,27 +12,30 @@ new family with :func:`register_backend`.
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from medkt.backends.base import Backend
-from medkt.errors import ConfigError, unknown_name
+from medkt.errors import ConfigError
+from medkt.registry import Registry
 
 BackendFactory = Callable[..., Backend]
 
-# family -> "module:function" (lazy) or a factory callable (registered at run time)
-_REGISTRY: dict[str, str | BackendFactory] = {
+#: backend families: ``factory(architecture, weights, **options) -> Backend``; the model families
+#: below are lazy (imported on first use); ``phantom`` registers itself from
+#: :mod:`medkt.phantom.backend` (entry-point group ``medkt.backends``)
+BACKENDS: Registry[BackendFactory] = Registry("backend family", group="medkt.backends")
+for _family, _target in {
     "open_clip": "medkt.backends.open_clip_backend:create",
     "clip": "medkt.backends.open_clip_backend:create",
     "hf_clip": "medkt.backends.hf_clip:create",
     "medclip": "medkt.backends.medclip:create",
-    "phantom": "medkt.backends.phantom:create",
     "vilt": "medkt.backends.vilt:create",
     "coca": "medkt.backends.coca:create",
-}
+}.items():
+    BACKENDS.register_lazy(_family, _target)
 
 
 @dataclass(frozen=True)
@@ -66,29 +69,14 @@ class BackendSpec:
 
 
 def register_backend(family: str) -> Callable[[BackendFactory], BackendFactory]:
-    """Decorator: ``@register_backend("mine") def create(architecture, weights, **kw) -> Backend``."""
-
-    def deco(factory: BackendFactory) -> BackendFactory:
-        _REGISTRY[family] = factory
-        return factory
-
-    return deco
+    """Decorator: ``@register_backend("mine") def create(architecture, weights, **kw) -> Backend``
+    (registers in :data:`BACKENDS`)."""
+    return BACKENDS.register(family)
 
 
 def list_backends() -> list[str]:
     """Registered backend family names, sorted (built-in and :func:`register_backend` ones)."""
-    return sorted(_REGISTRY)
-
-
-def _factory(family: str) -> BackendFactory:
-    if family not in _REGISTRY:
-        raise unknown_name("backend family", family, list(_REGISTRY))
-    entry = _REGISTRY[family]
-    if isinstance(entry, str):
-        module, _, func = entry.partition(":")
-        entry = getattr(importlib.import_module(module), func)
-        _REGISTRY[family] = entry
-    return entry
+    return sorted(BACKENDS.names())
 
 
 def create_backend(spec: str | BackendSpec, device: str | torch.device = "cpu", precision: str = "fp32",
@@ -108,10 +96,10 @@ def create_backend(spec: str | BackendSpec, device: str | torch.device = "cpu", 
     dev = local_device(device)  # validate before building a large model
     prec = resolve_precision(precision, dev)
     parsed = spec if isinstance(spec, BackendSpec) else BackendSpec.parse(spec)
-    backend = _factory(parsed.family)(parsed.architecture, parsed.weights, **kwargs)
+    backend = BACKENDS.get(parsed.family)(parsed.architecture, parsed.weights, **kwargs)
     backend.spec = str(parsed)
     backend.precision = prec
     return backend.to(dev).eval()
 
 
-__all__ = ["Backend", "BackendSpec", "create_backend", "list_backends", "register_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendSpec", "create_backend", "list_backends", "register_backend"]

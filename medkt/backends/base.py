@@ -13,9 +13,13 @@ model...). Every backend is a :class:`Backend`:
 What else a backend can do it *declares* by inheriting capability interfaces; the engine asks
 ``isinstance(backend, Capability)``, never ``hasattr``:
 
-* **embeddings** (``has_embeddings = True``, CLIP-like two-tower models): ``encode_pixels(x)``
-  on [0, 1] pixels ``(B, C, S, S)`` -> ``(B, D)``, ``encode_text(tokens)`` -> ``(B, D)``,
-  ``logit_scale``. Needed by the cosine inversion objective, InfoNCE and embedding zero-shot.
+* :class:`ImageTextEmbedder` (CLIP-like two-tower models: CLIP, MedCLIP, BiomedCLIP, CoCa, the
+  phantom model): ``encode_pixels(x)`` on [0, 1] pixels ``(B, C, S, S)`` -> ``(B, D)``,
+  ``encode_text(tokens)`` -> ``(B, D)``, ``logit_scale``. Needed by the cosine inversion
+  objective, InfoNCE and embedding zero-shot.
+* :class:`AnyResolution`: ``encode_pixels`` also takes sizes other than ``image_size`` (ViTs with
+  interpolated position embeddings); progressive-resolution inversion then runs the model at
+  each stage's size.
 * :class:`ImageTextMatcher` (ViLT): ``itm_logits``, ``embed_image`` + ``itm_logits_from_embeds``
   (image tokens computed once, reused for many texts), ``load_image_native``,
   ``match_probability``.
@@ -23,7 +27,7 @@ What else a backend can do it *declares* by inheriting capability interfaces; th
   ``decoder_parameters``, ``pad_id``.
 * :class:`MaskedLanguageModel` (ViLT): ``mlm_loss``, ``mlm_probability``, ``tokenizer``.
 * :class:`VisionSplitProvider`: ``vision_split(layer)``, the encoder split M2IB needs, for models
-  whose vision tower is not one of the architectures :mod:`medkt.segmentation.m2ib` knows.
+  whose vision tower is not one of the architectures :mod:`medkt.backends.vision_split` knows.
 """
 from __future__ import annotations
 
@@ -50,12 +54,6 @@ class Backend(nn.Module):
     std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
     #: channels the wrapped network expects after normalisation (grey is repeated to this)
     model_channels: int = 3
-    #: two-tower image/text embeddings (``encode_pixels`` / ``encode_text``); False for
-    #: single-stream models such as ViLT, which score pairs with :class:`ImageTextMatcher`
-    has_embeddings: bool = True
-    #: ``encode_pixels`` also accepts sizes other than ``image_size`` (e.g. ViTs with interpolated
-    #: position embeddings); progressive-resolution inversion then runs the model at each stage's size
-    supports_any_resolution: bool = False
 
     # -- identification -------------------------------------------------------------------
     spec: str = ""
@@ -92,10 +90,6 @@ class Backend(nn.Module):
         std = torch.as_tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
-    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        """[0,1] pixels ``(B, C, H, W)`` -> image embeddings ``(B, D)``."""
-        return self.encode_image(self.normalize(x))
-
     def load_image(self, image: Any) -> torch.Tensor:
         """A path, PIL image or array -> ``(image_channels, S, S)`` float tensor in [0, 1].
 
@@ -106,16 +100,8 @@ class Backend(nn.Module):
         return to_model_pixels(image, size=self.image_size, channels=self.image_channels)
 
     # -- to implement ---------------------------------------------------------------------
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Normalised network input ``(B, model_channels, S, S)`` -> ``(B, D)``."""
-        raise NotImplementedError
-
     def tokenize(self, texts: Sequence[str]) -> Any:
         """``B`` texts -> what :meth:`encode_text` takes (a tensor or dict of tensors) on :attr:`device`."""
-        raise NotImplementedError
-
-    def encode_text(self, tokens: Any) -> torch.Tensor:
-        """Tokens from :meth:`tokenize` -> ``(B, D)``."""
         raise NotImplementedError
 
     def visual_parameters(self) -> Iterator[nn.Parameter]:
@@ -133,39 +119,7 @@ class Backend(nn.Module):
         raise ConfigError(f"backend family {self.family!r} does not expose its token embedding, so "
                           f"finetune.train='concept_tokens' is not available for it; use train='visual'")
 
-    @property
-    def logit_scale(self) -> torch.Tensor:
-        """exp of the learned temperature (a scalar tensor); CLIP's default 100."""
-        return torch.tensor(100.0)
-
-    # -- capabilities (derived from the declared interfaces) ------------------------------
-    @property
-    def supports_itm(self) -> bool:
-        """The backend declares :class:`ImageTextMatcher`."""
-        return isinstance(self, ImageTextMatcher)
-
-    @property
-    def supports_captioning(self) -> bool:
-        """The backend declares :class:`Captioner`."""
-        return isinstance(self, Captioner)
-
     # -- helpers shared by all backends ---------------------------------------------------
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """Normalised text embeddings ``(N, D)`` of raw strings, batched, without gradients."""
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(texts), batch_size):
-                out.append(self.encode_text(self.tokenize(list(texts[i : i + batch_size]))).float())
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
-
-    def encode_images(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Normalised image embeddings ``(N, D)`` of [0,1] pixels ``(N, C, S, S)``, batched, without gradients."""
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(x), batch_size):
-                out.append(self.encode_pixels(x[i : i + batch_size].to(self.device)).float())  # batch by batch
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1) if out else torch.empty(0)
-
     def set_visual_trainable(self, trainable: bool = True) -> None:
         """Set ``requires_grad`` on every parameter of :meth:`visual_parameters`."""
         for p in self.visual_parameters():
@@ -188,6 +142,59 @@ class Backend(nn.Module):
             "visual_parameters": n_vis,
             "parameters": n_all,
         }
+
+
+class ImageTextEmbedder(abc.ABC):
+    """Capability: two-tower image and text embeddings in one space (CLIP-like models).
+
+    Single-stream models (ViLT) do not have it; they score pairs with :class:`ImageTextMatcher`.
+    """
+
+    @abc.abstractmethod
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Normalised network input ``(B, model_channels, S, S)`` -> ``(B, D)``."""
+
+    @abc.abstractmethod
+    def encode_text(self, tokens: Any) -> torch.Tensor:
+        """Tokens from ``tokenize`` -> ``(B, D)``."""
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        """exp of the learned temperature (a scalar tensor); CLIP's default 100."""
+        return torch.tensor(100.0)
+
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """[0,1] pixels ``(B, C, H, W)`` -> image embeddings ``(B, D)``."""
+        return self.encode_image(self.normalize(x))
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Normalised text embeddings ``(N, D)`` of raw strings, batched, without gradients."""
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), batch_size):
+                out.append(self.encode_text(self.tokenize(list(texts[i : i + batch_size]))).float())
+        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+    def encode_images(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Normalised image embeddings ``(N, D)`` of [0,1] pixels ``(N, C, S, S)``, batched, without gradients."""
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                out.append(self.encode_pixels(x[i : i + batch_size].to(self.device)).float())  # batch by batch
+        return torch.nn.functional.normalize(torch.cat(out), dim=-1) if out else torch.empty(0)
+
+
+class AnyResolution(abc.ABC):
+    """Capability: :meth:`ImageTextEmbedder.encode_pixels` takes sizes other than ``image_size``.
+
+    Declared by backends whose ViT can interpolate its position embeddings
+    (:mod:`medkt.backends.vit_fastpath`); whether this model's tower can is known only once it is
+    built (and ``MEDKT_FAST_PATHS=0`` switches it off), hence the method.
+    """
+
+    @abc.abstractmethod
+    def accepts_any_size(self) -> bool:
+        """True when ``encode_pixels`` runs at any input size for this model."""
 
 
 class ImageTextMatcher(abc.ABC):
@@ -270,7 +277,17 @@ class VisionSplitProvider(abc.ABC):
 
     @abc.abstractmethod
     def vision_split(self, layer: int | None = None) -> Any:
-        """A :class:`medkt.segmentation.m2ib.VisionSplit` at ``layer`` (None = the default)."""
+        """A :class:`medkt.backends.vision_split.VisionSplit` at ``layer`` (None = the default)."""
+
+
+def require_embeddings(backend: Backend, what: str, instead: str) -> None:
+    """A :class:`~medkt.errors.ConfigError` unless ``backend`` declares :class:`ImageTextEmbedder`
+    (``what`` needs it; ``instead`` is the choice that works without embeddings)."""
+    if not isinstance(backend, ImageTextEmbedder):
+        from medkt.errors import ConfigError
+
+        raise ConfigError(f"{what} compares image and text embeddings, but backend "
+                          f"{backend.spec or backend.family!r} is single-stream (no embeddings); use {instead}")
 
 
 def as_numpy_image(x: torch.Tensor) -> np.ndarray:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medkt.backends.base import Backend, Captioner
+from medkt.backends.base import AnyResolution, Backend, Captioner, ImageTextEmbedder
 from medkt.backends.vit_fastpath import install_fast_paths
 from medkt.errors import ConfigError, unknown_name
 
@@ -273,7 +273,7 @@ def sample(
 # ---------------------------------------------------------------------------------------------
 # backend
 # ---------------------------------------------------------------------------------------------
-class CocaBackend(Backend, Captioner):
+class CocaBackend(Backend, ImageTextEmbedder, AnyResolution, Captioner):
     """open_clip CoCa: contrastive towers + autoregressive caption decoder."""
 
     family = "coca"
@@ -291,6 +291,10 @@ class CocaBackend(Backend, Captioner):
         install_fast_paths(self, model)
 
     # -- protocol -------------------------------------------------------------------------------
+    def accepts_any_size(self) -> bool:
+        """The CoCa ViT with medkt's position-embedding fast path takes any input size."""
+        return bool(self.fast_paths["embeds"])
+
     @property
     def _device(self) -> torch.device:
         return self.model.logit_scale.device

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medkt.backends.base import Backend
+from medkt.backends.base import Backend, ImageTextEmbedder
 from medkt.errors import WeightsNotFoundError
 from medkt.weights import README_HINT, offline, resolve_weights
 
@@ -45,7 +45,7 @@ class _OpenClipBPE:
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
 
-class HFClipBackend(Backend):
+class HFClipBackend(Backend, ImageTextEmbedder):
     family = "hf_clip"
 
     def __init__(self, model, tokenizer, image_processor=None):

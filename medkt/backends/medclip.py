@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medkt.backends.base import Backend
+from medkt.backends.base import Backend, ImageTextEmbedder
 from medkt.errors import ConfigError, MedktError, WeightsNotFoundError, unknown_name
 from medkt.weights import README_HINT, resolve_weights
 
@@ -170,7 +170,7 @@ class MedCLIPModel(nn.Module):
 
 
 # -- backend ---------------------------------------------------------------------------------
-class MedCLIPBackend(Backend):
+class MedCLIPBackend(Backend, ImageTextEmbedder):
     """MedCLIP behind the :class:`~medkt.backends.base.Backend` protocol.
 
     Pixels are one grey channel in [0, 1]; ``normalize`` repeats it to 3 channels and applies

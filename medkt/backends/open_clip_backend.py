@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medkt.backends.base import Backend
+from medkt.backends.base import AnyResolution, Backend, ImageTextEmbedder
 from medkt.backends.vit_fastpath import install_fast_paths
 from medkt.errors import ConfigError, unknown_name
 from medkt.weights import offline, open_clip_tag_checkpoint, open_clip_tag_options, resolve_weights
@@ -40,7 +40,7 @@ def register_medkt_configs() -> None:
 _offline = offline  # old name, kept for importers
 
 
-class OpenClipBackend(Backend):
+class OpenClipBackend(Backend, ImageTextEmbedder, AnyResolution):
     family = "open_clip"
 
     def __init__(self, model: nn.Module, tokenizer, architecture: str, mean, std):
@@ -52,6 +52,10 @@ class OpenClipBackend(Backend):
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.mean, self.std = tuple(mean), tuple(std)
         install_fast_paths(self, model)
+
+    def accepts_any_size(self) -> bool:
+        """ViT towers with medkt's position-embedding fast path take any input size."""
+        return bool(self.fast_paths["embeds"])
 
     def load_image(self, image: Any) -> torch.Tensor:
         """open_clip's eval preprocessing of this model (its ``preprocess_cfg``) -> ``(3, S, S)`` in [0, 1]."""

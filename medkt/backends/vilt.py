@@ -208,7 +208,6 @@ class ViltBackend(Backend, ImageTextMatcher, MaskedLanguageModel):
     """ViLT with the ITM and MLM heads; single-stream, so no separate image/text embedding space."""
 
     family = "vilt"
-    has_embeddings = False
     mean = (0.5, 0.5, 0.5)
     std = (0.5, 0.5, 0.5)
     image_channels = 3
@@ -355,22 +354,6 @@ class ViltBackend(Backend, ImageTextMatcher, MaskedLanguageModel):
         """Masked-language-modelling cross-entropy; ``labels`` (B, L) hold -100 where not masked."""
         logits = self.mlm_logits(x, tokens)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).to(logits.device), ignore_index=-100)
-
-    # -- the embedding protocol does not apply -------------------------------------------------
-    # ViLT is single-stream: encode_image/encode_text raise. Its objective/losses ("itm", "mlm")
-    # are registered as not using embeddings, so the engine never asks for them.
-
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(
-            "ViLT is a single-stream model without an image embedding; use itm_logits() "
-            "(objective/loss 'itm') instead of cosine similarity"
-        )
-
-    def encode_text(self, tokens: Any) -> torch.Tensor:
-        raise NotImplementedError(
-            "ViLT is a single-stream model without a text embedding; use itm_logits() "
-            "(objective/loss 'itm') instead of cosine similarity"
-        )
 
     # -- parameter groups --------------------------------------------------------------------
     def _text_only(self) -> list[nn.Parameter]:

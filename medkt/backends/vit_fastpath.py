@@ -130,11 +130,12 @@ def enable_fast_paths(module: nn.Module) -> dict[str, int]:
 
 def install_fast_paths(backend: nn.Module, model: nn.Module) -> None:
     """:func:`enable_fast_paths` on a backend's ``model`` unless ``MEDKT_FAST_PATHS=0``; records the
-    counts in ``backend.fast_paths`` and sets ``backend.supports_any_resolution``."""
+    counts in ``backend.fast_paths`` (all 0 when switched off), which its
+    :meth:`~medkt.backends.base.AnyResolution.accepts_any_size` reads."""
     if os.environ.get("MEDKT_FAST_PATHS", "1") == "0":
+        backend.fast_paths = {"attention": 0, "embeds": 0}
         return
     backend.fast_paths = enable_fast_paths(model)
-    backend.supports_any_resolution = bool(backend.fast_paths["embeds"])
 
 
 def disable_fast_paths(module: nn.Module) -> None:

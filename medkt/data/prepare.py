@@ -1,8 +1,9 @@
 """Dataset preparers: a downloaded dataset folder -> a medkt manifest (``medkt data prepare``).
 
 A preparer is ``fn(root: Path, **options) -> list[ManifestRow]`` registered under a name with
-:func:`register_preparer`. Feature areas keep their preparers next to their code; their modules
-are imported lazily (only when a name is looked up or listed), so ``import medkt`` stays light:
+:func:`register_preparer` (:data:`PREPARERS`). Feature areas keep their preparers next to their
+code; their modules are entry points of the group ``medkt.dataset_preparers`` (``pyproject.toml``),
+imported only when a name is looked up or listed, so ``import medkt`` stays light:
 
 * here: ``jsrt``, ``chexpert_5x200c``, ``imagefolder``;
 * :mod:`medkt.segmentation.datasets`: UDIAT, BraTS, UnitoChest, SIIM;
@@ -11,7 +12,6 @@ are imported lazily (only when a name is looked up or listed), so ``import medkt
 from __future__ import annotations
 
 import csv
-import importlib
 import random
 import re
 from collections.abc import Callable
@@ -19,55 +19,33 @@ from pathlib import Path
 from typing import Any
 
 from medkt.data.manifest import ManifestRow, sha256_file, write_manifest
-from medkt.errors import DataError, unknown_name
+from medkt.errors import DataError
+from medkt.registry import Registry
 
 Preparer = Callable[..., list[ManifestRow]]
 
-_REGISTRY: dict[str, Preparer] = {}
-#: modules whose import registers more preparers (missing ones are skipped)
-PROVIDER_MODULES = ("medkt.segmentation.datasets", "medkt.natural.datasets")
-_loaded_providers = False
+#: dataset preparers; feature areas' modules (segmentation, natural) register theirs when the
+#: entry-point group ``medkt.dataset_preparers`` is loaded (on the first miss or listing)
+PREPARERS: Registry[Preparer] = Registry("dataset", group="medkt.dataset_preparers")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".img", ".nii", ".nii.gz", ".tif", ".tiff", ".bmp")
 
 
 def register_preparer(name: str) -> Callable[[Preparer], Preparer]:
-    """Decorator: ``@register_preparer("udiat") def prepare_udiat(root: Path) -> list[ManifestRow]``."""
-
-    def deco(fn: Preparer) -> Preparer:
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
-
-
-def _load_providers() -> None:
-    global _loaded_providers
-    if _loaded_providers:
-        return
-    for module in PROVIDER_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # optional feature area not installed / not written yet
-            if exc.name is None or not module.startswith(exc.name):
-                raise
-    _loaded_providers = True
+    """Decorator: ``@register_preparer("udiat") def prepare_udiat(root: Path) -> list[ManifestRow]``
+    (registers in :data:`PREPARERS`)."""
+    return PREPARERS.register(name)
 
 
 def list_preparers() -> dict[str, str]:
     """name -> first line of the preparer's docstring."""
-    _load_providers()
-    return {n: (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "" for n, fn in sorted(_REGISTRY.items())}
+    return {n: (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "" for n, fn in sorted(PREPARERS.items())}
 
 
 def get_preparer(name: str) -> Preparer:
     """The preparer registered as ``name`` (importing the feature areas' modules if needed); an
     unknown name is a :class:`~medkt.errors.ConfigError` listing the known ones."""
-    if name not in _REGISTRY:
-        _load_providers()
-    if name not in _REGISTRY:
-        raise unknown_name("dataset", name, list(_REGISTRY))
-    return _REGISTRY[name]
+    return PREPARERS.get(name)
 
 
 def prepare(name: str, root: str | Path, out: str | Path | None = None, *, sha256: bool = False,

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from medkt.backends.base import Captioner, ImageTextMatcher
 from medkt.errors import ConfigError
 from medkt.finetune import register_finetune_loss
 from medkt.inversion import register_inversion_objective
@@ -38,9 +39,9 @@ from medkt.natural.mlm import whole_word_mask
 
 
 def _require_itm(backend: Any, what: str) -> None:
-    if not backend.supports_itm:
+    if not isinstance(backend, ImageTextMatcher):
         raise ConfigError(f"{what} 'itm' needs a backend with an image-text matching head (ViLT), got "
-                          f"{getattr(backend, 'family', type(backend).__name__)!r}")
+                          f"{backend.family!r}")
 
 
 @register_inversion_objective("itm", uses_text_embeddings=False)
@@ -106,7 +107,7 @@ class CaptionTargets:
 def clip_caption_loss(backend: Any, images: torch.Tensor, targets: torch.Tensor, captions: Sequence[str],
                       caption_emb: torch.Tensor | None, config: Any, context: CaptionTargets | None = None) -> torch.Tensor:
     spec = context
-    if not backend.supports_captioning:
+    if not isinstance(backend, Captioner):
         raise ConfigError(f"the 'clip+caption' loss needs a captioning backend (CoCa), got {backend.family!r}")
     if not isinstance(spec, CaptionTargets):
         raise ConfigError("the 'clip+caption' loss needs finetune(..., loss_context=CaptionTargets({caption: concept})) "
@@ -120,7 +121,7 @@ def clip_caption_loss(backend: Any, images: torch.Tensor, targets: torch.Tensor,
     # InfoNCE against every caption of the run, as the engine's 'infonce' loss does
     txt = caption_emb if caption_emb is not None else F.normalize(backend.encode_text(backend.tokenize(list(captions))).float(), dim=-1)
     latent, image_embs = backend.image_tokens(images)  # L2-normalised image embedding + decoder tokens
-    scale = (1.0 / config.temperature) if getattr(config, "temperature", None) else backend.logit_scale.detach().float()
+    scale = (1.0 / config.temperature) if config.temperature else backend.logit_scale.detach().float()
     clip_term = F.cross_entropy(scale * latent.float() @ txt.t(), targets.to(latent.device))
     total, parts = coca_loss(backend, images, target_tok, target_tok, clip_weight=spec.clip_weight,
                              caption_weight=spec.caption_weight, clip_term=clip_term, image_embs=image_embs)

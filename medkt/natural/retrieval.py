@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from medkt.backends.base import ImageTextMatcher
 from medkt.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,8 @@ class PairwiseITMScorer:
                  progress: bool = True):
         if score not in ("match_logit", "match_prob"):
             raise ConfigError(f"score must be 'match_logit' or 'match_prob', got {score!r}")
-        if not backend.supports_itm:
-            raise ConfigError(f"backend {getattr(backend, 'spec', backend)!r} has no ITM head with cached image tokens")
+        if not isinstance(backend, ImageTextMatcher):
+            raise ConfigError(f"backend {backend.spec or backend.family!r} has no ITM head with cached image tokens")
         self.backend = backend
         self.captions = list(captions)
         self.image_loader = image_loader

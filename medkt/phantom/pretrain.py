@@ -150,7 +150,7 @@ def _param_groups(model, wd: float):
 
 def evaluate(model, cfg: PretrainConfig, n_per_class: int | None = None) -> dict:
     """Zero-shot accuracy per class (name prompts and description prompts) on fresh phantoms."""
-    from medkt.backends.phantom import PhantomBackend
+    from medkt.phantom.backend import PhantomBackend
     from medkt.phantom.metrics import zero_shot
     from medkt.phantom.text import description_prompts, name_prompts
     from medkt.phantom.world import make_dataset

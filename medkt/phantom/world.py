@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from medkt.errors import ConfigError, unknown_name
+from medkt.registry import Registry
 
 #: geometry is designed at 64 px and scaled for other sizes
 BASE_SIZE = 64
@@ -220,7 +221,10 @@ class Finding:
     definition: str = ""
 
 
-_FINDINGS: dict[str, Finding] = {}
+#: registered findings; the built-in ones (:mod:`medkt.phantom.findings`, which imports this
+#: module) are loaded on the first lookup through the entry-point group ``medkt.phantom_findings``;
+#: plug-in modules of a bundle through :func:`load_plugins`
+FINDINGS: Registry[Finding] = Registry("finding", group="medkt.phantom_findings")
 
 
 def register_finding(
@@ -231,26 +235,23 @@ def register_finding(
         raise ConfigError(f"finding name must be a non-empty string, got {name!r}")
     if not callable(draw) or not callable(describe):
         raise ConfigError(f"finding {name!r}: draw and describe must be callables")
-    if name in _FINDINGS and not overwrite:
-        raise ConfigError(f"finding {name!r} is already registered; pass overwrite=True to replace it")
     f = Finding(name.strip(), draw, describe, definition)
-    _FINDINGS[f.name] = f
-    return f
+    return FINDINGS.register(f.name, f, overwrite=overwrite)
 
 
 def unregister_finding(name: str) -> None:
     """Remove a registered finding (tests use this to clean up)."""
-    _FINDINGS.pop(name, None)
+    FINDINGS.unregister(name)
 
 
 def get_finding(name: str) -> Finding:
     """The registered finding ``name``; an unknown one is an error listing the known findings."""
-    if name not in _FINDINGS:
-        err = unknown_name("finding", name, list(_FINDINGS))
+    if name not in FINDINGS:
+        err = unknown_name("finding", name, FINDINGS.names())
         # a plugin finding is registered when its module is imported (bundle option ``plugins``)
         raise type(err)(f"{err} A finding from a plugin module needs that module imported first "
                         f"(bundle option plugins=[\"my_module\"]).")
-    return _FINDINGS[name]
+    return FINDINGS.get(name)
 
 
 def load_plugins(modules: Sequence[str] | None) -> list[str]:
@@ -263,7 +264,7 @@ def load_plugins(modules: Sequence[str] | None) -> list[str]:
 
     if isinstance(modules, str):
         modules = [modules]
-    before = set(_FINDINGS)
+    before = set(FINDINGS.names())
     for m in modules or []:
         if not isinstance(m, str) or not m.strip():
             raise ConfigError(f"plugins must be a list of module names, got {m!r}")
@@ -272,12 +273,12 @@ def load_plugins(modules: Sequence[str] | None) -> list[str]:
         except ImportError as exc:
             raise ConfigError(f"cannot import finding plugin module {m!r} ({exc}); put it on PYTHONPATH or "
                               "install it") from exc
-    return [f for f in _FINDINGS if f not in before]
+    return [f for f in FINDINGS.names() if f not in before]
 
 
 def list_findings() -> list[str]:
     """Registered finding names in registration order."""
-    return list(_FINDINGS)
+    return FINDINGS.names()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,6 +367,3 @@ def make_dataset(
         attrs.append(p.attributes)
     return PhantomSet(images, masks, labels, attrs, seed)
 
-
-# make sure the built-in findings are registered whenever the world is imported
-from medkt.phantom import findings as _builtin  # noqa: E402,F401

@@ -4,7 +4,8 @@
 * :mod:`~medkt.pipelines.transfer` - transfer + zero-shot classification on evaluation sets.
 * :mod:`~medkt.pipelines.cxr` - chest X-ray sweeps (per-concept learning rates) and evaluation only.
 * :mod:`~medkt.pipelines.natural` - CLIP / ViLT / CoCa experiments on natural images.
-* :mod:`~medkt.pipelines.phantom` - the offline phantom-world demo (transfer vs placebo).
+* the phantom-world demo pipeline lives with the phantom world: :mod:`medkt.phantom.pipeline`;
+  the segmentation pipeline with segmentation: :mod:`medkt.segmentation.pipeline`.
 
 Modules are imported by the bundles that use them (``"$import medkt.pipelines.transfer"``).
 """

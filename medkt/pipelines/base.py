@@ -48,10 +48,8 @@ def versions() -> dict[str, str]:
     """Versions of python, medkt and the libraries that shape results (installed ones only)."""
     from importlib import metadata
 
-    from medkt import __version__
-
-    out = {"medkt": __version__, "python": platform.python_version()}
-    for dist in ("torch", "numpy", "monai", "open_clip_torch", "transformers"):
+    out = {"python": platform.python_version()}
+    for dist in ("medkt", "torch", "numpy", "monai", "open_clip_torch", "transformers"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

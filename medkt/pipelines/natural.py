@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from medkt.backends.base import Captioner, ImageTextMatcher
 from medkt.errors import ConfigError
 from medkt.pipelines.base import Pipeline, log
 from medkt.pipelines.transfer import TransferPipeline, write_report
@@ -123,11 +124,14 @@ def _weights_digest(backend: Any) -> str:
 class _CaptionedSplit:
     """Shared settings of the Karpathy-split pipelines."""
 
+    #: official COCO captions file for the references (captioning only)
+    coco_captions_json: Path | None = None
+
     def _load_split(self) -> list:
         from medkt.natural.datasets import read_karpathy, with_coco_references
 
         items = read_karpathy(self.karpathy_json, self.image_root, split=self.split, limit=self.limit)
-        if getattr(self, "coco_captions_json", None):
+        if self.coco_captions_json:
             items = with_coco_references(items, self.coco_captions_json)
         return items
 
@@ -184,7 +188,7 @@ class RetrievalTransferPipeline(_CaptionedSplit, Pipeline):
         from medkt.natural.retrieval import retrieval_table
 
         backend = self.create_backend(self.backend_spec)
-        if not backend.supports_itm:
+        if not isinstance(backend, ImageTextMatcher):
             raise ConfigError(f"retrieval transfer needs an ITM backend (ViLT), got {self.backend_spec!r}")
         items = self._load_split()
         n_caps = sum(len(it.captions) for it in items)
@@ -304,7 +308,7 @@ class CaptioningTransferPipeline(_CaptionedSplit, Pipeline):
         from medkt.natural.objectives import CaptionTargets
 
         backend = self.create_backend(self.backend_spec)
-        if not backend.supports_captioning:
+        if not isinstance(backend, Captioner):
             raise ConfigError(f"captioning transfer needs a captioning backend (CoCa), got {self.backend_spec!r}")
         items = self._load_split()
         before = self._score(items, self._captions(backend, items, out / "captions_before.json")) if self.evaluate_before else None

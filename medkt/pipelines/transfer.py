@@ -20,6 +20,7 @@ seed (a smoke check for models without any real data, e.g. random weights).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,13 @@ from medkt.finetune import make_caption
 from medkt.pipelines.base import Pipeline, log
 from medkt.spine import Concept, TransferStep
 from medkt.utils import atomic_write_text
+from medkt.registry import Registry
 from medkt.validation import EvaluationSpec
 
 
-#: name -> "module:function" returning class -> prompts (``{"prompt_generator": {"name": ..., **kw}}``)
-PROMPT_GENERATORS: dict[str, str] = {"chexpert": "medkt.chexpert:chexpert_class_prompts"}
+#: prompt generators: ``fn(**options) -> {class: prompts}`` (``{"prompt_generator": {"name": ..., **options}}``)
+PROMPT_GENERATORS: Registry[Callable[..., dict[str, list[str]]]] = Registry("prompt_generator")
+PROMPT_GENERATORS.register_lazy("chexpert", "medkt.chexpert:chexpert_class_prompts")
 
 
 def class_prompts_of(spec: dict[str, Any]) -> dict[str, list[str]]:
@@ -44,15 +47,10 @@ def class_prompts_of(spec: dict[str, Any]) -> dict[str, list[str]]:
     names expanded with ``templates`` (and ``class_names`` for display names), or a
     ``prompt_generator``."""
     if "prompt_generator" in spec:
-        import importlib
-
         gen = dict(spec["prompt_generator"])
-        name = gen.pop("name", None)
-        if name not in PROMPT_GENERATORS:
-            raise ConfigError(f"unknown prompt_generator {name!r}; known: {sorted(PROMPT_GENERATORS)}")
-        module, _, func = PROMPT_GENERATORS[name].partition(":")
+        generate = PROMPT_GENERATORS.get(gen.pop("name", None))
         try:
-            return getattr(importlib.import_module(module), func)(**gen)
+            return generate(**gen)
         except TypeError as exc:
             raise ConfigError(f"bad prompt_generator options {gen}: {exc}") from None
     classes = spec.get("classes")

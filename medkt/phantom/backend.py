@@ -3,6 +3,10 @@
 Specs: ``phantom:base`` (the shipped checkpoint, ``medkt/assets/phantom/phantom_clip.safetensors``),
 ``phantom:base@/path/to/checkpoint.safetensors`` (or a folder holding one) and
 ``phantom:base@random`` / ``phantom:tiny@random`` (random initialisation, for tests).
+
+The family is registered in :data:`medkt.backends.BACKENDS` when this module is imported, which
+the registry does on the first lookup of ``phantom`` (entry-point group ``medkt.backends``): the
+backend layer does not import the phantom world.
 """
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from medkt.backends.base import Backend, VisionSplitProvider
+from medkt.backends import register_backend
+from medkt.backends.base import Backend, ImageTextEmbedder, VisionSplitProvider
 from medkt.errors import ConfigError, unknown_name
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "phantom"
@@ -26,7 +31,7 @@ ARCHITECTURES = {
 }
 
 
-class PhantomBackend(Backend, VisionSplitProvider):
+class PhantomBackend(Backend, ImageTextEmbedder, VisionSplitProvider):
     family = "phantom"
     image_channels = 1
     model_channels = 1
@@ -71,7 +76,7 @@ class PhantomBackend(Backend, VisionSplitProvider):
         The feature map ``(B, C, h, w)`` is presented as ``(B, h*w, C)`` tokens (no CLS token).
         Default layer 1: a 16x16 grid at 64 px input, fine enough for 3-px nodules.
         """
-        from medkt.segmentation.m2ib import VisionSplit, check_layer
+        from medkt.backends.vision_split import VisionSplit, check_layer
 
         vis = self.model.visual
         n = len(vis.blocks)
@@ -95,6 +100,7 @@ class PhantomBackend(Backend, VisionSplitProvider):
         return VisionSplit(prefix, suffix, (int(h), int(w)), 0, vis.blocks[L], L, n, "phantom CNN")
 
 
+@register_backend("phantom")
 def create(architecture: str = "base", weights: str | None = None, **kw) -> PhantomBackend:
     """Build the phantom backend; ``weights`` None -> shipped checkpoint, ``random`` -> random init."""
     from medkt.phantom.model import PhantomCLIP, PhantomCLIPConfig, load_checkpoint

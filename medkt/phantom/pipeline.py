@@ -138,7 +138,7 @@ class PhantomTransferPipeline(Pipeline):
     def _figures(self, out: Path, objs: dict[str, Any]) -> dict[str, str]:
         import torch
 
-        from medkt.inversion import save_grid
+        from medkt.figures import save_grid
         from medkt.phantom.report import confusion_figure, image_rows_figure, per_class_bars
 
         ds = objs["eval_set"]
