@@ -1,9 +1,16 @@
 """open_clip CLIP backend (family ``open_clip``, alias ``clip``).
 
-Specs: ``clip:ViT-B-32@/models/ViT-B-32.pt`` (a local checkpoint file), ``clip:ViT-B-32@openai``
-(an open_clip pretrained tag, resolved with open_clip's registry from the local HF cache only; see
-:func:`medkt.weights.open_clip_tag_checkpoint`), ``clip:medkt-tiny-ViT@random`` (random weights;
-tiny configs ship in ``medkt/configs/open_clip/``).
+Specs: ``clip:ViT-B-32@/models/ViT-B-32.pt`` (a local checkpoint file or open_clip model folder),
+``clip:ViT-B-32@openai`` (an open_clip pretrained tag, resolved with open_clip's registry from the
+local caches only; see :func:`medkt.weights.open_clip_tag_checkpoint`), ``clip:medkt-tiny-ViT@random``
+(random weights; tiny configs ship in ``medkt/configs/open_clip/``).
+
+Checkpoint files: OpenAI's TorchScript release archives are read by open_clip's own loader (its
+``create_model`` with ``weights_only=False``, which only archives get); state dicts and open_clip
+checkpoints as open_clip reads them. The MLP activation (QuickGELU for OpenAI-trained weights, GELU
+for most others) comes from the file when it says (:func:`checkpoint_activation`), else from the
+user (a ``-quickgelu`` architecture or ``quick_gelu=``); a plain state dict that says nothing, for an
+architecture open_clip has weights of both kinds for, is a :class:`ConfigError` naming both fixes.
 
 Images are preprocessed by open_clip's own eval transform built from the model's
 ``visual.preprocess_cfg`` (short side resized, centre crop; the tag's interpolation/resize mode),
@@ -146,6 +153,8 @@ def checkpoint_activation(path: str | Path) -> tuple[bool | None, str]:
         found = {m.original_name for _, m in archive.named_modules()} & {"QuickGELU", "GELU"}
         if len(found) == 1:
             return "QuickGELU" in found, f"the TorchScript archive's modules are {found.pop()}"
+        if any(k in archive.state_dict() for k in OPENAI_ARCHIVE_KEYS):
+            return True, f"the TorchScript archive holds OpenAI's entries ({', '.join(OPENAI_ARCHIVE_KEYS)})"
     elif kind in ("torch", "safetensors"):
         keys = _state_dict_keys(path)
         if keys is not None and any(k in keys for k in OPENAI_ARCHIVE_KEYS):
