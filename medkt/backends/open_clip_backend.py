@@ -292,6 +292,7 @@ def create(architecture: str, weights: str | None, *, quick_gelu: bool | None = 
             # to guard against (torch.load hands it to torch.jit.load)
             load_kwargs["weights_only"] = False
         pretrained = str(path)
+    options = {**options, **kwargs}  # the caller's open_clip keywords win (e.g. force_preprocess_cfg)
     try:
         with offline(), _quiet_torch_load_warnings():  # pretrained is a local file or None: nothing to fetch
             if openai_dict is not None:
@@ -299,11 +300,11 @@ def create(architecture: str, weights: str | None, *, quick_gelu: bool | None = 
                 # from archives, so the same dict is loaded here without them (strict: the shapes
                 # must be those of the named architecture)
                 with quiet_random_init_notice():
-                    model = open_clip.create_model(architecture, pretrained=None, device="cpu", **options, **kwargs)
+                    model = open_clip.create_model(architecture, pretrained=None, device="cpu", **options)
                 model.load_state_dict(openai_dict)
             else:
                 model = open_clip.create_model(architecture, pretrained=pretrained, device="cpu", **options,
-                                               **load_kwargs, **kwargs)
+                                               **load_kwargs)
             # bundled BPE for CLIP; HF-tokenizer models (SigLIP...) need their tokenizer cached
             tokenizer = open_clip.get_tokenizer(architecture)
     except RuntimeError as exc:
