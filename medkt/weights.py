@@ -13,11 +13,14 @@ retries for about a minute before failing).
 """
 from __future__ import annotations
 
+import logging
 import os
+import zipfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from medkt.errors import ConfigError, WeightsNotFoundError, unknown_name
+from medkt.errors import ConfigError, UnknownNameError, WeightsNotFoundError, did_you_mean, unknown_name
 
 WEIGHTS_ENV = "MEDKT_WEIGHTS"
 README_HINT = "see README.md, section 'Getting weights'"
@@ -163,6 +166,84 @@ def offline():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class _DropRandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded")
+
+
+@contextmanager
+def quiet_random_init_notice() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning.
+
+    For callers that build with ``pretrained=None`` and load the weights themselves right after
+    (the notice would be a false alarm). open_clip logs it with ``logging.warning``, i.e. on the
+    root logger, whose filters run before any handler.
+    """
+    root = logging.getLogger()
+    notice = _DropRandomInitNotice()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+
+
+def weights_file_kind(path: str | os.PathLike) -> str:
+    """What a weights file is, from its content (the suffix only for safetensors, as open_clip):
+
+    ``"torchscript"`` (a ``torch.jit.save`` archive, e.g. OpenAI's CLIP release files),
+    ``"torch"`` (a ``torch.save`` file), ``"safetensors"``, or ``"zip"`` (a zip archive that is
+    neither, e.g. a release zip that must be unzipped first). Both torch formats are zip files;
+    they differ by the records torch itself checks (``constants.pkl`` for TorchScript, ``data.pkl``
+    for ``torch.save``). Anything else (legacy pickles, truncated files) is ``"torch"``: torch.load
+    then reports it.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    if not zipfile.is_zipfile(path):
+        return "torch"
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    if any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in names):
+        return "torchscript"
+    if any(n.rsplit("/", 1)[-1] == "data.pkl" for n in names):
+        return "torch"
+    return "zip"
+
+
+def zip_archive_error(path: str | os.PathLike, unzip_hint: str) -> ConfigError:
+    """The error for a zip archive given where a checkpoint was expected; names a few of its files."""
+    with zipfile.ZipFile(path) as zf:
+        names = [n for n in zf.namelist() if not n.endswith("/")]
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return ConfigError(f"{path} is a zip archive (holding {shown or 'nothing'}), not a checkpoint: unzip it and "
+                       f"{unzip_hint} ({README_HINT})")
+
+
+def resolve_open_clip_weights(architecture: str, weights: str | None, *, what: str, how_to_get: str,
+                              filenames: tuple[str, ...] = ()) -> tuple[Path, bool]:
+    """Local file of an open_clip model: ``(path, is_tag)``.
+
+    ``weights`` is an open_clip pretrained tag of ``architecture`` (its file in the local caches,
+    :func:`open_clip_tag_checkpoint`), or a path / HF-cache repo id / ``None`` as in
+    :func:`resolve_weights`. A bare word that is neither a tag nor an existing path (``opena``)
+    raises :class:`UnknownNameError` with the closest tag.
+    """
+    import open_clip
+
+    if weights is not None and open_clip.is_pretrained_cfg(architecture, weights):
+        return open_clip_tag_checkpoint(architecture, weights), True
+    if weights is not None and not Path(weights).expanduser().exists() and not any(c in weights for c in "/\\.~"):
+        tags = open_clip.list_pretrained_tags_by_model(architecture)
+        raise UnknownNameError(
+            f"weights {weights!r} of {what} are neither a local file nor a pretrained tag of {architecture}."
+            f"{did_you_mean(weights, tags)} Known tags: {', '.join(sorted(tags)) or '(none)'}; or pass a file "
+            f"path after '@' ({README_HINT})"
+        )
+    return resolve_weights(weights, what=what, how_to_get=how_to_get, filenames=filenames), False
 
 
 def _looks_like_repo_id(weights: str) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -426,20 +427,17 @@ class CocaBackend(Backend, ImageTextEmbedder, AnyResolution, Captioner):
 
 
 def _resolve_checkpoint(architecture: str, weights: str | None) -> Path:
-    """A tag of open_clip's registry -> its file in the local HF cache; else a local file/folder."""
-    import open_clip
+    """A tag of open_clip's registry -> its file in the local HF cache; else a local file/folder
+    (a misspelt tag gets the closest one, see :func:`medkt.weights.resolve_open_clip_weights`)."""
+    from medkt.weights import resolve_open_clip_weights
 
-    from medkt.weights import open_clip_tag_checkpoint, resolve_weights
-
-    if weights is not None and open_clip.is_pretrained_cfg(architecture, weights):
-        return open_clip_tag_checkpoint(architecture, weights)
-    return resolve_weights(weights, what=f"CoCa {architecture}", how_to_get=HOW_TO_GET, filenames=CHECKPOINT_NAMES)
+    return resolve_open_clip_weights(architecture, weights, what=f"CoCa {architecture}", how_to_get=HOW_TO_GET,
+                                     filenames=CHECKPOINT_NAMES)[0]
 
 
 def create(architecture: str, weights: str | None, **kw) -> CocaBackend:
     """Factory for ``coca:<open_clip CoCa config>@<tag | path | random>``."""
     import open_clip
-
 
     register_tiny_configs()
     if architecture == "tiny":
@@ -447,7 +445,7 @@ def create(architecture: str, weights: str | None, **kw) -> CocaBackend:
     known = [m for m in open_clip.list_models() if m.startswith("coca")]
     if architecture not in known:
         raise unknown_name("CoCa architecture", architecture, known)
-    from medkt.weights import offline, open_clip_tag_options
+    from medkt.weights import offline, open_clip_tag_options, quiet_random_init_notice
 
     path = None
     options: dict[str, Any] = {}
@@ -456,7 +454,9 @@ def create(architecture: str, weights: str | None, **kw) -> CocaBackend:
         if open_clip.is_pretrained_cfg(architecture, weights):
             options = open_clip_tag_options(architecture, weights)  # the tag's preprocessing
     torch.manual_seed(int(kw.pop("seed", 0)))
-    with offline():
+    # the weights are loaded below: open_clip's "initialized randomly" notice would be a false alarm
+    quiet = quiet_random_init_notice() if path is not None else nullcontext()
+    with offline(), quiet:
         model = open_clip.create_model(architecture, pretrained=None, device="cpu", **options)
     if weights == "random":
         # open_clip 3.3.0 never initialises the decoder's output projection (its

@@ -60,8 +60,8 @@ HOW_TO_GET_WEIGHTS = (
 )
 HOW_TO_GET_TOKENIZER = (
     "Download vocab.txt and config.json of emilyalsentzer/Bio_ClinicalBERT from the Hugging Face "
-    "hub into a folder and pass it with tokenizer=DIR (bundle key 'tokenizer', or "
-    f"${TOKENIZER_ENV}), or put it in <weights folder>/Bio_ClinicalBERT"
+    f"hub into a folder DIR and set ${TOKENIZER_ENV}=DIR, or put it in <weights folder>/Bio_ClinicalBERT, or "
+    "pass tokenizer=DIR (in a bundle that has a backend_options key: --set backend_options#tokenizer=DIR)"
 )
 
 # Buffers that transformers recomputes at construction; older releases saved them, newer drop them.
@@ -271,6 +271,15 @@ def medclip_preprocess(image: Any, size: int = 224) -> torch.Tensor:
 
 
 # -- weights and tokenizer -------------------------------------------------------------------
+def _refuse_zip_archive(path: Path) -> None:
+    """The release zip itself given as weights: say to unzip it (torch.load would call it truncated)."""
+    from medkt.weights import weights_file_kind, zip_archive_error
+
+    if path.is_file() and weights_file_kind(path) == "zip":
+        raise zip_archive_error(path, "pass the folder holding pytorch_model.bin, e.g. `unzip "
+                                "medclip-vit-pretrained.zip -d /models/medclip-vit` -> 'medclip:vit@/models/medclip-vit'")
+
+
 def load_medclip_checkpoint(model: MedCLIPModel, path: str | Path) -> dict[str, Any]:
     """Load a MedCLIP ``pytorch_model.bin`` into ``model``.
 
@@ -281,6 +290,7 @@ def load_medclip_checkpoint(model: MedCLIPModel, path: str | Path) -> dict[str, 
         ``{"weights": path, "ignored_keys": [...]}``.
     """
     path = Path(path)
+    _refuse_zip_archive(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -427,6 +437,7 @@ def create(architecture: str, weights: str | None, *, tokenizer: str | os.PathLi
                                filenames=(WEIGHTS_NAME,))
         if ckpt.is_dir():  # resolve_weights returns the folder itself only when no filename is asked
             raise WeightsNotFoundError(f"no {WEIGHTS_NAME} in {ckpt}. {HOW_TO_GET_WEIGHTS} ({README_HINT})")
+        _refuse_zip_archive(ckpt)  # before looking for the tokenizer: this is the mistake to report
 
     if tokenizer is None and random_init:
         tok = generated_tokenizer(None if arch.generated_vocab else int(arch.bert["vocab_size"]))
