@@ -1,7 +1,7 @@
 """Backend registry: ``create_backend("family:architecture@weights")``.
 
-* ``family`` picks the adapter (``open_clip``/``clip``, ``hf_clip``, ``medclip``, ``phantom``,
-  ``vilt``, ``coca``...).
+* ``family`` picks the adapter (``open_clip``/``clip``, ``hf_clip``, ``medclip``, ``biomedclip``,
+  ``phantom``, ``vilt``, ``coca``...).
 * ``architecture`` is the model shape (``ViT-B-32``, ``tiny``...).
 * ``weights`` (optional) is a local file/folder, an HF-cache repo id, or ``random`` (random
   initialisation, for tests). Without ``@weights`` each family uses its documented default
@@ -32,6 +32,7 @@ _REGISTRY: dict[str, str | BackendFactory] = {
     "phantom": "medkt.backends.phantom:create",
     "vilt": "medkt.backends.vilt:create",
     "coca": "medkt.backends.coca:create",
+    "biomedclip": "medkt.backends.biomedclip:create",
 }
 
 

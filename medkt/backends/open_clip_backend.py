@@ -3,7 +3,8 @@
 Specs: ``clip:ViT-B-32@/models/ViT-B-32.pt`` (a local checkpoint file), ``clip:ViT-B-32@openai``
 (an open_clip pretrained tag, resolved with open_clip's registry from the local HF cache only; see
 :func:`medkt.weights.open_clip_tag_checkpoint`), ``clip:medkt-tiny-ViT@random`` (random weights;
-tiny configs ship in ``medkt/configs/open_clip/``).
+tiny configs ship in ``medkt/configs/open_clip/``), ``clip:hf-hub:org/repo`` (an open_clip hub
+model from the local HF cache, see :mod:`medkt.backends.biomedclip`).
 
 Images are preprocessed by open_clip's own eval transform built from the model's
 ``visual.preprocess_cfg`` (short side resized, centre crop; the tag's interpolation/resize mode),
@@ -93,6 +94,10 @@ class OpenClipBackend(Backend):
 def create(architecture: str, weights: str | None, **kwargs) -> OpenClipBackend:
     import open_clip
 
+    if architecture.startswith("hf-hub:"):  # an open_clip hub repo, read from the local HF cache
+        from medkt.backends.biomedclip import create_from_hub
+
+        return create_from_hub(architecture[len("hf-hub:"):], weights, **kwargs)
     register_medkt_configs()
     if architecture not in open_clip.list_models():
         raise unknown_name("open_clip architecture", architecture, open_clip.list_models())
