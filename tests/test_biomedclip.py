@@ -15,6 +15,7 @@ import json
 import os
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -260,8 +261,6 @@ def test_m2ib_on_the_timm_trunk(hf_cache):
 
 def test_seg_bundles_default_to_biomedclip():
     """The paper segments with MedCLIP-SAMv2, whose CLIP is BiomedCLIP: the seg_* bundles' default."""
-    from pathlib import Path
-
     from medkt.backends import BackendSpec, list_backends
 
     bundles = sorted((Path(__file__).resolve().parents[1] / "bundles").glob("seg_*/configs/transfer.json"))
@@ -270,3 +269,48 @@ def test_seg_bundles_default_to_biomedclip():
         spec = BackendSpec.parse(json.loads(cfg.read_text())["backend"])
         assert (spec.family, spec.architecture) == ("biomedclip", "vit-b16"), cfg
         assert spec.family in list_backends()
+
+
+@pytest.mark.parametrize("hf_cache", ["HF_HUB_OFFLINE=1"], indirect=True)
+def test_breast_bundle_runs_with_its_default_backend(hf_cache, socket_calls, tmp_path, monkeypatch):
+    """seg_breast_ultrasound with no backend override: biomedclip:vit-b16 from the (fake) cache,
+    through inversion, fine-tuning, M2IB on the timm trunk and the metrics (saliency-only)."""
+    from test_segmentation_bundles import TINY, make_udiat
+
+    from medkt.bundles import run_bundle
+    from medkt.data.prepare import prepare
+
+    _fake_biomedclip(hf_cache)
+    monkeypatch.delenv("MEDKT_SAM_CHECKPOINT", raising=False)
+    root = make_udiat(tmp_path / "udiat", n=1)
+    prepare("udiat", root)
+    cfg = json.loads((Path(__file__).parent.parent / "bundles" / "seg_breast_ultrasound" / "configs" / "transfer.json").read_text())
+    concepts = [{**c, "n_images": TINY["concepts_n"]} for c in cfg["concepts"]]
+    # test_vit has 6 blocks: the bundle's block 9 is BiomedCLIP's (12 blocks), None = the same relative depth
+    results = run_bundle("seg_breast_ultrasound", {
+        "data_root": str(root), "data": {**cfg["data"], "max_images": 1}, "sam": None, "inversion": TINY["inversion"],
+        "m2ib": {**cfg["m2ib"], **TINY["m2ib"], "layer": None}, "concepts": concepts}, output=tmp_path / "run")
+    assert socket_calls == []
+    settings = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert "biomedclip:vit-b16" in json.dumps(settings)
+    assert results["n_images"] == 1 and set(results["stages"]) == {"baseline", "transfer"}
+
+
+@pytest.mark.parametrize("hf_cache", ["HF_HUB_OFFLINE=1"], indirect=True)
+@pytest.mark.parametrize("cache_prefix", [True, False])
+def test_on_the_model_device(hf_cache, cache_prefix):
+    """Device-agnostic, on the meta stand-in for a GPU: tokens, both towers and M2IB on the model's device."""
+    from meta_device import MetaHostSyncs
+
+    from medkt.segmentation.m2ib import M2IB, M2IBConfig
+
+    _fake_biomedclip(hf_cache)
+    backend = create_backend("biomedclip:vit-b16", device="meta")
+    assert backend.tokenize(TEXTS).device.type == "meta"
+    img = torch.rand(3, 160, 160)  # a CPU image, as the pipeline passes it
+    with MetaHostSyncs(), pytest.warns(RuntimeWarning, match="constant"):  # placeholder KL is all zeros
+        assert backend.encode_texts(TEXTS).device.type == "meta"
+        assert backend.encode_images(img[None]).shape == (1, 16)
+        sal = M2IB(backend, M2IBConfig(layer=4, steps=2, batch_size=2, cache_prefix=cache_prefix,
+                                       verify_split=False)).saliency(img, TEXTS[0])
+    assert sal.shape == (160, 160)
