@@ -179,7 +179,7 @@ def _to_medclip_samv2_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-@pytest.mark.parametrize("layout", ["open_clip_train", "medclip_samv2_release", "author_fork"])
+@pytest.mark.parametrize("layout", ["open_clip_train", "medclip_samv2_release", "author_fork", "hub_repo"])
 def test_finetuned_checkpoint_by_path_replaces_the_weights(hf_cache, socket_calls, tmp_path, layout):
     hub_state = _fake_biomedclip(hf_cache)
     bert_dir = hf_cache / ("models--" + BERT.replace("/", "--")) / "snapshots" / ("b" * 40)
@@ -192,10 +192,14 @@ def test_finetuned_checkpoint_by_path_replaces_the_weights(hf_cache, socket_call
         (tmp_path / "model").mkdir()
         torch.save(_to_medclip_samv2_layout(tuned), tmp_path / "model" / "pytorch_model.bin")
         spec = f"biomedclip:vit-b16@{tmp_path / 'model'}"
-    else:  # the paper author's transfer scripts: HF layout under "model", with their argparse arguments
+    elif layout == "author_fork":  # the paper author's transfer scripts: HF layout under "model", with their arguments
         path = tmp_path / "weights.pth"
         torch.save({"epoch": 1, "model": _to_medclip_samv2_layout(tuned), "args": argparse.Namespace(lr=1e-5)}, path)
         spec = f"biomedclip:vit-b16@{path}"
+    else:  # a fine-tuned model published as another open_clip hub repo, in the cache
+        snap = put_in_cache(hf_cache, "someone/biomedclip-finetuned", {"open_clip_model.safetensors": tuned}, "d" * 40)
+        _add_text_files(snap, {"open_clip_config.json": json.dumps(OPEN_CLIP_CONFIG)})
+        spec = "biomedclip:vit-b16@someone/biomedclip-finetuned"
     base = create_backend("biomedclip:vit-b16")
     backend = create_backend(spec)
     assert socket_calls == []
@@ -221,9 +225,9 @@ def test_checkpoint_of_another_model_is_a_clear_error(hf_cache, tmp_path):
 
 
 @pytest.mark.parametrize("missing,names", [
-    ("everything", [REPO, "open_clip_config.json"]),
+    ("everything", [REPO, f"hf download {REPO} open_clip_config.json open_clip_pytorch_model.bin"]),
     ("weights", [REPO, "open_clip_pytorch_model.bin"]),
-    ("text tower", [BERT, "config.json", "vocab.txt"]),
+    ("text tower", [f"hf download {BERT} config.json vocab.txt"]),
 ])
 def test_missing_cache_fails_fast_in_one_line(hf_cache, socket_calls, missing, names):
     if missing != "everything":

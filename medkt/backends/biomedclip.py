@@ -47,7 +47,7 @@ import torch
 
 from medkt.backends.open_clip_backend import OpenClipBackend
 from medkt.errors import CheckpointError, ConfigError, WeightsNotFoundError, unknown_name
-from medkt.weights import _fetch_hint, hf_cache_dir, hf_cached_file, offline, resolve_weights
+from medkt.weights import _fetch_hint, _looks_like_repo_id, hf_cache_dir, hf_cached_file, offline, resolve_weights
 
 BIOMEDCLIP_REPO = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 #: architecture name in the spec -> open_clip hub repo
@@ -93,9 +93,11 @@ def _cached(repo_id: str, names: tuple[str, ...], why: str, fetch: str | None = 
     )
 
 
-def hub_config(repo_id: str) -> tuple[Path, dict[str, Any]]:
-    """``(snapshot folder, parsed open_clip_config.json)`` of an open_clip hub repo in the cache."""
-    path = _cached(repo_id, (CONFIG_NAME,), f"open_clip model hf-hub:{repo_id}")
+def hub_config(repo_id: str, with_weights: bool = True) -> tuple[Path, dict[str, Any]]:
+    """``(snapshot folder, parsed open_clip_config.json)`` of an open_clip hub repo in the cache;
+    when missing, the error's command also fetches the weights if ``with_weights``."""
+    fetch = f"{CONFIG_NAME} {HUB_WEIGHT_NAMES[-1]}" if with_weights else CONFIG_NAME
+    path = _cached(repo_id, (CONFIG_NAME,), f"open_clip model hf-hub:{repo_id}", fetch=fetch)
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -218,10 +220,9 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} holds no state dict of tensors; {MEDCLIP_SAMV2_HINT}")
-    state = dict(obj)
-    for prefix in ("module.", "model."):  # DDP / Lightning-style wrappers
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    # DDP ("module.") and wrapper-module ("model.", which MedCLIP-SAMv2's convert.py strips)
+    # prefixes; neither layout has a key of its own that starts with them
+    state = {re.sub(r"^(module\.|model\.)", "", k): v for k, v in obj.items()}
     if any(k.startswith("vision_model.") for k in state):
         state = _from_hf_layout(state)
     return state
@@ -236,7 +237,10 @@ def load_checkpoint(model: torch.nn.Module, path: Path) -> None:
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
     state.pop("text.transformer.embeddings.position_ids", None)  # a buffer in older transformers
     resize_pos_embed(state, model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches (another image size or width)
+        raise CheckpointError(f"{path} does not fit the BiomedCLIP architecture: {exc}".replace("\n", " ")) from exc
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not fit the BiomedCLIP architecture: {len(missing)} missing keys "
@@ -258,17 +262,21 @@ def create_from_hub(repo_id: str, weights: str | None, architecture: str | None 
         kwargs: passed to ``open_clip.create_model`` (e.g. ``force_image_size``).
     """
     import open_clip
+    from open_clip import factory
 
+    if not hasattr(factory, "LOCAL_DIR_PREFIX"):  # older open_clip cannot build from a folder
+        raise ConfigError(f"open_clip_torch {open_clip.__version__} cannot load models from a local folder "
+                          "('local-dir:'); install the version in constraints.txt (pip install -c constraints.txt open_clip_torch)")
     checkpoint: Path | None = None
     if weights and weights != "random":
         path = Path(weights).expanduser()
-        if not path.exists() and weights.count("/") == 1 and not weights.startswith((".", "/", "~")):
+        if not path.exists() and _looks_like_repo_id(weights):
             repo_id, weights = weights, None  # another hub repo of the same layout
         else:
             checkpoint = resolve_weights(
                 weights, what=f"BiomedCLIP ({repo_id})", how_to_get=MEDCLIP_SAMV2_HINT, filenames=FOLDER_WEIGHT_NAMES
             )
-    snapshot, cfg = hub_config(repo_id)
+    snapshot, cfg = hub_config(repo_id, with_weights=weights is None)
     if weights is None:
         # fail early, naming the file; BiomedCLIP's repo has the .bin only
         _cached(repo_id, HUB_WEIGHT_NAMES, f"open_clip model hf-hub:{repo_id}", fetch=HUB_WEIGHT_NAMES[-1])
