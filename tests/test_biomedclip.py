@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -101,13 +102,39 @@ def oracle_cache(hf_cache, monkeypatch):
 
 @pytest.mark.parametrize("spec", ["biomedclip:vit-b16", f"clip:hf-hub:{REPO}"])
 def test_embeddings_equal_open_clip_hf_hub(oracle_cache, socket_calls, spec):
+    _check_against_open_clip(oracle_cache, socket_calls, spec)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hf_cache", ["HF_HUB_OFFLINE=1"], indirect=True)
+def test_embeddings_equal_open_clip_hf_hub_at_real_sizes(oracle_cache, socket_calls, monkeypatch):
+    """The same at BiomedCLIP's real sizes (vit_base_patch16_224, BERT-base, 512-d; random weights,
+    ~196 M parameters) and M2IB at MedCLIP-SAMv2's block 9 of 12 on the 14 x 14 grid."""
+    from medkt.segmentation.m2ib import get_vision_split
+
+    cfg = json.loads(json.dumps(OPEN_CLIP_CONFIG))
+    cfg["model_cfg"]["embed_dim"] = 512
+    cfg["model_cfg"]["vision_cfg"].update(timm_model_name="vit_base_patch16_224", image_size=224)
+    bert = {**BERT_CONFIG, "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+            "intermediate_size": 3072}
+    monkeypatch.setattr(sys.modules[__name__], "OPEN_CLIP_CONFIG", cfg)
+    monkeypatch.setattr(sys.modules[__name__], "BERT_CONFIG", bert)
+    backend = _check_against_open_clip(oracle_cache, socket_calls, "biomedclip:vit-b16")
+    assert 190e6 < sum(p.numel() for p in backend.parameters()) < 200e6
+    split = get_vision_split(backend, 9)
+    assert split.grid == (14, 14) and split.num_layers == 12 and split.hook_module is backend.model.visual.trunk.blocks[9]
+
+
+def _check_against_open_clip(hub, socket_calls, spec):
+    """medkt's backend vs open_clip's own hf-hub path over the same fake cache: equal weights,
+    pixels, tokens and embeddings. Returns the backend."""
     import open_clip
     import timm
     from transformers import BertModel
 
     from medkt.weights import offline
 
-    state = _fake_biomedclip(oracle_cache)
+    state = _fake_biomedclip(hub)
     _warm_imports()
     backend = create_backend(spec)
     assert socket_calls == [], f"network was attempted: {socket_calls}"
@@ -136,6 +163,7 @@ def test_embeddings_equal_open_clip_hf_hub(oracle_cache, socket_calls, spec):
     print(f"max |medkt - open_clip hf-hub|: image {d_img:.3g}, text {d_txt:.3g}")
     assert d_img == 0.0 and d_txt == 0.0
     assert float(img_emb.abs().max()) > 0 and not torch.allclose(txt_emb[0], txt_emb[1])
+    return backend
 
 
 def _to_medclip_samv2_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
