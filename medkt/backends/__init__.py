@@ -1,7 +1,7 @@
 """Backend registry: ``create_backend("family:architecture@weights")``.
 
-* ``family`` picks the adapter (``open_clip``/``clip``, ``hf_clip``, ``medclip``, ``phantom``,
-  ``vilt``, ``coca``...).
+* ``family`` picks the adapter (``open_clip``/``clip``, ``hf_clip``, ``medclip``, ``biomedclip``,
+  ``phantom``, ``vilt``, ``coca``...).
 * ``architecture`` is the model shape (``ViT-B-32``, ``tiny``...).
 * ``weights`` (optional) is a local file/folder, an HF-cache repo id, or ``random`` (random
   initialisation, for tests). Without ``@weights`` each family uses its documented default
@@ -34,6 +34,7 @@ for _family, _target in {
     "medclip": "medkt.backends.medclip:create",
     "vilt": "medkt.backends.vilt:create",
     "coca": "medkt.backends.coca:create",
+    "biomedclip": "medkt.backends.biomedclip:create",
 }.items():
     BACKENDS.register_lazy(_family, _target)
 

@@ -3,7 +3,8 @@
 Specs: ``clip:ViT-B-32@/models/ViT-B-32.pt`` (a local checkpoint file or open_clip model folder),
 ``clip:ViT-B-32@openai`` (an open_clip pretrained tag, resolved with open_clip's registry from the
 local caches only; see :func:`medkt.weights.open_clip_tag_checkpoint`), ``clip:medkt-tiny-ViT@random``
-(random weights; tiny configs ship in ``medkt/configs/open_clip/``).
+(random weights; tiny configs ship in ``medkt/configs/open_clip/``), ``clip:hf-hub:org/repo`` (an
+open_clip hub model from the local HF cache, see :mod:`medkt.backends.biomedclip`).
 
 Checkpoint files: OpenAI's TorchScript release archives are read by open_clip's own loader (its
 ``create_model`` with ``weights_only=False``, which only archives get); state dicts and open_clip
@@ -259,6 +260,10 @@ def create(architecture: str, weights: str | None, *, quick_gelu: bool | None = 
     """
     import open_clip
 
+    if architecture.startswith("hf-hub:"):  # an open_clip hub repo, read from the local HF cache
+        from medkt.backends.biomedclip import create_from_hub
+
+        return create_from_hub(architecture[len("hf-hub:"):], weights, **kwargs)
     register_medkt_configs()
     if architecture not in open_clip.list_models():
         raise unknown_name("open_clip architecture", architecture, open_clip.list_models())
