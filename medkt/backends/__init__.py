@@ -28,8 +28,8 @@ BackendFactory = Callable[..., Backend]
 #: :mod:`medkt.phantom.backend` (entry-point group ``medkt.backends``)
 BACKENDS: Registry[BackendFactory] = Registry("backend family", group="medkt.backends")
 for _family, _target in {
-    "open_clip": "medkt.backends.open_clip_backend:create",
-    "clip": "medkt.backends.open_clip_backend:create",
+    "open_clip": "medkt.backends.open_clip_family:create",
+    "clip": "medkt.backends.open_clip_family:create",
     "hf_clip": "medkt.backends.hf_clip:create",
     "medclip": "medkt.backends.medclip:create",
     "vilt": "medkt.backends.vilt:create",

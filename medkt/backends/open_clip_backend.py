@@ -260,10 +260,6 @@ def create(architecture: str, weights: str | None, *, quick_gelu: bool | None = 
     """
     import open_clip
 
-    if architecture.startswith("hf-hub:"):  # an open_clip hub repo, read from the local HF cache
-        from medkt.backends.biomedclip import create_from_hub
-
-        return create_from_hub(architecture[len("hf-hub:"):], weights, **kwargs)
     register_medkt_configs()
     if architecture not in open_clip.list_models():
         raise unknown_name("open_clip architecture", architecture, open_clip.list_models())
