@@ -249,3 +249,18 @@ def test_cli_set_sam_path(tmp_path, medkt, release_files):
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and "is vit_b" in err[0] and f"sam={release_files['vit_b']}" in err[0]
     assert not out.exists() and not out.with_name("run.partial").exists()
+
+
+def test_path_loaded_sam_runs_on_the_requested_device(release_files):
+    """Built on meta, filled from the file, moved to the device: every weight and buffer there (meta = a GPU stand-in)."""
+    from meta_device import MetaHostSyncs
+
+    from medkt.segmentation.sam import SamSegmenter
+
+    seg = SamSegmenter.from_spec(str(release_files["vit_b"]), device="meta")
+    assert {t.device.type for t in [*seg.sam.parameters(), *seg.sam.buffers()]} == {"meta"}
+    with MetaHostSyncs():
+        mask = seg.segment(np.random.default_rng(0).random((40, 50)).astype(np.float32), np.array([[5, 5, 20, 20]]))
+    assert mask.shape == (40, 50) and mask.dtype == bool
+    cpu = load_sam(str(release_files["vit_b"]), device="cpu")
+    assert {t.device.type for t in [*cpu.parameters(), *cpu.buffers()]} == {"cpu"}
