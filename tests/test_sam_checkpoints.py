@@ -78,7 +78,10 @@ def test_explicit_type_that_contradicts_the_file_names_the_fix(release_files):
         resolve_sam_spec(str(b), "vit_hh")
 
 
-def test_spec_parsing():
+def test_spec_parsing(tmp_path):
+    odd = tmp_path / "sam@2.pth"
+    odd.write_bytes(b"")
+    assert parse_sam_spec(str(odd)) == (None, str(odd))  # an existing file is a path whatever its name
     assert parse_sam_spec("/m/sam_vit_b_01ec64.pth") == (None, "/m/sam_vit_b_01ec64.pth")
     assert parse_sam_spec("vit_l@/m/x.pth") == ("vit_l", "/m/x.pth")
     assert parse_sam_spec("vit_h") == ("vit_h", "")

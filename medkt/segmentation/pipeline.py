@@ -13,7 +13,8 @@ Without a SAM checkpoint (``sam: null`` and no ``$MEDKT_SAM_CHECKPOINT``) the pi
 Data config (``data``)::
 
     {"manifest": "udiat/manifest.csv",   # medkt manifest rows with a 'mask' column, or
-     "images": "dir", "masks": "dir",    # two folders paired by sorted file stem (hard error on mismatch)
+     "images": "dir", "masks": "dir",    # two folders paired by sorted file stem (hard error on mismatch);
+                                         # "images" may also be a list of files ("masks": a folder or a parallel list)
      "root": "...", "split": "test", "labels": ["lesion"], "max_images": null,
      "volume": {"labels": [1, 2, 3], "min_pixels": 1, "max_slices": null},  # NIfTI volumes only
      "mask_label": null, "mask_threshold": null}   # label maps / grey probability masks (see read_mask)

@@ -56,10 +56,13 @@ def parse_sam_spec(spec: str | os.PathLike) -> tuple[str | None, str]:
     """``"vit_b@/p.pth"`` -> ``("vit_b", "/p.pth")``; ``"/p.pth"`` -> ``(None, "/p.pth")``;
     ``"vit_b"`` -> ``("vit_b", "")`` (checkpoint from ``$MEDKT_SAM_CHECKPOINT``).
 
-    A word before ``@`` without a path separator is a model type (an unknown one is an error);
-    anything else is a path (paths may contain ``@``).
+    An existing file is a path whatever its name; otherwise a word before ``@`` without a path
+    separator is a model type (an unknown one is an error), anything else a path (paths may
+    contain ``@``).
     """
     text = os.fspath(spec).strip()
+    if text and Path(text).expanduser().is_file():
+        return None, text
     head, sep, tail = text.partition("@")
     head = head.strip()
     if sep and head and not any(c in head for c in "/\\.~"):
