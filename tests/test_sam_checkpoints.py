@@ -211,8 +211,12 @@ def test_sam_error_comes_before_the_backend_and_any_folder(tmp_path, monkeypatch
     def no_backend(*a, **k):
         raise AssertionError("the backend was loaded before SAM was checked")
 
+    def no_run(*a, **k):
+        raise AssertionError("the run started before SAM was checked")
+
     monkeypatch.setattr(base.Pipeline, "create_backend", no_backend)
     pipe = _pipeline(tmp_path, sam=str(release_files["vit_b"]), sam_model_type="vit_h")
+    monkeypatch.setattr(pipe, "_run", no_run)  # the check belongs to the pre-flight (validate)
     with pytest.raises(ConfigError, match="not vit_h"):
         pipe.run()
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
