@@ -77,15 +77,11 @@ def dicom_spacing(path: Path) -> tuple[float, float] | None:
         return None
 
 
-def pair_folders(images: Path, masks: Path) -> list[tuple[str, Path, Path]]:
-    """Pair images and masks by sorted file stem; unmatched files are an error (upstream zips unsorted listdirs)."""
-    return pair_images(images, masks, require_masks=True)  # type: ignore[return-value]
-
-
 def _index_folder(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         raise DataError(f"not a folder: {folder}")
-    return {_stem(p): p for p in sorted(folder.iterdir()) if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)}
+    found = {_stem(p): p for p in sorted(folder.iterdir()) if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)}
+    return dict(sorted(found.items()))  # by stem
 
 
 def _index_files(files: list[str | Path], what: str = "image") -> dict[str, Path]:
@@ -109,7 +105,8 @@ def _index_files(files: list[str | Path], what: str = "image") -> dict[str, Path
 
 def pair_images(images: str | Path | list[str | Path], masks: str | Path | list[str | Path | None] | None,
                 require_masks: bool = True) -> list[tuple[str, Path, Path | None]]:
-    """``(name, image, mask or None)`` for a folder or a list of image files and their masks.
+    """``(name, image, mask or None)`` for a folder or a list of image files and their masks,
+    paired by file stem (sorted for folders; upstream zips unsorted listdirs).
 
     Args:
         images: a folder (its image files by sorted name) or a list of image files (in order).
