@@ -281,13 +281,15 @@ def _read_image(image: str | Path | np.ndarray) -> np.ndarray:
 
 @dataclass
 class SegmentationResult:
-    """Zero-shot segmentation of an image set: per-image predictions and scores.
+    """Zero-shot segmentation of an image set: per-image predictions and, where ground truth
+    exists, scores.
 
-    ``masks``/``saliency``/``boxes`` are keyed by image name (file stem): predicted boolean
-    ``(H, W)`` masks, ``(H, W)`` [0, 1] saliency maps and ``(K, 4)`` ``[x0, y0, x1, y1]`` SAM
-    box prompts in pixels. ``scores`` holds DSC / NSD / IoU per image (fractions).
+    ``masks``/``saliency``/``boxes`` are keyed by image name (file stem) and cover every image:
+    predicted boolean ``(H, W)`` masks, ``(H, W)`` [0, 1] saliency maps and ``(K, 4)``
+    ``[x0, y0, x1, y1]`` SAM box prompts in pixels. ``scores`` holds DSC / NSD / IoU (fractions)
+    of the images that have a ground-truth mask only (``n_scored`` of ``n_images``).
     ``mode`` is ``"sam"`` or ``"saliency-only"`` (no SAM: the post-processed saliency is the
-    prediction).
+    prediction). ``images`` / ``truth``: the images as segmented and their masks (None: unlabelled).
     """
 
     mode: str
@@ -298,68 +300,153 @@ class SegmentationResult:
     scores: ScoreTable
     seconds_per_image: dict[str, float] = field(default_factory=dict)
     empty_saliency: int = 0
+    images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    truth: dict[str, np.ndarray | None] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_images(self) -> int:
+        """Images segmented."""
+        return len(self.masks)
+
+    @property
+    def n_scored(self) -> int:
+        """Images scored (those with a ground-truth mask)."""
+        return len(self.scores)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: mode, prompt, mean and per-image DSC/NSD/IoU, seconds per image and stage."""
-        return {"mode": self.mode, "prompt": self.prompt, **self.scores.to_dict(),
+        """JSON-ready: mode, prompt, ``n_images``, ``n_scored``, ``unscored`` (names), mean and
+        per-image DSC/NSD/IoU of the scored images (``mean`` null when none is), seconds per image
+        and stage."""
+        table = self.scores.to_dict()
+        scored = set(self.scores.names)
+        return {"mode": self.mode, "prompt": self.prompt, "n_images": self.n_images, "n_scored": self.n_scored,
+                "unscored": [n for n in self.masks if n not in scored],
+                "mean": table["mean"] if self.n_scored else None, "per_image": table["per_image"],
                 "seconds_per_image": dict(self.seconds_per_image), "empty_saliency": self.empty_saliency}
 
     def save_masks(self, folder: str | Path) -> Path:
         """Write every predicted mask as ``<name>.png`` (0/255) into ``folder``; returns it."""
-        from PIL import Image
+        from medkt.segmentation.overlays import save_png
 
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
         for name, m in self.masks.items():
-            Image.fromarray(np.asarray(m, dtype=bool).astype(np.uint8) * 255).save(out / f"{name}.png")
+            save_png(out / f"{name}.png", np.asarray(m, dtype=bool).astype(np.uint8) * 255)
+        return out
+
+    def save_saliency(self, folder: str | Path) -> Path:
+        """Write every saliency map as ``<name>.png`` (``jet`` colours) into ``folder``; returns it."""
+        from medkt.segmentation.overlays import saliency_rgb, save_png
+
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, sal in self.saliency.items():
+            save_png(out / f"{name}.png", saliency_rgb(sal))
+        return out
+
+    def save_overlays(self, folder: str | Path) -> Path:
+        """Write ``<name>.png`` per image into ``folder``: the image with its saliency, boxes
+        (yellow), predicted outline (green) and true outline (red, where known); returns it."""
+        from medkt.segmentation.overlays import overlay_rgb, save_png
+
+        if not self.images:
+            raise ConfigError("this result holds no images to draw on (made without them)")
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        for name, pred in self.masks.items():
+            save_png(out / f"{name}.png", overlay_rgb(self.images[name], self.saliency[name], pred, self.boxes[name],
+                                                      self.truth.get(name)))
+        return out
+
+    def save(self, folder: str | Path) -> Path:
+        """Write everything into ``folder``: ``masks/``, ``saliency/``, ``overlays/`` (one PNG per
+        image), ``metrics.csv`` (the scored images; only when some are) and ``results.json``
+        (:meth:`to_dict`); returns the folder."""
+        import json
+
+        from medkt.utils import atomic_write_text
+
+        out = Path(folder)
+        self.save_masks(out / "masks")
+        self.save_saliency(out / "saliency")
+        if self.images:
+            self.save_overlays(out / "overlays")
+        if self.n_scored:
+            self.scores.write_csv(out / "metrics.csv")
+        atomic_write_text(out / "results.json", json.dumps(self.to_dict(), indent=2, allow_nan=False))
         return out
 
 
-def segment(backend: Backend, images: str | Path, prompt: str, *, masks: str | Path | None = None,
-            sam: str | None = None, saliency_config: M2IBConfig | Mapping[str, Any] | None = None,
+def _segmentation_data(images: str | Path | Sequence[str | Path],
+                       masks: str | Path | Sequence[str | Path | None] | None,
+                       root: str | Path | None, split: str | None) -> dict[str, Any]:
+    """The ``data`` config of :func:`medkt.segmentation.pipeline.load_samples` for :func:`segment`'s inputs."""
+    from medkt.segmentation.pipeline import IMAGE_SUFFIXES
+
+    if not isinstance(images, (str, Path)):
+        listed = list(images)
+        if masks is not None and not isinstance(masks, (str, Path)):
+            masks = [str(m) if m is not None else None for m in masks]
+        return {"images": [str(p) for p in listed], "masks": str(masks) if isinstance(masks, (str, Path)) else masks}
+    path = Path(images)
+    if path.is_dir():
+        return {"images": str(path), "masks": None if masks is None else str(masks)}
+    if not path.exists():
+        raise DataError(f"not found: {path} (expected a folder of images, image files or a manifest)")
+    if path.name.lower().endswith(IMAGE_SUFFIXES):  # one image
+        if isinstance(masks, (str, Path)) and Path(masks).is_file():
+            masks = [str(masks)]
+        return {"images": [str(path)], "masks": str(masks) if isinstance(masks, (str, Path)) else masks}
+    if masks is not None:
+        raise ConfigError(f"{path} is a manifest: its 'mask' column names the masks; drop masks=")
+    return {"manifest": str(path), "split": split, **({"root": str(root)} if root is not None else {})}
+
+
+def segment(backend: Backend, images: str | Path | Sequence[str | Path], prompt: str, *,
+            masks: str | Path | Sequence[str | Path | None] | None = None, sam: Any = None,
+            saliency_config: M2IBConfig | Mapping[str, Any] | None = None,
             postprocess: Mapping[str, Any] | None = None, nsd_tolerance: float = 2.0, root: str | Path | None = None,
             split: str | None = None, max_images: int | None = None, seed: int = 0, progress: bool = True
             ) -> SegmentationResult:
-    """Zero-shot segmentation from a text prompt, scored against ground-truth masks
-    (MedCLIP-SAMv2 style: M2IB saliency -> k-means + largest components -> boxes -> SAM).
+    """Zero-shot segmentation from a text prompt (MedCLIP-SAMv2 style: M2IB saliency -> k-means
+    + largest components -> boxes -> SAM), scored where ground-truth masks exist.
 
     Engine: :func:`medkt.segmentation.pipeline.load_samples` and
     :func:`medkt.segmentation.pipeline.segment_samples` (what the ``seg_*`` bundles run).
 
     Args:
-        images: a folder of images with ``masks`` a folder of same-named masks, or a medkt
-            manifest with a ``mask`` column (``root`` / ``split`` apply). NIfTI volumes are cut
-            into their axial slices with a mask.
+        images: a folder of images, a list of image files (or one file), or a medkt manifest
+            (``root`` / ``split`` apply; rows without a ``mask`` are unlabelled). NIfTI volumes are
+            cut into axial slices: those with a mask, or every slice with anatomy when unlabelled.
         prompt: one descriptive sentence used for every image.
-        sam: ``"vit_b@/path/sam_vit_b_01ec64.pth"`` (or ``vit_l`` / ``vit_h``), ``"tiny@random"``
-            (a tiny random SAM for tests); None = saliency-only. SAM runs on the backend's device.
+        masks: ground truth, optional: a folder of masks named like the images (images without
+            one are segmented, not scored; a mask without an image is an error), or a list
+            parallel to a list of images (None entries: unlabelled).
+        sam: a SAM checkpoint path (``"/models/sam_vit_b_01ec64.pth"``: the type is read from
+            the file), ``"vit_b@PATH"`` (vit_l / vit_h), ``"tiny@random"`` (tests), or a loaded
+            :class:`~medkt.segmentation.sam.SamSegmenter`; None = saliency-only. A spec is loaded
+            on the backend's device.
         saliency_config: :class:`M2IBConfig` or a dict of its fields.
         postprocess: options of :func:`medkt.segmentation.postprocess.postprocess_saliency`
             (``method``, ``n_components``, ...).
         nsd_tolerance: NSD boundary tolerance in pixels.
         max_images: segment only the first N images.
     Returns:
-        :class:`SegmentationResult`.
+        :class:`SegmentationResult` (``n_scored`` of ``n_images`` scored; ``save(folder)``
+        writes masks, saliency maps, overlays, scores).
     """
     from medkt.segmentation.pipeline import load_samples, segment_samples
 
     if not isinstance(prompt, str) or not prompt.strip():
         raise ConfigError("the segmentation prompt must be a non-empty descriptive sentence")
-    data: dict[str, Any] = {"max_images": max_images}
-    path = Path(images)
-    if path.is_file():
-        data.update(manifest=str(path), split=split, **({"root": str(root)} if root is not None else {}))
-    elif masks is None:
-        raise ConfigError(f"{path} is a folder: pass masks=<folder of same-named masks> (or a manifest with a "
-                          "'mask' column)")
-    else:
-        data.update(images=str(path), masks=str(masks))
-    samples = load_samples(data)
     segmenter = None
-    if sam:
+    if sam is not None and sam != "":
         from medkt.segmentation.sam import SamSegmenter
 
-        segmenter = SamSegmenter.from_spec(sam, device=str(backend.device))
+        # SAM first: a bad checkpoint fails before any image is read
+        segmenter = sam if isinstance(sam, SamSegmenter) else SamSegmenter.from_spec(sam, device=str(backend.device))
+    samples = load_samples({**_segmentation_data(images, masks, root, split), "max_images": max_images},
+                           require_masks=False)
     cfg = saliency_config if isinstance(saliency_config, M2IBConfig) else M2IBConfig(**dict(saliency_config or {}))
     from dataclasses import asdict
 
@@ -369,7 +456,8 @@ def segment(backend: Backend, images: str | Path, prompt: str, *, masks: str | P
     return SegmentationResult("sam" if segmenter is not None else "saliency-only", prompt.strip(),
                               {n: p["pred"] for n, p in per.items()}, {n: p["saliency"] for n, p in per.items()},
                               {n: p["boxes"] for n, p in per.items()}, run["table"], run["times"],
-                              run["empty_saliency"])
+                              run["empty_saliency"], images={s.name: s.image for s in samples},
+                              truth={s.name: s.mask for s in samples})
 
 
 def score_masks(pred: str | Path | Mapping[str, Any] | np.ndarray, truth: str | Path | Mapping[str, Any] | np.ndarray,

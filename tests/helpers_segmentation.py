@@ -215,3 +215,39 @@ def brats_case(root: Path, case: str, rng: np.random.Generator, shape=(40, 40, 1
         write_nifti(folder / f"{case}-{mod}.nii.gz", vol.astype(np.float32))
     write_nifti(folder / f"{case}-seg.nii.gz", seg)
     return folder / f"{case}-t2f.nii.gz", folder / f"{case}-seg.nii.gz"
+
+
+def tiny_release_sam(model_type: str, width: int = 32, img_size: int = 128, seed: int = 0):
+    """A SAM with the block count and global-attention blocks of the ``model_type`` release
+    (vit_b 12, vit_l 24, vit_h 32 blocks) at a tiny width, built from segment-anything's classes
+    (16-pixel patches, 4-token windows on an 8x8 grid, so windowed and global blocks differ)."""
+    from functools import partial
+
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    depth, global_idx = {"vit_b": (12, (2, 5, 8, 11)), "vit_l": (24, (5, 11, 17, 23)),
+                         "vit_h": (32, (7, 15, 23, 31))}[model_type]
+    torch.manual_seed(seed)
+    grid = img_size // 16
+    sam = Sam(
+        image_encoder=ImageEncoderViT(img_size=img_size, patch_size=16, embed_dim=width, depth=depth, num_heads=2,
+                                      mlp_ratio=2.0, out_chans=16, qkv_bias=True,
+                                      norm_layer=partial(nn.LayerNorm, eps=1e-6), use_rel_pos=True, window_size=4,
+                                      global_attn_indexes=global_idx),
+        prompt_encoder=PromptEncoder(embed_dim=16, image_embedding_size=(grid, grid),
+                                     input_image_size=(img_size, img_size), mask_in_chans=8),
+        # 8 decoder heads as in every SAM release (the heads are not visible in the weights' shapes)
+        mask_decoder=MaskDecoder(num_multimask_outputs=3,
+                                 transformer=TwoWayTransformer(depth=1, embedding_dim=16, mlp_dim=32, num_heads=8),
+                                 transformer_dim=16, iou_head_depth=2, iou_head_hidden_dim=16),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+    return sam.eval()
+
+
+def save_release_like_sam(path: Path, model_type: str, **kw) -> Path:
+    """:func:`tiny_release_sam` saved as the official files are: a bare state dict, ``torch.save``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tiny_release_sam(model_type, **kw).state_dict(), path)
+    return path

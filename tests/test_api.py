@@ -132,9 +132,8 @@ def test_saliency_and_segment(backend, data):
     assert all(m.shape == (64, 64) and m.dtype == bool for m in res.masks.values())
     by_manifest = medkt.segment(backend, manifest, "a chest x-ray with mass", saliency_config={"steps": 2},
                                 max_images=1, progress=False)
-    assert len(by_manifest.masks) == 1
-    with pytest.raises(ConfigError, match="masks="):
-        medkt.segment(backend, root / "images" / "mass", "a chest x-ray with mass")
+    assert len(by_manifest.masks) == 1 and by_manifest.n_scored == 1
+    # unlabelled images and file lists: tests/test_segment_unlabelled.py
 
 
 def test_type_checking_imports_match_all():

@@ -134,10 +134,11 @@ def test_load_samples_reads_dicom_spacing_and_pairs_folders(tmp_path):
 # -- bundles end to end ------------------------------------------------------------------------------
 
 BUNDLES = {
-    # bundle: (dataset maker, preparer, tiny backend, SAM spec or None for saliency-only)
+    # bundle: (dataset maker, preparer, tiny backend, SAM spec or None for saliency-only; "vit_b-file": the path
+    # alone of a tiny-width SAM with the vit_b release layout, its type read from the file)
     "seg_breast_ultrasound": (make_udiat, "udiat", "medclip:tiny@random", "tiny@random"),
     "seg_brain_glioma": (make_brats, "brats2023_glioma", "hf_clip:tiny@random", "tiny@random"),
-    "seg_lung_nodules_ct": (make_unitochest, "unitochest", "open_clip:medkt-tiny-ViT@random", "tiny@random"),
+    "seg_lung_nodules_ct": (make_unitochest, "unitochest", "open_clip:medkt-tiny-ViT@random", "vit_b-file"),
     "seg_pneumothorax": (make_siim, "siim_pneumothorax", "medclip:tiny@random", None),
 }
 
@@ -148,6 +149,10 @@ def test_bundle_end_to_end(bundle, tmp_path, monkeypatch):
 
     monkeypatch.delenv("MEDKT_SAM_CHECKPOINT", raising=False)
     maker, dataset, backend, sam = BUNDLES[bundle]
+    if sam == "vit_b-file":
+        from helpers_segmentation import save_release_like_sam
+
+        sam = str(save_release_like_sam(tmp_path / "sam_vit_b_tiny.pth", "vit_b"))
     root = maker(tmp_path / dataset)
     prepare(dataset, root)
     cfg = json.loads((Path(__file__).parent.parent / "bundles" / bundle / "configs" / "transfer.json").read_text())
@@ -173,6 +178,9 @@ def test_bundle_end_to_end(bundle, tmp_path, monkeypatch):
     assert all((out / v["file"]).is_file() for v in results["overlays"].values())
     report = (out / "report.md").read_text()
     assert ("SALIENCY ONLY" in report) == (sam is None)
+    if sam is not None:
+        want = "vit_b" if sam.endswith(".pth") else "tiny"
+        assert results["sam_model_type"] == want and f"SAM ({want}, box prompts)" in report
     assert "| baseline |" in (out / "metrics.md").read_text() and "| change |" in (out / "metrics.md").read_text()
     # the written masks score the same with the `medkt metrics` code path
     from medkt.segmentation.metrics import score_folders

@@ -13,7 +13,8 @@ Without a SAM checkpoint (``sam: null`` and no ``$MEDKT_SAM_CHECKPOINT``) the pi
 Data config (``data``)::
 
     {"manifest": "udiat/manifest.csv",   # medkt manifest rows with a 'mask' column, or
-     "images": "dir", "masks": "dir",    # two folders paired by sorted file stem (hard error on mismatch)
+     "images": "dir", "masks": "dir",    # two folders paired by sorted file stem (hard error on mismatch);
+                                         # "images" may also be a list of files ("masks": a folder or a parallel list)
      "root": "...", "split": "test", "labels": ["lesion"], "max_images": null,
      "volume": {"labels": [1, 2, 3], "min_pixels": 1, "max_slices": null},  # NIfTI volumes only
      "mask_label": null, "mask_threshold": null}   # label maps / grey probability masks (see read_mask)
@@ -76,22 +77,83 @@ def dicom_spacing(path: Path) -> tuple[float, float] | None:
         return None
 
 
-def pair_folders(images: Path, masks: Path) -> list[tuple[str, Path, Path]]:
-    """Pair images and masks by sorted file stem; unmatched files are an error (upstream zips unsorted listdirs)."""
-    def index(folder: Path) -> dict[str, Path]:
-        if not folder.is_dir():
-            raise DataError(f"not a folder: {folder}")
-        return {_stem(p): p for p in sorted(folder.iterdir())
-                if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)}
+def _index_folder(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise DataError(f"not a folder: {folder}")
+    found = {_stem(p): p for p in sorted(folder.iterdir()) if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)}
+    return dict(sorted(found.items()))  # by stem
 
-    im, ma = index(images), index(masks)
-    if set(im) != set(ma):
-        a, b = sorted(set(im) - set(ma)), sorted(set(ma) - set(im))
-        raise DataError(f"images in {images} and masks in {masks} do not match by name: "
-                        f"{len(a)} image(s) without mask (e.g. {a[:1]}), {len(b)} mask(s) without image (e.g. {b[:1]})")
+
+def _index_files(files: list[str | Path], what: str = "image") -> dict[str, Path]:
+    """A list of files -> name -> path, in the given order; names are file stems, or the path
+    below the files' common folder (``a__x``) when two files share a stem."""
+    paths = [Path(f).expanduser() for f in files]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"{what} not found: {p}" if not p.exists() else f"{what} {p} is not a file")
+        if not p.name.lower().endswith(IMAGE_SUFFIXES):
+            raise DataError(f"{p}: not an image file (expected one of {', '.join(IMAGE_SUFFIXES)})")
+    names = [_stem(p) for p in paths]
+    if len(set(names)) != len(names):
+        base = Path(os.path.commonpath([str(p.resolve().parent) for p in paths]))
+        names = [str(p.resolve().relative_to(base).parent / _stem(p)).replace(os.sep, "__") for p in paths]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise DataError(f"the same image is listed twice: {dup[:3]}")
+    return dict(zip(names, paths))
+
+
+def pair_images(images: str | Path | list[str | Path], masks: str | Path | list[str | Path | None] | None,
+                require_masks: bool = True) -> list[tuple[str, Path, Path | None]]:
+    """``(name, image, mask or None)`` for a folder or a list of image files and their masks,
+    paired by file stem (sorted for folders; upstream zips unsorted listdirs).
+
+    Args:
+        images: a folder (its image files by sorted name) or a list of image files (in order).
+        masks: a folder of masks with the images' file stems, a list of mask files (or None
+            entries) parallel to a list of images, or None (no ground truth).
+        require_masks: every image needs a mask (the bundles' evaluation); otherwise an image
+            without one is segmented and not scored.
+    Raises:
+        DataError: a mask in a masks folder with no image in the images folder (a naming
+            mistake), a missing mask when ``require_masks``, or unreadable paths.
+    """
+    listed = not isinstance(images, (str, Path))
+    im = _index_files(list(images)) if listed else _index_folder(Path(images))
     if not im:
-        raise DataError(f"no images found in {images}")
-    return [(k, im[k], ma[k]) for k in sorted(im)]
+        raise DataError(f"no images found in {images}" if not listed else "the list of images is empty")
+    where = "the listed images" if listed else str(images)
+    if masks is None:
+        if require_masks:
+            raise ConfigError(f"{where}: ground-truth masks are needed here (a masks folder or a manifest with a "
+                              "'mask' column)")
+        return [(k, v, None) for k, v in im.items()]
+    if not isinstance(masks, (str, Path)):
+        ml = list(masks)
+        if not listed or len(ml) != len(im):
+            raise ConfigError(f"a list of masks must be parallel to a list of images: {len(ml)} mask(s) for "
+                              f"{len(im) if listed else 'a folder of'} image(s)")
+        found = {k: (Path(m).expanduser() if m is not None else None) for k, m in zip(im, ml)}
+        for k, m in found.items():
+            if m is not None and not m.is_file():
+                raise DataError(f"mask of {im[k]} not found: {m}")
+    else:
+        ma = _index_folder(Path(masks))
+        extra = sorted(set(ma) - set(im))
+        if extra and not listed:  # a listed subset may leave masks unused; a folder pair may not
+            raise DataError(f"images in {images} and masks in {masks} do not match by name: "
+                            f"{len(extra)} mask(s) without image (e.g. {extra[:1]})")
+        found = {k: ma.get(k) for k in im}
+    missing = [k for k, m in found.items() if m is None]
+    if missing and require_masks:
+        raise DataError(f"images in {where} and masks in {masks if isinstance(masks, (str, Path)) else 'the list'} "
+                        f"do not match by name: {len(missing)} image(s) without mask (e.g. {missing[:1]})")
+    if missing and len(missing) < len(found):
+        log.info("%d of %d image(s) have no ground-truth mask: segmented, not scored", len(missing), len(found))
+    elif missing:
+        log.warning("none of the %d image(s) has a mask in %s (masks are matched by file name): nothing is scored",
+                    len(found), masks if isinstance(masks, (str, Path)) else "the list")
+    return [(k, im[k], found[k]) for k in im]
 
 
 @dataclass
@@ -110,8 +172,8 @@ class SegmentationData:
     are; a label map needs ``mask_label``, a grey probability map ``mask_threshold``."""
 
     manifest: str | None = None
-    images: str | None = None
-    masks: str | None = None
+    images: str | list[str] | None = None  # a folder or a list of image files
+    masks: str | list[str | None] | None = None  # a folder, or a list parallel to a list of images
     root: str | None = None
     split: str | None = None
     labels: list[str] | None = None  # manifest labels kept
@@ -134,13 +196,19 @@ class MetricOptions:
     nsd_unit: Literal["px", "mm"] = "px"
 
 
-def load_samples(data: dict[str, Any]) -> list[SliceSample]:
-    """All 2-D samples of a data config (see module docstring)."""
+def load_samples(data: dict[str, Any], require_masks: bool = True) -> list[SliceSample]:
+    """All 2-D samples of a data config (see module docstring).
+
+    ``images`` may be a folder or a list of image files. With ``require_masks=False`` (the
+    :func:`medkt.segment` API) images without a ground-truth mask are kept, their ``mask`` None:
+    no masks, a masks folder that lacks some names, manifest rows without a ``mask``; an
+    unlabelled NIfTI volume gives every axial slice with image content.
+    """
     from medkt.data.readers import read_image
 
     vol = dict(data.get("volume") or {})
-    pairs: list[tuple[str, Path, Path]] = []
-    if "manifest" in data:
+    pairs: list[tuple[str, Path, Path | None]] = []
+    if data.get("manifest") is not None:
         from medkt.data.manifest import read_manifest, safe_join
 
         manifest = Path(data["manifest"])
@@ -149,14 +217,15 @@ def load_samples(data: dict[str, Any]) -> list[SliceSample]:
         keep = data.get("labels")
         rows = [r for r in rows if keep is None or r.label in keep]
         for r in rows:
-            if r.mask is None:
+            if r.mask is None and require_masks:
                 raise DataError(f"{manifest}: row {r.path!r} has no mask; segmentation needs the 'mask' column")
-            pairs.append((_stem(Path(r.path)), safe_join(root, r.path), safe_join(root, r.mask)))
+            pairs.append((_stem(Path(r.path)), safe_join(root, r.path),
+                          safe_join(root, r.mask) if r.mask is not None else None))
         names = [p[0] for p in pairs]
         if len(set(names)) != len(names):  # same stem in different folders: use the relative path
             pairs = [(str(Path(r.path).with_suffix("")).replace(os.sep, "__"), a, b) for r, (_, a, b) in zip(rows, pairs)]
-    elif "images" in data and "masks" in data:
-        pairs = pair_folders(Path(data["images"]), Path(data["masks"]))
+    elif data.get("images") is not None and (data.get("masks") is not None or not require_masks):
+        pairs = pair_images(data["images"], data.get("masks"), require_masks=require_masks)
     else:
         raise ConfigError(f"data config needs 'manifest' or 'images'+'masks', got keys {sorted(data)}")
     max_images = data.get("max_images")
@@ -169,9 +238,11 @@ def load_samples(data: dict[str, Any]) -> list[SliceSample]:
                                                max_slices=vol.get("max_slices")))
         else:
             image = read_image(img_path)
-            mask = read_mask_any(mask_path, label=data.get("mask_label"), threshold=data.get("mask_threshold"))
-            if mask.shape != image.shape[:2]:
-                raise DataError(f"{name}: mask {mask_path} has shape {mask.shape}, image {img_path} has {image.shape[:2]}")
+            mask = None
+            if mask_path is not None:
+                mask = read_mask_any(mask_path, label=data.get("mask_label"), threshold=data.get("mask_threshold"))
+                if mask.shape != image.shape[:2]:
+                    raise DataError(f"{name}: mask {mask_path} has shape {mask.shape}, image {img_path} has {image.shape[:2]}")
             spacing = dicom_spacing(img_path) if img_path.suffix.lower() == ".dcm" else None
             samples.append(SliceSample(name, image, mask, spacing, str(img_path)))
         if max_images is not None and len(samples) >= int(max_images):
@@ -217,7 +288,11 @@ def saliency_for_image(m2ib, image: np.ndarray, prompt: str, seed: int) -> np.nd
 
 def segment_samples(backend, samples: list[SliceSample], prompt: str, m2ib_cfg: dict, post_cfg: dict,
                     sam_segmenter, metric_cfg: dict, seed: int, progress: bool = True) -> dict[str, Any]:
-    """Run saliency -> post-processing -> SAM (or saliency-only) -> metrics on every sample."""
+    """Run saliency -> post-processing -> SAM (or saliency-only) -> metrics on every sample.
+
+    Samples without a mask are segmented and not scored: their ``per[name]["scores"]`` is None
+    and the ``table`` holds the scored ones only.
+    """
     from medkt.segmentation.m2ib import M2IB, M2IBConfig
     from medkt.segmentation.metrics import ScoreTable, segmentation_scores
     from medkt.segmentation.postprocess import EmptySaliencyWarning, postprocess_saliency
@@ -244,18 +319,19 @@ def segment_samples(backend, samples: list[SliceSample], prompt: str, m2ib_cfg: 
         t1b = time.perf_counter()
         pred = sam_segmenter.segment(smp.image, post.boxes) if sam_segmenter is not None else post.mask
         t2 = time.perf_counter()
-        spacing = smp.spacing if unit == "mm" else None
-        if unit == "mm" and smp.spacing is None:
-            raise ConfigError(f"nsd_unit 'mm' needs the pixel spacing, unknown for {smp.name} (use 'px')")
-        scores = segmentation_scores(pred, smp.mask, nsd_tolerance=tol, spacing=spacing)
-        t3 = time.perf_counter()
-        table.add(smp.name, scores)
+        scores = None
+        if smp.mask is not None:  # unlabelled images are segmented, not scored
+            spacing = smp.spacing if unit == "mm" else None
+            if unit == "mm" and smp.spacing is None:
+                raise ConfigError(f"nsd_unit 'mm' needs the pixel spacing, unknown for {smp.name} (use 'px')")
+            scores = segmentation_scores(pred, smp.mask, nsd_tolerance=tol, spacing=spacing)
+            table.add(smp.name, scores)
+            times["metrics"].append(time.perf_counter() - t2)
         per[smp.name] = {"saliency": sal, "boxes": post.boxes, "pred": pred, "scores": scores}
         times["saliency"].append(t1 - t0)
         times["postprocess"].append(t1b - t1)
         times["sam"].append(t2 - t1b)  # 0 in saliency-only mode
-        times["metrics"].append(t3 - t2)
-    return {"table": table, "per": per, "times": {k: float(np.mean(v)) for k, v in times.items()},
+    return {"table": table, "per": per, "times": {k: float(np.mean(v)) if v else 0.0 for k, v in times.items()},
             "empty_saliency": n_empty}
 
 
@@ -275,9 +351,12 @@ class SegmentationTransferPipeline(Pipeline):
             :class:`~medkt.finetune.FinetuneConfig` options (``finetune.lr`` = Tab. 7's lr).
         m2ib: :class:`~medkt.segmentation.m2ib.M2IBConfig` options (layer, beta, steps, ...).
         postprocess: :func:`~medkt.segmentation.postprocess.postprocess_saliency` options.
-        sam: ``"vit_h@/path/sam_vit_h_4b8939.pth"`` (or vit_b/vit_l; ``tiny@...`` for tests); None
-            -> ``$MEDKT_SAM_CHECKPOINT`` as ``sam_model_type``'s checkpoint, else saliency-only.
-        sam_model_type: model type used with ``$MEDKT_SAM_CHECKPOINT``.
+        sam: a SAM checkpoint path (``/models/sam_vit_b_01ec64.pth``: the type is read from the
+            file) or ``vit_h@PATH`` (vit_b/vit_l; ``tiny@...`` for tests), see
+            :mod:`medkt.segmentation.sam`; None -> ``$MEDKT_SAM_CHECKPOINT``, else saliency-only.
+            Checked before any folder is made and loaded before the backend.
+        sam_model_type: the type the checkpoint must have (``vit_b``/``vit_l``/``vit_h``); None
+            (default) reads it from the file. A contradiction is an error naming the file's type.
         sam_options: ``multimask_output`` (False), ``top_k`` (1).
         metrics: ``nsd_tolerance`` (2.0) and ``nsd_unit`` (``"px"``, or ``"mm"`` when spacing is known).
         stages: ``["baseline", "transfer"]`` (default) or one of them.
@@ -289,7 +368,7 @@ class SegmentationTransferPipeline(Pipeline):
     def __init__(self, backend: str, data: SegmentationData, prompt: str, concepts: list[dict[str, Any]] | None = None,
                  negative_captions: list[str] | None = None, inversion: dict | None = None, finetune: dict | None = None,
                  m2ib: dict | None = None, postprocess: dict | None = None, sam: str | None = None,
-                 sam_model_type: str = "vit_h", sam_options: dict | None = None, metrics: MetricOptions | None = None,
+                 sam_model_type: str | None = None, sam_options: dict | None = None, metrics: MetricOptions | None = None,
                  stages: list[str] | None = None, save_masks: bool = True, **kw: Any):
         super().__init__(**kw, backend=backend, data=data, prompt=prompt, concepts=concepts,
                          negative_captions=negative_captions, inversion=inversion, finetune=finetune, m2ib=m2ib,
@@ -316,14 +395,26 @@ class SegmentationTransferPipeline(Pipeline):
         self.post_cfg = dict(postprocess or {})
         check_call(postprocess_saliency, self.post_cfg, "postprocess", skip=("saliency",))
         postprocess_saliency(np.eye(4), **self.post_cfg)  # value rules of the post-processing itself
-        self.sam_spec = sam or (f"{sam_model_type}@{os.environ['MEDKT_SAM_CHECKPOINT']}"
-                                if os.environ.get("MEDKT_SAM_CHECKPOINT") else None)
-        from medkt.segmentation.sam import SamSegmenter
+        from medkt.segmentation.sam import SAM_CHECKPOINT_ENV, SamSegmenter, resolve_sam_spec
+
+        self.sam_spec = sam or os.environ.get(SAM_CHECKPOINT_ENV, "").strip() or None
+        self.sam_model_type = sam_model_type
+        if self.sam_spec:
+            resolve_sam_spec(self.sam_spec, sam_model_type)  # an unknown or contradicting type name fails here
 
         check_call(SamSegmenter, sam_options or {}, "sam_options", skip=("sam",))
         self.sam_options = {"multimask_output": False, "top_k": 1, **(sam_options or {})}
         self.metric_cfg = {"nsd_tolerance": 2.0, "nsd_unit": "px", **(metrics or {})}  # checked by MetricOptions
         self.save_masks = bool(save_masks)
+
+    def validate(self) -> None:
+        """Check the SAM checkpoint (file, SAM layout, type) before any folder or model: about a
+        second, where loading the backend first took ~20 s to reach a SAM error."""
+        super().validate()
+        if self.sam_spec:
+            from medkt.segmentation.sam import inspect_sam
+
+            inspect_sam(self.sam_spec, self.sam_model_type)
 
     @property
     def mode(self) -> str:
@@ -333,16 +424,22 @@ class SegmentationTransferPipeline(Pipeline):
     def _run(self, out: Path) -> dict[str, Any]:
         from medkt.segmentation.sam import SamSegmenter
 
-        samples = load_samples(self.data)
-        log.info("%d image(s) to segment; mode: %s", len(samples), self.mode)
-        backend = self.create_backend(self.backend_spec)
-        segmenter = (SamSegmenter.from_spec(self.sam_spec, device=backend.device, **self.sam_options)
+        from medkt.distributed import local_device
+
+        # SAM first: a wrong checkpoint fails before the (slower) backend and the data are loaded
+        segmenter = (SamSegmenter.from_spec(self.sam_spec, device=local_device(self.device),
+                                            model_type=self.sam_model_type, **self.sam_options)
                      if self.sam_spec else None)
         if segmenter is None:
             log.warning("no SAM checkpoint: running SALIENCY-ONLY (post-processed saliency masks are the predictions)")
+        samples = load_samples(self.data)
+        log.info("%d image(s) to segment; mode: %s", len(samples), self.mode)
+        backend = self.create_backend(self.backend_spec)
+        self.sam_type = segmenter.model_type if segmenter is not None else None
         stage_runs: dict[str, dict[str, Any]] = {}
         results: dict[str, Any] = {"backend": self.backend_spec, "mode": self.mode, "sam": self.sam_spec,
-                                   "prompt": self.prompt, "n_images": len(samples), "stages": {}}
+                                   "sam_model_type": self.sam_type, "prompt": self.prompt, "n_images": len(samples),
+                                   "stages": {}}
 
         def run_stage(stage: str) -> None:
             t = time.perf_counter()
@@ -401,7 +498,7 @@ class SegmentationTransferPipeline(Pipeline):
         return head + "\n".join(rows) + "\n"
 
     def _report(self, results: dict[str, Any]) -> str:
-        mode = ("SAM (" + str(self.sam_spec).split("@")[0] + ", box prompts)") if self.sam_spec else \
+        mode = f"SAM ({results['sam_model_type']}, box prompts)" if self.sam_spec else \
             "**SALIENCY ONLY** (no SAM checkpoint: the post-processed saliency mask is the prediction)"
         lines = [f"# Zero-shot segmentation{': ' + self.bundle_name if self.bundle_name else ''}", "",
                  f"- backend: `{self.backend_spec}`", f"- mode: {mode}", f"- prompt: \"{self.prompt}\"",

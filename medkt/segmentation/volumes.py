@@ -19,12 +19,12 @@ from medkt.errors import DataError
 
 @dataclass
 class SliceSample:
-    """One 2-D sample: ``image`` ``(H, W)`` float32 in [0, 1], ``mask`` bool ``(H, W)``,
-    ``spacing`` ``(row_mm, col_mm)`` or None, ``name`` unique within a run."""
+    """One 2-D sample: ``image`` ``(H, W)`` float32 in [0, 1], ``mask`` bool ``(H, W)`` (None: no
+    ground truth, not scored), ``spacing`` ``(row_mm, col_mm)`` or None, ``name`` unique within a run."""
 
     name: str
     image: np.ndarray
-    mask: np.ndarray
+    mask: np.ndarray | None
     spacing: tuple[float, float] | None = None
     source: str = ""
     index: int | None = None
@@ -80,7 +80,7 @@ def tumour_slices(seg: np.ndarray, min_pixels: int = 1) -> list[int]:
 
 def axial_tumour_slices(
     image_path: str | Path,
-    seg_path: str | Path,
+    seg_path: str | Path | None,
     *,
     labels: tuple[int, ...] | None = None,
     min_pixels: int = 1,
@@ -88,6 +88,9 @@ def axial_tumour_slices(
     name: str | None = None,
 ) -> Iterator[SliceSample]:
     """Yield the axial slices of a volume whose segmentation contains tumour.
+
+    Without a segmentation (``seg_path`` None: an unlabelled study) every axial slice with at
+    least ``min_pixels`` non-zero image voxels is yielded, with ``mask`` None.
 
     Args:
         labels: segmentation labels counted as foreground (None = any non-zero; BraTS whole
@@ -98,11 +101,15 @@ def axial_tumour_slices(
         name: sample name prefix (default: the image file name without ``.nii.gz``).
     """
     vol, zooms = load_volume(image_path)
-    seg, seg_zooms = load_volume(seg_path)
-    if vol.shape != seg.shape:
-        raise DataError(f"volume {image_path} has shape {vol.shape} but its segmentation {seg_path} has {seg.shape}")
-    fg = np.isin(seg, labels) if labels is not None else seg > 0
-    ks = tumour_slices(fg, min_pixels)
+    if seg_path is None:
+        fg = None
+        ks = tumour_slices(vol != 0, min_pixels)  # no ground truth: the slices with anatomy
+    else:
+        seg, _ = load_volume(seg_path)
+        if vol.shape != seg.shape:
+            raise DataError(f"volume {image_path} has shape {vol.shape} but its segmentation {seg_path} has {seg.shape}")
+        fg = np.isin(seg, labels) if labels is not None else seg > 0
+        ks = tumour_slices(fg, min_pixels)
     if max_slices is not None and len(ks) > max_slices:
         pick = np.linspace(0, len(ks) - 1, max_slices).round().astype(int)
         ks = [ks[i] for i in sorted(set(pick.tolist()))]
@@ -112,7 +119,7 @@ def axial_tumour_slices(
         yield SliceSample(
             name=f"{stem}_z{k:03d}",
             image=_axial(norm, k),
-            mask=_axial(fg, k).astype(bool),
+            mask=_axial(fg, k).astype(bool) if fg is not None else None,
             spacing=(zooms[1], zooms[0]),  # rows follow y, columns x after rot90
             source=str(image_path),
             index=k,
