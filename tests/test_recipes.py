@@ -104,4 +104,5 @@ def test_readme_api_script_takes_the_recipe():
     script = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
     compile(script, "README.md", "exec")
     assert "medkt.recipe_defaults(spec)" in script
-    assert not re.search(r"\b(lr|epochs|steps|n_images)\s*=\s*[0-9]", script)
+    code = "\n".join(line.split("#")[0] for line in script.splitlines())  # comments may show overrides
+    assert not re.search(r"\b(lr|epochs|steps|n_images)\s*=\s*[0-9]", code)
