@@ -117,6 +117,12 @@ def _find_user_error(exc: BaseException) -> MedktError | None:
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, MedktError):
             return exc
+        if isinstance(exc, OSError):  # a read-only / full disk outside the atomic writers
+            from medkt.errors import disk_error
+
+            err = disk_error(exc, exc.filename or "the run folder")
+            if err is not None:
+                return err
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None

@@ -291,6 +291,14 @@ def main() -> None:
             raise
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    except OSError as exc:  # a read-only / full disk outside the atomic writers (mkdir, run.log, images)
+        from medkt.errors import disk_error
+
+        err = disk_error(exc, exc.filename or "the output")
+        if debug or err is None:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)

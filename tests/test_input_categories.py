@@ -9,6 +9,11 @@ gives the right numbers or a one-line error; none gives a wrong number or a trac
 """
 from __future__ import annotations
 
+import errno
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +23,12 @@ from PIL import Image
 
 from medkt.data.images import to_float_array, to_model_pixels
 from medkt.data.readers import read_image
-from medkt.errors import DataError
+from medkt.errors import DataError, RunLockedError
+from medkt.utils import LOCK_NAME, folder_lock
+from test_kill_resume import TINY
+from test_resume_safety import error_line
+
+REPO = Path(__file__).resolve().parents[1]
 
 # -- colour modes ------------------------------------------------------------------------------
 _RGB = Image.fromarray(np.random.default_rng(0).integers(0, 256, (7, 5, 3), dtype=np.uint8), "RGB")
@@ -95,3 +105,124 @@ def test_transparent_palette_image_is_refused(tmp_path, mode):
         im.save(path)
     with pytest.raises(DataError, match="transparent"):
         read_image(path)
+
+
+# -- environment: read-only / full output disk --------------------------------------------------
+@pytest.mark.parametrize("err", [errno.EROFS, errno.ENOSPC])
+def test_atomic_write_on_a_bad_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, err):
+    from medkt.errors import OutputDiskError
+    from medkt.utils import atomic_write_text
+
+    path = atomic_write_text(tmp_path / "results.json", "old")
+
+    def refuse(src, dst, *a, **k):
+        raise OSError(err, os.strerror(err), str(dst))
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OutputDiskError) as info:
+        atomic_write_text(path, "new")
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg and errno.errorcode[err] in msg
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp left
+
+
+@pytest.mark.parametrize("err", [errno.EROFS, errno.ENOSPC])
+def test_bad_disk_during_a_run_exits_2_and_keeps_checkpoints(medkt, monkeypatch, tmp_path, err):
+    """The disk fails when the fine-tuned weights are written, after the inversion checkpoints:
+    one line, exit 2, the checkpoints survive and ``--resume`` finishes the run."""
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if Path(dst).name == "finetuned.safetensors":
+            raise OSError(err, os.strerror(err), str(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "run"
+    r = medkt("transfer", "--bundle", "quickstart_tiny", "--output", str(out), *TINY)
+    line = error_line(r)
+    assert "finetuned.safetensors" in line and errno.errorcode[err] in line and "intact" in line
+    partial = out.with_name("run.partial")
+    saved = {p: p.read_bytes() for p in partial.rglob("*.pt")}
+    assert saved and not list(partial.rglob("*.tmp"))
+    monkeypatch.setattr(os, "replace", real)  # space freed
+    r = medkt("transfer", "--bundle", "quickstart_tiny", "--output", str(out), *TINY, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "results.json").is_file() and (out / "finetuned.safetensors").is_file()
+
+
+def test_cli_turns_a_raw_disk_oserror_into_one_line(medkt, monkeypatch, tmp_path):
+    """A write outside the atomic writers (here the run folder's mkdir) on a read-only disk."""
+    real = Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if self.name == "run.partial":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    r = medkt("transfer", "--bundle", "quickstart_tiny", "--output", str(tmp_path / "run"), *TINY)
+    assert "read-only" in error_line(r) and "run.partial" in error_line(r)
+
+
+# -- environment: two processes on one run folder -------------------------------------------------
+_HOLDER = ("import sys\nfrom medkt.utils import folder_lock\n"
+           "with folder_lock(sys.argv[1]):\n    print('locked', flush=True)\n    sys.stdin.read()\n")
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """A second process that holds ``folder``'s lock until its stdin is closed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(folder)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_live_lock_refuses_a_second_command_resume_included(medkt, tmp_path):
+    out = tmp_path / "run"
+    partial = out.with_name("run.partial")
+    partial.mkdir()
+    (partial / "checkpoint.pt").write_bytes(b"the first run's work")
+    proc = _hold_lock(partial)
+    try:
+        for flags in ([], ["--resume"], ["--restart"]):
+            r = medkt("transfer", "--bundle", "quickstart_tiny", "--output", str(out), *TINY, *flags)
+            line = error_line(r)
+            assert f"process {proc.pid}" in line and "in use" in line, line
+            assert (partial / "checkpoint.pt").read_bytes() == b"the first run's work"
+        with pytest.raises(RunLockedError, match=str(proc.pid)):  # the library call, too
+            with folder_lock(partial):
+                pass
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert not (partial / LOCK_NAME).exists()  # the holder released it on exit
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(medkt, tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    out = tmp_path / "run"
+    partial = out.with_name("run.partial")
+    partial.mkdir()
+    (partial / LOCK_NAME).write_text(f"pid={dead.pid}\nhost={socket.gethostname()}\n")
+    with folder_lock(partial):
+        assert f"pid={os.getpid()}" in (partial / LOCK_NAME).read_text()
+    assert not (partial / LOCK_NAME).exists()
+    (partial / LOCK_NAME).write_text(f"pid={dead.pid}\nhost={socket.gethostname()}\n")
+    r = medkt("transfer", "--bundle", "quickstart_tiny", "--output", str(out), *TINY, "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "results.json").is_file() and not (out / LOCK_NAME).exists() and not partial.exists()
+
+
+def test_api_transfer_locks_its_output_folder(tmp_path):
+    import medkt
+
+    proc = _hold_lock(tmp_path)
+    try:
+        with pytest.raises(RunLockedError, match=str(proc.pid)):
+            medkt.transfer(None, [medkt.Concept("nodule", ["a spot"], 1)], out_dir=tmp_path)  # before any model call
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
