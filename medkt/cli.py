@@ -144,9 +144,12 @@ def invert(
         if not sep or not name.strip() or not desc.strip():
             raise ConfigError(f"bad --concept {c!r}: expected NAME=DESCRIPTION")
         targets.append(InversionTarget(name.strip(), desc.strip(), n_images))
+    from medkt.utils import LOCK_NAME, check_unlocked, folder_lock
+
+    check_unlocked(output, "output folder")  # another live `medkt invert` writing there comes first
     # resuming into a folder checks the settings its checkpoints were made with (medkt.checkpoints),
     # so images of another run are never mixed with this one's: a folder without that record is refused
-    if output.exists() and any(output.iterdir()):
+    if output.exists() and any(p.name != LOCK_NAME for p in output.iterdir()):
         if not resume:
             raise ConfigError(f"output folder {output} is not empty; pass --resume to continue the inversion it "
                               "holds, or choose another folder")
@@ -156,8 +159,10 @@ def invert(
     cfg = _config_from_options(InversionConfig, {"steps": steps, "lr": lr, "seed": seed,
                                                  "checkpoint_every": checkpoint_every}, set_, "inversion")
     b = create_backend(backend, device=device, precision=precision)
-    result = run_invert(b, targets, cfg, out_dir=output, resume=resume)
-    manifest = save_inversion(result, output, cfg)
+    output.mkdir(parents=True, exist_ok=True)
+    with folder_lock(output, "output folder"):
+        result = run_invert(b, targets, cfg, out_dir=output, resume=resume)
+        manifest = save_inversion(result, output, cfg)
     typer.echo(f"{len(result.images)} images, mean similarity {sum(result.similarities) / len(result.similarities):.3f}, "
                f"{result.seconds:.1f} s -> {manifest}")
 

@@ -226,3 +226,14 @@ def test_api_transfer_locks_its_output_folder(tmp_path):
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
+
+
+def test_invert_command_refuses_a_folder_in_use(medkt, tmp_path):
+    proc = _hold_lock(tmp_path)
+    try:
+        r = medkt("invert", "--backend", "clip:medkt-tiny-ViT@random", "--concept", "nodule=a small spot",
+                  "--output", str(tmp_path), "--steps", "1", "--n-images", "1", "--resume", "--device", "cpu")
+        assert f"process {proc.pid}" in error_line(r)
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
