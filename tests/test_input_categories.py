@@ -237,3 +237,59 @@ def test_invert_command_refuses_a_folder_in_use(medkt, tmp_path):
     finally:
         proc.stdin.close()
         proc.wait(timeout=30)
+
+
+# -- ambiguous inputs: duplicates ----------------------------------------------------------------
+def _manifest(tmp_path: Path, lines: list[str]) -> Path:
+    for name in ("a.png", "b.png"):
+        Image.new("L", (4, 4), 9).save(tmp_path / name)
+    (tmp_path / "sub").mkdir(exist_ok=True)
+    path = tmp_path / "m.csv"
+    path.write_text("path,label,mask\n" + "".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize("second", ["a.png,x,", "sub/../a.png,x,", "a.png,y,"], ids=["same", "same-file", "relabelled"])
+def test_manifest_lists_an_image_twice(tmp_path, second):
+    from medkt.data.manifest import ManifestProblem, read_manifest
+
+    m = _manifest(tmp_path, ["a.png,x,", "b.png,y,", second])
+    with pytest.raises(DataError, match=r"m.csv:4: image .*a.png is listed twice \(first at .*m.csv:2"):
+        read_manifest(m)
+    problems: list[ManifestProblem] = []  # skip_bad: skipped and reported, not counted
+    rows = read_manifest(m, skip_bad=True, problems=problems)
+    assert [r.path for r in rows] == ["a.png", "b.png"] and len(problems) == 1 and "twice" in problems[0].message
+
+
+def test_manifest_allows_one_image_with_two_masks(tmp_path):
+    from medkt.data.manifest import read_manifest
+
+    for name in ("m1.png", "m2.png"):
+        Image.new("L", (4, 4), 0).save(tmp_path / name)
+    m = _manifest(tmp_path, ["a.png,x,m1.png", "a.png,x,m2.png"])
+    assert len(read_manifest(m)) == 2
+
+
+@pytest.mark.parametrize("text,match", [
+    ('{"mass": "a chest x-ray with mass", "mass": "a large opacity"}', "'mass' appears twice"),
+    ('["mass", "nodule", "mass"]', r"\['mass'\] listed twice"),
+    ('{"mass": "a chest x-ray with a lesion", "nodule": ["a chest x-ray with a  Lesion"]}',
+     "'mass' and 'nodule' share the prompt"),
+])
+def test_class_file_ambiguities_are_refused(tmp_path, text, match):
+    from medkt.cli import read_class_prompts
+    from medkt.errors import ConfigError
+
+    path = tmp_path / "classes.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match) as info:
+        read_class_prompts(path, ["a chest x-ray with {}"])
+    assert "\n" not in str(info.value)
+
+
+def test_api_classes_sharing_a_prompt_are_refused():
+    import medkt
+    from medkt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="share the prompt"):
+        medkt.evaluate_zero_shot(None, torch.zeros(1, 3, 4, 4), {"a": ["same"], "b": ["same"]})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -119,10 +120,22 @@ def read_manifest(
                 raise DataError(f"{path}: a manifest needs the columns path,label (got {reader.fieldnames})")
             raw = list(reader)
     rows: list[ManifestRow] = []
+    first: dict[tuple[str, str | None], ManifestRow] = {}  # (image, mask) -> its first row
     for i, rec in enumerate(raw, start=2 if path.suffix != ".jsonl" else 1):
         where = f"{path}:{i}: "
         try:
             row = _check_row(rec, names, root, where, classes, split, check_files, verify_hashes)
+            if row is not None:
+                # the same image twice would be scored twice (and with two labels, contradict itself);
+                # one image with two different masks stays allowed (two findings to segment)
+                key = (os.path.realpath(root / row.path), row.mask)
+                if key in first:
+                    other = first[key]
+                    labels = "" if other.label == row.label else f" with label {other.label!r}, here {row.label!r}"
+                    raise DataError(f"{where}image {row.path} is listed twice (first at {other.source}{labels}); "
+                                    "a duplicate would be counted twice: remove one row")
+                first[key] = row
+                row.source = f"{path}:{i}"
         except DataError as exc:
             if not skip_bad:
                 raise
@@ -130,7 +143,6 @@ def read_manifest(
                 problems.append(ManifestProblem(f"{path}:{i}", str(exc)[len(where):] if str(exc).startswith(where) else str(exc)))
             continue
         if row is not None:
-            row.source = f"{path}:{i}"
             rows.append(row)
     if classes is not None:
         present = {r.label for r in rows}

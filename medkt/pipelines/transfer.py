@@ -52,14 +52,19 @@ def class_prompts_of(spec: dict[str, Any]) -> dict[str, list[str]]:
             raise ConfigError(f"unknown prompt_generator {name!r}; known: {sorted(PROMPT_GENERATORS)}")
         module, _, func = PROMPT_GENERATORS[name].partition(":")
         try:
-            return getattr(importlib.import_module(module), func)(**gen)
+            generated = getattr(importlib.import_module(module), func)(**gen)
         except TypeError as exc:
             raise ConfigError(f"bad prompt_generator options {gen}: {exc}") from None
+        return check_distinct_prompts(generated)
     classes = spec.get("classes")
     if not classes or not isinstance(classes, (dict, list)):
         raise ConfigError("evaluation set needs 'classes' (class -> prompts, or a list of class names) or a "
                           f"'prompt_generator', got keys {sorted(spec)}")
     if isinstance(classes, list):  # names only -> templates
+        twice = sorted({str(c) for c in classes if classes.count(c) > 1})
+        if twice:
+            raise ConfigError(f"class(es) {twice} listed twice in 'classes'; each class once (a duplicate would be "
+                              "merged silently)", key=f"classes#{twice[0]}")
         classes = {c: None for c in classes}
     out = {}
     for c, prompts in classes.items():
@@ -70,7 +75,22 @@ def class_prompts_of(spec: dict[str, Any]) -> dict[str, list[str]]:
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ConfigError(f"class {c!r} needs at least one non-empty prompt")
         out[str(c)] = prompts
-    return out
+    return check_distinct_prompts(out)
+
+
+def check_distinct_prompts(prompts: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Refuse two classes sharing a prompt (compared without case and surrounding spaces): their
+    scores would be tied by construction, so the argmax between them is decided by the class
+    order, not the image. Returns ``prompts``."""
+    owner: dict[str, str] = {}
+    for c, ps in prompts.items():
+        for p in ps:
+            key = " ".join(p.split()).casefold()
+            if owner.get(key, c) != c:
+                raise ConfigError(f"classes {owner[key]!r} and {c!r} share the prompt {p!r}: their scores would be "
+                                  "identical; give each class its own prompt", key=f"classes#{c}")
+            owner[key] = c
+    return prompts
 
 
 def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], default_aggregate: str = "mean",
