@@ -9,9 +9,10 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from medkt.errors import DataError
 
@@ -173,6 +174,28 @@ def _check_row(rec: dict, names: set[str], root: Path, where: str, classes: Sequ
         if check_files and not mfull.is_file():
             raise DataError(f"{where}mask not found: {mfull}")
     return row
+
+
+def readable_rows(rows: Sequence[ManifestRow], root: str | Path,
+                  load: Callable[[Path], Any]) -> tuple[list[ManifestRow], list[ManifestProblem]]:
+    """Decode every row's image once with ``load`` (e.g. ``backend.load_image``): the rows whose
+    file is missing or unreadable (a :class:`DataError`) come back as problems naming the row."""
+    good, problems = [], []
+    for r in rows:
+        try:
+            load(Path(root) / r.path)
+        except DataError as exc:
+            problems.append(ManifestProblem(r.source or r.path, str(exc)))
+            continue
+        good.append(r)
+    return good, problems
+
+
+def write_skipped(path: str | Path, problems: Sequence[ManifestProblem | str]) -> Path:
+    """``path`` (e.g. ``RUN/skipped_images.txt``): one skipped image per line, ``where: why``."""
+    from medkt.utils import atomic_write_text
+
+    return atomic_write_text(path, "".join(f"{p}\n" for p in problems))
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

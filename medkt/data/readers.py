@@ -75,6 +75,50 @@ def sniff_format(path: str | Path) -> str:
     return "pil"
 
 
+#: SOP class of a DICOMDIR (PS3.4 "Media Storage Directory Storage"): an index, not an image
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+
+def is_image_file(path: str | Path) -> bool:
+    """Whether a file in a dataset folder is an image medkt reads (not a sidecar file).
+
+    Known image suffixes are images; hidden files (``.DS_Store``, macOS ``._x.png`` resource
+    forks) and DICOM indexes (``DICOMDIR``) are not. Files without a known suffix are sniffed,
+    since DICOM exports name files by UID (``1.2.840....``) or not at all: a DICOM preamble that
+    is not a DICOMDIR, and for extensionless files also the JSRT size or a format PIL opens.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    name = path.name
+    if name.startswith(".") or name.upper() == "DICOMDIR":
+        return False
+    suffix = _suffix(path)
+    if suffix in PIL_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES + JSRT_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    if len(head) == 132 and head[128:132] == b"DICM":
+        from pydicom.filereader import read_file_meta_info
+
+        try:
+            return str(read_file_meta_info(path).get("MediaStorageSOPClassUID", "")) != DICOMDIR_SOP_CLASS
+        except Exception:  # a damaged header: let the reader report it
+            return True
+    if "." in name:
+        return False  # another suffix: a sidecar (.txt, .csv, .json, .xml ...)
+    if path.stat().st_size == JSRT_BYTES:
+        return True
+    try:
+        with Image.open(path):
+            return True
+    except Exception:
+        return False
+
+
 def read_image(path: str | Path, *, jsrt_invert: bool = True) -> np.ndarray:
     """Read one 2-D image file -> float32 ``(H, W)`` or ``(H, W, 3)`` in [0, 1].
 
@@ -365,5 +409,6 @@ __all__ = [
     "read_jsrt_raw",
     "write_jsrt_raw",
     "sniff_format",
+    "is_image_file",
     "window",
 ]

@@ -36,6 +36,9 @@ from medkt.validation import EvaluationSpec
 
 
 #: name -> "module:function" returning class -> prompts (``{"prompt_generator": {"name": ..., **kw}}``)
+#: the run folder's list of the images left out by ``skip_unreadable`` / ``skip_bad``
+SKIPPED_IMAGES = "skipped_images.txt"
+
 PROMPT_GENERATORS: dict[str, str] = {"chexpert": "medkt.chexpert:chexpert_class_prompts"}
 
 
@@ -100,14 +103,15 @@ def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], defau
     from disk at evaluation time; only embeddings are kept).
 
     With ``skip_bad`` every file is decoded once up front and bad rows/files are skipped and
-    counted in the returned info; otherwise a bad row is a :class:`DataError` naming it (at the
+    counted in the returned info (``skip_unreadable``: only missing or undecodable image files
+    are skipped, other bad rows stay errors; the full list is ``info["skipped_all"]``); otherwise a bad row is a :class:`DataError` naming it (at the
     latest when the "before" evaluation reads it, before any transfer compute). Every class needs
     an image unless ``allow_missing_classes`` (distractor classes, e.g. ImageNet's 1000).
     Spec keys besides those of :func:`class_prompts_of`: ``manifest``, ``root``, ``split``,
-    ``aggregate``, ``skip_bad``, ``title``, ``batch_size``, ``num_workers``, ``cache_dir``,
+    ``aggregate``, ``skip_bad``, ``skip_unreadable``, ``title``, ``batch_size``, ``num_workers``, ``cache_dir``,
     ``scoring`` (``auto|embedding|itm``), ``text_batch_size``.
     """
-    from medkt.data.manifest import ManifestProblem, read_manifest
+    from medkt.data.manifest import ManifestProblem, read_manifest, readable_rows
 
     prompts = class_prompts_of(spec)
     if "manifest" not in spec:
@@ -115,24 +119,19 @@ def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], defau
     manifest = Path(spec["manifest"])
     root = Path(spec.get("root") or manifest.parent)
     skip_bad = bool(spec.get("skip_bad", False))
+    skip_unreadable = bool(spec.get("skip_unreadable", False))
     aggregate = spec.get("aggregate", default_aggregate)
     problems: list[ManifestProblem] = []
     # with distractor classes a class may have no rows; labels must still be among the classes
     rows = read_manifest(manifest, root, classes=None if allow_missing_classes else list(prompts),
-                         split=spec.get("split"), skip_bad=skip_bad, problems=problems)
+                         split=spec.get("split"), skip_bad=skip_bad, problems=problems,
+                         check_files=not skip_unreadable)  # a missing file is one of the unreadable
     unknown = sorted({r.label for r in rows} - set(prompts))
     if unknown:
         raise DataError(f"{manifest}: labels {unknown[:5]} are not among the evaluation classes of {name!r}")
-    if skip_bad:
-        good = []
-        for r in rows:
-            try:
-                backend.load_image(root / r.path)
-            except DataError as exc:
-                problems.append(ManifestProblem(r.source or r.path, str(exc)))
-                continue
-            good.append(r)
-        rows = good
+    if skip_bad or skip_unreadable:
+        rows, unreadable = readable_rows(rows, root, backend.load_image)
+        problems += unreadable
     labels = [r.label for r in rows]
     empty = [c for c in prompts if c not in set(labels)]
     if empty and not allow_missing_classes:
@@ -151,6 +150,7 @@ def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], defau
             "n_classes": len(prompts), "skipped_rows": len(problems), "skipped": [str(p) for p in problems[:20]],
             "aggregate": aggregate, "scoring": ev.scoring, "n_prompts": {c: len(p) for c, p in prompts.items()}}
     if problems:
+        info["skipped_all"] = [str(p) for p in problems]
         log.warning("%s: skipped %d bad row(s), e.g. %s", name, len(problems), problems[0])
     return ev, info
 
@@ -196,9 +196,13 @@ class TransferPipeline(Pipeline):
     def __init__(self, backend: str, concepts: list[dict[str, Any]], inversion: dict | None = None,
                  finetune: dict | None = None, evaluations: dict[str, EvaluationSpec] | None = None,
                  negative_captions: list[str] | None = None, save_weights: bool = True,
-                 backend_options: dict[str, Any] | None = None, **kw: Any):
+                 backend_options: dict[str, Any] | None = None, skip_unreadable: bool = False, **kw: Any):
         super().__init__(**kw, backend=backend, concepts=concepts, inversion=inversion, finetune=finetune,
-                         evaluations=evaluations, negative_captions=negative_captions)
+                         evaluations=evaluations, negative_captions=negative_captions,
+                         **({"skip_unreadable": True} if skip_unreadable else {}))
+        # opt-in (``medkt transfer --skip-unreadable``): images that are missing or cannot be
+        # decoded are left out of every evaluation and listed in RUN/skipped_images.txt
+        self.skip_unreadable = bool(skip_unreadable)
         self.backend_spec = backend
         self.backend_options = dict(backend_options or {})
         self.step = TransferStep(concepts, inversion, finetune, seed=self.seed,
@@ -245,9 +249,17 @@ class TransferPipeline(Pipeline):
 
     def build_evaluators(self, backend: Backend, out: Path | None) -> tuple[dict[str, ZeroShotEvaluator], dict[str, Any]]:
         """:meth:`build_evaluator` for every entry of ``evaluations``: (name -> evaluator, name -> info)."""
-        evaluators, info = {}, {}
+        evaluators, info, skipped = {}, {}, []
         for name, spec in self.evaluations.items():
+            if self.skip_unreadable and spec.get("source") != "inversion":
+                spec = {**spec, "skip_unreadable": True}
             evaluators[name], info[name] = self.build_evaluator(backend, name, spec, out)
+            skipped += info[name].pop("skipped_all", [])
+        if skipped and out is not None:  # the full list in the run folder (results.json keeps 20 per set)
+            from medkt.data.manifest import write_skipped
+
+            path = write_skipped(out / SKIPPED_IMAGES, skipped)
+            log.warning("skipped %d unreadable image(s) or bad row(s), listed in %s", len(skipped), path)
         return evaluators, info
 
     # -- run ------------------------------------------------------------------------------
