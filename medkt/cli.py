@@ -84,8 +84,14 @@ def transfer(
         overrides["pipeline#skip_unreadable"] = True
     # --device / --precision are the bundle's top-level keys (same as --set device=...)
     overrides.update({k: v for k, v in (("device", device), ("precision", precision)) if v is not None})
-    results = run_bundle(bundle, overrides, config=config, output=output, overwrite=overwrite, resume=resume,
-                         restart=restart)
+    try:
+        results = run_bundle(bundle, overrides, config=config, output=output, overwrite=overwrite, resume=resume,
+                             restart=restart)
+    except ConfigError as exc:
+        if skip_unreadable and "'skip_unreadable'" in str(exc):  # a pipeline without manifest evaluations
+            raise ConfigError(f"--skip-unreadable: bundle {bundle!r} does not evaluate on images listed in a manifest "
+                              "(its pipeline has no such option); run it without the flag") from None
+        raise
     summary = results.get("summary_table")
     if summary:
         typer.echo(summary)

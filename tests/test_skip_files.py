@@ -124,3 +124,9 @@ def test_transfer_skip_unreadable_lists_them_in_the_run_folder(medkt, bad_manife
     results = json.loads((out / "results.json").read_text())
     assert results["evaluations"]["files"]["info"]["n_images"] == 4
     assert results["evaluations"]["files"]["info"]["skipped_rows"] == 2
+
+
+def test_transfer_skip_unreadable_on_a_bundle_without_manifests(medkt, tmp_path):
+    line = error_line(medkt("transfer", "--bundle", "phantom_nodules", "--output", str(tmp_path / "r"),
+                            "--skip-unreadable"))
+    assert "--skip-unreadable" in line and "phantom_nodules" in line and "--set" not in line
