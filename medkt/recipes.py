@@ -5,8 +5,10 @@ A real model gets the paper's recipe (§4.2: 10 images per concept, 5,000 invers
 loss as in the paper). The phantom model shipped with medkt is not a paper model: its own recipe
 (``"phantom"``: 16 images, the ``"fast"`` 400-step inversion preset, lr 3e-4 for 10 epochs) is
 named explicitly, so it is never mistaken for real-model advice (3e-4 is 30x the paper's MedCLIP
-learning rate). The bundles carry the same numbers for their models (``jsrt_nodules``,
-``rare_concepts_clip``, ``rare_concepts_vilt``, ``coco_captioning_coca``, ``phantom_nodules``).
+learning rate). The bundles carry the paper's numbers for their models (``jsrt_nodules``,
+``rare_concepts_clip``, ``rare_concepts_vilt``, ``coco_captioning_coca``); the
+``phantom_nodules`` bundle's measured recipe goes further (residual inversion from normal
+phantoms, which a generic script does not have), so ``"phantom"`` keeps the plain settings.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ RECIPES: dict[str, Recipe] = {
                          {"loss": "itm", "weight_decay": 0.01, "optimizer": "adamw"}),
     # CoCa: contrastive plus 0.1 x captioning loss (paper §4.2, as the coco_captioning_coca bundle)
     "paper-coca": Recipe("paper-coca", 10, {}, {"loss": "clip+caption"}),
-    # the shipped phantom model only (phantom_nodules, README "Python API")
+    # the shipped phantom model only (examples/, README "Python API")
     "phantom": Recipe("phantom", 16, {"preset": "fast"}, {"lr": 3e-4, "epochs": 10}),
 }
 
