@@ -293,3 +293,20 @@ def test_api_classes_sharing_a_prompt_are_refused():
 
     with pytest.raises(ConfigError, match="share the prompt"):
         medkt.evaluate_zero_shot(None, torch.zeros(1, 3, 4, 4), {"a": ["same"], "b": ["same"]})
+
+
+def test_a_published_name_list_with_a_name_twice_is_reported(caplog):
+    """CLIP's ImageNet names hold "missile" twice: evaluated as published, with a warning."""
+    import logging
+
+    from medkt.errors import ConfigError
+    from medkt.pipelines.transfer import class_prompts_of
+
+    spec = {"classes": ["n1", "n2", "n3"], "class_names": {"n1": "missile", "n2": "missile", "n3": "dog"},
+            "templates": ["a photo of a {}.", "a {}."]}
+    with caplog.at_level(logging.WARNING, logger="medkt"):
+        assert len(class_prompts_of(spec)) == 3
+    assert [r.getMessage() for r in caplog.records if "share the prompt" in r.getMessage()] == [
+        "classes 'n1' and 'n2' share the prompt 'a photo of a missile.' (the same class name): their scores tie"]
+    with pytest.raises(ConfigError, match="share the prompt"):  # explicit prompts stay refused
+        class_prompts_of({"classes": {"n1": "a missile", "n2": "a missile"}})

@@ -69,30 +69,46 @@ def class_prompts_of(spec: dict[str, Any]) -> dict[str, list[str]]:
             raise ConfigError(f"class(es) {twice} listed twice in 'classes'; each class once (a duplicate would be "
                               "merged silently)", key=f"classes#{twice[0]}")
         classes = {c: None for c in classes}
-    out = {}
+    out, named = {}, set()
     for c, prompts in classes.items():
         if prompts is None:
             name = spec.get("class_names", {}).get(c, c)
+            if name != c:
+                named.add(str(c))
             prompts = [t.format(name) for t in spec.get("templates", ["a photo of a {}."])]
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ConfigError(f"class {c!r} needs at least one non-empty prompt")
         out[str(c)] = prompts
-    return check_distinct_prompts(out)
+    return check_distinct_prompts(out, report_only=named)
 
 
-def check_distinct_prompts(prompts: dict[str, list[str]]) -> dict[str, list[str]]:
+def check_distinct_prompts(prompts: dict[str, list[str]], report_only: set[str] | frozenset[str] = frozenset()
+                           ) -> dict[str, list[str]]:
     """Refuse two classes sharing a prompt (compared without case and surrounding spaces): their
     scores would be tied by construction, so the argmax between them is decided by the class
-    order, not the image. Returns ``prompts``."""
+    order, not the image. Returns ``prompts``.
+
+    Pairs of classes that are both in ``report_only`` are logged as a warning instead: a
+    published class-name list can hold the same name twice (CLIP's ImageNet names have two
+    "missile" and two "sunglasses" classes), and its benchmark is evaluated with it as it is.
+    """
     owner: dict[str, str] = {}
+    warned: set[tuple[str, str]] = set()
     for c, ps in prompts.items():
         for p in ps:
             key = " ".join(p.split()).casefold()
-            if owner.get(key, c) != c:
-                raise ConfigError(f"classes {owner[key]!r} and {c!r} share the prompt {p!r}: their scores would be "
-                                  "identical; give each class its own prompt", key=f"classes#{c}")
-            owner[key] = c
+            first = owner.setdefault(key, c)
+            if first == c:
+                continue
+            if first in report_only and c in report_only:
+                if (first, c) not in warned:  # once per pair, not once per template
+                    warned.add((first, c))
+                    log.warning("classes %r and %r share the prompt %r (the same class name): their scores tie",
+                                first, c, p)
+                continue
+            raise ConfigError(f"classes {first!r} and {c!r} share the prompt {p!r}: their scores would be "
+                              "identical; give each class its own prompt", key=f"classes#{c}")
     return prompts
 
 
