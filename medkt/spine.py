@@ -236,7 +236,8 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
         evaluators: name -> :class:`ZeroShotEvaluator` run before and after.
         negatives: extra fine-tuning captions that are never a target; None = the first prompt
             of every evaluation class that is not a concept (:func:`default_negatives`).
-        out_dir: where the phases write their outputs (None: nothing is written).
+        out_dir: where the phases write their outputs (None: nothing is written); locked while the call
+            runs (``medkt.utils.folder_lock``: another process on it is refused naming its pid).
         images: what to fine-tune on (see :func:`synthesize`).
         before: "before" results already computed (e.g. shared by a sweep); else evaluated here
             when ``evaluate_before``.
