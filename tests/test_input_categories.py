@@ -108,7 +108,7 @@ def test_transparent_palette_image_is_refused(tmp_path, mode):
 
 
 # -- environment: read-only / full output disk --------------------------------------------------
-@pytest.mark.parametrize("err", [errno.EROFS, errno.ENOSPC])
+@pytest.mark.parametrize("err", [errno.EROFS, errno.ENOSPC], ids=["EROFS", "ENOSPC"])
 def test_atomic_write_on_a_bad_disk_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch, err):
     from medkt.errors import OutputDiskError
     from medkt.utils import atomic_write_text
@@ -126,7 +126,7 @@ def test_atomic_write_on_a_bad_disk_is_one_line_and_keeps_the_old_file(tmp_path,
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temp left
 
 
-@pytest.mark.parametrize("err", [errno.EROFS, errno.ENOSPC])
+@pytest.mark.parametrize("err", [errno.EROFS, errno.ENOSPC], ids=["EROFS", "ENOSPC"])
 def test_bad_disk_during_a_run_exits_2_and_keeps_checkpoints(medkt, monkeypatch, tmp_path, err):
     """The disk fails when the fine-tuned weights are written, after the inversion checkpoints:
     one line, exit 2, the checkpoints survive and ``--resume`` finishes the run."""
