@@ -15,7 +15,8 @@ Offline, on the phantom model shipped with medkt::
     medkt phantom export -o phantoms --findings "no finding,mass,nodule" --n 20
     python examples/compare_prompts.py --images phantoms/images
 
-A real model: ``--backend clip:ViT-B-32@/models/ViT-B-32.pt --descriptions my_classes.json``.
+A real model: ``--backend clip:ViT-B-32@/models/ViT-B-32.pt --descriptions my_classes.json`` (the
+transfer settings follow the backend family, ``medkt.recipe_defaults``: the paper's recipe).
 """
 from __future__ import annotations
 
@@ -47,10 +48,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--descriptions", type=Path, help="JSON: sub-folder name -> description (default: phantom world)")
     p.add_argument("--name-template", default="a chest x-ray with {}")
     p.add_argument("--description-template", default="a chest x-ray showing {}")
-    p.add_argument("--n-images", type=int, default=16, help="images synthesised for the concept")
-    p.add_argument("--steps", type=int, default=400, help="inversion steps (paper: 5000)")
-    p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate")
-    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
+    # the settings default to the backend family's recipe (medkt.recipe_defaults): the paper's for a
+    # real model, the phantom recipe for phantom:base
+    p.add_argument("--n-images", type=int, help="images synthesised for the concept (default: the recipe's)")
+    p.add_argument("--steps", type=int, help="inversion steps (default: the recipe's; paper: 5000)")
+    p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the recipe's; paper: 1e-5)")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the recipe's; paper: 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/compare_prompts"))
@@ -66,13 +69,15 @@ def main(argv: list[str] | None = None) -> dict:
     desc_prompts = {lab: [args.description_template.format(descriptions[lab])] for lab in labels}
 
     backend = medkt.create_backend(args.backend, device=args.device)
+    recipe = medkt.recipe_defaults(args.backend)
+    print(f"recipe: {recipe.name} (medkt.recipe_defaults({args.backend.split('@')[0]!r}); --steps/--lr/--epochs override)")
     rows = {"name prompts": medkt.evaluate_zero_shot(backend, args.images, name_prompts),
             "description prompts": medkt.evaluate_zero_shot(backend, args.images, desc_prompts)}
     result = medkt.transfer(
         backend,
-        [medkt.Concept(args.concept, [descriptions[args.concept]], n_images=args.n_images)],
-        inversion_config=medkt.InversionConfig(steps=args.steps, seed=args.seed),
-        finetune_config=medkt.FinetuneConfig(lr=args.lr, epochs=args.epochs, seed=args.seed),
+        [medkt.Concept(args.concept, [descriptions[args.concept]], n_images=args.n_images or recipe.n_images)],
+        inversion_config=recipe.inversion_config(steps=args.steps, seed=args.seed),
+        finetune_config=recipe.finetune_config(lr=args.lr, epochs=args.epochs, seed=args.seed),
         evaluators={"names": medkt.zero_shot_evaluator(backend, args.images, name_prompts)},
         evaluate_before=False, out_dir=args.out,
     )

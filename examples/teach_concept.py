@@ -11,7 +11,9 @@ Offline, on the phantom model shipped with medkt::
     python examples/teach_concept.py --images phantoms/images
 
 A real model: change the spec, e.g. ``--backend medclip:vit@/models/medclip-vit`` (see README,
-"Getting weights"), point ``--images`` at your folder and write your own ``--description``.
+"Getting weights"), point ``--images`` at your folder and write your own ``--description``; the
+steps, learning rate, epochs and image count follow the backend family (``medkt.recipe_defaults``:
+the paper's recipe for a real model, the phantom recipe for ``phantom:base``).
 Writes ``OUT/inversion/`` (the synthesised images), ``OUT/finetuned.safetensors`` and
 ``OUT/results.json``.
 """
@@ -33,16 +35,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--concept", default="nodule", help="name of the new finding (= its sub-folder name)")
     p.add_argument("--description", default=NODULE, help="what the finding looks like, in words")
     p.add_argument("--template", default="a chest x-ray with {}", help="zero-shot prompt of each class")
-    p.add_argument("--n-images", type=int, default=16, help="images synthesised for the concept")
-    p.add_argument("--steps", type=int, default=400, help="inversion steps (paper: 5000)")
-    p.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate")
-    p.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
+    # the settings default to the backend family's recipe (medkt.recipe_defaults): the paper's for a
+    # real model, the phantom recipe for phantom:base
+    p.add_argument("--n-images", type=int, help="images synthesised for the concept (default: the recipe's)")
+    p.add_argument("--steps", type=int, help="inversion steps (default: the recipe's; paper: 5000)")
+    p.add_argument("--lr", type=float, help="fine-tuning learning rate (default: the recipe's; paper: 1e-5)")
+    p.add_argument("--epochs", type=int, help="fine-tuning epochs (default: the recipe's; paper: 1)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("runs/teach_concept"), help="output folder")
     args = p.parse_args(argv)
 
     backend = medkt.create_backend(args.backend, device=args.device)
+    recipe = medkt.recipe_defaults(args.backend)
+    print(f"recipe: {recipe.name} (medkt.recipe_defaults({args.backend.split('@')[0]!r}); --steps/--lr/--epochs override)")
     labels = sorted(d.name for d in args.images.iterdir() if d.is_dir())
     classes = {lab: [args.template.format(lab.replace("_", " "))] for lab in labels}
     if args.concept not in classes:
@@ -51,9 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = medkt.transfer(
         backend,
-        [medkt.Concept(args.concept, [args.description], n_images=args.n_images)],
-        inversion_config=medkt.InversionConfig(steps=args.steps, seed=args.seed),
-        finetune_config=medkt.FinetuneConfig(lr=args.lr, epochs=args.epochs, seed=args.seed),
+        [medkt.Concept(args.concept, [args.description], n_images=args.n_images or recipe.n_images)],
+        inversion_config=recipe.inversion_config(steps=args.steps, seed=args.seed),
+        finetune_config=recipe.finetune_config(lr=args.lr, epochs=args.epochs, seed=args.seed),
         evaluators={"images": evaluator},  # the other classes' prompts become the negatives
         out_dir=args.out,
     )

@@ -25,17 +25,18 @@ __version__ = "0.1.0"  # = pyproject.toml; sub-packages read the installed versi
 #: the public names, all defined in :mod:`medkt.api`
 __all__ = [
     "Backend", "ClassificationResult", "Concept", "FinetuneConfig", "FinetuneResult", "InversionConfig",
-    "InversionResult", "M2IBConfig", "ScoreTable", "SegmentationResult", "TransferResult", "ZeroShotEvaluator",
-    "create_backend", "evaluate_zero_shot", "fine_tune", "invert", "list_backends", "load_finetuned",
-    "register_backend", "saliency", "save_finetuned", "score_masks", "segment", "transfer", "zero_shot_evaluator",
+    "InversionResult", "M2IBConfig", "Recipe", "ScoreTable", "SegmentationResult", "TransferResult",
+    "ZeroShotEvaluator", "create_backend", "evaluate_zero_shot", "fine_tune", "invert", "list_backends",
+    "load_finetuned", "recipe_defaults", "register_backend", "saliency", "save_finetuned", "score_masks", "segment",
+    "transfer", "zero_shot_evaluator",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from medkt.api import (  # noqa: F401
         Backend, ClassificationResult, Concept, FinetuneConfig, FinetuneResult, InversionConfig, InversionResult,
-        M2IBConfig, ScoreTable, SegmentationResult, TransferResult, ZeroShotEvaluator, create_backend,
-        evaluate_zero_shot, fine_tune, invert, list_backends, load_finetuned, register_backend, saliency,
-        save_finetuned, score_masks, segment, transfer, zero_shot_evaluator,
+        M2IBConfig, Recipe, ScoreTable, SegmentationResult, TransferResult, ZeroShotEvaluator, create_backend,
+        evaluate_zero_shot, fine_tune, invert, list_backends, load_finetuned, recipe_defaults, register_backend,
+        saliency, save_finetuned, score_masks, segment, transfer, zero_shot_evaluator,
     )
 
 

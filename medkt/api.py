@@ -6,6 +6,7 @@ Each step of knowledge transfer is one call and returns one result object with `
 | step | call | result |
 |---|---|---|
 | model | :func:`create_backend` | :class:`Backend` |
+| default settings | :func:`recipe_defaults` (paper recipe; the phantom model's own) | :class:`Recipe` |
 | whole transfer | :func:`transfer` | :class:`TransferResult` |
 | synthesise images | :func:`invert` | :class:`InversionResult` |
 | fine-tune | :func:`fine_tune` | :class:`FinetuneResult` |
@@ -29,9 +30,11 @@ Example (the shipped phantom model; change the spec string for a real model)::
     # phantoms/images/<class>/*.png from: medkt phantom export -o phantoms --findings "no finding,nodule"
     classes = {"nodule": ["a chest x-ray with nodule"], "no_finding": ["a chest x-ray with no finding"]}
     ev = medkt.zero_shot_evaluator(backend, "phantoms/images", classes)
-    result = medkt.transfer(backend, [medkt.Concept("nodule", ["a small round bright spot in the lung"], 16)],
-                            inversion_config=medkt.InversionConfig(steps=300),
-                            finetune_config=medkt.FinetuneConfig(lr=3e-4, epochs=10),
+    recipe = medkt.recipe_defaults("phantom:base")  # the phantom recipe; the paper's for real models
+    result = medkt.transfer(backend, [medkt.Concept("nodule", ["a small round bright spot in the lung"],
+                                                    recipe.n_images)],
+                            inversion_config=recipe.inversion_config(),
+                            finetune_config=recipe.finetune_config(),
                             evaluators={"phantoms": ev}, out_dir="runs/nodule")
     print(result.before["phantoms"].accuracy, "->", result.after["phantoms"].accuracy)
 """
@@ -51,6 +54,7 @@ from medkt.errors import ConfigError, DataError
 from medkt.evaluation import ClassificationResult, ZeroShotEvaluator
 from medkt.finetune import FinetuneConfig, load_finetuned, save_finetuned
 from medkt.inversion import InversionConfig, InversionResult
+from medkt.recipes import Recipe, recipe_defaults
 from medkt.segmentation.m2ib import M2IBConfig
 from medkt.segmentation.metrics import ScoreTable
 from medkt.spine import Concept, TransferResult, parse_concepts, transfer
@@ -500,7 +504,8 @@ def score_masks(pred: str | Path | Mapping[str, Any] | np.ndarray, truth: str | 
 
 __all__ = [
     "Backend", "ClassificationResult", "Concept", "FinetuneConfig", "FinetuneResult", "InversionConfig",
-    "InversionResult", "M2IBConfig", "ScoreTable", "SegmentationResult", "TransferResult", "ZeroShotEvaluator",
-    "create_backend", "evaluate_zero_shot", "fine_tune", "invert", "list_backends", "load_finetuned",
-    "register_backend", "saliency", "save_finetuned", "score_masks", "segment", "transfer", "zero_shot_evaluator",
+    "InversionResult", "M2IBConfig", "Recipe", "ScoreTable", "SegmentationResult", "TransferResult",
+    "ZeroShotEvaluator", "create_backend", "evaluate_zero_shot", "fine_tune", "invert", "list_backends",
+    "load_finetuned", "recipe_defaults", "register_backend", "saliency", "save_finetuned", "score_masks", "segment",
+    "transfer", "zero_shot_evaluator",
 ]

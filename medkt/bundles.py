@@ -117,6 +117,12 @@ def _find_user_error(exc: BaseException) -> MedktError | None:
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, MedktError):
             return exc
+        if isinstance(exc, OSError):  # a read-only / full disk outside the atomic writers
+            from medkt.errors import disk_error
+
+            err = disk_error(exc, exc.filename or "the run folder")
+            if err is not None:
+                return err
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
@@ -190,9 +196,21 @@ def run_bundle(bundle: str, overrides: dict[str, Any] | None = None, config: str
 
 # -- where a config value came from (for one-line errors) ---------------------------------------
 def read_json(path: str | Path) -> Any:
-    """A JSON config file; a syntax error is one line ``FILE:LINE:COL: invalid JSON: ...``."""
+    """A JSON config file; a syntax error is one line ``FILE:LINE:COL: invalid JSON: ...``, and so
+    is a key given twice in one object (``json`` would silently keep the last value: a class
+    listed twice in a class file, an option set twice in a config)."""
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ConfigError(f"{path}: key {key!r} appears twice in one JSON object (the second value would "
+                                  "silently replace the first); keep one", key=key)
+            seen[key] = value
+        return seen
+
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(), object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
     except OSError as exc:

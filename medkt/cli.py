@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from medkt.device import DEVICE_HELP, PRECISION_HELP
-from medkt.errors import ConfigError, MedktError
+from medkt.errors import ConfigError, DataError, MedktError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="medkt: teach vision-language models new visual concepts from text (knowledge transfer).")
@@ -72,15 +72,26 @@ def transfer(
     device: Optional[str] = typer.Option(None, "--device", help=DEVICE_HELP + " (default: the bundle's device)."),
     precision: Optional[str] = typer.Option(None, "--precision",
                                             help=PRECISION_HELP + " (default: the bundle's precision)."),
+    skip_unreadable: bool = typer.Option(False, "--skip-unreadable",
+                                         help="Leave missing or undecodable evaluation images out (listed in "
+                                              "RUN/skipped_images.txt) instead of stopping."),
 ) -> None:
     """Run a knowledge-transfer bundle: inversion -> fine-tuning -> evaluation before/after."""
     from medkt.bundles import run_bundle
 
     overrides = _parse_sets(set_)
+    if skip_unreadable:
+        overrides["pipeline#skip_unreadable"] = True
     # --device / --precision are the bundle's top-level keys (same as --set device=...)
     overrides.update({k: v for k, v in (("device", device), ("precision", precision)) if v is not None})
-    results = run_bundle(bundle, overrides, config=config, output=output, overwrite=overwrite, resume=resume,
-                         restart=restart)
+    try:
+        results = run_bundle(bundle, overrides, config=config, output=output, overwrite=overwrite, resume=resume,
+                             restart=restart)
+    except ConfigError as exc:
+        if skip_unreadable and "'skip_unreadable'" in str(exc):  # a pipeline without manifest evaluations
+            raise ConfigError(f"--skip-unreadable: bundle {bundle!r} does not evaluate on images listed in a manifest "
+                              "(its pipeline has no such option); run it without the flag") from None
+        raise
     summary = results.get("summary_table")
     if summary:
         typer.echo(summary)
@@ -144,9 +155,12 @@ def invert(
         if not sep or not name.strip() or not desc.strip():
             raise ConfigError(f"bad --concept {c!r}: expected NAME=DESCRIPTION")
         targets.append(InversionTarget(name.strip(), desc.strip(), n_images))
+    from medkt.utils import LOCK_NAME, check_unlocked, folder_lock
+
+    check_unlocked(output, "output folder")  # another live `medkt invert` writing there comes first
     # resuming into a folder checks the settings its checkpoints were made with (medkt.checkpoints),
     # so images of another run are never mixed with this one's: a folder without that record is refused
-    if output.exists() and any(output.iterdir()):
+    if output.exists() and any(p.name != LOCK_NAME for p in output.iterdir()):
         if not resume:
             raise ConfigError(f"output folder {output} is not empty; pass --resume to continue the inversion it "
                               "holds, or choose another folder")
@@ -156,8 +170,10 @@ def invert(
     cfg = _config_from_options(InversionConfig, {"steps": steps, "lr": lr, "seed": seed,
                                                  "checkpoint_every": checkpoint_every}, set_, "inversion")
     b = create_backend(backend, device=device, precision=precision)
-    result = run_invert(b, targets, cfg, out_dir=output, resume=resume)
-    manifest = save_inversion(result, output, cfg)
+    output.mkdir(parents=True, exist_ok=True)
+    with folder_lock(output, "output folder"):
+        result = run_invert(b, targets, cfg, out_dir=output, resume=resume)
+        manifest = save_inversion(result, output, cfg)
     typer.echo(f"{len(result.images)} images, mean similarity {sum(result.similarities) / len(result.similarities):.3f}, "
                f"{result.seconds:.1f} s -> {manifest}")
 
@@ -203,6 +219,9 @@ def evaluate(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the result as JSON."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    skip_unreadable: bool = typer.Option(False, "--skip-unreadable",
+                                         help="Leave missing or undecodable images out (listed in "
+                                              "OUTPUT.skipped_images.txt, or on stderr) instead of stopping."),
 ) -> None:
     """Zero-shot classification accuracy (overall and per class) of a model on a manifest."""
     from medkt.backends import create_backend
@@ -222,8 +241,17 @@ def evaluate(
             typer.echo("warning: the fine-tuned weights equal the base model's: the numbers below are the base "
                        "model's (was the learning rate too small, or nothing trained?)", err=True)
         load_finetuned(b, weights)
-    rows = read_manifest(manifest, root, classes=list(prompts), split=split)
     data_root = root or manifest.parent
+    # with --skip-unreadable a missing file is one of the unreadable images, not an error
+    rows = read_manifest(manifest, root, classes=list(prompts), split=split, check_files=not skip_unreadable)
+    skipped: list = []
+    if skip_unreadable:
+        from medkt.data.manifest import readable_rows, write_skipped
+
+        rows, skipped = readable_rows(rows, data_root, b.load_image)
+        empty = [c for c in prompts if c not in {r.label for r in rows}]
+        if empty:
+            raise DataError(f"{manifest}: no readable images for class(es) {empty} ({len(skipped)} skipped)")
     res = zero_shot_classify(b, [data_root / r.path for r in rows], [r.label for r in rows], prompts, aggregate)
     for c, v in res.per_class.items():
         typer.echo(f"{c:30s} {100 * v:6.1f}")
@@ -231,7 +259,16 @@ def evaluate(
     if output is not None:
         from medkt.utils import atomic_write_json
 
-        atomic_write_json(output, res.to_dict())
+        atomic_write_json(output, {**res.to_dict(), "skipped_images": len(skipped)} if skip_unreadable
+                          else res.to_dict())
+    if skipped:
+        if output is not None:
+            where = write_skipped(output.with_suffix(".skipped_images.txt"), skipped)
+            typer.echo(f"skipped {len(skipped)} unreadable image(s), listed in {where}", err=True)
+        else:
+            typer.echo(f"skipped {len(skipped)} unreadable image(s):", err=True)
+            for p in skipped:
+                typer.echo(f"  {p}", err=True)
 
 
 def read_class_prompts(path: Path, templates: list[str] | None = None) -> dict[str, list[str]]:
@@ -286,6 +323,14 @@ def main() -> None:
         if debug:
             raise
         typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except OSError as exc:  # a read-only / full disk outside the atomic writers (mkdir, run.log, images)
+        from medkt.errors import disk_error
+
+        err = disk_error(exc, exc.filename or "the output")
+        if debug or err is None:
+            raise
+        typer.echo(f"error: {err}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -47,12 +47,38 @@ class OutputExistsError(MedktError, FileExistsError):
     """Refusing to overwrite an existing run directory without --overwrite."""
 
 
+class OutputDiskError(MedktError, OSError):
+    """The output disk refused a write: read-only, full or over quota. Files written before are
+    intact (every medkt file is written to a temp file and renamed), so the run can be resumed."""
+
+
+class RunLockedError(MedktError):
+    """Another live process works in the run folder (its pid is in the folder's lock file)."""
+
+
 class ResumeMismatchError(MedktError, ValueError):
     """``--resume`` with settings or targets other than the ones the checkpoints were made with."""
 
 
 class CheckpointError(MedktError):
     """A checkpoint file is corrupt, truncated or not a medkt checkpoint."""
+
+
+#: errno values of an output disk that cannot take a write (read-only, full, over quota)
+DISK_ERRNOS = frozenset(e for e in ("EROFS", "ENOSPC", "EDQUOT") if hasattr(__import__("errno"), e))
+
+
+def disk_error(exc: OSError, path: object) -> OutputDiskError | None:
+    """A one-line :class:`OutputDiskError` for an ``OSError`` of a read-only / full disk, else None."""
+    import errno
+
+    name = errno.errorcode.get(exc.errno or -1, "")
+    if name not in DISK_ERRNOS:
+        return None
+    what = {"EROFS": "the file system is read-only", "ENOSPC": "no space left on the device",
+            "EDQUOT": "disk quota exceeded"}[name]
+    return OutputDiskError(f"cannot write {path}: {what} ({name}); files written before are intact: free space or "
+                           "choose a writable output folder, then rerun (with --resume to continue a run)")
 
 
 def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:

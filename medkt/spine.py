@@ -26,6 +26,7 @@ interrupted inversion continues from its checkpoint, and changed settings are re
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -242,7 +243,8 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
         evaluators: name -> :class:`ZeroShotEvaluator` run before and after.
         negatives: extra fine-tuning captions that are never a target; None = the first prompt
             of every evaluation class that is not a concept (:func:`default_negatives`).
-        out_dir: where the phases write their outputs (None: nothing is written).
+        out_dir: where the phases write their outputs (None: nothing is written); locked while the call
+            runs (``medkt.utils.folder_lock``: another process on it is refused naming its pid).
         images: what to fine-tune on (see :func:`synthesize`).
         before: "before" results already computed (e.g. shared by a sweep); else evaluated here
             when ``evaluate_before``.
@@ -263,35 +265,41 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
     ft_cfg = finetune_config if isinstance(finetune_config, FinetuneConfig) else FinetuneConfig.from_dict(dict(finetune_config or {}))
     evaluators = dict(evaluators or {})
     out = Path(out_dir) if out_dir is not None else None
-    main = mdist.is_main()
-    seconds: dict[str, float] = {}
-    resumed: list[str] = []
+    with contextlib.ExitStack() as stack:
+        if out is not None and mdist.world_size() == 1:  # under torchrun the ranks share rank 0's folder
+            from medkt.utils import folder_lock
 
-    t = time.perf_counter()
-    before = dict(before) if before is not None else (
-        {n: ev.evaluate() for n, ev in evaluators.items()} if evaluate_before else {})
-    seconds["evaluation_before"] = time.perf_counter() - t
+            out.mkdir(parents=True, exist_ok=True)  # a second process on the same out_dir is refused
+            stack.enter_context(folder_lock(out, "output folder"))
+        main = mdist.is_main()
+        seconds: dict[str, float] = {}
+        resumed: list[str] = []
 
-    t = time.perf_counter()
-    inv = synthesize(backend, concepts, inv_cfg, images=images, inversion_dir=out / "inversion" if out else None,
-                     resume=resume, progress=progress, init_images=init_images)
-    seconds["inversion"] = time.perf_counter() - t
-    fault_point("after_inversion")
+        t = time.perf_counter()
+        before = dict(before) if before is not None else (
+            {n: ev.evaluate() for n, ev in evaluators.items()} if evaluate_before else {})
+        seconds["evaluation_before"] = time.perf_counter() - t
 
-    names = {c.name for c in concepts}
-    negs = list(negatives) if negatives is not None else default_negatives(evaluators, names)
-    descriptions = {c.name: c.description for c in concepts}
-    descriptions.update({k: v for k, v in (known_descriptions or {}).items() if k not in descriptions})
-    t = time.perf_counter()
-    history = _finetune_phase(backend, inv, concepts, descriptions, negs, ft_cfg, out, resume, progress and main,
-                              save_weights, dict(finetune_options or {}), resumed)
-    seconds["finetune"] = time.perf_counter() - t
+        t = time.perf_counter()
+        inv = synthesize(backend, concepts, inv_cfg, images=images, inversion_dir=out / "inversion" if out else None,
+                         resume=resume, progress=progress, init_images=init_images)
+        seconds["inversion"] = time.perf_counter() - t
+        fault_point("after_inversion")
 
-    fault_point("evaluation")
-    t = time.perf_counter()
-    after = {n: ev.evaluate() for n, ev in evaluators.items()}
-    seconds["evaluation_after"] = time.perf_counter() - t
-    return TransferResult(inv, history, before, after, seconds, resumed, ft_cfg)
+        names = {c.name for c in concepts}
+        negs = list(negatives) if negatives is not None else default_negatives(evaluators, names)
+        descriptions = {c.name: c.description for c in concepts}
+        descriptions.update({k: v for k, v in (known_descriptions or {}).items() if k not in descriptions})
+        t = time.perf_counter()
+        history = _finetune_phase(backend, inv, concepts, descriptions, negs, ft_cfg, out, resume, progress and main,
+                                  save_weights, dict(finetune_options or {}), resumed)
+        seconds["finetune"] = time.perf_counter() - t
+
+        fault_point("evaluation")
+        t = time.perf_counter()
+        after = {n: ev.evaluate() for n, ev in evaluators.items()}
+        seconds["evaluation_after"] = time.perf_counter() - t
+        return TransferResult(inv, history, before, after, seconds, resumed, ft_cfg)
 
 
 def _finetune_phase(backend: Backend, inv: InversionResult, concepts: Sequence[Concept], descriptions: dict[str, str],

@@ -40,10 +40,15 @@ def register(app: typer.Typer) -> None:
         from medkt.data.manifest import read_manifest
         from medkt.data.prepare import prepare
 
-        path = prepare(name, root, out, sha256=sha256, **_parse_options(set_))
+        skipped: list[Path] = []
+        path = prepare(name, root, out, sha256=sha256, skipped=skipped, **_parse_options(set_))
         rows = read_manifest(path, root)
         counts = Counter(r.label for r in rows)
         typer.echo(f"{path}: {len(rows)} images; " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+        if skipped:
+            names = ", ".join(p.relative_to(root).as_posix() for p in skipped[:5])
+            typer.echo(f"skipped {len(skipped)} file(s) that are not images: {names}"
+                       f"{' ...' if len(skipped) > 5 else ''}")
 
     @data.command("list")
     def list_cmd() -> None:

@@ -52,16 +52,14 @@ def to_float_array(image: Any) -> np.ndarray:
 
 
 def _pil_to_array(im: Image.Image) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L"):
-        return np.asarray(im, dtype=np.uint16)
-    if im.mode == "I":
-        a = np.asarray(im, dtype=np.int64)
-        return (a.clip(0, 65535)).astype(np.uint16)
-    if im.mode in ("RGBA", "LA", "P", "CMYK", "YCbCr"):
-        im = im.convert("RGB")
-    if im.mode not in ("L", "RGB", "F"):
-        im = im.convert("RGB")
-    return np.asarray(im)
+    """A PIL image in memory -> float32 [0, 1], by the same rules as an image file (one reader:
+    palette / CMYK / YCbCr / LAB / HSV converted by PIL, transparency refused, 16-bit / 65535,
+    32-bit int and float min-max)."""
+    from medkt.data.readers import _model_mode, _scale_pil
+
+    where = Path(getattr(im, "filename", "") or "<PIL image>")
+    im = _model_mode(im, where)
+    return _scale_pil(np.asarray(im), im.mode, where)
 
 
 def to_model_pixels(image: Any, size: int, channels: int = 3, pad_to_square: bool = True) -> torch.Tensor:

@@ -8,9 +8,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from medkt.errors import DataError
 
@@ -119,10 +121,22 @@ def read_manifest(
                 raise DataError(f"{path}: a manifest needs the columns path,label (got {reader.fieldnames})")
             raw = list(reader)
     rows: list[ManifestRow] = []
+    first: dict[tuple[str, str | None], ManifestRow] = {}  # (image, mask) -> its first row
     for i, rec in enumerate(raw, start=2 if path.suffix != ".jsonl" else 1):
         where = f"{path}:{i}: "
         try:
             row = _check_row(rec, names, root, where, classes, split, check_files, verify_hashes)
+            if row is not None:
+                # the same image twice would be scored twice (and with two labels, contradict itself);
+                # one image with two different masks stays allowed (two findings to segment)
+                key = (os.path.realpath(root / row.path), row.mask)
+                if key in first:
+                    other = first[key]
+                    labels = "" if other.label == row.label else f" with label {other.label!r}, here {row.label!r}"
+                    raise DataError(f"{where}image {row.path} is listed twice (first at {other.source}{labels}); "
+                                    "a duplicate would be counted twice: remove one row")
+                first[key] = row
+                row.source = f"{path}:{i}"
         except DataError as exc:
             if not skip_bad:
                 raise
@@ -130,7 +144,6 @@ def read_manifest(
                 problems.append(ManifestProblem(f"{path}:{i}", str(exc)[len(where):] if str(exc).startswith(where) else str(exc)))
             continue
         if row is not None:
-            row.source = f"{path}:{i}"
             rows.append(row)
     if classes is not None:
         present = {r.label for r in rows}
@@ -161,6 +174,28 @@ def _check_row(rec: dict, names: set[str], root: Path, where: str, classes: Sequ
         if check_files and not mfull.is_file():
             raise DataError(f"{where}mask not found: {mfull}")
     return row
+
+
+def readable_rows(rows: Sequence[ManifestRow], root: str | Path,
+                  load: Callable[[Path], Any]) -> tuple[list[ManifestRow], list[ManifestProblem]]:
+    """Decode every row's image once with ``load`` (e.g. ``backend.load_image``): the rows whose
+    file is missing or unreadable (a :class:`DataError`) come back as problems naming the row."""
+    good, problems = [], []
+    for r in rows:
+        try:
+            load(Path(root) / r.path)
+        except DataError as exc:
+            problems.append(ManifestProblem(r.source or r.path, str(exc)))
+            continue
+        good.append(r)
+    return good, problems
+
+
+def write_skipped(path: str | Path, problems: Sequence[ManifestProblem | str]) -> Path:
+    """``path`` (e.g. ``RUN/skipped_images.txt``): one skipped image per line, ``where: why``."""
+    from medkt.utils import atomic_write_text
+
+    return atomic_write_text(path, "".join(f"{p}\n" for p in problems))
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -15,6 +15,7 @@ import csv
 import random
 import re
 from collections.abc import Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,6 @@ Preparer = Callable[..., list[ManifestRow]]
 #: entry-point group ``medkt.dataset_preparers`` is loaded (on the first miss or listing)
 PREPARERS: Registry[Preparer] = Registry("dataset", group="medkt.dataset_preparers")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".img", ".nii", ".nii.gz", ".tif", ".tiff", ".bmp")
 
 
 def register_preparer(name: str) -> Callable[[Preparer], Preparer]:
@@ -48,8 +48,29 @@ def get_preparer(name: str) -> Preparer:
     return PREPARERS.get(name)
 
 
+#: files a preparer passed over as not images (:func:`image_files`), collected by :func:`prepare`
+_skipped: ContextVar[list[Path] | None] = ContextVar("medkt_prepare_skipped", default=None)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (recursively, sorted; hidden folders left out), by
+    :func:`medkt.data.readers.is_image_file`. The other files (``DICOMDIR``, ``.txt``, hidden
+    files ...) are left out and, inside :func:`prepare`, reported as skipped."""
+    from medkt.data.readers import is_image_file
+
+    images, collector = [], _skipped.get()
+    for p in sorted(folder.rglob("*")):
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(folder).parts[:-1]):
+            continue
+        if is_image_file(p):
+            images.append(p)
+        elif collector is not None:
+            collector.append(p)
+    return images
+
+
 def prepare(name: str, root: str | Path, out: str | Path | None = None, *, sha256: bool = False,
-            **options: Any) -> Path:
+            skipped: list[Path] | None = None, **options: Any) -> Path:
     """Build the manifest of dataset ``name`` from its downloaded copy under ``root``.
 
     Args:
@@ -57,13 +78,22 @@ def prepare(name: str, root: str | Path, out: str | Path | None = None, *, sha25
             atomically, only after every row was checked.
         sha256: fill the ``sha256`` column (lets ``read_manifest(verify_hashes=True)`` detect
             changed files).
+        skipped: when a list is given, the files the preparer passed over as not images
+            (``DICOMDIR``, ``.txt``, hidden files) are appended to it.
         options: preparer-specific keywords (e.g. ``seed``, ``n_per_class``).
     """
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"data root {root} is not a folder; pass the folder you downloaded {name!r} into")
     fn = get_preparer(name)
-    rows = fn(root, **options)
+    collected: list[Path] = []
+    token = _skipped.set(collected)
+    try:
+        rows = fn(root, **options)
+    finally:
+        _skipped.reset(token)
+    if skipped is not None:
+        skipped.extend(collected)
     if not rows:
         raise DataError(f"no images found for {name!r} under {root}; see data_manifests/ for the expected layout")
     for r in rows:
@@ -201,12 +231,10 @@ def prepare_imagefolder(root: Path, split: str | None = None) -> list[ManifestRo
     """Any dataset laid out as ROOT/<label>/<image> (PNG, JPEG, DICOM, NIfTI, JSRT .IMG)."""
     rows = []
     for label_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for f in sorted(label_dir.rglob("*")):
-            name = f.name.lower()
-            if f.is_file() and (name.endswith(IMAGE_SUFFIXES) or "." not in name):
-                rows.append(ManifestRow(_relative(f, root), label_dir.name, split=split))
+        for f in image_files(label_dir):  # not DICOMDIR, .txt, hidden files (reported by prepare)
+            rows.append(ManifestRow(_relative(f, root), label_dir.name, split=split))
     return rows
 
 
-__all__ = ["register_preparer", "list_preparers", "get_preparer", "prepare", "prepare_jsrt",
+__all__ = ["register_preparer", "list_preparers", "get_preparer", "prepare", "image_files", "prepare_jsrt",
            "prepare_chexpert_5x200c", "prepare_imagefolder"]

@@ -75,6 +75,50 @@ def sniff_format(path: str | Path) -> str:
     return "pil"
 
 
+#: SOP class of a DICOMDIR (PS3.4 "Media Storage Directory Storage"): an index, not an image
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+
+def is_image_file(path: str | Path) -> bool:
+    """Whether a file in a dataset folder is an image medkt reads (not a sidecar file).
+
+    Known image suffixes are images; hidden files (``.DS_Store``, macOS ``._x.png`` resource
+    forks) and DICOM indexes (``DICOMDIR``) are not. Files without a known suffix are sniffed,
+    since DICOM exports name files by UID (``1.2.840....``) or not at all: a DICOM preamble that
+    is not a DICOMDIR, and for extensionless files also the JSRT size or a format PIL opens.
+    """
+    from PIL import Image
+
+    path = Path(path)
+    name = path.name
+    if name.startswith(".") or name.upper() == "DICOMDIR":
+        return False
+    suffix = _suffix(path)
+    if suffix in PIL_SUFFIXES + NIFTI_SUFFIXES + DICOM_SUFFIXES + JSRT_SUFFIXES:
+        return True
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    if len(head) == 132 and head[128:132] == b"DICM":
+        from pydicom.filereader import read_file_meta_info
+
+        try:
+            return str(read_file_meta_info(path).get("MediaStorageSOPClassUID", "")) != DICOMDIR_SOP_CLASS
+        except Exception:  # a damaged header: let the reader report it
+            return True
+    if "." in name:
+        return False  # another suffix: a sidecar (.txt, .csv, .json, .xml ...)
+    if path.stat().st_size == JSRT_BYTES:
+        return True
+    try:
+        with Image.open(path):
+            return True
+    except Exception:
+        return False
+
+
 def read_image(path: str | Path, *, jsrt_invert: bool = True) -> np.ndarray:
     """Read one 2-D image file -> float32 ``(H, W)`` or ``(H, W, 3)`` in [0, 1].
 
@@ -104,17 +148,24 @@ def read_image(path: str | Path, *, jsrt_invert: bool = True) -> np.ndarray:
 def read_pil(path: str | Path) -> np.ndarray:
     """PNG/JPEG/BMP/TIFF through MONAI ``LoadImage(reader="PILReader")``.
 
-    8-bit images are divided by 255, 16-bit (``I;16``) by 65535; RGB stays 3 channels; an RGBA
+    Palette (``P``, ``PA``), CMYK, YCbCr, LAB, HSV and ``RGBX`` images are first converted by PIL
+    (``.convert("RGB")``, as upstream preprocessing does; reading their stored values would give
+    palette indices or foreign colour components). 8-bit images are divided by 255, 16-bit
+    (``I;16``) by 65535, 32-bit int (``I``) and float (``F``) min-max scaled; RGB stays 3 channels; an RGBA
     image whose alpha is fully opaque loses its alpha channel, while one with real transparency
     is refused (what lies under a transparent pixel of a radiograph is undefined).
     """
+    from monai.data import PILReader
     from monai.transforms import LoadImage
 
     path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            data, meta = LoadImage(reader="PILReader", image_only=False, dtype=None)(str(path))
+            reader = PILReader(converter=lambda im: _model_mode(im, path))
+            data, meta = LoadImage(reader=reader, image_only=False, dtype=None)(str(path))
+    except DataError:
+        raise
     except Exception as exc:  # PIL raises OSError/SyntaxError/ValueError on corrupt files
         raise DataError(f"unreadable image {path}: {_short(exc)}") from None
     mode = str(meta.get("mode", ""))
@@ -122,6 +173,32 @@ def read_pil(path: str | Path) -> np.ndarray:
     # MONAI's PILReader returns (W, H[, C]); put rows first again
     arr = np.swapaxes(arr, 0, 1) if arr.ndim >= 2 else arr
     return _scale_pil(arr, mode, path)
+
+
+#: PIL modes whose stored values are the pixels (grey, RGB, with alpha, 16/32-bit, float);
+#: every other mode stores indices or another colour space and is converted by PIL first
+_DIRECT_MODES = ("1", "L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F")
+
+
+def _model_mode(im: Any, path: Path) -> Any:
+    """A PIL image in one of :data:`_DIRECT_MODES`, converted by PIL itself (as upstream
+    preprocessing does with ``.convert("RGB")``): palette images (``P``, ``PA``) would otherwise
+    give palette indices as grey values, and CMYK / YCbCr / LAB / HSV / RGBX their raw components
+    as RGB (a 4-channel CMYK even looked like RGBA)."""
+    mode = im.mode
+    if mode in _DIRECT_MODES:
+        return im
+    if mode in ("P", "PA"):  # keep transparency (a tRNS entry or the PA alpha) so it is checked
+        return im.convert("RGBA" if mode == "PA" or "transparency" in im.info else "RGB")
+    if mode in ("RGBa", "RGBX", "RGBA"):
+        return im.convert("RGBA" if mode == "RGBa" else "RGB")
+    if mode == "La":  # premultiplied alpha: PIL converts it only to LA
+        return im.convert("LA")
+    try:
+        return im.convert("RGB")
+    except ValueError as exc:
+        raise DataError(f"{path}: PIL colour mode {mode!r} cannot be converted to RGB ({_short(exc)}); "
+                        "save the image as grey or RGB") from None
 
 
 def _scale_pil(arr: np.ndarray, mode: str, path: Path) -> np.ndarray:
@@ -145,7 +222,7 @@ def _scale_pil(arr: np.ndarray, mode: str, path: Path) -> np.ndarray:
         return arr / 65535.0
     if mode in ("1",):
         return (arr > 0).astype(np.float32)
-    if mode in ("L", "P", "RGB", "LA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "") or mode.startswith("RGB"):
+    if mode in ("L", "RGB", "LA", "RGBA", ""):  # 8-bit (other 8-bit modes were converted by _model_mode)
         return np.clip(arr / 255.0, 0.0, 1.0)
     # "I" (32-bit int) and "F" (float) images: their range is not fixed, use min-max
     return _minmax(arr)
@@ -332,5 +409,6 @@ __all__ = [
     "read_jsrt_raw",
     "write_jsrt_raw",
     "sniff_format",
+    "is_image_file",
     "window",
 ]

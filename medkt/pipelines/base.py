@@ -14,7 +14,10 @@ Run folder and resume safety (:meth:`Pipeline.run`):
    (configs, weights paths, manifests).
 2. Everything is written into the staging folder, with a ``run.log`` of what medkt logged
    (timings, versions); the folder is renamed to ``output_dir`` only when the run succeeds.
-3. After an error of any kind (a user mistake, a bug, Ctrl-C) the staging folder and its
+3. While a process works in the staging folder it holds a lock file there (``.medkt.lock``,
+   its pid and host): a second command on the same folder, ``--resume`` and ``--restart``
+   included, is refused naming the live pid; the lock of a process that is gone is taken over.
+4. After an error of any kind (a user mistake, a bug, Ctrl-C) the staging folder and its
    checkpoints are kept, and the log says how to continue (``--resume``). Only a folder this
    run created that holds nothing but ``run.log`` is removed (nothing to lose).
 
@@ -37,7 +40,7 @@ from typing import Any
 
 from medkt.errors import ConfigError, OutputExistsError
 from medkt.faults import fault_point
-from medkt.utils import atomic_write_json, seed_everything
+from medkt.utils import LOCK_NAME, atomic_write_json, check_unlocked, folder_lock, seed_everything
 
 log = logging.getLogger("medkt")
 
@@ -138,38 +141,45 @@ class Pipeline:
         """:meth:`preflight`, then run :meth:`_run` in the staging folder, write
         ``results.json`` and ``settings.json``, rename the folder to ``output_dir``. Returns the
         results."""
-        self.preflight()
         staging = self.staging_dir
-        if staging.exists() and self.restart:
-            shutil.rmtree(staging)
-            log.info("discarded the interrupted run in %s (--restart)", staging)
-        elif self.resume and not staging.exists():
-            log.info("nothing to resume in %s: starting a new run", staging)
+        # a live process working in the staging folder comes first: "--resume" or "--restart"
+        # would otherwise write into (or delete) the files of a run that is still going
+        check_unlocked(staging)
+        self.preflight()
         created = not staging.exists()
         staging.mkdir(parents=True, exist_ok=True)
-        with self._run_log(staging) as run_log:
-            seed_everything(self.seed)
-            start = time.perf_counter()
-            try:
-                results = self._run(staging)
-                results = {"pipeline": self.kind, "bundle": self.bundle_name, "seed": self.seed,
-                           "seconds_total": time.perf_counter() - start, **results}
-                atomic_write_json(staging / "results.json", results)
-                fault_point("results")  # kill-and-resume tests: die between the results and the rename
-                atomic_write_json(staging / "settings.json", self.describe_settings())
-            except BaseException as exc:
-                self._after_error(staging, created, exc, run_log)
-                raise
-        if self.output_dir.exists():  # overwrite was allowed
-            shutil.rmtree(self.output_dir)
-        staging.rename(self.output_dir)
+        with folder_lock(staging) as lock:
+            if self.restart and not created:
+                for p in staging.iterdir():  # everything but the lock just taken
+                    if p.name != LOCK_NAME:
+                        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                log.info("discarded the interrupted run in %s (--restart)", staging)
+            elif self.resume and created:
+                log.info("nothing to resume in %s: starting a new run", staging)
+            with self._run_log(staging) as run_log:
+                seed_everything(self.seed)
+                start = time.perf_counter()
+                try:
+                    results = self._run(staging)
+                    results = {"pipeline": self.kind, "bundle": self.bundle_name, "seed": self.seed,
+                               "seconds_total": time.perf_counter() - start, **results}
+                    atomic_write_json(staging / "results.json", results)
+                    fault_point("results")  # kill-and-resume tests: die between the results and the rename
+                    atomic_write_json(staging / "settings.json", self.describe_settings())
+                except BaseException as exc:
+                    self._after_error(staging, created or self.restart, exc, run_log)
+                    raise
+            if self.output_dir.exists():  # overwrite was allowed
+                shutil.rmtree(self.output_dir)
+            lock.release()  # the lock file must not travel into the finished run folder
+            staging.rename(self.output_dir)
         log.info("run folder written: %s", self.output_dir)
         return results
 
     def _after_error(self, staging: Path, created: bool, exc: BaseException, run_log: logging.Handler) -> None:
         """Keep the staging folder (its checkpoints) and say how to continue; drop it only if
         this run created it and wrote nothing but ``run.log`` into it."""
-        if created and all(p.name == RUN_LOG or p.is_dir() for p in staging.rglob("*")):
+        if created and all(p.name in (RUN_LOG, LOCK_NAME) or p.is_dir() for p in staging.rglob("*")):
             shutil.rmtree(staging, ignore_errors=True)
             return
         # the error itself into run.log only: the CLI prints it (once) on the console

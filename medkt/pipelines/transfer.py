@@ -37,6 +37,9 @@ from medkt.registry import Registry
 from medkt.validation import EvaluationSpec
 
 
+#: the run folder's list of the images left out by ``skip_unreadable`` / ``skip_bad``
+SKIPPED_IMAGES = "skipped_images.txt"
+
 #: prompt generators: ``fn(**options) -> {class: prompts}`` (``{"prompt_generator": {"name": ..., **options}}``)
 PROMPT_GENERATORS: Registry[Callable[..., dict[str, list[str]]]] = Registry("prompt_generator")
 PROMPT_GENERATORS.register_lazy("chexpert", "medkt.chexpert:chexpert_class_prompts")
@@ -50,25 +53,61 @@ def class_prompts_of(spec: dict[str, Any]) -> dict[str, list[str]]:
         gen = dict(spec["prompt_generator"])
         generate = PROMPT_GENERATORS.get(gen.pop("name", None))
         try:
-            return generate(**gen)
+            generated = generate(**gen)
         except TypeError as exc:
             raise ConfigError(f"bad prompt_generator options {gen}: {exc}") from None
+        return check_distinct_prompts(generated)
     classes = spec.get("classes")
     if not classes or not isinstance(classes, (dict, list)):
         raise ConfigError("evaluation set needs 'classes' (class -> prompts, or a list of class names) or a "
                           f"'prompt_generator', got keys {sorted(spec)}")
     if isinstance(classes, list):  # names only -> templates
+        twice = sorted({str(c) for c in classes if classes.count(c) > 1})
+        if twice:
+            raise ConfigError(f"class(es) {twice} listed twice in 'classes'; each class once (a duplicate would be "
+                              "merged silently)", key=f"classes#{twice[0]}")
         classes = {c: None for c in classes}
-    out = {}
+    out, named = {}, set()
     for c, prompts in classes.items():
         if prompts is None:
             name = spec.get("class_names", {}).get(c, c)
+            if name != c:
+                named.add(str(c))
             prompts = [t.format(name) for t in spec.get("templates", ["a photo of a {}."])]
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ConfigError(f"class {c!r} needs at least one non-empty prompt")
         out[str(c)] = prompts
-    return out
+    return check_distinct_prompts(out, report_only=named)
+
+
+def check_distinct_prompts(prompts: dict[str, list[str]], report_only: set[str] | frozenset[str] = frozenset()
+                           ) -> dict[str, list[str]]:
+    """Refuse two classes sharing a prompt (compared without case and surrounding spaces): their
+    scores would be tied by construction, so the argmax between them is decided by the class
+    order, not the image. Returns ``prompts``.
+
+    Pairs of classes that are both in ``report_only`` are logged as a warning instead: a
+    published class-name list can hold the same name twice (CLIP's ImageNet names have two
+    "missile" and two "sunglasses" classes), and its benchmark is evaluated with it as it is.
+    """
+    owner: dict[str, str] = {}
+    warned: set[tuple[str, str]] = set()
+    for c, ps in prompts.items():
+        for p in ps:
+            key = " ".join(p.split()).casefold()
+            first = owner.setdefault(key, c)
+            if first == c:
+                continue
+            if first in report_only and c in report_only:
+                if (first, c) not in warned:  # once per pair, not once per template
+                    warned.add((first, c))
+                    log.warning("classes %r and %r share the prompt %r (the same class name): their scores tie",
+                                first, c, p)
+                continue
+            raise ConfigError(f"classes {first!r} and {c!r} share the prompt {p!r}: their scores would be "
+                              "identical; give each class its own prompt", key=f"classes#{c}")
+    return prompts
 
 
 def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], default_aggregate: str = "mean",
@@ -78,14 +117,15 @@ def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], defau
     from disk at evaluation time; only embeddings are kept).
 
     With ``skip_bad`` every file is decoded once up front and bad rows/files are skipped and
-    counted in the returned info; otherwise a bad row is a :class:`DataError` naming it (at the
+    counted in the returned info (``skip_unreadable``: only missing or undecodable image files
+    are skipped, other bad rows stay errors; the full list is ``info["skipped_all"]``); otherwise a bad row is a :class:`DataError` naming it (at the
     latest when the "before" evaluation reads it, before any transfer compute). Every class needs
     an image unless ``allow_missing_classes`` (distractor classes, e.g. ImageNet's 1000).
     Spec keys besides those of :func:`class_prompts_of`: ``manifest``, ``root``, ``split``,
-    ``aggregate``, ``skip_bad``, ``title``, ``batch_size``, ``num_workers``, ``cache_dir``,
+    ``aggregate``, ``skip_bad``, ``skip_unreadable``, ``title``, ``batch_size``, ``num_workers``, ``cache_dir``,
     ``scoring`` (``auto|embedding|itm``), ``text_batch_size``.
     """
-    from medkt.data.manifest import ManifestProblem, read_manifest
+    from medkt.data.manifest import ManifestProblem, read_manifest, readable_rows
 
     prompts = class_prompts_of(spec)
     if "manifest" not in spec:
@@ -93,24 +133,19 @@ def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], defau
     manifest = Path(spec["manifest"])
     root = Path(spec.get("root") or manifest.parent)
     skip_bad = bool(spec.get("skip_bad", False))
+    skip_unreadable = bool(spec.get("skip_unreadable", False))
     aggregate = spec.get("aggregate", default_aggregate)
     problems: list[ManifestProblem] = []
     # with distractor classes a class may have no rows; labels must still be among the classes
     rows = read_manifest(manifest, root, classes=None if allow_missing_classes else list(prompts),
-                         split=spec.get("split"), skip_bad=skip_bad, problems=problems)
+                         split=spec.get("split"), skip_bad=skip_bad, problems=problems,
+                         check_files=not skip_unreadable)  # a missing file is one of the unreadable
     unknown = sorted({r.label for r in rows} - set(prompts))
     if unknown:
         raise DataError(f"{manifest}: labels {unknown[:5]} are not among the evaluation classes of {name!r}")
-    if skip_bad:
-        good = []
-        for r in rows:
-            try:
-                backend.load_image(root / r.path)
-            except DataError as exc:
-                problems.append(ManifestProblem(r.source or r.path, str(exc)))
-                continue
-            good.append(r)
-        rows = good
+    if skip_bad or skip_unreadable:
+        rows, unreadable = readable_rows(rows, root, backend.load_image)
+        problems += unreadable
     labels = [r.label for r in rows]
     empty = [c for c in prompts if c not in set(labels)]
     if empty and not allow_missing_classes:
@@ -129,6 +164,7 @@ def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], defau
             "n_classes": len(prompts), "skipped_rows": len(problems), "skipped": [str(p) for p in problems[:20]],
             "aggregate": aggregate, "scoring": ev.scoring, "n_prompts": {c: len(p) for c, p in prompts.items()}}
     if problems:
+        info["skipped_all"] = [str(p) for p in problems]
         log.warning("%s: skipped %d bad row(s), e.g. %s", name, len(problems), problems[0])
     return ev, info
 
@@ -174,9 +210,13 @@ class TransferPipeline(Pipeline):
     def __init__(self, backend: str, concepts: list[dict[str, Any]], inversion: dict | None = None,
                  finetune: dict | None = None, evaluations: dict[str, EvaluationSpec] | None = None,
                  negative_captions: list[str] | None = None, save_weights: bool = True,
-                 backend_options: dict[str, Any] | None = None, **kw: Any):
+                 backend_options: dict[str, Any] | None = None, skip_unreadable: bool = False, **kw: Any):
         super().__init__(**kw, backend=backend, concepts=concepts, inversion=inversion, finetune=finetune,
-                         evaluations=evaluations, negative_captions=negative_captions)
+                         evaluations=evaluations, negative_captions=negative_captions,
+                         **({"skip_unreadable": True} if skip_unreadable else {}))
+        # opt-in (``medkt transfer --skip-unreadable``): images that are missing or cannot be
+        # decoded are left out of every evaluation and listed in RUN/skipped_images.txt
+        self.skip_unreadable = bool(skip_unreadable)
         self.backend_spec = backend
         self.backend_options = dict(backend_options or {})
         self.step = TransferStep(concepts, inversion, finetune, seed=self.seed,
@@ -223,9 +263,17 @@ class TransferPipeline(Pipeline):
 
     def build_evaluators(self, backend: Backend, out: Path | None) -> tuple[dict[str, ZeroShotEvaluator], dict[str, Any]]:
         """:meth:`build_evaluator` for every entry of ``evaluations``: (name -> evaluator, name -> info)."""
-        evaluators, info = {}, {}
+        evaluators, info, skipped = {}, {}, []
         for name, spec in self.evaluations.items():
+            if self.skip_unreadable and spec.get("source") != "inversion":
+                spec = {**spec, "skip_unreadable": True}
             evaluators[name], info[name] = self.build_evaluator(backend, name, spec, out)
+            skipped += info[name].pop("skipped_all", [])
+        if skipped and out is not None:  # the full list in the run folder (results.json keeps 20 per set)
+            from medkt.data.manifest import write_skipped
+
+            path = write_skipped(out / SKIPPED_IMAGES, skipped)
+            log.warning("skipped %d unreadable image(s) or bad row(s), listed in %s", len(skipped), path)
         return evaluators, info
 
     # -- run ------------------------------------------------------------------------------
