@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 
 from medkt.device import DEVICE_HELP, PRECISION_HELP
-from medkt.errors import ConfigError, MedktError
+from medkt.errors import ConfigError, MedktError, PreflightError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="medkt: teach vision-language models new visual concepts from text (knowledge transfer).")
@@ -276,6 +276,14 @@ def _register_feature_commands() -> None:
 _register_feature_commands()
 
 
+def error_lines(exc: MedktError) -> list[str]:
+    """The ``error: ...`` lines of a user error: one, or one per problem of a
+    :class:`~medkt.errors.PreflightError` (every problem the preflight found)."""
+    if isinstance(exc, PreflightError):
+        return [f"error: {' '.join(str(p).split())}" for p in exc.problems]
+    return [f"error: {exc}"]
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line + exit code 2."""
     debug = "--debug" in sys.argv[1:]
@@ -284,7 +292,8 @@ def main() -> None:
     except MedktError as exc:
         if debug:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        for line in error_lines(exc):
+            typer.echo(line, err=True)
         sys.exit(2)
     except (FileNotFoundError, PermissionError) as exc:
         if debug:

@@ -50,6 +50,47 @@ def available_devices() -> list[str]:
     return out
 
 
+_DEVICE_TYPES = ("auto", "cpu", "cuda", "mps", "meta")
+
+
+def check_device_spec(spec: str | None) -> str:
+    """The normalised text of a ``--device`` value, checked for its form only (no torch import:
+    the preflight of :mod:`medkt.preflight` calls it); whether this machine has the device is
+    decided later by :func:`resolve_device`.
+
+    Raises:
+        ConfigError: not one of ``auto|cpu|cuda|cuda:N|mps|meta``.
+    """
+    text = "auto" if spec is None else str(spec).strip().lower()
+    kind, sep, index = text.partition(":")
+    if kind not in _DEVICE_TYPES or (sep and not (kind == "cuda" and index.isdigit())):
+        raise ConfigError(f"unknown device {spec!r}: use {DEVICE_HELP}", key="device")
+    return text
+
+
+def check_precision_spec(precision: str | None, device: str | None = None) -> str:
+    """``precision`` normalised to one of :data:`PRECISIONS` (aliases such as ``half`` accepted),
+    without importing torch; an explicit ``cpu``/``meta`` ``device`` also refuses what cannot run
+    there (fp16 on the CPU, anything but fp32 on meta). Whether a GPU supports bf16 is decided
+    later by :func:`resolve_precision`."""
+    p = "auto" if precision is None else str(precision).strip().lower()
+    p = _PRECISION_ALIASES.get(p, p)
+    if p not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}: use {PRECISION_HELP}", key="precision")
+    dev = None if device is None else str(device).strip().lower()
+    if p in ("bf16", "fp16") and dev == "meta":
+        raise ConfigError(f"precision {p!r} cannot run on the meta device (torch.autocast has no meta backend); "
+                          "use fp32", key="precision")
+    if p == "fp16" and dev == "cpu":
+        raise ConfigError("precision 'fp16' is only supported on CUDA (and MPS) devices: CPU autocast has no "
+                          "fp16 loss scaling; use --precision bf16 (or fp32) on the CPU", key="precision")
+    return p
+
+
+_PRECISION_ALIASES = {"float32": "fp32", "32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
+                      "16": "fp16"}
+
+
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """``"auto"`` / ``"cpu"`` / ``"cuda"`` / ``"cuda:N"`` / ``"mps"`` / ``"meta"`` -> ``torch.device``.
 
@@ -111,21 +152,11 @@ def resolve_precision(precision: str | None = "auto", device: str | torch.device
     import torch
 
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    p = "auto" if precision is None else str(precision).strip().lower()
-    aliases = {"float32": "fp32", "32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "16": "fp16"}
-    p = aliases.get(p, p)
-    if p not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}: use {PRECISION_HELP}")
+    p = check_precision_spec(precision, dev.type if dev.type in ("cpu", "meta") else None)
     if p == "auto":
         return "bf16" if dev.type == "cuda" and _bf16_supported(dev) else "fp32"
     if p == "fp32":
         return p
-    if dev.type == "meta":
-        raise ConfigError(f"precision {p!r} cannot run on the meta device (torch.autocast has no meta backend); "
-                          "use fp32")
-    if p == "fp16" and dev.type == "cpu":
-        raise ConfigError("precision 'fp16' is only supported on CUDA (and MPS) devices: CPU autocast has no "
-                          "fp16 loss scaling; use --precision bf16 (or fp32) on the CPU")
     if p == "bf16" and not _bf16_supported(dev):
         raise ConfigError(f"device {dev} does not support bf16 (e.g. a pre-Ampere GPU); use --precision fp16 "
                           "or fp32")
@@ -184,5 +215,6 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["PRECISIONS", "DEVICE_HELP", "PRECISION_HELP", "available_devices", "resolve_device",
+__all__ = ["PRECISIONS", "DEVICE_HELP", "PRECISION_HELP", "available_devices", "check_device_spec",
+           "check_precision_spec", "resolve_device",
            "resolve_precision", "autocast", "autocast_dtype", "grad_scaler", "module_device"]

@@ -55,6 +55,15 @@ class CheckpointError(MedktError):
     """A checkpoint file is corrupt, truncated or not a medkt checkpoint."""
 
 
+class PreflightError(MedktError):
+    """Several problems found before a run started (:mod:`medkt.preflight`), one per line; the
+    CLI prints each as its own ``error:`` line. A single problem is raised as itself instead."""
+
+    def __init__(self, problems: list[MedktError]):
+        self.problems = list(problems)
+        super().__init__("\n".join(" ".join(str(p).split()) for p in self.problems))
+
+
 def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
     """``" Did you mean 'steps'?"`` when a known name is close to ``name``, else ``""``."""
     import difflib
