@@ -400,6 +400,9 @@ def _check_sam(cfg: BundleConfig) -> list[MedktError]:
 def _check_output(output: str | Path | None, overwrite: bool, resume: bool, restart: bool) -> list[MedktError]:
     if output is None or os.environ.get("RANK", "0") != "0":
         return []  # under torchrun rank 0 checks the folders (ranks > 0 could see rank 0's new folder)
+    output = Path(output)
+    if not (output.exists() or output.with_name(output.name + ".partial").exists() or (resume and restart)):
+        return []  # nothing to refuse: skip importing the pipeline module (numpy, ~0.3 s)
     from medkt.pipelines.base import Pipeline
 
     pipe = Pipeline(output_dir=output, overwrite=overwrite, resume=resume, restart=restart)
