@@ -81,6 +81,10 @@ def transfer(
     overrides.update({k: v for k, v in (("device", device), ("precision", precision)) if v is not None})
     results = run_bundle(bundle, overrides, config=config, output=output, overwrite=overwrite, resume=resume,
                          restart=restart)
+    from medkt.distributed import env_from_torchrun
+
+    if not env_from_torchrun().is_main:  # under torchrun the table is printed once, by rank 0
+        return
     summary = results.get("summary_table")
     if summary:
         typer.echo(summary)

@@ -72,3 +72,17 @@ def test_torchrun_rank_records_its_gpu(monkeypatch):
 
     monkeypatch.setattr(mdist, "world_size", lambda: 2)
     assert runtime_record("auto", "auto")["world_size"] == 2
+
+
+@pytest.mark.parametrize("rank, printed", [("0", True), ("1", False), ("3", False)])
+def test_result_table_printed_by_rank_0_only(medkt, monkeypatch, rank, printed):
+    # before: under torchrun every rank printed the table (rank > 0 reads rank 0's results.json)
+    from medkt import bundles
+
+    monkeypatch.setattr(bundles, "run_bundle", lambda *a, **k: {"summary_table": "| class | before | after |"})
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", rank)
+    code, out, err = medkt("transfer", "--bundle", "quickstart_tiny")
+    assert code == 0, err
+    assert ("| class | before | after |" in out) is printed
