@@ -86,3 +86,14 @@ def test_result_table_printed_by_rank_0_only(medkt, monkeypatch, rank, printed):
     code, out, err = medkt("transfer", "--bundle", "quickstart_tiny")
     assert code == 0, err
     assert ("| class | before | after |" in out) is printed
+
+
+def test_single_process_pipeline_runs_on_rank_0_only_under_torchrun(tmp_path, monkeypatch):
+    # before: every rank ran the whole pipeline into the same run folder
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    out = tmp_path / "run"
+    assert _Noop(output_dir=out).run() == {}
+    assert not out.exists() and not (tmp_path / "run.partial").exists()
+    monkeypatch.setenv("RANK", "0")
+    assert _Noop(output_dir=out).run()["ok"] is True and (out / "results.json").is_file()

@@ -143,6 +143,13 @@ class Pipeline:
         """:meth:`preflight`, then run :meth:`_run` in the staging folder, write
         ``results.json`` and ``settings.json``, rename the folder to ``output_dir``. Returns the
         results."""
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and os.environ.get("RANK", "0") != "0":
+            from medkt import distributed as mdist
+
+            if not mdist.is_initialized():  # a pipeline that does not shard its work (see README "Running on GPUs")
+                log.warning("%s does not share its work across torchrun ranks: rank 0 runs it alone, rank %s exits",
+                            type(self).__name__, os.environ.get("RANK"))
+                return {}
         self.preflight()
         # the device and precision actually used (not "auto"); an unavailable GPU fails here,
         # before any folder is touched
