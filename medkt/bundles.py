@@ -6,6 +6,10 @@ A bundle is a folder ``<name>/configs/{metadata.json, transfer.json, logging.con
 ``ConfigWorkflow``, exactly as ``python -m monai.bundle run`` does, so both entry points behave
 the same.
 
+Before MONAI and torch are imported, :func:`run_bundle` runs the preflight of
+:mod:`medkt.preflight` (JSON, ``--set`` keys, device, weights, manifests, SAM checkpoint, run
+folder) and reports every problem found at once.
+
 Errors: a medkt error (:class:`~medkt.errors.MedktError`) is one line naming the config id, the
 value, the expected form and where it was set (bundle file or ``--set``), exit code 2. Under
 ``python -m monai.bundle run`` the same holds: importing this module there (every bundle lists
