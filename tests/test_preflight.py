@@ -140,7 +140,7 @@ def test_manifest_columns_and_missing_images(tmp_path):
         return [str(p) for p in preflight_bundle([str(path)])]
 
     out = problems(good)
-    assert len(out) == 1 and "2 row(s)" in out[0] and "img/b.png" in out[0], out
+    assert len(out) == 1 and "2 file(s)" in out[0] and "img/b.png" in out[0], out
     assert problems(good, skip_bad=True) == []
     out = problems(nocol)
     assert len(out) == 1 and "columns path,label" in out[0], out
