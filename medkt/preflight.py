@@ -108,8 +108,11 @@ def load_config(files: list[str]) -> dict[str, Any]:
         if not isinstance(doc, dict):
             raise ConfigError(f"bundle config {f} must hold a JSON object, got {type(doc).__name__}")
         for k, v in doc.items():
-            if k.startswith("+") and isinstance(merged.get(k[1:]), (dict, list)) and isinstance(v, type(merged[k[1:]])):
-                merged[k[1:]].update(v) if isinstance(v, dict) else merged[k[1:]].extend(v)
+            target = merged.get(k[1:]) if k.startswith("+") else None
+            if isinstance(target, dict) and isinstance(v, dict):
+                target.update(copy.deepcopy(v))
+            elif isinstance(target, list) and isinstance(v, list):
+                target.extend(copy.deepcopy(v))
             elif "#" in k or "::" in k:
                 _set_id(merged, k, copy.deepcopy(v))
             else:
