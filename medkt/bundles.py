@@ -6,6 +6,10 @@ A bundle is a folder ``<name>/configs/{metadata.json, transfer.json, logging.con
 ``ConfigWorkflow``, exactly as ``python -m monai.bundle run`` does, so both entry points behave
 the same.
 
+Before MONAI and torch are imported, :func:`run_bundle` runs the preflight of
+:mod:`medkt.preflight` (JSON, ``--set`` keys, device, weights, manifests, SAM checkpoint, run
+folder) and reports every problem found at once.
+
 Errors: a medkt error (:class:`~medkt.errors.MedktError`) is one line naming the config id, the
 value, the expected form and where it was set (bundle file or ``--set``), exit code 2. Under
 ``python -m monai.bundle run`` the same holds: importing this module there (every bundle lists
@@ -23,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medkt.errors import ConfigError, MedktError, did_you_mean, unknown_name
+from medkt.errors import ConfigError, MedktError, PreflightError, unknown_name
 
 REPO_BUNDLES = Path(__file__).resolve().parent.parent / "bundles"
 DEFAULT_CONFIG = "transfer.json"
@@ -154,25 +158,20 @@ def run_bundle(bundle: str, overrides: dict[str, Any] | None = None, config: str
     base = info.path / "configs" / DEFAULT_CONFIG
     # extra configs (ablations) are layered on top of transfer.json, as MONAI does with a list
     files = [str(base), str(cfg_path)] if cfg_path != base and base.is_file() else [str(cfg_path)]
-    for f in files:
-        read_json(f)  # a syntax error names the file, line and column (MONAI's loader does not)
+    overrides = dict(overrides or {})
+    out = str(output) if output is not None else default_run_dir(info.name)
+    # before importing MONAI and torch (10-30 s): JSON syntax, --set keys, device, weights,
+    # manifests, SAM checkpoint, run folder; every problem at once (medkt.preflight)
+    from medkt.preflight import preflight_bundle, raise_problems
+
+    raise_problems(preflight_bundle(files, overrides, bundle_name=info.name, output=out, overwrite=overwrite,
+                                    resume=resume, restart=restart))
     from monai.bundle import ConfigWorkflow
 
     logging_conf = info.path / "configs" / "logging.conf"
-    overrides = dict(overrides or {})
-    out = str(output) if output is not None else default_run_dir(info.name)
     workflow = ConfigWorkflow(config_file=files, meta_file=str(info.path / "configs" / "metadata.json"),
                               logging_file=str(logging_conf) if logging_conf.is_file() else False,
                               workflow_type=None)
-    for key in overrides:
-        parent = key.rpartition("#")[0]
-        # a new field inside an existing dict is allowed (e.g. inversion#chunk_size); the
-        # pipeline validates field names, so typos still fail there with the known options
-        if key not in workflow.parser and not (parent and parent in workflow.parser
-                                                and isinstance(workflow.parser.get(parent), dict)):
-            top = sorted(k for k in workflow.parser.get() if not k.startswith("_"))
-            raise ConfigError(f"unknown config key {key!r} in bundle {info.name}.{did_you_mean(key.split('#')[0], top)} "
-                              f"Top-level keys: {', '.join(top)}", key=key, source=f"from --set {_show_override(key, overrides[key])}")
     workflow.parser.update({"output_dir": out, "overwrite": overwrite, "resume": resume,
                             "bundle_name": info.name, **overrides})
     if restart:  # bundles do not list it; it goes straight to the pipeline's arguments
@@ -324,16 +323,52 @@ def _monai_bundle_excepthook(exc_type: type, exc: BaseException, tb: Any) -> Non
     user_error = _find_user_error(exc)
     if user_error is None:
         return _previous_excepthook(exc_type, exc, tb)
-    import atexit
     import sys
 
     files, overrides = _monai_cli_args(sys.argv[1:])
     attach_source(user_error, files, overrides, flag="--")
-    sys.stderr.write(f"error: {' '.join(str(user_error).split())}\n")
+    _exit_with([user_error])
+
+
+def _exit_with(errors: list[MedktError]) -> None:
+    """Print one ``error:`` line per problem and exit with code 2 (from inside MONAI's run)."""
+    import atexit
+    import sys
+
+    for e in errors:
+        for p in (e.problems if isinstance(e, PreflightError) else [e]):
+            sys.stderr.write(f"error: {' '.join(str(p).split())}\n")
     sys.stderr.flush()
     sys.stdout.flush()
     atexit._run_exitfuncs()  # what a normal exit would run (logging shutdown, temp files)
     os._exit(2)  # an uncaught exception would make it 1; user errors are 2 as with `medkt`
+
+
+def _monai_run_preflight() -> None:
+    """The preflight of ``python -m monai.bundle run`` (MONAI and torch are loaded by then, so
+    here it gathers the problems rather than saving time): runs when a bundle's ``imports``
+    load this module, before any pipeline is built; exits with every problem found."""
+    import sys
+
+    if sys.argv[1:2] != ["run"]:
+        return
+    files, overrides = _monai_cli_args(sys.argv[2:])
+    if not files:
+        return
+    from medkt.preflight import preflight_bundle
+
+    control = {k: overrides.pop(k) for k in ("output_dir", "overwrite", "resume") if k in overrides}
+    restart = overrides.get("pipeline#restart") is True
+    try:
+        name = json.loads(Path(files[0]).read_text()).get("bundle_name", "")
+    except (OSError, ValueError, AttributeError):
+        name = ""
+    output = control.get("output_dir")
+    problems = preflight_bundle(files, {**overrides, **control}, bundle_name=name or Path(files[0]).parent.parent.name,
+                                output=output, overwrite=control.get("overwrite") is True,
+                                resume=control.get("resume") is True, restart=restart, flag="--")
+    if problems:
+        _exit_with(problems)
 
 
 def _under_monai_bundle_cli() -> bool:
@@ -350,3 +385,4 @@ if _under_monai_bundle_cli():  # imported by a bundle's "imports" under `python 
     if _sys.excepthook is not _monai_bundle_excepthook:
         _previous_excepthook = _sys.excepthook
         _sys.excepthook = _monai_bundle_excepthook
+    _monai_run_preflight()

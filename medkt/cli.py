@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from medkt.device import DEVICE_HELP, PRECISION_HELP
-from medkt.errors import ConfigError, DataError, MedktError
+from medkt.errors import ConfigError, DataError, MedktError, PreflightError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="medkt: teach vision-language models new visual concepts from text (knowledge transfer).")
@@ -92,6 +92,10 @@ def transfer(
             raise ConfigError(f"--skip-unreadable: bundle {bundle!r} does not evaluate on images listed in a manifest "
                               "(its pipeline has no such option); run it without the flag") from None
         raise
+    from medkt.distributed import env_from_torchrun
+
+    if not env_from_torchrun().is_main:  # under torchrun the table is printed once, by rank 0
+        return
     summary = results.get("summary_table")
     if summary:
         typer.echo(summary)
@@ -309,6 +313,14 @@ def _register_feature_commands() -> None:
 _register_feature_commands()
 
 
+def error_lines(exc: MedktError) -> list[str]:
+    """The ``error: ...`` lines of a user error: one, or one per problem of a
+    :class:`~medkt.errors.PreflightError` (every problem the preflight found)."""
+    if isinstance(exc, PreflightError):
+        return [f"error: {' '.join(str(p).split())}" for p in exc.problems]
+    return [f"error: {exc}"]
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line + exit code 2."""
     debug = "--debug" in sys.argv[1:]
@@ -317,7 +329,8 @@ def main() -> None:
     except MedktError as exc:
         if debug:
             raise
-        typer.echo(f"error: {exc}", err=True)
+        for line in error_lines(exc):
+            typer.echo(line, err=True)
         sys.exit(2)
     except (FileNotFoundError, PermissionError) as exc:
         if debug:

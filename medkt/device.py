@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from medkt.errors import ConfigError
 
@@ -48,6 +48,47 @@ def available_devices() -> list[str]:
     if _mps_available():
         out.append("mps")
     return out
+
+
+_DEVICE_TYPES = ("auto", "cpu", "cuda", "mps", "meta")
+
+
+def check_device_spec(spec: str | None) -> str:
+    """The normalised text of a ``--device`` value, checked for its form only (no torch import:
+    the preflight of :mod:`medkt.preflight` calls it); whether this machine has the device is
+    decided later by :func:`resolve_device`.
+
+    Raises:
+        ConfigError: not one of ``auto|cpu|cuda|cuda:N|mps|meta``.
+    """
+    text = "auto" if spec is None else str(spec).strip().lower()
+    kind, sep, index = text.partition(":")
+    if kind not in _DEVICE_TYPES or (sep and not (kind == "cuda" and index.isdigit())):
+        raise ConfigError(f"unknown device {spec!r}: use {DEVICE_HELP}", key="device")
+    return text
+
+
+def check_precision_spec(precision: str | None, device: str | None = None) -> str:
+    """``precision`` normalised to one of :data:`PRECISIONS` (aliases such as ``half`` accepted),
+    without importing torch; an explicit ``cpu``/``meta`` ``device`` also refuses what cannot run
+    there (fp16 on the CPU, anything but fp32 on meta). Whether a GPU supports bf16 is decided
+    later by :func:`resolve_precision`."""
+    p = "auto" if precision is None else str(precision).strip().lower()
+    p = _PRECISION_ALIASES.get(p, p)
+    if p not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}: use {PRECISION_HELP}", key="precision")
+    dev = None if device is None else str(device).strip().lower()
+    if p in ("bf16", "fp16") and dev == "meta":
+        raise ConfigError(f"precision {p!r} cannot run on the meta device (torch.autocast has no meta backend); "
+                          "use fp32", key="precision")
+    if p == "fp16" and dev == "cpu":
+        raise ConfigError("precision 'fp16' is only supported on CUDA (and MPS) devices: CPU autocast has no "
+                          "fp16 loss scaling; use --precision bf16 (or fp32) on the CPU", key="precision")
+    return p
+
+
+_PRECISION_ALIASES = {"float32": "fp32", "32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16",
+                      "16": "fp16"}
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
@@ -111,21 +152,11 @@ def resolve_precision(precision: str | None = "auto", device: str | torch.device
     import torch
 
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    p = "auto" if precision is None else str(precision).strip().lower()
-    aliases = {"float32": "fp32", "32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "16": "fp16"}
-    p = aliases.get(p, p)
-    if p not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}: use {PRECISION_HELP}")
+    p = check_precision_spec(precision, dev.type if dev.type in ("cpu", "meta") else None)
     if p == "auto":
         return "bf16" if dev.type == "cuda" and _bf16_supported(dev) else "fp32"
     if p == "fp32":
         return p
-    if dev.type == "meta":
-        raise ConfigError(f"precision {p!r} cannot run on the meta device (torch.autocast has no meta backend); "
-                          "use fp32")
-    if p == "fp16" and dev.type == "cpu":
-        raise ConfigError("precision 'fp16' is only supported on CUDA (and MPS) devices: CPU autocast has no "
-                          "fp16 loss scaling; use --precision bf16 (or fp32) on the CPU")
     if p == "bf16" and not _bf16_supported(dev):
         raise ConfigError(f"device {dev} does not support bf16 (e.g. a pre-Ampere GPU); use --precision fp16 "
                           "or fp32")
@@ -173,6 +204,47 @@ def grad_scaler(device: str | torch.device, precision: str = "fp32") -> torch.am
     return torch.amp.GradScaler(dev.type if enabled else "cpu", enabled=enabled)
 
 
+def runtime_record(device: str | torch.device | None = "auto", precision: str | None = "auto") -> dict[str, Any]:
+    """Where and how a run computes, for ``run.log``, ``settings.json`` and ``results.json``.
+
+    Keys: ``device`` (resolved, e.g. ``"cuda:0"``; under torchrun this rank's GPU, see
+    :func:`medkt.distributed.local_device`) and ``device_requested`` (e.g. ``"auto"``),
+    ``precision`` (resolved) and ``precision_requested``, ``dtype`` of the forward passes
+    (``"bfloat16"``, ``"float16"`` or ``"float32"``), ``gpu_name`` and ``gpu_memory_gib`` (None off
+    CUDA), ``torch`` and ``cuda`` (the CUDA version torch was built with; None for a CPU build),
+    ``world_size`` (processes sharing the work: 1 unless under torchrun).
+
+    Raises:
+        ConfigError: the device or precision is not available here (as :func:`resolve_device`).
+    """
+    import torch
+
+    from medkt import distributed as mdist
+
+    dev = mdist.local_device(device)
+    prec = resolve_precision(precision, dev)
+    dtype = autocast_dtype(prec)
+    rec: dict[str, Any] = {
+        "device": str(dev), "device_requested": "auto" if device is None else str(device),
+        "precision": prec, "precision_requested": "auto" if precision is None else str(precision),
+        "dtype": str(dtype or torch.float32).removeprefix("torch."),
+        "gpu_name": None, "gpu_memory_gib": None,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "world_size": mdist.world_size(),
+    }
+    if dev.type == "cuda":
+        rec["gpu_name"] = torch.cuda.get_device_name(dev)
+        rec["gpu_memory_gib"] = round(torch.cuda.get_device_properties(dev).total_memory / 2**30, 1)
+    return rec
+
+
+def describe_runtime(rec: dict[str, Any]) -> str:
+    """One log line of a :func:`runtime_record`."""
+    gpu = f", GPU {rec['gpu_name']} ({rec['gpu_memory_gib']} GiB)" if rec.get("gpu_name") else ""
+    return (f"device {rec['device']} (requested {rec['device_requested']}), precision {rec['precision']} "
+            f"({rec['dtype']}; requested {rec['precision_requested']}){gpu}, torch {rec['torch']}, "
+            f"CUDA {rec['cuda'] or 'none (CPU build)'}, world size {rec['world_size']}")
+
+
 def module_device(module: torch.nn.Module) -> torch.device:
     """Device of the first parameter (or buffer) of ``module``; CPU for a module without tensors."""
     import torch
@@ -184,5 +256,7 @@ def module_device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["PRECISIONS", "DEVICE_HELP", "PRECISION_HELP", "available_devices", "resolve_device",
-           "resolve_precision", "autocast", "autocast_dtype", "grad_scaler", "module_device"]
+__all__ = ["PRECISIONS", "DEVICE_HELP", "PRECISION_HELP", "available_devices", "check_device_spec",
+           "check_precision_spec", "resolve_device",
+           "resolve_precision", "autocast", "autocast_dtype", "grad_scaler", "module_device", "runtime_record",
+           "describe_runtime"]

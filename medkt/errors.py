@@ -64,6 +64,15 @@ class CheckpointError(MedktError):
     """A checkpoint file is corrupt, truncated or not a medkt checkpoint."""
 
 
+class PreflightError(MedktError):
+    """Several problems found before a run started (:mod:`medkt.preflight`), one per line; the
+    CLI prints each as its own ``error:`` line. A single problem is raised as itself instead."""
+
+    def __init__(self, problems: list[MedktError]):
+        self.problems = list(problems)
+        super().__init__("\n".join(" ".join(str(p).split()) for p in self.problems))
+
+
 #: errno values of an output disk that cannot take a write (read-only, full, over quota)
 DISK_ERRNOS = frozenset(e for e in ("EROFS", "ENOSPC", "EDQUOT") if hasattr(__import__("errno"), e))
 

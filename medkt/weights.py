@@ -18,12 +18,43 @@ import os
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from medkt.errors import ConfigError, UnknownNameError, WeightsNotFoundError, did_you_mean, unknown_name
 
 WEIGHTS_ENV = "MEDKT_WEIGHTS"
 README_HINT = "see README.md, section 'Getting weights'"
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """A parsed backend spec ``family:architecture[@weights]``.
+
+    ``family`` is the registered adapter name, ``architecture`` the model shape, ``weights`` a local
+    path, an HF-cache repo id, ``random``, or ``None`` for the family's default.
+    """
+
+    family: str
+    architecture: str
+    weights: str | None
+
+    @classmethod
+    def parse(cls, spec: str) -> "BackendSpec":
+        """``"clip:ViT-B-32@/path"`` -> ``BackendSpec("clip", "ViT-B-32", "/path")``."""
+        if not isinstance(spec, str) or ":" not in spec:
+            raise ConfigError(
+                f"bad backend spec {spec!r}: expected 'family:architecture[@weights]', "
+                "e.g. 'clip:ViT-B-32@/models/clip-b32.pt' or 'hf_clip:tiny@random'"
+            )
+        family, rest = spec.split(":", 1)
+        arch, _, weights = rest.partition("@")
+        if not family or not arch:
+            raise ConfigError(f"bad backend spec {spec!r}: family and architecture must be non-empty")
+        return cls(family.strip(), arch.strip(), weights.strip() or None)
+
+    def __str__(self) -> str:
+        return f"{self.family}:{self.architecture}" + (f"@{self.weights}" if self.weights else "")
 
 
 def hf_cache_dir() -> Path:

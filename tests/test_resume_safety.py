@@ -144,11 +144,13 @@ def test_pipeline_error_keeps_work_and_says_how_to_resume(tmp_path, caplog):
     log = (partial / "run.log").read_text()
     assert "DataError: bad image row 7" in log and "--resume" in log and "kept in" in log
     assert any("--resume" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
-    assert _Toy(output_dir=out, resume=True).run() == {"pipeline": "pipeline", "bundle": None, "seed": 0,
-                                                        "seconds_total": pytest.approx(0, abs=60), "ok": True}
+    results = _Toy(output_dir=out, resume=True).run()
+    assert results.pop("runtime")["device"] == "cpu"  # the resolved device (see tests/test_run_records.py)
+    assert results == {"pipeline": "pipeline", "bundle": None, "seed": 0,
+                       "seconds_total": pytest.approx(0, abs=60), "ok": True}
     assert (out / "results.json").is_file() and (out / "settings.json").is_file() and not partial.exists()
     settings = json.loads((out / "settings.json").read_text())
-    assert settings["device"] == "auto" and settings["precision"] == "auto"
+    assert settings["device"] == "cpu" and settings["precision"] == "fp32"  # resolved from "auto" on a CPU host
     assert "restart" not in settings["settings"]
 
 

@@ -13,13 +13,12 @@ new family with :func:`register_backend`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from medkt.backends.base import Backend
-from medkt.errors import ConfigError
 from medkt.registry import Registry
+from medkt.weights import BackendSpec  # defined there: parsing a spec needs no torch (preflight)
 
 BackendFactory = Callable[..., Backend]
 
@@ -37,36 +36,6 @@ for _family, _target in {
     "biomedclip": "medkt.backends.biomedclip:create",
 }.items():
     BACKENDS.register_lazy(_family, _target)
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    """A parsed backend spec ``family:architecture[@weights]``.
-
-    ``family`` is the registered adapter name, ``architecture`` the model shape, ``weights`` a local
-    path, an HF-cache repo id, ``random``, or ``None`` for the family's default.
-    """
-
-    family: str
-    architecture: str
-    weights: str | None
-
-    @classmethod
-    def parse(cls, spec: str) -> "BackendSpec":
-        """``"clip:ViT-B-32@/path"`` -> ``BackendSpec("clip", "ViT-B-32", "/path")``."""
-        if not isinstance(spec, str) or ":" not in spec:
-            raise ConfigError(
-                f"bad backend spec {spec!r}: expected 'family:architecture[@weights]', "
-                "e.g. 'clip:ViT-B-32@/models/clip-b32.pt' or 'hf_clip:tiny@random'"
-            )
-        family, rest = spec.split(":", 1)
-        arch, _, weights = rest.partition("@")
-        if not family or not arch:
-            raise ConfigError(f"bad backend spec {spec!r}: family and architecture must be non-empty")
-        return cls(family.strip(), arch.strip(), weights.strip() or None)
-
-    def __str__(self) -> str:
-        return f"{self.family}:{self.architecture}" + (f"@{self.weights}" if self.weights else "")
 
 
 def register_backend(family: str) -> Callable[[BackendFactory], BackendFactory]:

@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from medkt.device import describe_runtime
 from medkt.errors import ConfigError, OutputExistsError
 from medkt.faults import fault_point
 from medkt.utils import LOCK_NAME, atomic_write_json, check_unlocked, folder_lock, seed_everything
@@ -101,6 +102,8 @@ class Pipeline:
         self.device = device
         self.precision = precision
         self.settings = settings
+        #: :func:`medkt.device.runtime_record` of the run (resolved device, precision, GPU, versions)
+        self.runtime: dict[str, Any] | None = None
 
     @property
     def staging_dir(self) -> Path:
@@ -141,11 +144,22 @@ class Pipeline:
         """:meth:`preflight`, then run :meth:`_run` in the staging folder, write
         ``results.json`` and ``settings.json``, rename the folder to ``output_dir``. Returns the
         results."""
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and os.environ.get("RANK", "0") != "0":
+            from medkt import distributed as mdist
+
+            if not mdist.is_initialized():  # a pipeline that does not shard its work (see README "Running on GPUs")
+                log.warning("%s does not share its work across torchrun ranks: rank 0 runs it alone, rank %s exits",
+                            type(self).__name__, os.environ.get("RANK"))
+                return {}
         staging = self.staging_dir
         # a live process working in the staging folder comes first: "--resume" or "--restart"
         # would otherwise write into (or delete) the files of a run that is still going
         check_unlocked(staging)
         self.preflight()
+        # the device and precision actually used (not "auto"); an unavailable GPU fails here,
+        # before any folder is touched
+        self.runtime = None
+        self._runtime()
         created = not staging.exists()
         staging.mkdir(parents=True, exist_ok=True)
         with folder_lock(staging) as lock:
@@ -162,7 +176,7 @@ class Pipeline:
                 try:
                     results = self._run(staging)
                     results = {"pipeline": self.kind, "bundle": self.bundle_name, "seed": self.seed,
-                               "seconds_total": time.perf_counter() - start, **results}
+                               "seconds_total": time.perf_counter() - start, "runtime": self.runtime, **results}
                     atomic_write_json(staging / "results.json", results)
                     fault_point("results")  # kill-and-resume tests: die between the results and the rename
                     atomic_write_json(staging / "settings.json", self.describe_settings())
@@ -203,8 +217,9 @@ class Pipeline:
         try:
             log.info("medkt %s %s (%s) in %s; command: %s", "resuming" if self.resume else "starting",
                      self.bundle_name or type(self).__name__, self.kind, staging, " ".join(sys.argv))
-            log.info("versions: %s; host %s, pid %d, seed %d, device %s, precision %s",
-                     json.dumps(versions()), socket.gethostname(), os.getpid(), self.seed, self.device, self.precision)
+            log.info("versions: %s; host %s, pid %d, seed %d", json.dumps(versions()), socket.gethostname(),
+                     os.getpid(), self.seed)
+            log.info("runtime: %s", describe_runtime(self._runtime()))
             yield handler
             log.info("run finished in %.1f s", time.perf_counter() - start)
         finally:
@@ -216,16 +231,26 @@ class Pipeline:
         """The run's ``settings.json``: pipeline class, bundle, seed, device, precision, settings, versions."""
         import torch
 
+        runtime = self._runtime()
         return {
             "pipeline": f"{type(self).__module__}.{type(self).__name__}",
             "bundle": self.bundle_name,
             "seed": self.seed,
-            "device": self.device,
-            "precision": self.precision,
+            "device": runtime["device"],
+            "precision": runtime["precision"],
+            "runtime": runtime,
             "settings": json.loads(json.dumps(self.settings, default=str)),
             "versions": versions(),
             "torch_threads": torch.get_num_threads(),
         }
+
+    def _runtime(self) -> dict[str, Any]:
+        """The :func:`medkt.device.runtime_record` of this run (made once, by :meth:`run`)."""
+        if getattr(self, "runtime", None) is None:
+            from medkt.device import runtime_record
+
+            self.runtime = runtime_record(self.device, self.precision)
+        return self.runtime
 
     def create_backend(self, spec: str, **options: Any):
         """The pipeline's model on its ``device`` (under torchrun: this rank's GPU) in its ``precision``."""

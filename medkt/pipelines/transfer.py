@@ -169,18 +169,15 @@ def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], defau
     return ev, info
 
 
-def check_backend_weights(spec: str) -> None:
-    """A backend spec whose weights are a local path (``family:arch@/path`` or ``./path``) must
-    point at an existing file or folder; tags, ``random`` and HF-cache ids are resolved later."""
-    from medkt.backends import BackendSpec
-    from medkt.errors import WeightsNotFoundError
+def check_backend_weights(spec: str, options: dict[str, Any] | None = None) -> None:
+    """The backend's weights (and ``tokenizer`` option) can be found locally, as far as that is
+    decidable without building the model (:func:`medkt.preflight.backend_problems`); raises the
+    first problem."""
+    from medkt.preflight import backend_problems
 
-    weights = BackendSpec.parse(spec).weights
-    if weights and (weights.startswith(("/", "./", "../", "~")) or weights.endswith((".pt", ".pth", ".bin", ".safetensors"))):
-        path = Path(weights).expanduser()
-        if not path.exists():
-            raise WeightsNotFoundError(f"weights not found: {path} (backend {spec}); fix the path after '@' "
-                                       "(README 'Getting weights')")
+    problems = backend_problems(spec, options)
+    if problems:
+        raise problems[0]
 
 
 class TransferPipeline(Pipeline):
@@ -234,7 +231,7 @@ class TransferPipeline(Pipeline):
         """Before any folder is touched: the backend's weights path and every evaluation manifest
         exist (a typo fails in seconds, not after the inversion)."""
         super().validate()
-        check_backend_weights(self.backend_spec)
+        check_backend_weights(self.backend_spec, self.backend_options)
         for name, spec in self.evaluations.items():
             if spec.get("source") != "inversion" and "manifest" in spec and not Path(spec["manifest"]).is_file():
                 raise DataError(f"evaluation {name!r}: manifest not found: {spec['manifest']}; build one with "
