@@ -39,7 +39,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
 
 
 def _parse_sets(sets: list[str]) -> dict:
-    from medkt.bundles import parse_override
+    from medkt.config_files import parse_override
 
     return dict(parse_override(s) for s in sets)
 
@@ -159,7 +159,7 @@ def invert(
         if not sep or not name.strip() or not desc.strip():
             raise ConfigError(f"bad --concept {c!r}: expected NAME=DESCRIPTION")
         targets.append(InversionTarget(name.strip(), desc.strip(), n_images))
-    from medkt.utils import LOCK_NAME, check_unlocked, folder_lock
+    from medkt.run_folder import LOCK_NAME, check_unlocked, folder_lock
 
     check_unlocked(output, "output folder")  # another live `medkt invert` writing there comes first
     # resuming into a folder checks the settings its checkpoints were made with (medkt.checkpoints),
@@ -279,7 +279,7 @@ def read_class_prompts(path: Path, templates: list[str] | None = None) -> dict[s
     """``--classes FILE``: a JSON object class -> prompt (a string is ONE prompt) or list of
     prompts (null: the templates), or a JSON list of class names expanded with ``templates``
     (default ``"a photo of a {}."``). Anything else is one ConfigError line naming the file."""
-    from medkt.bundles import read_json
+    from medkt.config_files import read_json
     from medkt.pipelines.transfer import class_prompts_of
     from medkt.validation import ClassPrompts, check
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from medkt.errors import ConfigError
 
@@ -204,47 +204,6 @@ def grad_scaler(device: str | torch.device, precision: str = "fp32") -> torch.am
     return torch.amp.GradScaler(dev.type if enabled else "cpu", enabled=enabled)
 
 
-def runtime_record(device: str | torch.device | None = "auto", precision: str | None = "auto") -> dict[str, Any]:
-    """Where and how a run computes, for ``run.log``, ``settings.json`` and ``results.json``.
-
-    Keys: ``device`` (resolved, e.g. ``"cuda:0"``; under torchrun this rank's GPU, see
-    :func:`medkt.distributed.local_device`) and ``device_requested`` (e.g. ``"auto"``),
-    ``precision`` (resolved) and ``precision_requested``, ``dtype`` of the forward passes
-    (``"bfloat16"``, ``"float16"`` or ``"float32"``), ``gpu_name`` and ``gpu_memory_gib`` (None off
-    CUDA), ``torch`` and ``cuda`` (the CUDA version torch was built with; None for a CPU build),
-    ``world_size`` (processes sharing the work: 1 unless under torchrun).
-
-    Raises:
-        ConfigError: the device or precision is not available here (as :func:`resolve_device`).
-    """
-    import torch
-
-    from medkt import distributed as mdist
-
-    dev = mdist.local_device(device)
-    prec = resolve_precision(precision, dev)
-    dtype = autocast_dtype(prec)
-    rec: dict[str, Any] = {
-        "device": str(dev), "device_requested": "auto" if device is None else str(device),
-        "precision": prec, "precision_requested": "auto" if precision is None else str(precision),
-        "dtype": str(dtype or torch.float32).removeprefix("torch."),
-        "gpu_name": None, "gpu_memory_gib": None,
-        "torch": torch.__version__, "cuda": torch.version.cuda, "world_size": mdist.world_size(),
-    }
-    if dev.type == "cuda":
-        rec["gpu_name"] = torch.cuda.get_device_name(dev)
-        rec["gpu_memory_gib"] = round(torch.cuda.get_device_properties(dev).total_memory / 2**30, 1)
-    return rec
-
-
-def describe_runtime(rec: dict[str, Any]) -> str:
-    """One log line of a :func:`runtime_record`."""
-    gpu = f", GPU {rec['gpu_name']} ({rec['gpu_memory_gib']} GiB)" if rec.get("gpu_name") else ""
-    return (f"device {rec['device']} (requested {rec['device_requested']}), precision {rec['precision']} "
-            f"({rec['dtype']}; requested {rec['precision_requested']}){gpu}, torch {rec['torch']}, "
-            f"CUDA {rec['cuda'] or 'none (CPU build)'}, world size {rec['world_size']}")
-
-
 def module_device(module: torch.nn.Module) -> torch.device:
     """Device of the first parameter (or buffer) of ``module``; CPU for a module without tensors."""
     import torch
@@ -258,5 +217,4 @@ def module_device(module: torch.nn.Module) -> torch.device:
 
 __all__ = ["PRECISIONS", "DEVICE_HELP", "PRECISION_HELP", "available_devices", "check_device_spec",
            "check_precision_spec", "resolve_device",
-           "resolve_precision", "autocast", "autocast_dtype", "grad_scaler", "module_device", "runtime_record",
-           "describe_runtime"]
+           "resolve_precision", "autocast", "autocast_dtype", "grad_scaler", "module_device"]

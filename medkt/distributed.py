@@ -151,5 +151,45 @@ def local_share(n: int, rank_: int | None = None, world: int | None = None) -> s
     return slice(start, start + base + (1 if r < extra else 0))
 
 
-__all__ = ["DistEnv", "env_from_torchrun", "local_device", "init_from_env", "is_initialized", "world_size", "rank", "is_main",
+# --- what a run records about where it computes ----------------------------------------------
+def runtime_record(device: str | torch.device | None = "auto", precision: str | None = "auto") -> dict[str, Any]:
+    """Where and how a run computes, for ``run.log``, ``settings.json`` and ``results.json``.
+
+    Keys: ``device`` (resolved, e.g. ``"cuda:0"``; under torchrun this rank's GPU, see
+    :func:`local_device`) and ``device_requested`` (e.g. ``"auto"``),
+    ``precision`` (resolved) and ``precision_requested``, ``dtype`` of the forward passes
+    (``"bfloat16"``, ``"float16"`` or ``"float32"``), ``gpu_name`` and ``gpu_memory_gib`` (None off
+    CUDA), ``torch`` and ``cuda`` (the CUDA version torch was built with; None for a CPU build),
+    ``world_size`` (processes sharing the work: 1 unless under torchrun).
+
+    Raises:
+        ConfigError: the device or precision is not available here (as :func:`medkt.device.resolve_device`).
+    """
+    from medkt.device import autocast_dtype, resolve_precision
+
+    dev = local_device(device)
+    prec = resolve_precision(precision, dev)
+    dtype = autocast_dtype(prec)
+    rec: dict[str, Any] = {
+        "device": str(dev), "device_requested": "auto" if device is None else str(device),
+        "precision": prec, "precision_requested": "auto" if precision is None else str(precision),
+        "dtype": str(dtype or torch.float32).removeprefix("torch."),
+        "gpu_name": None, "gpu_memory_gib": None,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "world_size": world_size(),
+    }
+    if dev.type == "cuda":
+        rec["gpu_name"] = torch.cuda.get_device_name(dev)
+        rec["gpu_memory_gib"] = round(torch.cuda.get_device_properties(dev).total_memory / 2**30, 1)
+    return rec
+
+
+def describe_runtime(rec: dict[str, Any]) -> str:
+    """One log line of a :func:`runtime_record`."""
+    gpu = f", GPU {rec['gpu_name']} ({rec['gpu_memory_gib']} GiB)" if rec.get("gpu_name") else ""
+    return (f"device {rec['device']} (requested {rec['device_requested']}), precision {rec['precision']} "
+            f"({rec['dtype']}; requested {rec['precision_requested']}){gpu}, torch {rec['torch']}, "
+            f"CUDA {rec['cuda'] or 'none (CPU build)'}, world size {rec['world_size']}")
+
+
+__all__ = ["DistEnv", "runtime_record", "describe_runtime", "env_from_torchrun", "local_device", "init_from_env", "is_initialized", "world_size", "rank", "is_main",
            "barrier", "broadcast_object", "shard_chunks", "n_chunks", "local_share"]

@@ -43,18 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from medkt.errors import ConfigError, DataError, MedktError, PreflightError, WeightsNotFoundError, did_you_mean
-from medkt.weights import README_HINT, BackendSpec, resolve_weights
+from medkt.weights import backend_problems
 
 __all__ = ["BundleConfig", "UNKNOWN", "load_config", "override_key_problems", "preflight_bundle",
-           "backend_problems", "raise_problems"]
+           "raise_problems"]
 
 #: environment variable of the SAM checkpoint used when a bundle's ``sam`` is null
 SAM_CHECKPOINT_ENV = "MEDKT_SAM_CHECKPOINT"
-#: families whose spec without ``@weights`` means ``$MEDKT_WEIGHTS`` (see each backend's ``create``)
-_ENV_DEFAULT_FAMILIES = ("medclip", "clip", "open_clip", "coca", "vilt")
-#: families whose ``@weights`` may be an open_clip pretrained tag (not decidable without open_clip)
-_TAG_FAMILIES = ("clip", "open_clip", "coca")
-_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _REF = re.compile(r"@(\w+(?:#\w+)*)")
 
 
@@ -100,7 +95,7 @@ def load_config(files: list[str]) -> dict[str, Any]:
     """The bundle config of ``files`` merged as MONAI merges a list of config files: later files
     replace top-level entries, ``"+key"`` merges into a dict / extends a list, ``"a#b"`` sets a
     nested entry. A syntax error is a :class:`ConfigError` naming file, line and column."""
-    from medkt.bundles import read_json
+    from medkt.config_files import read_json
 
     merged: dict[str, Any] = {}
     for f in files:
@@ -125,7 +120,7 @@ def override_key_problems(config: Mapping[str, Any], overrides: Mapping[str, Any
     """One :class:`ConfigError` per override whose key is no config id. A new field inside an
     existing section is allowed (e.g. ``inversion#chunk_size``): the pipeline validates field
     names, so typos there still fail with the known options."""
-    from medkt.bundles import _show_override
+    from medkt.config_files import _show_override
 
     out = []
     top = sorted(k for k in config if not k.startswith("_"))
@@ -251,52 +246,6 @@ def _check_device(cfg: BundleConfig) -> list[MedktError]:
     return out
 
 
-def _looks_like_path(text: str) -> bool:
-    return text.startswith(("/", "./", "../", "~")) or text.endswith(_WEIGHT_SUFFIXES)
-
-
-def _looks_like_repo_id(text: str) -> bool:
-    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
-
-
-def backend_problems(spec: str, options: Mapping[str, Any] | None = None) -> list[MedktError]:
-    """Problems with a backend spec's weights and ``tokenizer`` option that can be seen without
-    building the model (see the module docstring for what is and is not checked)."""
-    try:
-        parsed = BackendSpec.parse(spec)
-    except ConfigError as exc:
-        return [exc]
-    out: list[MedktError] = []
-    weights, family = parsed.weights, parsed.family
-    how = "The bundle's docs/README.md names the weights it needs."
-    if weights is None:
-        if family == "hf_clip" and parsed.architecture != "tiny":
-            weights = parsed.architecture  # hf_clip:ORG/NAME: the architecture is the repo
-        elif family not in _ENV_DEFAULT_FAMILIES or (family == "vilt" and parsed.architecture == "tiny"):
-            weights = "random"  # the family's shipped default (phantom) or a test model
-    if weights == "random":
-        pass
-    elif weights is not None and _looks_like_path(weights):
-        if not Path(weights).expanduser().exists():
-            out.append(WeightsNotFoundError(f"weights not found: {Path(weights).expanduser()} (backend {spec}); fix "
-                                            f"the path after '@' ({README_HINT})"))
-    elif weights is not None and family in _TAG_FAMILIES and not _looks_like_repo_id(weights):
-        pass  # an open_clip tag or a typo: only open_clip's registry knows (checked when the model is built)
-    else:
-        try:
-            resolve_weights(weights, what=f"backend {spec}", how_to_get=how)
-        except WeightsNotFoundError as exc:
-            out.append(exc)
-    tokenizer = (options or {}).get("tokenizer")
-    if isinstance(tokenizer, (str, os.PathLike)):
-        try:
-            resolve_weights(str(tokenizer), what=f"the tokenizer of backend {spec} (backend_options#tokenizer)",
-                            how_to_get="fix backend_options#tokenizer (a folder or a repo in the local HF cache)")
-        except WeightsNotFoundError as exc:
-            out.append(exc)
-    return out
-
-
 def _check_backend(cfg: BundleConfig) -> list[MedktError]:
     spec = _arg(cfg, "backend")
     options = _arg(cfg, "backend_options", {}) or {}
@@ -365,12 +314,15 @@ def _manifest_problems(what: str, manifest: Any, root: Any, split: Any, skip_bad
 def _check_data(cfg: BundleConfig) -> list[MedktError]:
     out: list[MedktError] = []
     evaluations = _arg(cfg, "evaluations", {})
+    # --skip-unreadable (pipeline#skip_unreadable, or per evaluation set) skips missing files as well
+    skip_all = _arg(cfg, "skip_unreadable", False) is True
     if isinstance(evaluations, dict):
         for name, spec in evaluations.items():
             if not isinstance(spec, dict) or spec.get("source") == "inversion":
                 continue
+            skip = spec.get("skip_bad", False) is True or spec.get("skip_unreadable", False) is True or skip_all
             out += _manifest_problems(f"evaluation {name!r}", spec.get("manifest", UNKNOWN), spec.get("root"),
-                                      spec.get("split"), spec.get("skip_bad", False))
+                                      spec.get("split"), skip)
     data = _arg(cfg, "data")
     if isinstance(data, dict):
         if "manifest" in data:
@@ -410,19 +362,9 @@ def _check_sam(cfg: BundleConfig) -> list[MedktError]:
 def _check_output(output: str | Path | None, overwrite: bool, resume: bool, restart: bool) -> list[MedktError]:
     if output is None or os.environ.get("RANK", "0") != "0":
         return []  # under torchrun rank 0 checks the folders (ranks > 0 could see rank 0's new folder)
-    output = Path(output)
-    if not (output.exists() or output.with_name(output.name + ".partial").exists() or (resume and restart)):
-        return []  # nothing to refuse: skip importing the pipeline module (numpy, ~0.3 s)
-    from medkt.pipelines.base import Pipeline
+    from medkt.run_folder import run_folder_problems
 
-    pipe = Pipeline(output_dir=output, overwrite=overwrite, resume=resume, restart=restart)
-    out: list[MedktError] = []
-    for check in (pipe.check_output, pipe.check_staging):
-        try:
-            check()
-        except MedktError as exc:
-            out.append(exc)
-    return out
+    return run_folder_problems(output, overwrite, resume, restart)
 
 
 CHECKS: tuple[Callable[[BundleConfig], list[MedktError]], ...] = (_check_device, _check_backend, _check_data, _check_sam)
@@ -441,7 +383,7 @@ def preflight_bundle(files: list[str], overrides: Mapping[str, Any] | None = Non
         output, overwrite, resume, restart: the run folder and its flags (None: not checked).
         flag: how overrides were given (``"--set"`` for ``medkt``, ``"--"`` for ``monai.bundle run``).
     """
-    from medkt.bundles import attach_source
+    from medkt.config_files import attach_source
 
     overrides = dict(overrides or {})
     try:

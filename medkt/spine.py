@@ -244,7 +244,7 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
         negatives: extra fine-tuning captions that are never a target; None = the first prompt
             of every evaluation class that is not a concept (:func:`default_negatives`).
         out_dir: where the phases write their outputs (None: nothing is written); locked while the call
-            runs (``medkt.utils.folder_lock``: another process on it is refused naming its pid).
+            runs (``medkt.run_folder.folder_lock``: another process on it is refused naming its pid).
         images: what to fine-tune on (see :func:`synthesize`).
         before: "before" results already computed (e.g. shared by a sweep); else evaluated here
             when ``evaluate_before``.
@@ -267,7 +267,7 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
     out = Path(out_dir) if out_dir is not None else None
     with contextlib.ExitStack() as stack:
         if out is not None and mdist.world_size() == 1:  # under torchrun the ranks share rank 0's folder
-            from medkt.utils import folder_lock
+            from medkt.run_folder import folder_lock
 
             out.mkdir(parents=True, exist_ok=True)  # a second process on the same out_dir is refused
             stack.enter_context(folder_lock(out, "output folder"))

@@ -8,7 +8,6 @@ import random
 import sys
 import tempfile
 from pathlib import Path
-from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -94,112 +93,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-#: the lock file a process keeps in a run folder while it works in it (:func:`folder_lock`)
-LOCK_NAME = ".medkt.lock"
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host (a zombie, killed but not yet reaped, does not)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    except OSError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc (macOS): kill(0) said it exists
-
-
-def lock_holder(folder: str | Path) -> tuple[int, str] | None:
-    """``(pid, host)`` of the live process holding ``folder``'s lock, or None (no lock, or the
-    lock of a process that is gone: a stale lock). A lock taken on another host counts as live,
-    since its process cannot be checked from here."""
-    import socket
-
-    try:
-        text = (Path(folder) / LOCK_NAME).read_text()
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
-    try:
-        pid = int(fields.get("pid", ""))
-    except ValueError:
-        return None  # half-written or foreign: nobody can be shown to hold it
-    host = fields.get("host", "")
-    if host and host != socket.gethostname():
-        return pid, host
-    return (pid, host) if _pid_alive(pid) else None
-
-
-class FolderLock:
-    """What :func:`folder_lock` yields: :meth:`release` drops the lock early (before the folder
-    is renamed, so the lock file does not travel with it)."""
-
-    def __init__(self, path: Path, owned: bool) -> None:
-        self.path, self.owned = path, owned
-
-    def release(self) -> None:
-        """Remove the lock file if this process took it (idempotent)."""
-        if self.owned:
-            self.path.unlink(missing_ok=True)
-            self.owned = False
-
-
-def check_unlocked(folder: str | Path, what: str = "run folder") -> None:
-    """Raise :class:`~medkt.errors.RunLockedError` naming the pid if a live process (other than
-    this one) holds ``folder``'s lock."""
-    import socket
-
-    from medkt.errors import RunLockedError
-
-    holder = lock_holder(folder)
-    if holder is None or (holder[0] == os.getpid() and holder[1] in ("", socket.gethostname())):
-        return
-    pid, host = holder
-    where = f" on host {host}" if host and host != socket.gethostname() else ""
-    raise RunLockedError(f"{what} {folder} is in use by process {pid}{where} (lock file {Path(folder) / LOCK_NAME}); "
-                         "wait for it to finish or stop it; if that process is gone, delete the lock file")
-
-
-@contextlib.contextmanager
-def folder_lock(folder: str | Path, what: str = "run folder") -> Iterator[FolderLock]:
-    """Hold ``folder/.medkt.lock`` (this pid and host) while the block works in ``folder``.
-
-    A second process, ``--resume`` included, gets :class:`~medkt.errors.RunLockedError` naming
-    the live pid instead of writing into the same files; the lock of a process that is gone
-    (killed, crashed machine) is taken over. Re-entrant within one process.
-    """
-    import socket
-
-    folder = Path(folder)
-    lock = folder / LOCK_NAME
-    check_unlocked(folder, what)
-    if lock_holder(folder) is not None:  # this process holds it already: re-entrant
-        yield FolderLock(lock, owned=False)
-        return
-    me = f"pid={os.getpid()}\nhost={socket.gethostname()}\n"
-    try:
-        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileExistsError:  # stale: take it over (write ours, then make sure ours won a race)
-        atomic_write_text(lock, me)
-    else:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(me)
-    check_unlocked(folder, what)  # another process that took over at the same moment wins
-    handle = FolderLock(lock, owned=True)
-    try:
-        yield handle
-    finally:
-        handle.release()
 
 
 class _OnceFilter:

@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from medkt.errors import ConfigError, UnknownNameError, WeightsNotFoundError, did_you_mean, unknown_name
+from medkt.errors import ConfigError, MedktError, UnknownNameError, WeightsNotFoundError, did_you_mean, unknown_name
 
 WEIGHTS_ENV = "MEDKT_WEIGHTS"
 README_HINT = "see README.md, section 'Getting weights'"
@@ -320,3 +321,53 @@ def resolve_weights(weights: str | None, *, what: str, how_to_get: str, filename
             f"weights folder {path} for {what} holds none of {', '.join(filenames)}. {how_to_get} ({README_HINT})"
         )
     return path
+# --- what can be checked of a backend spec without building the model (preflight) ----------------
+#: families whose spec without ``@weights`` means ``$MEDKT_WEIGHTS`` (see each backend's ``create``)
+_ENV_DEFAULT_FAMILIES = ("medclip", "clip", "open_clip", "coca", "vilt")
+#: families whose ``@weights`` may be an open_clip pretrained tag (not decidable without open_clip)
+_TAG_FAMILIES = ("clip", "open_clip", "coca")
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.startswith(("/", "./", "../", "~")) or text.endswith(_WEIGHT_SUFFIXES)
+
+
+def backend_problems(spec: str, options: Mapping[str, Any] | None = None) -> list[MedktError]:
+    """Problems with a backend spec's weights and ``tokenizer`` option that can be seen without
+    building the model (see the module docstring for what is and is not checked)."""
+    try:
+        parsed = BackendSpec.parse(spec)
+    except ConfigError as exc:
+        return [exc]
+    out: list[MedktError] = []
+    weights, family = parsed.weights, parsed.family
+    how = "The bundle's docs/README.md names the weights it needs."
+    if weights is None:
+        if family == "hf_clip" and parsed.architecture != "tiny":
+            weights = parsed.architecture  # hf_clip:ORG/NAME: the architecture is the repo
+        elif family not in _ENV_DEFAULT_FAMILIES or (family == "vilt" and parsed.architecture == "tiny"):
+            weights = "random"  # the family's shipped default (phantom) or a test model
+    if weights == "random":
+        pass
+    elif weights is not None and _looks_like_path(weights):
+        if not Path(weights).expanduser().exists():
+            out.append(WeightsNotFoundError(f"weights not found: {Path(weights).expanduser()} (backend {spec}); fix "
+                                            f"the path after '@' ({README_HINT})"))
+    elif weights is not None and family in _TAG_FAMILIES and not _looks_like_repo_id(weights):
+        pass  # an open_clip tag or a typo: only open_clip's registry knows (checked when the model is built)
+    else:
+        try:
+            resolve_weights(weights, what=f"backend {spec}", how_to_get=how)
+        except WeightsNotFoundError as exc:
+            out.append(exc)
+    tokenizer = (options or {}).get("tokenizer")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        try:
+            resolve_weights(str(tokenizer), what=f"the tokenizer of backend {spec} (backend_options#tokenizer)",
+                            how_to_get="fix backend_options#tokenizer (a folder or a repo in the local HF cache)")
+        except WeightsNotFoundError as exc:
+            out.append(exc)
+    return out
+
+

@@ -24,7 +24,7 @@ from PIL import Image
 from medkt.data.images import to_float_array, to_model_pixels
 from medkt.data.readers import read_image
 from medkt.errors import DataError, RunLockedError
-from medkt.utils import LOCK_NAME, folder_lock
+from medkt.run_folder import LOCK_NAME, folder_lock
 from test_kill_resume import TINY
 from test_resume_safety import error_line
 
@@ -166,7 +166,7 @@ def test_cli_turns_a_raw_disk_oserror_into_one_line(medkt, monkeypatch, tmp_path
 
 
 # -- environment: two processes on one run folder -------------------------------------------------
-_HOLDER = ("import sys\nfrom medkt.utils import folder_lock\n"
+_HOLDER = ("import sys\nfrom medkt.run_folder import folder_lock\n"
            "with folder_lock(sys.argv[1]):\n    print('locked', flush=True)\n    sys.stdin.read()\n")
 
 

@@ -13,7 +13,8 @@ import pytest
 from medkt.bundles import list_bundles
 from medkt.device import check_device_spec, check_precision_spec
 from medkt.errors import ConfigError, DataError, MedktError, PreflightError, WeightsNotFoundError
-from medkt.preflight import UNKNOWN, BundleConfig, backend_problems, load_config, preflight_bundle, raise_problems
+from medkt.preflight import UNKNOWN, BundleConfig, load_config, preflight_bundle, raise_problems
+from medkt.weights import backend_problems
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "bundles" / "quickstart_tiny"

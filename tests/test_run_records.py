@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from medkt.device import runtime_record
+from medkt.distributed import runtime_record
 from medkt.pipelines.base import Pipeline
 
 

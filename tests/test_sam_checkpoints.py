@@ -2,6 +2,7 @@
 files as one-line errors, the cheap torch-free file check, and SAM checked before the backend."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -250,7 +251,9 @@ def test_run_loads_sam_before_the_backend(tmp_path, monkeypatch, release_files):
 def test_cli_set_sam_path(tmp_path, medkt, release_files):
     """``--set sam=PATH`` with a contradicting ``sam_model_type``: exit 2, one line, in seconds (before the backend)."""
     out = tmp_path / "run"
-    r = medkt("transfer", "--bundle", "seg_breast_ultrasound", "--output", str(out),
+    _pipeline(tmp_path)  # writes the images and masks of a tiny folder pair (the bundle's own data is not here)
+    data = json.dumps({"images": str(tmp_path / "im"), "masks": str(tmp_path / "ma")})
+    r = medkt("transfer", "--bundle", "seg_breast_ultrasound", "--output", str(out), "--set", f"data={data}",
               "--set", f"sam={release_files['vit_b']}", "--set", "sam_model_type=vit_l")
     assert r.returncode == 2, r.stderr[-2000:]
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]

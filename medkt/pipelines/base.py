@@ -38,10 +38,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from medkt.device import describe_runtime
-from medkt.errors import ConfigError, OutputExistsError
+from medkt.distributed import describe_runtime
 from medkt.faults import fault_point
-from medkt.utils import LOCK_NAME, atomic_write_json, check_unlocked, folder_lock, seed_everything
+from medkt import run_folder
+from medkt.run_folder import LOCK_NAME, check_output, check_staging, check_unlocked, folder_lock
+from medkt.utils import atomic_write_json, seed_everything
 
 log = logging.getLogger("medkt")
 
@@ -102,30 +103,21 @@ class Pipeline:
         self.device = device
         self.precision = precision
         self.settings = settings
-        #: :func:`medkt.device.runtime_record` of the run (resolved device, precision, GPU, versions)
+        #: :func:`medkt.distributed.runtime_record` of the run (resolved device, precision, GPU, versions)
         self.runtime: dict[str, Any] | None = None
 
     @property
     def staging_dir(self) -> Path:
         """``<output_dir>.partial``: where the run writes (and keeps its checkpoints) until it succeeds."""
-        return self.output_dir.with_name(self.output_dir.name + ".partial")
+        return run_folder.staging_dir(self.output_dir)
 
     def check_output(self) -> None:
-        """Refuse an existing ``output_dir`` without ``overwrite``."""
-        if self.output_dir.exists() and not self.overwrite:
-            raise OutputExistsError(
-                f"output folder {self.output_dir} already exists; choose another --output or pass --overwrite"
-            )
+        """Refuse an existing ``output_dir`` without ``overwrite`` (:func:`medkt.run_folder.check_output`)."""
+        check_output(self.output_dir, self.overwrite)
 
     def check_staging(self) -> None:
         """Refuse to touch an interrupted run's staging folder unless told what to do with it."""
-        if self.resume and self.restart:
-            raise ConfigError("--resume and --restart contradict each other: --resume continues the interrupted run "
-                              f"in {self.staging_dir}, --restart discards it; pass one")
-        if self.staging_dir.exists() and not (self.resume or self.restart):
-            raise OutputExistsError(
-                f"{self.staging_dir} holds an interrupted run (with its checkpoints); rerun with --resume to "
-                "continue it, or with --restart to discard it and start over")
+        check_staging(self.output_dir, self.resume, self.restart)
 
     def validate(self) -> None:
         """Check everything that can be checked without an output folder (configs, weights paths,
@@ -245,9 +237,9 @@ class Pipeline:
         }
 
     def _runtime(self) -> dict[str, Any]:
-        """The :func:`medkt.device.runtime_record` of this run (made once, by :meth:`run`)."""
-        if getattr(self, "runtime", None) is None:
-            from medkt.device import runtime_record
+        """The :func:`medkt.distributed.runtime_record` of this run (made once, by :meth:`run`)."""
+        if self.runtime is None:
+            from medkt.distributed import runtime_record
 
             self.runtime = runtime_record(self.device, self.precision)
         return self.runtime

@@ -171,9 +171,9 @@ def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], defau
 
 def check_backend_weights(spec: str, options: dict[str, Any] | None = None) -> None:
     """The backend's weights (and ``tokenizer`` option) can be found locally, as far as that is
-    decidable without building the model (:func:`medkt.preflight.backend_problems`); raises the
+    decidable without building the model (:func:`medkt.weights.backend_problems`); raises the
     first problem."""
-    from medkt.preflight import backend_problems
+    from medkt.weights import backend_problems
 
     problems = backend_problems(spec, options)
     if problems:
