@@ -9,6 +9,7 @@ it would get from ``PIL.Image.open(path)``.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +116,18 @@ def upstream_input(image: Any, grey: bool = False) -> Image.Image | np.ndarray:
     Args:
         grey: convert RGB to one grey channel with PIL's ``"L"`` weights (ITU-R 601-2 luma).
     """
-    arr = to_float_array(image)
-    as8 = exact_uint8(arr)
+    as8 = None
+    if isinstance(image, (str, Path)):
+        from medkt.data.readers import read_image
+
+        # an 8-bit grey/RGB file comes back as stored: no float round trip (~2 ms per 512-px
+        # image, as much as decoding it); the same uint8 pixels exact_uint8 would recover
+        image = read_image(Path(image), keep_uint8=True)
+        if image.dtype == np.uint8:
+            as8 = image
+    if as8 is None:
+        arr = to_float_array(image)
+        as8 = exact_uint8(arr)
     if as8 is not None:
         im = Image.fromarray(as8)  # uint8 (H, W) -> "L", (H, W, 3) -> "RGB"
         return im.convert("L") if grey and im.mode != "L" else im
@@ -133,13 +144,28 @@ def open_clip_pixels(image: Any, preprocess_cfg: dict[str, Any]) -> torch.Tensor
     ``preprocess(Image.open(x))`` (bit-exactly for 8-bit images). Images that are not 8-bit go
     through the same transform as a float tensor (torchvision's antialiased resize), clamped to [0, 1].
     """
-    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
-
-    cfg = merge_preprocess_dict({}, preprocess_cfg)
-    cfg.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # normalisation happens in Backend.normalize
-    transform = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    transform = _open_clip_transform(_freeze(preprocess_cfg))
     src = upstream_input(image)
     if isinstance(src, np.ndarray):
         t = torch.from_numpy(src)
         src = (t[None].expand(3, -1, -1) if t.dim() == 2 else t.permute(2, 0, 1)).contiguous()
     return transform(src).clamp(0, 1).contiguous()
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable copy of a preprocess config (dicts and lists as tuples), for the transform cache."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@functools.lru_cache(maxsize=16)
+def _open_clip_transform(frozen_cfg: tuple) -> Any:
+    """open_clip's eval transform for one preprocess config, built once (not once per image)."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    cfg = merge_preprocess_dict({}, dict(frozen_cfg))
+    cfg.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # normalisation happens in Backend.normalize
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)

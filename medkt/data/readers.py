@@ -6,7 +6,7 @@ stay 2-D), oriented as a viewer shows the image (row 0 at the top). Every failur
 
 Which library reads what, and why:
 
-* PNG / JPEG / BMP / TIFF: MONAI ``LoadImage`` with its ``PILReader``; MONAI returns ``(W, H[, C])``
+* PNG / JPEG / BMP / TIFF: MONAI's ``PILReader``; MONAI returns ``(W, H[, C])``
   (first axis = x) and float values, so we transpose back and scale by the PIL mode in the
   metadata (``I;16`` -> 65535, ``L``/``RGB`` -> 255).
 * NIfTI: MONAI ``LoadImage`` with ``NibabelReader`` (a 2-D slice or a ``(X, Y, 1)`` volume), min-max.
@@ -18,6 +18,7 @@ Which library reads what, and why:
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 from typing import Any
@@ -75,14 +76,16 @@ def sniff_format(path: str | Path) -> str:
     return "pil"
 
 
-def read_image(path: str | Path, *, jsrt_invert: bool = True) -> np.ndarray:
+def read_image(path: str | Path, *, jsrt_invert: bool = True, keep_uint8: bool = False) -> np.ndarray:
     """Read one 2-D image file -> float32 ``(H, W)`` or ``(H, W, 3)`` in [0, 1].
 
     Args:
         path: PNG/JPEG/BMP/TIFF, DICOM (``.dcm`` or extensionless with the ``DICM`` preamble),
             NIfTI (``.nii``/``.nii.gz``, 2-D) or JSRT raw ``.IMG``.
         jsrt_invert: JSRT raw files store larger values for darker film; invert so that bone is
-            bright as on every other radiograph format (see :func:`read_jsrt_raw`).
+            bright as on every other radiograph format (see `read_jsrt_raw`).
+        keep_uint8: return an 8-bit grey or RGB PNG/JPEG as stored (``uint8``, same shape)
+            instead of float; every other file is float as usual (see `read_pil`).
 
     Raises:
         DataError: missing, truncated or unsupported file (the message names it).
@@ -97,30 +100,49 @@ def read_image(path: str | Path, *, jsrt_invert: bool = True) -> np.ndarray:
         return read_jsrt_raw(path, invert=jsrt_invert)
     if kind == "nifti":
         return read_nifti(path)
-    return read_pil(path)
+    return read_pil(path, keep_uint8=keep_uint8)
 
 
 # -- PNG / JPEG -------------------------------------------------------------------------------
-def read_pil(path: str | Path) -> np.ndarray:
-    """PNG/JPEG/BMP/TIFF through MONAI ``LoadImage(reader="PILReader")``.
+@functools.lru_cache(maxsize=1)
+def _pil_reader() -> Any:
+    """One MONAI ``PILReader`` for every read (it keeps no state between files). Called directly
+    rather than through ``LoadImage``: building a ``LoadImage`` per file and wrapping every array
+    in a ``MetaTensor`` cost 1-2 ms per image, as much as decoding a 512-px PNG; the array and the
+    ``mode`` metadata are the same."""
+    from monai.data import PILReader
+
+    return PILReader()
+
+
+def read_pil(path: str | Path, *, keep_uint8: bool = False) -> np.ndarray:
+    """PNG/JPEG/BMP/TIFF through MONAI's ``PILReader``.
 
     8-bit images are divided by 255, 16-bit (``I;16``) by 65535; RGB stays 3 channels; an RGBA
     image whose alpha is fully opaque loses its alpha channel, while one with real transparency
     is refused (what lies under a transparent pixel of a radiograph is undefined).
-    """
-    from monai.transforms import LoadImage
 
+    Args:
+        path: the image file.
+        keep_uint8: return 8-bit grey (``L``) or ``RGB`` images as stored, ``uint8`` — the exact
+            pixels that ``x / 255`` came from, for preprocessing that starts from 8-bit PIL images
+            (`medkt.data.images.upstream_input`) without a float round trip.
+    """
     path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            data, meta = LoadImage(reader="PILReader", image_only=False, dtype=None)(str(path))
+            reader = _pil_reader()
+            data, meta = reader.get_data(reader.read(str(path)))
     except Exception as exc:  # PIL raises OSError/SyntaxError/ValueError on corrupt files
         raise DataError(f"unreadable image {path}: {_short(exc)}") from None
     mode = str(meta.get("mode", ""))
     arr = np.asarray(data)
     # MONAI's PILReader returns (W, H[, C]); put rows first again
     arr = np.swapaxes(arr, 0, 1) if arr.ndim >= 2 else arr
+    if (keep_uint8 and arr.dtype == np.uint8
+            and ((mode == "L" and arr.ndim == 2) or (mode == "RGB" and arr.ndim == 3 and arr.shape[-1] == 3))):
+        return np.ascontiguousarray(arr)
     return _scale_pil(arr, mode, path)
 
 
