@@ -158,7 +158,7 @@ class InversionConfig:
 #: Named inversion recipes (``{"preset": NAME}`` in a config). Resolutions are given for a
 #: 224-px model and scaled to the model by :func:`preset_dict` when it is told the model size.
 #: "paper": the paper's 5,000 steps at the model size (= ``InversionConfig()``).
-#: "fast": medkt's measured recipe, 12.5x fewer steps (benchmarks/run.py, README "Performance"):
+#: "fast": medkt's measured recipe, 12.5x fewer steps (benchmarks/run/, README "Performance"):
 #: random-weight ViT-B/32 ends at similarity 0.9999 (the paper recipe cannot exceed 1); the tiny
 #: random ViT at 0.5408 vs 0.5413 after the paper's 5,000 steps; ViT-B/32 (1 image) 0.99991 vs
 #: 0.999997. Progressive resolution (64 -> 128 -> 224, the model run at each stage's size) was
