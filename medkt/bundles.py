@@ -6,7 +6,7 @@ A bundle is a folder ``<name>/configs/{metadata.json, transfer.json, logging.con
 ``ConfigWorkflow``, exactly as ``python -m monai.bundle run`` does, so both entry points behave
 the same.
 
-Errors: a medkt error (:class:`~medkt.errors.MedktError`) is one line naming the config id, the
+Errors: a medkt error (`MedktError`) is one line naming the config id, the
 value, the expected form and where it was set (bundle file or ``--set``), exit code 2. Under
 ``python -m monai.bundle run`` the same holds: importing this module there (every bundle lists
 ``$import medkt.bundles``) installs an exception hook that prints that line instead of MONAI's
@@ -68,7 +68,7 @@ def _info(path: Path) -> BundleInfo:
 
 
 def list_bundles() -> list[BundleInfo]:
-    """Every readable bundle on :func:`search_path`; a name found twice keeps the first root's."""
+    """Every readable bundle on `search_path`; a name found twice keeps the first root's."""
     found: dict[str, BundleInfo] = {}
     for root in search_path():
         for meta in sorted(root.glob("*/configs/metadata.json")):
@@ -82,7 +82,7 @@ def list_bundles() -> list[BundleInfo]:
 
 
 def find_bundle(name_or_path: str) -> BundleInfo:
-    """A bundle by folder path or by name on :func:`search_path`; unknown -> :class:`ConfigError`."""
+    """A bundle by folder path or by name on `search_path`; unknown -> `ConfigError`."""
     p = Path(name_or_path)
     if (p / "configs" / "metadata.json").is_file():
         return _info(p)
@@ -139,7 +139,7 @@ def run_bundle(bundle: str, overrides: dict[str, Any] | None = None, config: str
     """Run a bundle's workflow; returns the run's ``results.json`` content.
 
     ``resume`` continues the interrupted run in ``<output>.partial``; ``restart`` discards it
-    (see :class:`medkt.pipelines.base.Pipeline`).
+    (see `medkt.pipelines.base.Pipeline`).
     """
     info = find_bundle(bundle)  # before importing MONAI (seconds): an unknown bundle fails at once
     cfg_path = info.path / "configs" / config
@@ -262,7 +262,7 @@ def locate(key: str, files: list[str], overrides: dict[str, Any], flag: str = "-
 
 
 def attach_source(exc: MedktError, files: list[str], overrides: dict[str, Any], flag: str = "--set") -> None:
-    """Name the file or override a :class:`ConfigError` with a ``key`` came from, and rewrite the
+    """Name the file or override a `ConfigError` with a ``key`` came from, and rewrite the
     key to the id the user wrote (``pipeline#seed`` -> ``seed``). ``flag``: how overrides were
     given (``"--set"`` for ``medkt``, ``"--"`` for ``monai.bundle run``'s ``--ID VALUE``)."""
     if not isinstance(exc, ConfigError) or not exc.key or exc.source:

@@ -1,8 +1,8 @@
 """``medkt`` command line (typer).
 
-User errors (:class:`~medkt.errors.MedktError`) print one line and exit with code 2; ``--debug``
+User errors (`MedktError`) print one line and exit with code 2; ``--debug``
 shows the traceback. Feature areas add their own commands through modules with
-``register(app)`` listed in :data:`COMMAND_MODULES`.
+``register(app)`` listed in `COMMAND_MODULES`.
 """
 from __future__ import annotations
 

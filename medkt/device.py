@@ -1,12 +1,12 @@
 """Where a model runs and in which precision: ``--device`` and ``--precision`` of every command.
 
-* :func:`resolve_device` turns a user string (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``;
-  ``meta`` for tests) into a ``torch.device``; an unavailable device is a :class:`ConfigError`
+* `resolve_device` turns a user string (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``;
+  ``meta`` for tests) into a ``torch.device``; an unavailable device is a `ConfigError`
   that lists what this machine has.
-* :func:`resolve_precision` turns ``auto|fp32|bf16|fp16`` into the precision used on a device:
+* `resolve_precision` turns ``auto|fp32|bf16|fp16`` into the precision used on a device:
   ``auto`` is bf16 on CUDA GPUs that support it and fp32 everywhere else.
-* :func:`autocast` runs a block in that precision (``torch.autocast``; fp32 is a no-op, so CPU
-  runs in fp32 are bit-for-bit what they were without it) and :func:`grad_scaler` gives the
+* `autocast` runs a block in that precision (``torch.autocast``; fp32 is a no-op, so CPU
+  runs in fp32 are bit-for-bit what they were without it) and `grad_scaler` gives the
   loss scaler fp16 training needs (disabled for fp32/bf16, whose range needs none).
 
 Parameters and optimiser state stay fp32 under autocast (mixed precision), and so do the
@@ -55,7 +55,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 
     ``auto`` (and None) is the current CUDA device when CUDA is available, else the CPU.
     ``cuda`` without an index is the current CUDA device (``cuda:LOCAL_RANK`` under torchrun once
-    :func:`medkt.distributed.init_from_env` has set it).
+    `medkt.distributed.init_from_env` has set it).
 
     Raises:
         ConfigError: a malformed spec or a device this machine does not have (the message lists

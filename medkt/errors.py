@@ -1,6 +1,6 @@
 """Exception types for user-facing errors.
 
-Every :class:`MedktError` is a mistake the user can fix (bad input, missing file); the CLI prints
+Every `MedktError` is a mistake the user can fix (bad input, missing file); the CLI prints
 its message on one line and exits with code 2. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ class ConfigError(MedktError, ValueError):
 
     ``key``: the config path it is about (MONAI id, ``#``-separated), when known; ``source``: where
     the value came from (a bundle config file, ``--set ...``), added by whoever knows it
-    (:func:`medkt.bundles.run_bundle`) and shown at the end of the message.
+    (`medkt.bundles.run_bundle`) and shown at the end of the message.
     """
 
     def __init__(self, message: str = "", *, key: str | None = None, source: str | None = None):
@@ -64,6 +64,6 @@ def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
 
 
 def unknown_name(kind: str, name: str, known: list[str] | tuple[str, ...]) -> UnknownNameError:
-    """Build an :class:`UnknownNameError` that lists the known names and a close match."""
+    """Build an `UnknownNameError` that lists the known names and a close match."""
     hint = did_you_mean(name, known)
     return UnknownNameError(f"unknown {kind} {name!r}.{hint} Known: {', '.join(sorted(known)) or '(none)'}")

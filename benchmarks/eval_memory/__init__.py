@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def measure(n: int, workers: int, **kw) -> dict:
-    """Run :func:`main` in a fresh process (its own peak-RSS high-water mark)."""
+    """Run `main` in a fresh process (its own peak-RSS high-water mark)."""
     import subprocess
     import tempfile
 

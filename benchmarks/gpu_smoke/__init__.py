@@ -4,7 +4,7 @@
     python -m benchmarks.gpu_smoke --device cpu                      # the same on the CPU (minutes)
     python -m benchmarks.gpu_smoke --device cuda --only quickstart_tiny rare_concepts_clip
 
-Each case runs a shipped bundle through :func:`medkt.bundles.run_bundle` with the overrides that
+Each case runs a shipped bundle through `medkt.bundles.run_bundle` with the overrides that
 make it tiny (the same the test suite uses: tests/test_*bundles*.py, tests/test_natural_pipelines.py)
 plus ``device=`` / ``precision=``, and prints per-case wall seconds, the stage seconds the run
 reports (``seconds_*``) and the peak memory: GPU memory allocated by torch

@@ -6,7 +6,7 @@
     OMP_NUM_THREADS=1 python -m benchmarks.phantom_recipes --split eval --seeds 5 --recipes all --out runs/recipes_eval.json
 
 Recipes: ``transfer`` = bundles/phantom_nodules, ``paper`` = bundles/phantom_nodules_paper, plus the
-variants in :data:`VARIANTS` (overrides of the ``transfer`` recipe).
+variants in `VARIANTS` (overrides of the ``transfer`` recipe).
 """
 from __future__ import annotations
 

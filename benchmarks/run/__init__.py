@@ -8,8 +8,8 @@ Measured side by side in one process:
 
 * inversion step time of the paper-faithful recipe (``InversionConfig()`` defaults: 5,000 steps
   at 224 px, one view, all images in one batch) and of medkt's default recipe
-  (:data:`medkt.inversion.INVERSION_PRESETS` ``"fast"``), stage by stage. A step's time is the
-  slope between two real :func:`medkt.inversion.invert` calls with different step counts, so the
+  (`medkt.inversion.INVERSION_PRESETS` ``"fast"``), stage by stage. A step's time is the
+  slope between two real `medkt.inversion.invert` calls with different step counts, so the
   fixed costs (text encoding, final similarity) are measured separately, not mixed into the step;
 * model FLOPs of one step (``torch.utils.flop_counter`` around the same two calls: forward +
   input-gradient backward) and the achieved FLOP/s against a large fp32 matmul timed right

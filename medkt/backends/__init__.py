@@ -8,7 +8,7 @@
   (e.g. ``$MEDKT_WEIGHTS``); nothing is ever downloaded.
 
 Built-in families are imported lazily so that ``import medkt`` stays light; a user registers a
-new family with :func:`register_backend`.
+new family with `register_backend`.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def register_backend(family: str) -> Callable[[BackendFactory], BackendFactory]:
 
 
 def list_backends() -> list[str]:
-    """Registered backend family names, sorted (built-in and :func:`register_backend` ones)."""
+    """Registered backend family names, sorted (built-in and `register_backend` ones)."""
     return sorted(_REGISTRY)
 
 
@@ -97,10 +97,10 @@ def create_backend(spec: str | BackendSpec, device: str | torch.device = "cpu", 
 
     Args:
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``
-            (see :func:`medkt.device.resolve_device`). Under torchrun, ``auto``/``cuda`` is the
-            local rank's GPU (:func:`medkt.distributed.local_device`).
+            (see `medkt.device.resolve_device`). Under torchrun, ``auto``/``cuda`` is the
+            local rank's GPU (`medkt.distributed.local_device`).
         precision: ``auto|fp32|bf16|fp16`` for the forward passes run under
-            ``backend.autocast()`` (:func:`medkt.device.resolve_precision`); weights stay fp32.
+            ``backend.autocast()`` (`medkt.device.resolve_precision`); weights stay fp32.
     """
     from medkt.device import resolve_precision
     from medkt.distributed import local_device

@@ -1,14 +1,14 @@
 """The backend protocol: the only interface the knowledge-transfer algorithm uses.
 
 A backend wraps one pretrained vision-language model (CLIP, MedCLIP, ViLT, CoCa, the phantom
-model...). Every backend is a :class:`Backend`:
+model...). Every backend is a `Backend`:
 
 * ``load_image(path_or_array)`` -> ``(C, H, W)`` float tensor in [0, 1] (the model family's own
   preprocessing: grey/RGB, resize, crop); ``normalize`` applies mean/std inside the model call, so
   inversion optimises [0, 1] pixels;
 * ``tokenize(texts)`` -> a model-specific token object;
 * parameter groups for fine-tuning: ``visual_parameters()``, ``text_parameters()``;
-* ``device`` / ``precision`` / ``autocast()`` (see :mod:`medkt.device`).
+* ``device`` / ``precision`` / ``autocast()`` (see `medkt.device`).
 
 What else a backend can do it *declares* by inheriting capability interfaces; the engine asks
 ``isinstance(backend, Capability)``, never ``hasattr``:
@@ -16,14 +16,14 @@ What else a backend can do it *declares* by inheriting capability interfaces; th
 * **embeddings** (``has_embeddings = True``, CLIP-like two-tower models): ``encode_pixels(x)``
   on [0, 1] pixels ``(B, C, S, S)`` -> ``(B, D)``, ``encode_text(tokens)`` -> ``(B, D)``,
   ``logit_scale``. Needed by the cosine inversion objective, InfoNCE and embedding zero-shot.
-* :class:`ImageTextMatcher` (ViLT): ``itm_logits``, ``embed_image`` + ``itm_logits_from_embeds``
+* `ImageTextMatcher` (ViLT): ``itm_logits``, ``embed_image`` + ``itm_logits_from_embeds``
   (image tokens computed once, reused for many texts), ``load_image_native``,
   ``match_probability``.
-* :class:`Captioner` (CoCa): ``caption``, ``caption_loss``, ``caption_logits``, ``image_tokens``,
+* `Captioner` (CoCa): ``caption``, ``caption_loss``, ``caption_logits``, ``image_tokens``,
   ``decoder_parameters``, ``pad_id``.
-* :class:`MaskedLanguageModel` (ViLT): ``mlm_loss``, ``mlm_probability``, ``tokenizer``.
-* :class:`VisionSplitProvider`: ``vision_split(layer)``, the encoder split M2IB needs, for models
-  whose vision tower is not one of the architectures :mod:`medkt.segmentation.m2ib` knows.
+* `MaskedLanguageModel` (ViLT): ``mlm_loss``, ``mlm_probability``, ``tokenizer``.
+* `VisionSplitProvider`: ``vision_split(layer)``, the encoder split M2IB needs, for models
+  whose vision tower is not one of the architectures `medkt.segmentation.m2ib` knows.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class Backend(nn.Module):
     #: channels the wrapped network expects after normalisation (grey is repeated to this)
     model_channels: int = 3
     #: two-tower image/text embeddings (``encode_pixels`` / ``encode_text``); False for
-    #: single-stream models such as ViLT, which score pairs with :class:`ImageTextMatcher`
+    #: single-stream models such as ViLT, which score pairs with `ImageTextMatcher`
     has_embeddings: bool = True
     #: ``encode_pixels`` also accepts sizes other than ``image_size`` (e.g. ViTs with interpolated
     #: position embeddings); progressive-resolution inversion then runs the model at each stage's size
@@ -61,7 +61,7 @@ class Backend(nn.Module):
     spec: str = ""
 
     # -- device and precision (see medkt.device) --------------------------------------------
-    #: precision of the forward passes run under :meth:`autocast`: "fp32" | "bf16" | "fp16"
+    #: precision of the forward passes run under `autocast`: "fp32" | "bf16" | "fp16"
     #: (set by ``create_backend(..., precision=)``; parameters always stay fp32)
     precision: str = "fp32"
 
@@ -73,7 +73,7 @@ class Backend(nn.Module):
         return module_device(self)
 
     def autocast(self):
-        """Context manager running forward passes in :attr:`precision` on :attr:`device` (fp32: no-op)."""
+        """Context manager running forward passes in `precision` on `device` (fp32: no-op)."""
         from medkt.device import autocast
 
         return autocast(self.device, self.precision)
@@ -111,11 +111,11 @@ class Backend(nn.Module):
         raise NotImplementedError
 
     def tokenize(self, texts: Sequence[str]) -> Any:
-        """``B`` texts -> what :meth:`encode_text` takes (a tensor or dict of tensors) on :attr:`device`."""
+        """``B`` texts -> what `encode_text` takes (a tensor or dict of tensors) on `device`."""
         raise NotImplementedError
 
     def encode_text(self, tokens: Any) -> torch.Tensor:
-        """Tokens from :meth:`tokenize` -> ``(B, D)``."""
+        """Tokens from `tokenize` -> ``(B, D)``."""
         raise NotImplementedError
 
     def visual_parameters(self) -> Iterator[nn.Parameter]:
@@ -141,12 +141,12 @@ class Backend(nn.Module):
     # -- capabilities (derived from the declared interfaces) ------------------------------
     @property
     def supports_itm(self) -> bool:
-        """The backend declares :class:`ImageTextMatcher`."""
+        """The backend declares `ImageTextMatcher`."""
         return isinstance(self, ImageTextMatcher)
 
     @property
     def supports_captioning(self) -> bool:
-        """The backend declares :class:`Captioner`."""
+        """The backend declares `Captioner`."""
         return isinstance(self, Captioner)
 
     # -- helpers shared by all backends ---------------------------------------------------
@@ -167,7 +167,7 @@ class Backend(nn.Module):
         return torch.nn.functional.normalize(torch.cat(out), dim=-1) if out else torch.empty(0)
 
     def set_visual_trainable(self, trainable: bool = True) -> None:
-        """Set ``requires_grad`` on every parameter of :meth:`visual_parameters`."""
+        """Set ``requires_grad`` on every parameter of `visual_parameters`."""
         for p in self.visual_parameters():
             p.requires_grad_(trainable)
 
@@ -201,11 +201,11 @@ class ImageTextMatcher(abc.ABC):
     @abc.abstractmethod
     def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels ``(B, 3, H, W)`` -> image tokens ``(B, T, H)`` and their mask ``(B, T)``,
-        reusable with :meth:`itm_logits_from_embeds` for many texts."""
+        reusable with `itm_logits_from_embeds` for many texts."""
 
     @abc.abstractmethod
     def itm_logits_from_embeds(self, image_embeds: torch.Tensor, image_masks: torch.Tensor, tokens: Any) -> torch.Tensor:
-        """:meth:`itm_logits` from :meth:`embed_image` outputs -> ``(B, 2)``."""
+        """`itm_logits` from `embed_image` outputs -> ``(B, 2)``."""
 
     def load_image_native(self, image: Any) -> torch.Tensor:
         """The model's own variable-size preprocessing -> ``(3, H, W)`` [0, 1] (default: ``load_image``)."""
@@ -245,7 +245,7 @@ class Captioner(abc.ABC):
     def caption_logits(self, x: torch.Tensor | None, tokens: Any,
                        image_embs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced decoder logits ``(B, T-1, V)`` and their labels ``(B, T-1)`` for pixels
-        ``x`` (or precomputed ``image_embs`` from :meth:`image_tokens`)."""
+        ``x`` (or precomputed ``image_embs`` from `image_tokens`)."""
 
     @abc.abstractmethod
     def decoder_parameters(self) -> Iterator[nn.Parameter]:
@@ -270,7 +270,7 @@ class VisionSplitProvider(abc.ABC):
 
     @abc.abstractmethod
     def vision_split(self, layer: int | None = None) -> Any:
-        """A :class:`medkt.segmentation.m2ib.VisionSplit` at ``layer`` (None = the default)."""
+        """A `medkt.segmentation.m2ib.VisionSplit` at ``layer`` (None = the default)."""
 
 
 def as_numpy_image(x: torch.Tensor) -> np.ndarray:

@@ -2,12 +2,12 @@
 
 Specs: ``clip:ViT-B-32@/models/ViT-B-32.pt`` (a local checkpoint file), ``clip:ViT-B-32@openai``
 (an open_clip pretrained tag, resolved with open_clip's registry from the local HF cache only; see
-:func:`medkt.weights.open_clip_tag_checkpoint`), ``clip:medkt-tiny-ViT@random`` (random weights;
+`medkt.weights.open_clip_tag_checkpoint`), ``clip:medkt-tiny-ViT@random`` (random weights;
 tiny configs ship in ``medkt/configs/open_clip/``).
 
 Images are preprocessed by open_clip's own eval transform built from the model's
 ``visual.preprocess_cfg`` (short side resized, centre crop; the tag's interpolation/resize mode),
-see :func:`medkt.data.images.open_clip_pixels`.
+see `medkt.data.images.open_clip_pixels`.
 """
 from __future__ import annotations
 

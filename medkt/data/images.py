@@ -1,10 +1,10 @@
 """Image -> model pixels: the default preprocessing shared by backends.
 
 Kept dependency-light (PIL + numpy + torch; open_clip imported lazily); format-specific readers
-(DICOM, NIfTI, JSRT raw) live in :mod:`medkt.data.readers` and return arrays this module accepts.
+(DICOM, NIfTI, JSRT raw) live in `medkt.data.readers` and return arrays this module accepts.
 
 Model families with their own preprocessing (open_clip, ``CLIPImageProcessor``, MedCLIP, ViLT)
-get their input from :func:`upstream_input`, so their upstream transform runs on the same pixels
+get their input from `upstream_input`, so their upstream transform runs on the same pixels
 it would get from ``PIL.Image.open(path)``.
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ def upstream_input(image: Any, grey: bool = False) -> Image.Image | np.ndarray:
     A PIL image (mode ``"L"`` for grey, ``"RGB"``) when the pixels are exactly 8-bit (8-bit
     PNG/JPEG...): upstream transforms then run bit-exactly as on ``Image.open(path)``. Otherwise
     (16-bit PNG, DICOM, NIfTI, float arrays) the float32 ``(H, W)`` / ``(H, W, 3)`` array in [0, 1]
-    from :func:`to_float_array`: PIL would clip or truncate such images, so they are resampled in
+    from `to_float_array`: PIL would clip or truncate such images, so they are resampled in
     float instead (upstream transforms that accept tensors/arrays do so without quantising).
 
     Args:

@@ -31,7 +31,7 @@ class ManifestRow:
     source: str | None = field(default=None, compare=False, repr=False)
 
     def to_record(self) -> dict[str, str | None]:
-        """The row as written to a manifest: ``{column: value or None}`` for :data:`COLUMNS`."""
+        """The row as written to a manifest: ``{column: value or None}`` for `COLUMNS`."""
         return {k: getattr(self, k) for k in COLUMNS}
 
 

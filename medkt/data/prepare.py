@@ -1,12 +1,12 @@
 """Dataset preparers: a downloaded dataset folder -> a medkt manifest (``medkt data prepare``).
 
 A preparer is ``fn(root: Path, **options) -> list[ManifestRow]`` registered under a name with
-:func:`register_preparer`. Feature areas keep their preparers next to their code; their modules
+`register_preparer`. Feature areas keep their preparers next to their code; their modules
 are imported lazily (only when a name is looked up or listed), so ``import medkt`` stays light:
 
 * here: ``jsrt``, ``chexpert_5x200c``, ``imagefolder``;
-* :mod:`medkt.segmentation.datasets`: UDIAT, BraTS, UnitoChest, SIIM;
-* :mod:`medkt.natural.datasets`: the natural-image sets.
+* `medkt.segmentation.datasets`: UDIAT, BraTS, UnitoChest, SIIM;
+* `medkt.natural.datasets`: the natural-image sets.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def list_preparers() -> dict[str, str]:
 
 def get_preparer(name: str) -> Preparer:
     """The preparer registered as ``name`` (importing the feature areas' modules if needed); an
-    unknown name is a :class:`~medkt.errors.ConfigError` listing the known ones."""
+    unknown name is a `ConfigError` listing the known ones."""
     if name not in _REGISTRY:
         _load_providers()
     if name not in _REGISTRY:

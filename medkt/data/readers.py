@@ -1,8 +1,8 @@
 """Format-aware image readers: PNG/JPEG (8/16-bit), DICOM, NIfTI (2-D) and JSRT raw ``.IMG``.
 
-:func:`read_image` returns a 2-D ``(H, W)`` or ``(H, W, 3)`` array in **[0, 1] float32** (grey images
+`read_image` returns a 2-D ``(H, W)`` or ``(H, W, 3)`` array in **[0, 1] float32** (grey images
 stay 2-D), oriented as a viewer shows the image (row 0 at the top). Every failure is a
-:class:`~medkt.errors.DataError` naming the file and what was wrong, so the CLI can print one line.
+`DataError` naming the file and what was wrong, so the CLI can print one line.
 
 Which library reads what, and why:
 
@@ -14,7 +14,7 @@ Which library reads what, and why:
   neither the VOI LUT / window (radiographs are meant to be displayed through it) nor the
   ``MONOCHROME1`` inversion, and its pruned metadata drops the tags needed to do it afterwards.
 * JSRT ``.IMG``: no library reads it (headerless raw): 2048 x 2048, 12 bits stored in big-endian
-  unsigned 16-bit words; see :func:`read_jsrt_raw`.
+  unsigned 16-bit words; see `read_jsrt_raw`.
 """
 from __future__ import annotations
 
@@ -226,7 +226,7 @@ def read_jsrt_raw(path: str | Path, *, invert: bool = True) -> np.ndarray:
 
 def write_jsrt_raw(image: np.ndarray, path: str | Path, *, invert: bool = True) -> Path:
     """Write a [0, 1] ``(2048, 2048)`` array as a JSRT-format ``.IMG`` (the inverse of
-    :func:`read_jsrt_raw`; used to build synthetic test data)."""
+    `read_jsrt_raw`; used to build synthetic test data)."""
     arr = np.asarray(image, dtype=np.float64)
     if arr.shape != JSRT_SHAPE:
         raise DataError(f"a JSRT image must be {JSRT_SHAPE}, got {arr.shape}")

@@ -1,7 +1,7 @@
 """Multi-Modal Information Bottleneck (M2IB) saliency for any backend with a registered vision split.
 
 M2IB (Wang et al., NeurIPS 2023; YingWANGG/M2IB) puts a bottleneck on the tokens ``X`` that one
-block of the vision encoder outputs, ``(T, D)`` for ``T`` tokens of width ``D``::
+block of the vision encoder outputs, ``(T, D)`` for ``T`` tokens of width ``D``:
 
     lambda = sigmoid(alpha)                     alpha: (1, T, D), initialised to 5 -> lambda ~ 0.9933
     Z      = lambda * X + (1 - lambda) * eps    eps ~ N(0, I), a batch of ``batch_size`` draws
@@ -28,7 +28,7 @@ so their floating-point results are identical, not merely close.
 A *vision split* tells M2IB how to cut a backend's image encoder. Splits are looked up in a small
 registry by the class of a module inside the backend (open_clip ``VisionTransformer``, HF
 ``CLIPVisionTransformer``, HF ``SwinModel`` as used by MedCLIP); a backend can also define
-``vision_split(layer) -> VisionSplit`` itself, and :func:`register_vision_split` adds new ones.
+``vision_split(layer) -> VisionSplit`` itself, and `register_vision_split` adds new ones.
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def default_layer(num_layers: int) -> int:
 def check_layer(layer: int | None, num_layers: int, what: str) -> int:
     """Block index for M2IB in a tower of ``num_layers`` blocks: ``layer`` (negative counts from
     the end) or the upstream-like default depth; out of range is a ConfigError naming ``what``.
-    Public for backends that provide their own :class:`VisionSplit`."""
+    Public for backends that provide their own `VisionSplit`."""
     if layer is None:
         return default_layer(num_layers)
     idx = layer + num_layers if layer < 0 else layer
@@ -348,7 +348,7 @@ def _no_grad_leak(module: nn.Module) -> Iterator[None]:
 class M2IB:
     """M2IB saliency maps of one backend.
 
-    Example::
+    Example:
 
         m2ib = M2IB(backend, M2IBConfig(beta=1.0, layer=9))
         sal = m2ib.saliency(pixels01, "A breast ultrasound showing a dark, oval lesion", output_size=(H, W))
@@ -418,7 +418,7 @@ class M2IB:
 
     # -- main entry ---------------------------------------------------------------------------
     def explain(self, pixels01: Tensor, prompt: str, seed: int | None = None) -> SaliencyResult:
-        """Per-token KL map of one ``(C, S, S)`` [0, 1] image for ``prompt`` (see :meth:`saliency`)."""
+        """Per-token KL map of one ``(C, S, S)`` [0, 1] image for ``prompt`` (see `saliency`)."""
         cfg = self.config
         was_training = self.backend.training
         self.backend.eval()

@@ -67,7 +67,7 @@ def build_tiny_sam(img_size: int = 256, seed: int | None = 0):
 
 def load_sam(spec: str, device: str | torch.device = "cpu"):
     """``"vit_h@/path/ckpt.pth"`` -> a ``Sam`` in eval mode on ``device`` (``auto``, ``cuda:N``... see
-    :func:`medkt.device.resolve_device`; torchrun: this rank's GPU). ``tiny@random`` builds a random tiny SAM."""
+    `medkt.device.resolve_device`; torchrun: this rank's GPU). ``tiny@random`` builds a random tiny SAM."""
     import os
 
     from medkt.distributed import local_device
@@ -144,7 +144,7 @@ class SamSegmenter:
 
     @classmethod
     def from_spec(cls, spec: str, device: str = "cpu", **kw) -> "SamSegmenter":
-        """Load SAM from a spec (:func:`load_sam`) and wrap it; ``kw`` as the dataclass fields."""
+        """Load SAM from a spec (`load_sam`) and wrap it; ``kw`` as the dataclass fields."""
         return cls(load_sam(spec, device=device), **kw)
 
     @torch.no_grad()
