@@ -146,10 +146,11 @@ def open_clip_pixels(image: Any, preprocess_cfg: dict[str, Any]) -> torch.Tensor
     """
     transform = _open_clip_transform(_freeze(preprocess_cfg))
     src = upstream_input(image)
-    if isinstance(src, np.ndarray):
-        t = torch.from_numpy(src)
-        src = (t[None].expand(3, -1, -1) if t.dim() == 2 else t.permute(2, 0, 1)).contiguous()
-    return transform(src).clamp(0, 1).contiguous()
+    if isinstance(src, Image.Image):  # ToTensor of 8-bit pixels is k / 255: already in [0, 1]
+        return transform(src).contiguous()
+    t = torch.from_numpy(src)
+    src = (t[None].expand(3, -1, -1) if t.dim() == 2 else t.permute(2, 0, 1)).contiguous()
+    return transform(src).clamp(0, 1).contiguous()  # bicubic resampling of floats overshoots
 
 
 def _freeze(value: Any) -> Any:
@@ -166,6 +167,10 @@ def _open_clip_transform(frozen_cfg: tuple) -> Any:
     """open_clip's eval transform for one preprocess config, built once (not once per image)."""
     from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
+    from torchvision.transforms import Compose, Normalize
+
     cfg = merge_preprocess_dict({}, dict(frozen_cfg))
     cfg.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # normalisation happens in Backend.normalize
-    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    transform = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+    # (x - 0) / 1 is x exactly: drop the identity Normalize (two passes over every image for nothing)
+    return Compose([t for t in transform.transforms if not isinstance(t, Normalize)])
