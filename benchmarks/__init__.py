@@ -1,1 +1,2 @@
-"""medkt benchmarks: ``python -m benchmarks.run --json out.json`` (see benchmarks/run.py)."""
+"""medkt benchmarks, one package per study: ``python -m benchmarks.<study>`` (index: benchmarks/README.md;
+``make bench`` runs ``benchmarks.run``)."""

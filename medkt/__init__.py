@@ -1,8 +1,8 @@
 """medkt: teach vision-language models new visual concepts from text alone.
 
-``import medkt`` gives the stable public API of :mod:`medkt.api` (see its table): create a
+``import medkt`` gives the stable public API of `medkt.api` (see its table): create a
 backend, run the transfer step, invert, fine-tune, evaluate zero-shot, compute saliency, segment,
-score masks, save and load fine-tuned weights::
+score masks, save and load fine-tuned weights:
 
     import medkt
 
@@ -13,8 +13,8 @@ score masks, save and load fine-tuned weights::
 
 The names load on first use (module ``__getattr__``), so ``import medkt`` itself imports neither
 torch nor any model code: the command line answers quickly. The algorithm
-(:mod:`medkt.inversion`, :mod:`medkt.finetune`, :mod:`medkt.evaluation`, :mod:`medkt.spine`)
-talks only to the backend protocol in :mod:`medkt.backends.base`.
+(`medkt.inversion`, `medkt.finetune`, `medkt.evaluation`, `medkt.spine`)
+talks only to the backend protocol in `medkt.backends.base`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"  # = pyproject.toml; sub-packages read the installed version (importlib.metadata)
 
-#: the public names, all defined in :mod:`medkt.api`
+#: the public names, all defined in `medkt.api`
 __all__ = [
     "Backend", "ClassificationResult", "Concept", "FinetuneConfig", "FinetuneResult", "InversionConfig",
     "InversionResult", "M2IBConfig", "Recipe", "ScoreTable", "SegmentationResult", "TransferResult",

@@ -5,24 +5,24 @@ Each step of knowledge transfer is one call and returns one result object with `
 
 | step | call | result |
 |---|---|---|
-| model | :func:`create_backend` | :class:`Backend` |
-| default settings | :func:`recipe_defaults` (paper recipe; the phantom model's own) | :class:`Recipe` |
-| whole transfer | :func:`transfer` | :class:`TransferResult` |
-| synthesise images | :func:`invert` | :class:`InversionResult` |
-| fine-tune | :func:`fine_tune` | :class:`FinetuneResult` |
-| zero-shot classification | :func:`evaluate_zero_shot` | :class:`ClassificationResult` |
-| saliency map | :func:`saliency` | ``(H, W)`` array in [0, 1] |
-| zero-shot segmentation | :func:`segment` | :class:`SegmentationResult` |
-| mask metrics | :func:`score_masks` | :class:`ScoreTable` |
-| weights | :func:`save_finetuned` / :func:`load_finetuned` | a safetensors file |
+| model | `create_backend` | `Backend` |
+| default settings | `recipe_defaults` (paper recipe; the phantom model's own) | `Recipe` |
+| whole transfer | `transfer` | `TransferResult` |
+| synthesise images | `invert` | `InversionResult` |
+| fine-tune | `fine_tune` | `FinetuneResult` |
+| zero-shot classification | `evaluate_zero_shot` | `ClassificationResult` |
+| saliency map | `saliency` | ``(H, W)`` array in [0, 1] |
+| zero-shot segmentation | `segment` | `SegmentationResult` |
+| mask metrics | `score_masks` | `ScoreTable` |
+| weights | `save_finetuned` / `load_finetuned` | a safetensors file |
 
 Conventions: images are ``(N, C, S, S)`` float tensors in [0, 1] (``S`` = the backend's input
 size) or image files (PNG/JPEG 8/16-bit, DICOM, NIfTI, JSRT ``.IMG``, read by
-:mod:`medkt.data.readers`); masks are boolean ``(H, W)`` arrays in the image's own geometry;
+`medkt.data.readers`); masks are boolean ``(H, W)`` arrays in the image's own geometry;
 scores are fractions in [0, 1]. Every function is a thin wrapper of the engine module named in
 its docstring; nothing here downloads anything.
 
-Example (the shipped phantom model; change the spec string for a real model)::
+Example (the shipped phantom model; change the spec string for a real model):
 
     import medkt
 
@@ -71,21 +71,21 @@ def invert(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]],
            resume: bool = False, progress: bool = True, init_images: torch.Tensor | None = None) -> InversionResult:
     """Synthesise ``n_images`` images per concept whose embedding matches its description.
 
-    The inversion step of :func:`transfer` alone (:func:`medkt.spine.synthesize` with
-    ``images="inversion"``; engine: :func:`medkt.inversion.invert`). The backend's weights are not
+    The inversion step of `transfer` alone (`medkt.spine.synthesize` with
+    ``images="inversion"``; engine: `medkt.inversion.invert`). The backend's weights are not
     changed.
 
     Args:
         backend: any backend with image and text embeddings (or an ITM head).
-        concepts: :class:`Concept` objects (name, descriptions, n_images) or their dict form.
-        config: :class:`InversionConfig` or a dict of its fields (e.g. ``{"steps": 300}``);
+        concepts: `Concept` objects (name, descriptions, n_images) or their dict form.
+        config: `InversionConfig` or a dict of its fields (e.g. ``{"steps": 300}``);
             default the paper's 5,000 steps.
         out_dir: when given, checkpoints, ``images/*.png``, ``grid.png`` and ``manifest.csv`` are
             written there.
         resume: continue from the checkpoints in ``out_dir``.
         init_images: ``(M, C, S, S)`` [0, 1] starting images for ``config.init == "images"``.
     Returns:
-        :class:`InversionResult`: ``images`` ``(N, C, S, S)`` in [0, 1], the concept and text of
+        `InversionResult`: ``images`` ``(N, C, S, S)`` in [0, 1], the concept and text of
         each image and its final cosine similarity to its text.
     """
     from medkt.spine import synthesize
@@ -97,9 +97,9 @@ def invert(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]],
 
 @dataclass
 class FinetuneResult:
-    """What :func:`fine_tune` did: the loss per optimiser step and the captions it trained against.
+    """What `fine_tune` did: the loss per optimiser step and the captions it trained against.
 
-    ``history`` is the engine's record (:func:`medkt.finetune.finetune`): ``loss`` (per step),
+    ``history`` is the engine's record (`medkt.finetune.finetune`): ``loss`` (per step),
     ``steps``, ``seconds``, ``captions`` (targets and negatives), ``trainable``, ``select``.
     """
 
@@ -124,23 +124,23 @@ def fine_tune(backend: Backend, images: InversionResult, concepts: Sequence[Conc
     """Fine-tune ``backend`` in place so each image matches its concept's caption (paper Eq. 2).
 
     Each image is paired with ``"A <name> is <description>"``; InfoNCE over the captions of all
-    ``concepts`` plus ``negatives``. Engine: :func:`medkt.finetune.finetune` (only the visual
+    ``concepts`` plus ``negatives``. Engine: `medkt.finetune.finetune` (only the visual
     encoder trains by default). Named ``fine_tune`` because ``medkt.finetune`` is that engine
     module.
 
     Args:
         images: the images to train on with the concept and description of each, e.g. the result
-            of :func:`invert` (images ``(N, C, S, S)`` in [0, 1]); each image is captioned with
+            of `invert` (images ``(N, C, S, S)`` in [0, 1]); each image is captioned with
             its own description (``images.texts``).
         concepts: the concepts of the images; each concept's first description is also a caption
-            (a negative for the other concepts' images), as in :func:`transfer`.
-        config: :class:`FinetuneConfig` or a dict of its fields (lr, epochs, batch_size, ...).
+            (a negative for the other concepts' images), as in `transfer`.
+        config: `FinetuneConfig` or a dict of its fields (lr, epochs, batch_size, ...).
         negatives: captions that are never a target, e.g. the other classes of the task
             (InfoNCE needs at least one other caption).
-        options: further keywords of :func:`medkt.finetune.finetune` (``replay_images``,
+        options: further keywords of `medkt.finetune.finetune` (``replay_images``,
             ``replay_concepts``, ``select_fn``, ``distributed``).
     Returns:
-        :class:`FinetuneResult`; save the changed weights with :func:`save_finetuned`.
+        `FinetuneResult`; save the changed weights with `save_finetuned`.
     """
     from medkt.finetune import finetune as _finetune
 
@@ -170,9 +170,9 @@ def zero_shot_evaluator(backend: Backend, images: ImageSet, classes: ClassPrompt
                         root: str | Path | None = None, split: str | None = None, aggregate: str = "mean",
                         batch_size: int = 64, num_workers: int = 0, skip_bad: bool = False,
                         progress: bool = False) -> ZeroShotEvaluator:
-    """A reusable zero-shot classifier of a fixed image set (see :func:`evaluate_zero_shot`).
+    """A reusable zero-shot classifier of a fixed image set (see `evaluate_zero_shot`).
 
-    Pass it to :func:`transfer` as ``evaluators={"name": ev}`` to get before/after results; its
+    Pass it to `transfer` as ``evaluators={"name": ev}`` to get before/after results; its
     image embeddings are recomputed only when the weights change.
     """
     prompts = _class_prompts(classes, templates)
@@ -219,7 +219,7 @@ def evaluate_zero_shot(backend: Backend, images: ImageSet, classes: ClassPrompts
                        progress: bool = False) -> ClassificationResult:
     """Zero-shot classification accuracy of ``backend`` with its current weights.
 
-    Engine: :class:`medkt.evaluation.ZeroShotEvaluator` (images decoded with the backend's own
+    Engine: `medkt.evaluation.ZeroShotEvaluator` (images decoded with the backend's own
     preprocessing, streamed in batches; only embeddings are kept).
 
     Args:
@@ -235,7 +235,7 @@ def evaluate_zero_shot(backend: Backend, images: ImageSet, classes: ClassPrompts
         templates: e.g. ``["a chest x-ray with {}"]`` when ``classes`` is a list of names.
         aggregate: ``"mean"`` (CLIP's prompt-embedding ensemble), ``"mean_similarity"`` or ``"max"``.
     Returns:
-        :class:`ClassificationResult`: ``accuracy`` and ``per_class`` (fractions), ``scores``
+        `ClassificationResult`: ``accuracy`` and ``per_class`` (fractions), ``scores``
         ``(N, K)``, ``confusion`` ``(K, K)``, ``auroc(cls)``, ``to_dict()``.
     """
     return zero_shot_evaluator(backend, images, classes, labels=labels, templates=templates, root=root, split=split,
@@ -260,13 +260,13 @@ def saliency(backend: Backend, image: str | Path | np.ndarray, prompt: str, *,
     """M2IB saliency map of one image for a descriptive ``prompt`` (which pixels the model finds
     the prompt in).
 
-    Engine: :class:`medkt.segmentation.m2ib.M2IB` through
-    :func:`medkt.segmentation.pipeline.saliency_for_image` (the image is padded to a square and
+    Engine: `medkt.segmentation.m2ib.M2IB` through
+    `medkt.segmentation.pipeline.saliency_for_image` (the image is padded to a square and
     resized for the model; the map is cropped back to the image).
 
     Args:
         image: an image file or an ``(H, W)`` / ``(H, W, 3)`` array in [0, 1].
-        config: :class:`M2IBConfig` or a dict of its fields (``layer``, ``beta``, ``steps``, ...).
+        config: `M2IBConfig` or a dict of its fields (``layer``, ``beta``, ``steps``, ...).
     Returns:
         ``(H, W)`` float array in [0, 1] in the image's own geometry.
     """
@@ -365,7 +365,7 @@ class SegmentationResult:
     def save(self, folder: str | Path) -> Path:
         """Write everything into ``folder``: ``masks/``, ``saliency/``, ``overlays/`` (one PNG per
         image), ``metrics.csv`` (the scored images; only when some are) and ``results.json``
-        (:meth:`to_dict`); returns the folder."""
+        (`to_dict`); returns the folder."""
         import json
 
         from medkt.utils import atomic_write_text
@@ -384,7 +384,7 @@ class SegmentationResult:
 def _segmentation_data(images: str | Path | Sequence[str | Path],
                        masks: str | Path | Sequence[str | Path | None] | None,
                        root: str | Path | None, split: str | None) -> dict[str, Any]:
-    """The ``data`` config of :func:`medkt.segmentation.pipeline.load_samples` for :func:`segment`'s inputs."""
+    """The ``data`` config of `medkt.segmentation.pipeline.load_samples` for `segment`'s inputs."""
     from medkt.segmentation.pipeline import IMAGE_SUFFIXES
 
     if not isinstance(images, (str, Path)):
@@ -415,8 +415,8 @@ def segment(backend: Backend, images: str | Path | Sequence[str | Path], prompt:
     """Zero-shot segmentation from a text prompt (MedCLIP-SAMv2 style: M2IB saliency -> k-means
     + largest components -> boxes -> SAM), scored where ground-truth masks exist.
 
-    Engine: :func:`medkt.segmentation.pipeline.load_samples` and
-    :func:`medkt.segmentation.pipeline.segment_samples` (what the ``seg_*`` bundles run).
+    Engine: `medkt.segmentation.pipeline.load_samples` and
+    `medkt.segmentation.pipeline.segment_samples` (what the ``seg_*`` bundles run).
 
     Args:
         images: a folder of images, a list of image files (or one file), or a medkt manifest
@@ -428,15 +428,15 @@ def segment(backend: Backend, images: str | Path | Sequence[str | Path], prompt:
             parallel to a list of images (None entries: unlabelled).
         sam: a SAM checkpoint path (``"/models/sam_vit_b_01ec64.pth"``: the type is read from
             the file), ``"vit_b@PATH"`` (vit_l / vit_h), ``"tiny@random"`` (tests), or a loaded
-            :class:`~medkt.segmentation.sam.SamSegmenter`; None = saliency-only. A spec is loaded
+            `SamSegmenter`; None = saliency-only. A spec is loaded
             on the backend's device.
-        saliency_config: :class:`M2IBConfig` or a dict of its fields.
-        postprocess: options of :func:`medkt.segmentation.postprocess.postprocess_saliency`
+        saliency_config: `M2IBConfig` or a dict of its fields.
+        postprocess: options of `medkt.segmentation.postprocess.postprocess_saliency`
             (``method``, ``n_components``, ...).
         nsd_tolerance: NSD boundary tolerance in pixels.
         max_images: segment only the first N images.
     Returns:
-        :class:`SegmentationResult` (``n_scored`` of ``n_images`` scored; ``save(folder)``
+        `SegmentationResult` (``n_scored`` of ``n_images`` scored; ``save(folder)``
         writes masks, saliency maps, overlays, scores).
     """
     from medkt.segmentation.pipeline import load_samples, segment_samples
@@ -469,19 +469,19 @@ def score_masks(pred: str | Path | Mapping[str, Any] | np.ndarray, truth: str | 
                 resize_pred: bool = False) -> ScoreTable:
     """DSC, NSD and IoU of predicted masks against ground truth (fractions in [0, 1]).
 
-    Engine: :mod:`medkt.segmentation.metrics` (MONAI metrics; both masks empty scores 1, exactly
+    Engine: `medkt.segmentation.metrics` (MONAI metrics; both masks empty scores 1, exactly
     one empty scores 0).
 
     Args:
         pred, truth: two folders of mask images matched by file name
-            (:func:`~medkt.segmentation.metrics.score_folders`), two dicts name -> ``(H, W)`` mask,
+            (`score_folders`), two dicts name -> ``(H, W)`` mask,
             or two single ``(H, W)`` masks (row name ``"mask"``). Any name in only one of them is
             an error.
         nsd_tolerance: NSD boundary tolerance, pixels (or mm when ``spacing`` is given).
         spacing: pixel size ``(row_mm, col_mm)``.
         resize_pred: nearest-resize predictions to the truth's shape (folders only).
     Returns:
-        :class:`ScoreTable`: ``names``, ``rows`` (per-image scores), ``means()``, ``to_csv()``.
+        `ScoreTable`: ``names``, ``rows`` (per-image scores), ``means()``, ``to_csv()``.
     """
     from medkt.segmentation.metrics import score_folders, segmentation_scores
 

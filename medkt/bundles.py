@@ -6,11 +6,11 @@ A bundle is a folder ``<name>/configs/{metadata.json, transfer.json, logging.con
 ``ConfigWorkflow``, exactly as ``python -m monai.bundle run`` does, so both entry points behave
 the same.
 
-Before MONAI and torch are imported, :func:`run_bundle` runs the preflight of
-:mod:`medkt.preflight` (JSON, ``--set`` keys, device, weights, manifests, SAM checkpoint, run
+Before MONAI and torch are imported, `run_bundle` runs the preflight of
+`medkt.preflight` (JSON, ``--set`` keys, device, weights, manifests, SAM checkpoint, run
 folder) and reports every problem found at once.
 
-Errors: a medkt error (:class:`~medkt.errors.MedktError`) is one line naming the config id, the
+Errors: a medkt error (`MedktError`) is one line naming the config id, the
 value, the expected form and where it was set (bundle file or ``--set``), exit code 2. Under
 ``python -m monai.bundle run`` the same holds: importing this module there (every bundle lists
 ``$import medkt.bundles``) installs an exception hook that prints that line instead of MONAI's
@@ -73,7 +73,7 @@ def _info(path: Path) -> BundleInfo:
 
 
 def list_bundles() -> list[BundleInfo]:
-    """Every readable bundle on :func:`search_path`; a name found twice keeps the first root's."""
+    """Every readable bundle on `search_path`; a name found twice keeps the first root's."""
     found: dict[str, BundleInfo] = {}
     for root in search_path():
         for meta in sorted(root.glob("*/configs/metadata.json")):
@@ -87,7 +87,7 @@ def list_bundles() -> list[BundleInfo]:
 
 
 def find_bundle(name_or_path: str) -> BundleInfo:
-    """A bundle by folder path or by name on :func:`search_path`; unknown -> :class:`ConfigError`."""
+    """A bundle by folder path or by name on `search_path`; unknown -> `ConfigError`."""
     p = Path(name_or_path)
     if (p / "configs" / "metadata.json").is_file():
         return _info(p)
@@ -132,7 +132,7 @@ def run_bundle(bundle: str, overrides: dict[str, Any] | None = None, config: str
     """Run a bundle's workflow; returns the run's ``results.json`` content.
 
     ``resume`` continues the interrupted run in ``<output>.partial``; ``restart`` discards it
-    (see :class:`medkt.pipelines.base.Pipeline`).
+    (see `medkt.pipelines.base.Pipeline`).
     """
     info = find_bundle(bundle)  # before importing MONAI (seconds): an unknown bundle fails at once
     cfg_path = info.path / "configs" / config

@@ -2,21 +2,21 @@
 
 Two guarantees:
 
-* **Resume never mixes runs.** :func:`guard_resume` records the settings and targets that shape
+* **Resume never mixes runs.** `guard_resume` records the settings and targets that shape
   a phase's result in ``<folder>/<phase>.settings.json``; resuming with different ones raises
-  :class:`~medkt.errors.ResumeMismatchError` with a one-line diff of what changed
+  `ResumeMismatchError` with a one-line diff of what changed
   (``inversion.lr: 0.1 -> 0.05; concept 'x' description changed``). Every checkpoint written
-  with :func:`save_checkpoint` can carry the digest of those settings
-  (:func:`settings_digest`), so a stray file from another run is refused too.
-* **A damaged checkpoint is named, never half-read.** :func:`save_checkpoint` writes atomically
+  with `save_checkpoint` can carry the digest of those settings
+  (`settings_digest`), so a stray file from another run is refused too.
+* **A damaged checkpoint is named, never half-read.** `save_checkpoint` writes atomically
   (temp file + fsync + rename) a small header (magic, payload length, SHA-256) in front of the
-  ``torch.save`` payload; :func:`load_checkpoint` checks all three, so a truncated or corrupted
-  file is a :class:`~medkt.errors.CheckpointError` naming the path and the fix. (``torch.load``
+  ``torch.save`` payload; `load_checkpoint` checks all three, so a truncated or corrupted
+  file is a `CheckpointError` naming the path and the fix. (``torch.load``
   alone does not notice flipped bytes inside a tensor.) Files without the header (medkt before
   this format) are read with ``torch.load`` as before.
 
 A settings dict is any JSON-able mapping. Two keys are diffed specially: ``"concepts"``
-(``name -> {"descriptions": [...], "n_images": [...]}``, see :func:`concept_settings`) gives
+(``name -> {"descriptions": [...], "n_images": [...]}``, see `concept_settings`) gives
 ``concept 'x' description changed`` rather than both long texts; everything else is compared
 leaf by leaf under dotted keys (``inversion.lr``).
 """
@@ -52,7 +52,7 @@ def settings_digest(settings: dict[str, Any]) -> str:
 
 def concept_settings(targets: Iterable[Any]) -> dict[str, dict[str, list]]:
     """``[InversionTarget(concept, text, n_images)]`` -> ``{concept: {"descriptions", "n_images"}}``
-    (the form :func:`describe_changes` reports per concept)."""
+    (the form `describe_changes` reports per concept)."""
     out: dict[str, dict[str, list]] = {}
     for t in targets:
         c = out.setdefault(str(t.concept), {"descriptions": [], "n_images": []})
@@ -103,6 +103,7 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def settings_path(folder: str | Path, phase: str) -> Path:
+    """Where ``phase``'s settings are recorded in a run folder (``<phase>.settings.json``)."""
     return Path(folder) / f"{phase}.settings.json"
 
 
@@ -110,7 +111,7 @@ def guard_resume(folder: str | Path, phase: str, settings: dict[str, Any], resum
     """Record or check the settings that shape ``phase``'s result, before the phase runs.
 
     Fresh run (``resume=False``): (re)write ``<folder>/<phase>.settings.json`` atomically.
-    Resume: if a record exists and differs, raise :class:`ResumeMismatchError` with the diff;
+    Resume: if a record exists and differs, raise `ResumeMismatchError` with the diff;
     if none exists (nothing was checkpointed yet), write it.
     """
     from medkt.utils import atomic_write_json
@@ -146,11 +147,11 @@ def save_checkpoint(obj: Any, path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, digest: str | None = None) -> Any:
-    """Read a checkpoint written by :func:`save_checkpoint` (tensors only, ``weights_only``).
+    """Read a checkpoint written by `save_checkpoint` (tensors only, ``weights_only``).
 
     ``digest``: when given, the checkpoint's ``"settings_digest"`` entry must equal it (a
-    file left by a run with other settings raises :class:`ResumeMismatchError`).
-    Raises :class:`CheckpointError` naming ``path`` when it is truncated, corrupt or unreadable.
+    file left by a run with other settings raises `ResumeMismatchError`).
+    Raises `CheckpointError` naming ``path`` when it is truncated, corrupt or unreadable.
     """
     import torch
 

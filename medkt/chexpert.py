@@ -1,16 +1,16 @@
 """Chest X-ray zero-shot prompts and MedCLIP-style prompt scoring.
 
-* :func:`chexpert_class_prompts` -- MedCLIP's CheXpert-5x200c prompts: every combination of a
+* `chexpert_class_prompts` -- MedCLIP's CheXpert-5x200c prompts: every combination of a
   severity, a subtype and a location phrase per class (word lists in
   ``medkt/configs/chexpert_prompt_parts.json``, the lists MedCLIP took over from GLoRIA), then
   ``n`` sampled per class. Upstream samples with the unseeded global ``random``; here a
   ``random.Random(seed)`` is used, drawing the classes in the same order, so
   ``random.seed(s)`` + upstream's ``generate_chexpert_class_prompts(n)`` and
   ``chexpert_class_prompts(n, seed=s)`` give the same prompts.
-* :func:`medclip_class_scores` -- MedCLIP's ``PromptClassifier``: each class's prompts are
+* `medclip_class_scores` -- MedCLIP's ``PromptClassifier``: each class's prompts are
   tokenised together, scored against the image with the clamped logit scale, and reduced with
   the mean (``ensemble=True``) or the max over prompts.
-  (:class:`medkt.evaluation.ZeroShotEvaluator` scores with the same semantics as
+  (`medkt.evaluation.ZeroShotEvaluator` scores with the same semantics as
   ``aggregate="mean_similarity"`` / ``"max"``.)
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ def chexpert_class_prompts(n: int | None = 10, seed: int = 0,
 def medclip_class_scores(backend: Backend, x01: torch.Tensor, class_prompts: dict[str, Sequence[str]],
                          ensemble: str = "mean") -> torch.Tensor:
     """MedCLIP ``PromptClassifier`` logits ``(B, K)`` for [0, 1] pixels ``(B, C, S, S)``: medkt's
-    zero-shot scores (:func:`medkt.evaluation.aggregate_scores`) times the model's temperature.
+    zero-shot scores (`medkt.evaluation.aggregate_scores`) times the model's temperature.
 
     ``ensemble="mean"``: mean over a class's prompts of ``logit_scale * cos`` (upstream
     ``ensemble=True``, medkt's ``"mean_similarity"``); ``"max"``: the best prompt (``ensemble=False``).

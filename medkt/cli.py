@@ -1,8 +1,8 @@
 """``medkt`` command line (typer).
 
-User errors (:class:`~medkt.errors.MedktError`) print one line and exit with code 2; ``--debug``
+User errors (`MedktError`) print one line and exit with code 2; ``--debug``
 shows the traceback. Feature areas add their own commands through modules with
-``register(app)`` declared as entry points of the group :data:`COMMAND_GROUP`.
+``register(app)`` declared as entry points of the group `COMMAND_GROUP`.
 """
 from __future__ import annotations
 
@@ -315,7 +315,7 @@ _register_feature_commands()
 
 def error_lines(exc: MedktError) -> list[str]:
     """The ``error: ...`` lines of a user error: one, or one per problem of a
-    :class:`~medkt.errors.PreflightError` (every problem the preflight found)."""
+    `PreflightError` (every problem the preflight found)."""
     if isinstance(exc, PreflightError):
         return [f"error: {' '.join(str(p).split())}" for p in exc.problems]
     return [f"error: {exc}"]

@@ -14,7 +14,7 @@ confusion with the new concept.
 Tokens the new name shares with another concept's name (e.g. "pneu", "mo" of pneumoperitoneum and
 pneumothorax) are left alone, so the other concept's prompts do not change; a name that has no
 token of its own is refused. The learned offsets are added to the embedding rows at the end
-(:meth:`ConceptTokens.merge`, scaled by ``wise_alpha``), so the saved weights load like any other.
+(`ConceptTokens.merge`, scaled by ``wise_alpha``), so the saved weights load like any other.
 """
 from __future__ import annotations
 
@@ -47,10 +47,10 @@ class ConceptTokens:
     """Trainable offsets ``(T, E)`` on the token-embedding rows of ``names``' own tokens.
 
     A forward hook on the embedding adds ``delta[k]`` wherever token ``ids[k]`` occurs, so the
-    module tree and its weights are untouched until :meth:`merge`; :meth:`remove` drops the hook.
+    module tree and its weights are untouched until `merge`; `remove` drops the hook.
 
     Args:
-        backend: a backend whose :meth:`token_embedding` returns its text token ``nn.Embedding``.
+        backend: a backend whose `token_embedding` returns its text token ``nn.Embedding``.
         names: the new concepts (their name tokens train).
         other_names: concepts whose prompts must not change (their tokens are excluded).
     """

@@ -1,7 +1,7 @@
 """Bundle config documents: ``--set`` overrides, JSON files, and where a value came from.
 
-Light (stdlib only): used by the bundle runner (:mod:`medkt.bundles`) and by the preflight
-(:mod:`medkt.preflight`) before torch and MONAI are imported.
+Light (stdlib only): used by the bundle runner (`medkt.bundles`) and by the preflight
+(`medkt.preflight`) before torch and MONAI are imported.
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def locate(key: str, files: list[str], overrides: dict[str, Any], flag: str = "-
 
 
 def attach_source(exc: MedktError, files: list[str], overrides: dict[str, Any], flag: str = "--set") -> None:
-    """Name the file or override a :class:`ConfigError` with a ``key`` came from, and rewrite the
+    """Name the file or override a `ConfigError` with a ``key`` came from, and rewrite the
     key to the id the user wrote (``pipeline#seed`` -> ``seed``). ``flag``: how overrides were
     given (``"--set"`` for ``medkt``, ``"--"`` for ``monai.bundle run``'s ``--ID VALUE``)."""
     if not isinstance(exc, ConfigError) or not exc.key or exc.source:

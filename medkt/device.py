@@ -1,12 +1,12 @@
 """Where a model runs and in which precision: ``--device`` and ``--precision`` of every command.
 
-* :func:`resolve_device` turns a user string (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``;
-  ``meta`` for tests) into a ``torch.device``; an unavailable device is a :class:`ConfigError`
+* `resolve_device` turns a user string (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``;
+  ``meta`` for tests) into a ``torch.device``; an unavailable device is a `ConfigError`
   that lists what this machine has.
-* :func:`resolve_precision` turns ``auto|fp32|bf16|fp16`` into the precision used on a device:
+* `resolve_precision` turns ``auto|fp32|bf16|fp16`` into the precision used on a device:
   ``auto`` is bf16 on CUDA GPUs that support it and fp32 everywhere else.
-* :func:`autocast` runs a block in that precision (``torch.autocast``; fp32 is a no-op, so CPU
-  runs in fp32 are bit-for-bit what they were without it) and :func:`grad_scaler` gives the
+* `autocast` runs a block in that precision (``torch.autocast``; fp32 is a no-op, so CPU
+  runs in fp32 are bit-for-bit what they were without it) and `grad_scaler` gives the
   loss scaler fp16 training needs (disabled for fp32/bf16, whose range needs none).
 
 Parameters and optimiser state stay fp32 under autocast (mixed precision), and so do the
@@ -55,8 +55,8 @@ _DEVICE_TYPES = ("auto", "cpu", "cuda", "mps", "meta")
 
 def check_device_spec(spec: str | None) -> str:
     """The normalised text of a ``--device`` value, checked for its form only (no torch import:
-    the preflight of :mod:`medkt.preflight` calls it); whether this machine has the device is
-    decided later by :func:`resolve_device`.
+    the preflight of `medkt.preflight` calls it); whether this machine has the device is
+    decided later by `resolve_device`.
 
     Raises:
         ConfigError: not one of ``auto|cpu|cuda|cuda:N|mps|meta``.
@@ -69,10 +69,10 @@ def check_device_spec(spec: str | None) -> str:
 
 
 def check_precision_spec(precision: str | None, device: str | None = None) -> str:
-    """``precision`` normalised to one of :data:`PRECISIONS` (aliases such as ``half`` accepted),
+    """``precision`` normalised to one of `PRECISIONS` (aliases such as ``half`` accepted),
     without importing torch; an explicit ``cpu``/``meta`` ``device`` also refuses what cannot run
     there (fp16 on the CPU, anything but fp32 on meta). Whether a GPU supports bf16 is decided
-    later by :func:`resolve_precision`."""
+    later by `resolve_precision`."""
     p = "auto" if precision is None else str(precision).strip().lower()
     p = _PRECISION_ALIASES.get(p, p)
     if p not in PRECISIONS:
@@ -96,7 +96,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
 
     ``auto`` (and None) is the current CUDA device when CUDA is available, else the CPU.
     ``cuda`` without an index is the current CUDA device (``cuda:LOCAL_RANK`` under torchrun once
-    :func:`medkt.distributed.init_from_env` has set it).
+    `medkt.distributed.init_from_env` has set it).
 
     Raises:
         ConfigError: a malformed spec or a device this machine does not have (the message lists

@@ -1,18 +1,18 @@
 """Scale-out over several processes / GPUs: sharded inversion and DDP fine-tuning.
 
-Launch any medkt command with ``torchrun``::
+Launch any medkt command with ``torchrun``:
 
     torchrun --nproc_per_node 4 -m medkt transfer --bundle NAME --output runs/x
 
 torchrun sets ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``;
-:func:`init_from_env` joins the process group (NCCL when the model is on a GPU, gloo on CPU) and
-:func:`local_device` puts each rank on its own GPU (``cuda:LOCAL_RANK``). Then
+`init_from_env` joins the process group (NCCL when the model is on a GPU, gloo on CPU) and
+`local_device` puts each rank on its own GPU (``cuda:LOCAL_RANK``). Then
 
 * **inversion**: the images are split into chunks of ``InversionConfig.chunk_size``; rank ``r``
   runs chunks ``r, r + W, r + 2W, ...`` (round-robin) and the images are gathered on every rank
-  in chunk order. Each chunk has its own seeds (see :mod:`medkt.inversion`), so the merged result
+  in chunk order. Each chunk has its own seeds (see `medkt.inversion`), so the merged result
   is bit-identical to a single-process run with the same chunk size;
-* **fine-tuning**: :func:`medkt.finetune.finetune` wraps the loss computation in
+* **fine-tuning**: `medkt.finetune.finetune` wraps the loss computation in
   ``DistributedDataParallel``; every global batch is split across ranks and each rank's loss is
   weighted by its share, so the averaged gradient equals the single-process one;
 * **outputs**: only rank 0 writes the run folder (checkpoints of every chunk go to the shared
@@ -36,12 +36,15 @@ from medkt.errors import ConfigError
 
 @dataclass(frozen=True)
 class DistEnv:
+    """Where this process sits in a torchrun launch (one process: rank 0 of 1)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
+        """Rank 0, the process that writes the run folder."""
         return self.rank == 0
 
 
@@ -55,18 +58,22 @@ def env_from_torchrun() -> DistEnv:
 
 
 def is_initialized() -> bool:
+    """A torch.distributed process group exists."""
     return dist.is_available() and dist.is_initialized()
 
 
 def world_size() -> int:
+    """Processes in the group (1 without one)."""
     return dist.get_world_size() if is_initialized() else 1
 
 
 def rank() -> int:
+    """This process's rank (0 without a group)."""
     return dist.get_rank() if is_initialized() else 0
 
 
 def is_main() -> bool:
+    """This process is rank 0 (always true without a group)."""
     return rank() == 0
 
 
@@ -75,7 +82,7 @@ def local_device(requested: str | torch.device | None = "auto") -> torch.device:
 
     Under torchrun (``WORLD_SIZE > 1``) ``auto`` and ``cuda`` (no index) mean this rank's GPU,
     ``cuda:LOCAL_RANK``, when CUDA is available; everything else is
-    :func:`medkt.device.resolve_device` of ``requested``.
+    `medkt.device.resolve_device` of ``requested``.
     """
     from medkt.device import resolve_device
 
@@ -89,7 +96,7 @@ def local_device(requested: str | torch.device | None = "auto") -> torch.device:
 def init_from_env(backend: str | None = None, device: str | torch.device | None = None) -> bool:
     """Join the process group described by torchrun's variables; True when running distributed.
 
-    ``device`` is where the model runs (a ``--device`` value, resolved with :func:`local_device`;
+    ``device`` is where the model runs (a ``--device`` value, resolved with `local_device`;
     None = the CPU, create_backend's default). ``backend`` defaults to NCCL when that device is a
     CUDA GPU (made this process's current device), else gloo: a CPU model on a GPU node uses gloo,
     since NCCL cannot move CPU tensors. Idempotent.
@@ -116,6 +123,7 @@ def init_from_env(backend: str | None = None, device: str | torch.device | None 
 
 
 def barrier() -> None:
+    """Wait for every rank (no-op for one process)."""
     if is_initialized() and world_size() > 1:
         dist.barrier()
 
@@ -137,6 +145,7 @@ def shard_chunks(n_chunks: int, rank_: int, world: int) -> list[int]:
 
 
 def n_chunks(targets: Sequence[Any], chunk_size: int | None) -> int:
+    """Inversion chunks of ``chunk_size`` images over all targets' ``n_images`` (one chunk when None)."""
     n = sum(int(t.n_images) for t in targets)
     c = chunk_size or n
     return (n + c - 1) // c
@@ -156,14 +165,14 @@ def runtime_record(device: str | torch.device | None = "auto", precision: str | 
     """Where and how a run computes, for ``run.log``, ``settings.json`` and ``results.json``.
 
     Keys: ``device`` (resolved, e.g. ``"cuda:0"``; under torchrun this rank's GPU, see
-    :func:`local_device`) and ``device_requested`` (e.g. ``"auto"``),
+    `local_device`) and ``device_requested`` (e.g. ``"auto"``),
     ``precision`` (resolved) and ``precision_requested``, ``dtype`` of the forward passes
     (``"bfloat16"``, ``"float16"`` or ``"float32"``), ``gpu_name`` and ``gpu_memory_gib`` (None off
     CUDA), ``torch`` and ``cuda`` (the CUDA version torch was built with; None for a CPU build),
     ``world_size`` (processes sharing the work: 1 unless under torchrun).
 
     Raises:
-        ConfigError: the device or precision is not available here (as :func:`medkt.device.resolve_device`).
+        ConfigError: the device or precision is not available here (as `medkt.device.resolve_device`).
     """
     from medkt.device import autocast_dtype, resolve_precision
 
@@ -184,7 +193,7 @@ def runtime_record(device: str | torch.device | None = "auto", precision: str | 
 
 
 def describe_runtime(rec: dict[str, Any]) -> str:
-    """One log line of a :func:`runtime_record`."""
+    """One log line of a `runtime_record`."""
     gpu = f", GPU {rec['gpu_name']} ({rec['gpu_memory_gib']} GiB)" if rec.get("gpu_name") else ""
     return (f"device {rec['device']} (requested {rec['device_requested']}), precision {rec['precision']} "
             f"({rec['dtype']}; requested {rec['precision_requested']}){gpu}, torch {rec['torch']}, "

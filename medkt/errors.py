@@ -1,6 +1,6 @@
 """Exception types for user-facing errors.
 
-Every :class:`MedktError` is a mistake the user can fix (bad input, missing file); the CLI prints
+Every `MedktError` is a mistake the user can fix (bad input, missing file); the CLI prints
 its message on one line and exits with code 2. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ class ConfigError(MedktError, ValueError):
 
     ``key``: the config path it is about (MONAI id, ``#``-separated), when known; ``source``: where
     the value came from (a bundle config file, ``--set ...``), added by whoever knows it
-    (:func:`medkt.bundles.run_bundle`) and shown at the end of the message.
+    (`medkt.bundles.run_bundle`) and shown at the end of the message.
     """
 
     def __init__(self, message: str = "", *, key: str | None = None, source: str | None = None):
@@ -65,7 +65,7 @@ class CheckpointError(MedktError):
 
 
 class PreflightError(MedktError):
-    """Several problems found before a run started (:mod:`medkt.preflight`), one per line; the
+    """Several problems found before a run started (`medkt.preflight`), one per line; the
     CLI prints each as its own ``error:`` line. A single problem is raised as itself instead."""
 
     def __init__(self, problems: list[MedktError]):
@@ -78,7 +78,7 @@ DISK_ERRNOS = frozenset(e for e in ("EROFS", "ENOSPC", "EDQUOT") if hasattr(__im
 
 
 def disk_error(exc: OSError, path: object) -> OutputDiskError | None:
-    """A one-line :class:`OutputDiskError` for an ``OSError`` of a read-only / full disk, else None."""
+    """A one-line `OutputDiskError` for an ``OSError`` of a read-only / full disk, else None."""
     import errno
 
     name = errno.errorcode.get(exc.errno or -1, "")
@@ -99,6 +99,6 @@ def did_you_mean(name: str, known: list[str] | tuple[str, ...]) -> str:
 
 
 def unknown_name(kind: str, name: str, known: list[str] | tuple[str, ...]) -> UnknownNameError:
-    """Build an :class:`UnknownNameError` that lists the known names and a close match."""
+    """Build an `UnknownNameError` that lists the known names and a close match."""
     hint = did_you_mean(name, known)
     return UnknownNameError(f"unknown {kind} {name!r}.{hint} Known: {', '.join(sorted(known)) or '(none)'}")

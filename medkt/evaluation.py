@@ -1,22 +1,22 @@
 """Zero-shot classification: the one scoring path of medkt.
 
-:class:`ZeroShotEvaluator` classifies a fixed image set among class prompts, before and after
+`ZeroShotEvaluator` classifies a fixed image set among class prompts, before and after
 knowledge transfer, with either of the two scorers a backend can offer:
 
-* **embedding** (CLIP, MedCLIP, CoCa, phantom: :class:`~medkt.backends.base.Backend` embeddings):
+* **embedding** (CLIP, MedCLIP, CoCa, phantom: `Backend` embeddings):
   cosine similarity between image and prompt embeddings, aggregated per class by ``"mean"``
   (CLIP's ensemble: mean of normalised prompt embeddings, renormalised), ``"mean_similarity"``
   (MedCLIP's PromptClassifier with ``ensemble=True``) or ``"max"`` (best prompt). Each class's
   prompts are tokenised as one batch, as MedCLIP does (its pooling averages padding tokens too).
-* **itm** (ViLT: :class:`~medkt.backends.base.ImageTextMatcher`): the "match" logit of every
+* **itm** (ViLT: `ImageTextMatcher`): the "match" logit of every
   (image, prompt) pair, mean or max over a class's prompts; each image's tokens are computed
   once and reused for all prompt batches.
 
-One temperature rule: :attr:`ClassificationResult.logit_scale` turns scores into probabilities
+One temperature rule: `ClassificationResult.logit_scale` turns scores into probabilities
 (the backend's learned CLIP temperature for cosine scores; 1 for ITM logits, already logits).
 
 Images stream: an in-memory ``(N, C, S, S)`` tensor (inverted or synthetic images) is cut into
-batches; paths are decoded by a :class:`torch.utils.data.DataLoader` (``num_workers`` processes)
+batches; paths are decoded by a `torch.utils.data.DataLoader` (``num_workers`` processes)
 with the backend's own preprocessing, moved to the model's device batch by batch, and only the
 embeddings are kept, so memory does not grow with the number of images. Embeddings are cached per
 model state (any in-place change of a weight invalidates them; text embeddings follow the text
@@ -52,7 +52,7 @@ class ClassificationResult:
     """Zero-shot classification of N images among K classes.
 
     ``scores`` are cosine similarities (embedding scoring) or match logits (ITM), ``(N, K)``;
-    ``logit_scale`` turns them into logits for :meth:`probabilities` (the model's temperature).
+    ``logit_scale`` turns them into logits for `probabilities` (the model's temperature).
     """
 
     classes: list[str]
@@ -123,7 +123,7 @@ def auroc(scores_pos: Sequence[float], scores_neg: Sequence[float]) -> float:
 
 
 def label_indices(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
-    """Class index of each label; a label outside ``classes`` is a :class:`DataError`."""
+    """Class index of each label; a label outside ``classes`` is a `DataError`."""
     index = {c: i for i, c in enumerate(classes)}
     bad = sorted({lab for lab in labels if lab not in index})
     if bad:
@@ -133,7 +133,7 @@ def label_indices(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
 
 
 def check_aggregate(aggregate: str, allowed: Sequence[str] = AGGREGATES) -> str:
-    """``aggregate`` if allowed, else a :class:`DataError` listing the allowed ones."""
+    """``aggregate`` if allowed, else a `DataError` listing the allowed ones."""
     if aggregate not in allowed:
         raise DataError(f"aggregate must be one of {tuple(allowed)}, got {aggregate!r}")
     return aggregate
@@ -393,7 +393,7 @@ class ZeroShotEvaluator:
         return s.cpu().numpy()
 
     def logit_scale(self) -> float:
-        """The temperature that turns :meth:`scores` into logits (ITM scores already are logits)."""
+        """The temperature that turns `scores` into logits (ITM scores already are logits)."""
         return 1.0 if self.scoring == "itm" else float(self.backend.logit_scale.detach().float().cpu())
 
     def evaluate(self) -> ClassificationResult:
@@ -403,7 +403,7 @@ class ZeroShotEvaluator:
 
 def zero_shot_classify(backend: Backend, images: Any, labels: Sequence[str], class_prompts: dict[str, Sequence[str]],
                        aggregate: str = "mean", batch_size: int = 64, **kw: Any) -> ClassificationResult:
-    """One-shot convenience wrapper around :class:`ZeroShotEvaluator`."""
+    """One-shot convenience wrapper around `ZeroShotEvaluator`."""
     return ZeroShotEvaluator(backend, images, labels, class_prompts, aggregate, batch_size, **kw).evaluate()
 
 

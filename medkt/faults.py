@@ -6,8 +6,8 @@ cleaned up, exactly as when the machine or the scheduler kills a job. Without th
 fault point costs one environment lookup.
 
 Points in medkt: ``"inversion"`` (after each inversion checkpoint is saved), ``"results"``
-(:meth:`medkt.pipelines.base.Pipeline.run`, after ``results.json`` is written and before the
-run folder is renamed), and in :mod:`medkt.spine` ``"after_inversion"``, ``"finetune"``,
+(`medkt.pipelines.base.Pipeline.run`, after ``results.json`` is written and before the
+run folder is renamed), and in `medkt.spine` ``"after_inversion"``, ``"finetune"``,
 ``"evaluation"``.
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@ cross-entropy of ``logit_scale * cos(f_V(x_i), f_T(caption_j))`` over all captio
 captions of every concept in the run plus ``negative_captions`` (e.g. the evaluation task's other
 classes), so a single concept still has negatives. By default only the visual encoder is trained
 (``train="text"`` / ``"both"`` reproduce the Fig. 4 ablation). Losses are pluggable
-(:func:`register_finetune_loss`).
+(`register_finetune_loss`).
 
 Device and precision: the model stays where it is (``backend.device``); images, targets and
 replay images are moved there batch by batch, so they may live on the CPU. The losses run under
@@ -35,13 +35,13 @@ from medkt.validation import OneOf, Range
 
 
 #: parameter groups fine-tuning can train (``FinetuneConfig.train``)
-#: ("concept_tokens": only the new concepts' name-token embeddings, see :mod:`medkt.concept_tokens`)
+#: ("concept_tokens": only the new concepts' name-token embeddings, see `medkt.concept_tokens`)
 TRAIN_CHOICES = ("visual", "text", "both", "visual+decoder", "concept_tokens")
 
 
 @dataclass
 class FinetuneConfig:
-    """Settings of :func:`finetune`; the defaults are the paper's (§4.2, README "Engine defaults").
+    """Settings of `finetune`; the defaults are the paper's (§4.2, README "Engine defaults").
 
     Adam (L2 ``weight_decay`` 0.2, ``betas`` (0.9, 0.98), ``eps`` 1e-6) at ``lr`` 1e-5 (set per
     bundle), ``batch_size`` 4, 1 epoch, on the visual encoder only (``train``: ``"text"`` /
@@ -49,7 +49,7 @@ class FinetuneConfig:
     ("A <name> is <description>"; ``prepend_name=False`` keeps only the description, Fig. 5) and
     trained with the InfoNCE ``loss`` at the model's own logit scale (``temperature`` overrides
     it). Replay, distillation, ``train_only``, WiSE-FT, best-epoch selection and LoRA (forgetting
-    control) are off by default. Build from a dict with :meth:`from_dict`; the field comments
+    control) are off by default. Build from a dict with `from_dict`; the field comments
     give the meaning of each option.
     """
 
@@ -89,7 +89,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, path: str = "finetune") -> "FinetuneConfig":
-        """Build from a dict of fields, checked by :mod:`medkt.validation` (types, ranges and
+        """Build from a dict of fields, checked by `medkt.validation` (types, ranges and
         choices are the annotations above; ``path`` names the options in errors)."""
         from medkt.validation import build
 
@@ -124,18 +124,18 @@ def make_caption(name: str, description: str, config: FinetuneConfig) -> str:
 # --- losses ------------------------------------------------------------------------------------
 LossFn = Callable[..., torch.Tensor]
 #: fine-tuning losses; metadata ``uses_caption_embeddings`` (default True) and ``uses_context``
-#: (default False), see :func:`register_finetune_loss`
+#: (default False), see `register_finetune_loss`
 FINETUNE_LOSSES: Registry[LossFn] = Registry("fine-tuning loss", group="medkt.finetune_losses")
 
 
 def register_finetune_loss(name: str, uses_caption_embeddings: bool = True,
                            uses_context: bool = False) -> Callable[[LossFn], LossFn]:
-    """Decorator registering a loss in :data:`FINETUNE_LOSSES`: ``fn(backend, images (B,C,S,S)
+    """Decorator registering a loss in `FINETUNE_LOSSES`: ``fn(backend, images (B,C,S,S)
     [0,1], targets (B,) caption indices, captions list[str], caption_emb (K,D) normalised or None,
     config) -> loss``. ``caption_emb`` is computed once when the text encoder is frozen and the
     loss was registered with ``uses_caption_embeddings=True``; otherwise it is None (e.g. ViLT's
     ITM loss reads captions). A loss registered with ``uses_context=True`` also gets
-    ``context=`` the ``loss_context`` given to :func:`finetune` (e.g. the caption targets of
+    ``context=`` the ``loss_context`` given to `finetune` (e.g. the caption targets of
     CoCa's captioning loss)."""
     return FINETUNE_LOSSES.register(name, uses_caption_embeddings=uses_caption_embeddings, uses_context=uses_context)
 
@@ -147,7 +147,7 @@ def loss_names() -> list[str]:
 
 
 def get_finetune_loss(name: str) -> LossFn:
-    """The registered loss ``name`` (:data:`FINETUNE_LOSSES`)."""
+    """The registered loss ``name`` (`FINETUNE_LOSSES`)."""
     return FINETUNE_LOSSES.get(name)
 
 
@@ -211,7 +211,7 @@ def finetune(
     """Fine-tune ``backend`` in place so each image matches its concept's caption.
 
     Args:
-        images: ``(N, C, S, S)`` in [0, 1] (e.g. :attr:`InversionResult.images`).
+        images: ``(N, C, S, S)`` in [0, 1] (e.g. `InversionResult.images`).
         concepts_of_images: the concept name of each image (length N).
         descriptions: concept -> description (used when ``texts_of_images`` is None).
         negative_captions: extra captions that are never a target (other classes of the task).
@@ -223,7 +223,7 @@ def finetune(
             a held-out set of known classes) for ``keep_best`` / ``select_patience``.
         loss_context: passed as ``context=`` to a loss registered with ``uses_context=True``.
         distributed: wrap the loss in ``DistributedDataParallel`` and split every batch across
-            the ranks of the process group (see :mod:`medkt.distributed`); None = when a group of
+            the ranks of the process group (see `medkt.distributed`); None = when a group of
             more than one process is initialised. Every rank must call with the same arguments.
     Returns:
         history dict: ``loss`` per step, ``steps``, ``seconds``, ``captions``, ``trainable``.
@@ -467,7 +467,7 @@ def save_finetuned(backend: Backend, path: str | Path, which: str = "visual", me
 
 
 def check_weights_file(path: str | Path) -> Path:
-    """``path`` must be a safetensors file (as :func:`save_finetuned` writes); only its header is
+    """``path`` must be a safetensors file (as `save_finetuned` writes); only its header is
     read, so this is cheap enough to run before a model is built. Returns the path."""
     from safetensors import safe_open
 
@@ -487,7 +487,7 @@ def check_weights_file(path: str | Path) -> Path:
 
 
 def _read_finetuned(backend: Backend, path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a :func:`save_finetuned` file, checked against ``backend``'s names and shapes."""
+    """The tensors of a `save_finetuned` file, checked against ``backend``'s names and shapes."""
     from safetensors.torch import load_file
 
     path = check_weights_file(path)
@@ -521,6 +521,6 @@ def weights_difference(backend: Backend, path: str | Path) -> dict[str, Any]:
 
 
 def load_finetuned(backend: Backend, path: str | Path) -> Backend:
-    """Load parameters saved by :func:`save_finetuned` into ``backend`` (strict on names/shapes)."""
+    """Load parameters saved by `save_finetuned` into ``backend`` (strict on names/shapes)."""
     backend.load_state_dict(_read_finetuned(backend, path), strict=False)
     return backend

@@ -3,7 +3,7 @@
 The paper's setting has no images of the classes the model already knows. To keep them while a
 new concept is taught, this module synthesises replay images of the known classes the same way
 the new concept's images are made — model inversion toward each known class's description — and
-returns them with their class names, ready for :func:`medkt.finetune.finetune`'s
+returns them with their class names, ready for `medkt.finetune.finetune`'s
 ``replay_images`` / ``replay_concepts`` (supervised replay with ``replay_per_batch`` and/or
 embedding distillation to the start model with ``distill_weight``). Works with every backend.
 """
@@ -50,10 +50,10 @@ def data_free_replay(
             filled with the class name and description (the caption fine-tuning uses), so the
             images sit where the start model puts that class.
         n_per_class: images per known class (>= 1).
-        inversion_config: :class:`~medkt.inversion.InversionConfig` (or dict) of the inversion.
+        inversion_config: `InversionConfig` (or dict) of the inversion.
         init_images: starting images when the config has ``init="images"`` (cycled).
     Returns:
-        :class:`ReplaySet` with ``len(known_descriptions) * n_per_class`` images, class-major.
+        `ReplaySet` with ``len(known_descriptions) * n_per_class`` images, class-major.
     """
     from medkt.inversion import InversionTarget, invert
 

@@ -8,7 +8,7 @@ All (concept, sample) pairs are optimised together as one pixel tensor ``(N, C, 
 with ``A`` a differentiable random affine (p=0.5), Adam, a cosine learning-rate schedule,
 per-image gradient-norm clipping, clamping to [0, 1], optional progressive resolution
 (e.g. 64 -> 128 -> 224, the parameter tensor is upsampled and Adam restarted at each stage) and
-several augmented views per step. Objectives are pluggable (:func:`register_inversion_objective`);
+several augmented views per step. Objectives are pluggable (`register_inversion_objective`);
 the default ``"cosine"`` is ``-cos(f_V(A(x)), f_T(text))``.
 
 Reproducibility: every image has its own initialisation generator seeded by ``(seed, index)``
@@ -17,8 +17,8 @@ seed, the targets and the chunking — not on how chunks are spread over process
 checkpoint (pixels, Adam state, RNG state, step) is written atomically every
 ``checkpoint_every`` steps and when a chunk is done; ``resume=True`` continues from it and gives
 the same images as an uninterrupted run. The checkpoints are tagged with the settings and targets
-that shape the images (:func:`resume_settings`, recorded in ``checkpoints/inversion.settings.json``);
-resuming with other ones is refused with a diff (:mod:`medkt.checkpoints`).
+that shape the images (`resume_settings`, recorded in ``checkpoints/inversion.settings.json``);
+resuming with other ones is refused with a diff (`medkt.checkpoints`).
 
 Device and precision: pixels, targets and optimiser state live on the model's device
 (``backend.device``); random numbers are drawn from seeded CPU generators and moved there, so a
@@ -64,7 +64,7 @@ class InversionTarget:
 
 @dataclass
 class InversionConfig:
-    """Settings of :func:`invert`; the defaults are the paper's (§4.2, README "Engine defaults").
+    """Settings of `invert`; the defaults are the paper's (§4.2, README "Engine defaults").
 
     5,000 Adam ``steps`` at ``lr`` 0.1 with cosine annealing to ``lr_min``; loss = ``objective``
     (``"cosine"``: -cos(f_V(A(x)), f_T(text))) + ``tv_weight`` 0.005 * TV(x); random affine ``A``
@@ -72,7 +72,7 @@ class InversionConfig:
     ``scale`` 0.7-1.0); per-image gradient-norm clip 1.0; pixels clamped to [0, 1]; init U(0, 1).
     Progressive ``resolutions``, ``views``, ``chunk_size``, checkpoints, early stopping, the
     ``"residual"`` parametrization and the acquisition/contrastive options are off by default.
-    Build from a dict (or a ``"preset"``) with :meth:`from_dict`; the field comments give the
+    Build from a dict (or a ``"preset"``) with `from_dict`; the field comments give the
     units and the meaning of each option.
     """
 
@@ -124,9 +124,9 @@ class InversionConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, path: str = "inversion") -> "InversionConfig":
-        """Build from a dict of fields, checked by :mod:`medkt.validation` (types, ranges and
+        """Build from a dict of fields, checked by `medkt.validation` (types, ranges and
         choices are the annotations above; ``path`` names the options in errors). ``"preset": NAME``
-        starts from :data:`INVERSION_PRESETS` (explicit fields override the preset's)."""
+        starts from `INVERSION_PRESETS` (explicit fields override the preset's)."""
         from medkt.validation import build, check
 
         d = dict(d or {})
@@ -157,9 +157,9 @@ class InversionConfig:
 
 
 #: Named inversion recipes (``{"preset": NAME}`` in a config). Resolutions are given for a
-#: 224-px model and scaled to the model by :func:`preset_dict` when it is told the model size.
+#: 224-px model and scaled to the model by `preset_dict` when it is told the model size.
 #: "paper": the paper's 5,000 steps at the model size (= ``InversionConfig()``).
-#: "fast": medkt's measured recipe, 12.5x fewer steps (benchmarks/run.py, README "Performance"):
+#: "fast": medkt's measured recipe, 12.5x fewer steps (benchmarks/run/, README "Performance"):
 #: random-weight ViT-B/32 ends at similarity 0.9999 (the paper recipe cannot exceed 1); the tiny
 #: random ViT at 0.5408 vs 0.5413 after the paper's 5,000 steps; ViT-B/32 (1 image) 0.99991 vs
 #: 0.999997. Progressive resolution (64 -> 128 -> 224, the model run at each stage's size) was
@@ -183,7 +183,7 @@ def preset_dict(name: str, image_size: int | None = None) -> dict[str, Any]:
 
 @dataclass
 class InversionResult:
-    """What :func:`invert` returns: ``images`` ``(N, C, S, S)`` in [0, 1] with their ``concepts``
+    """What `invert` returns: ``images`` ``(N, C, S, S)`` in [0, 1] with their ``concepts``
     and ``texts`` (one per image), the final un-augmented cosine ``similarities``, wall-clock
     ``seconds``, and per chunk the ``steps_run`` and ``history`` of mean similarity."""
 
@@ -203,7 +203,7 @@ class InversionResult:
         return {c: torch.stack(v) for c, v in out.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready summary (:func:`inversion_summary`): seconds, mean similarity per concept, steps run."""
+        """JSON-ready summary (`inversion_summary`): seconds, mean similarity per concept, steps run."""
         return inversion_summary(self)
 
 
@@ -211,7 +211,7 @@ class InversionResult:
 ObjectiveFn = Callable[[Backend, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
 #: inversion objectives: ``fn(backend, x01 (B,C,S,S), ctx) -> (loss (B,), similarity (B,))``;
 #: metadata ``uses_text_embeddings`` (default True). ViLT's "itm" registers itself from
-#: :mod:`medkt.natural.objectives` (an entry point of the group ``medkt.inversion_objectives``, see :mod:`medkt.registry`).
+#: `medkt.natural.objectives` (an entry point of the group ``medkt.inversion_objectives``, see `medkt.registry`).
 INVERSION_OBJECTIVES: Registry[ObjectiveFn] = Registry("inversion objective", group="medkt.inversion_objectives")
 
 
@@ -221,7 +221,7 @@ def objective_names() -> list[str]:
 
 
 def register_inversion_objective(name: str, uses_text_embeddings: bool = True) -> Callable[[ObjectiveFn], ObjectiveFn]:
-    """Decorator registering an objective in :data:`INVERSION_OBJECTIVES`:
+    """Decorator registering an objective in `INVERSION_OBJECTIVES`:
     ``fn(backend, x01 (B,C,S,S), ctx) -> (loss (B,), similarity (B,))``.
 
     ``ctx`` holds ``texts`` (list of B strings) and ``text_emb`` (B, D) normalised target
@@ -263,7 +263,7 @@ def contrastive_objective(backend: Backend, x: torch.Tensor, ctx: dict[str, Any]
 
 
 def get_objective(name: str) -> ObjectiveFn:
-    """The registered objective ``name`` (:data:`INVERSION_OBJECTIVES`)."""
+    """The registered objective ``name`` (`INVERSION_OBJECTIVES`)."""
     return INVERSION_OBJECTIVES.get(name)
 
 
@@ -552,20 +552,20 @@ def invert(
     """Synthesise ``sum(t.n_images)`` images, ``n_images`` per target, toward each target's text.
 
     Args:
-        backend: any :class:`~medkt.backends.base.Backend`; its weights are not changed.
+        backend: any `Backend`; its weights are not changed.
         targets: concepts and the descriptions to invert.
-        config: :class:`InversionConfig` or a dict of its fields.
+        config: `InversionConfig` or a dict of its fields.
         out_dir: when given, checkpoints go to ``out_dir/checkpoints`` and
-            :func:`save_inversion` writes PNGs, a grid and ``manifest.csv`` there.
+            `save_inversion` writes PNGs, a grid and ``manifest.csv`` there.
         resume: continue from the checkpoints in ``out_dir`` (refused with
-            :class:`~medkt.errors.ResumeMismatchError` if they were made with other settings or
+            `ResumeMismatchError` if they were made with other settings or
             targets). Without it, the chunk checkpoints in ``out_dir`` are started over.
         chunks: only run these chunk indices (used to shard work across processes); the result
             then holds only their images.
         init_images: ``(M, C, S, S)`` [0, 1] starting images for ``init="images"`` (image ``i``
             starts from ``init_images[i % M]``), e.g. a few normal scans of the target domain.
     Returns:
-        :class:`InversionResult` with images ``(N, C, S, S)`` in [0, 1].
+        `InversionResult` with images ``(N, C, S, S)`` in [0, 1].
     """
     cfg = config if isinstance(config, InversionConfig) else InversionConfig.from_dict(config)
     cfg.validate()
@@ -683,7 +683,7 @@ def save_inversion(result: InversionResult, out_dir: str | Path, config: Inversi
 
 
 def load_inversion(manifest: str | Path, backend: Backend | None = None) -> InversionResult:
-    """Read images written by :func:`save_inversion` back (as [0, 1] tensors)."""
+    """Read images written by `save_inversion` back (as [0, 1] tensors)."""
     import csv
 
     from medkt.data.images import to_model_pixels
@@ -720,7 +720,7 @@ def inversion_summary(result: InversionResult) -> dict[str, Any]:
 # --- several processes (torchrun; see medkt.distributed) ---------------------------------------
 def invert_sharded(backend, targets, config=None, out_dir: str | Path | None = None, resume: bool = False,
                    progress: bool = True, init_images: torch.Tensor | None = None):
-    """:func:`medkt.inversion.invert` with the chunks spread over the ranks; every rank gets the
+    """`medkt.inversion.invert` with the chunks spread over the ranks; every rank gets the
     whole result (images in the single-process order). Without a process group: plain ``invert``.
 
     Use ``config.chunk_size`` to make several chunks (one chunk = nothing to share): e.g. the

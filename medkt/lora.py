@@ -3,16 +3,16 @@
 Instead of updating the visual encoder's weights ``W``, fine-tuning learns a low-rank update
 ``W + (alpha / rank) * B @ A`` on its Linear and Conv layers; only ``A`` and ``B`` train. At the
 end the update is **merged** into ``W`` and the peft layers are removed, so the backend has its
-original module tree and the saved weights (:func:`medkt.finetune.save_finetuned`) load like any
-other. Enabled by the ``lora`` sub-section of :class:`~medkt.finetune.FinetuneConfig`
-(off by default: the paper fine-tunes all visual weights)::
+original module tree and the saved weights (`medkt.finetune.save_finetuned`) load like any
+other. Enabled by the ``lora`` sub-section of `FinetuneConfig`
+(off by default: the paper fine-tunes all visual weights):
 
     "finetune": {"lr": 3e-4, "lora": {"rank": 8, "alpha": 16, "dropout": 0.0,
                                       "target_modules": null}}
 
 ``target_modules`` is a list of regular expressions matched (``re.search``) against module
 names, e.g. ``["conv2$"]`` or ``["mlp"]``; None = the family's default
-(:data:`DEFAULT_TARGETS`), else every Linear / Conv2d layer of the trained encoder (the phantom
+(`DEFAULT_TARGETS`), else every Linear / Conv2d layer of the trained encoder (the phantom
 CNN's convolutions and projection; HF CLIP / MedCLIP attention q/k/v/out and MLP Linear layers).
 ``nn.MultiheadAttention`` is never targeted: peft re-creates its weight parameters on merge, and
 its ``out_proj`` Linear is not called through ``forward`` (an adapter there would be ignored). So
@@ -41,7 +41,7 @@ DEFAULT_TARGETS: dict[str, list[str]] = {"open_clip": [r"\.mlp\."], "coca": [r"\
 
 @dataclass
 class LoraSettings:
-    """The ``lora`` sub-section of :class:`~medkt.finetune.FinetuneConfig`."""
+    """The ``lora`` sub-section of `FinetuneConfig`."""
 
     rank: Annotated[int, Range(ge=1)] = 8
     alpha: Annotated[float, Range(gt=0)] = 16.0
@@ -51,7 +51,7 @@ class LoraSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | "LoraSettings" | None, path: str = "finetune#lora") -> "LoraSettings":
-        """Checked by :mod:`medkt.validation` (types and ranges are the annotations above)."""
+        """Checked by `medkt.validation` (types and ranges are the annotations above)."""
         from medkt.validation import build
 
         if isinstance(d, LoraSettings):
@@ -96,8 +96,8 @@ def lora_targets(model: nn.Module, params: Iterable[nn.Parameter], patterns: lis
 class LoraAdapter:
     """LoRA adapters injected into ``backend`` (in place) on the layers holding ``params``.
 
-    ``parameters()`` are the adapter weights to optimise; :meth:`merge` folds them into the base
-    weights and restores the original modules; :meth:`remove` drops them without merging.
+    ``parameters()`` are the adapter weights to optimise; `merge` folds them into the base
+    weights and restores the original modules; `remove` drops them without merging.
     Base weight tensors stay the same objects throughout (merging updates them in place).
     """
 

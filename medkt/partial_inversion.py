@@ -2,9 +2,9 @@
 
 Full inversion optimises pixels through the whole encoder, and small encoders are easily fooled
 by pixel patterns no real image has. Here the visual encoder is cut before its top ``k`` blocks
-(:func:`split_top`); the representation ``h`` entering them — tokens ``(B, T, D)``, for a CNN the
+(`split_top`); the representation ``h`` entering them — tokens ``(B, T, D)``, for a CNN the
 feature map as ``h*w`` tokens of ``C`` channels — is optimised instead, starting from the features
-of normal images of the domain::
+of normal images of the domain:
 
     h* = argmin_h  -cos(top(h), f_T(description))  +  lambda * stats(h, real)
 
@@ -12,10 +12,10 @@ where ``stats`` (style-transfer-like) keeps the per-channel mean and standard de
 tokens (``"meanstd"``) or the channel Gram matrix (``"gram"``) of ``h`` close to those of real
 images' features, so ``h`` stays a representation the bottom blocks could produce. Fine-tuning
 then trains only the top ``k`` blocks on ``(h*, caption)`` with the ordinary engine
-(:func:`medkt.finetune.finetune` on a :class:`FeatureBackend`, so replay, distillation, LoRA and
+(`medkt.finetune.finetune` on a `FeatureBackend`, so replay, distillation, LoRA and
 WiSE-FT all apply); the bottom blocks never change.
 
-Works for every backend with a vision split (:func:`medkt.backends.vision_split.get_vision_split`:
+Works for every backend with a vision split (`medkt.backends.vision_split.get_vision_split`:
 the phantom CNN, open_clip ViTs, HF CLIP ViTs).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from medkt.validation import Range
 
 @dataclass
 class PartialInversionConfig:
-    """Settings of :func:`invert_features` (the ``partial`` section of a phantom recipe)."""
+    """Settings of `invert_features` (the ``partial`` section of a phantom recipe)."""
 
     top_blocks: Annotated[int, Range(ge=1)] = 2  # k: blocks above the optimised representation (the ones fine-tuned)
     steps: Annotated[int, Range(ge=1)] = 200
@@ -51,7 +51,7 @@ class PartialInversionConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | "PartialInversionConfig" | None,
                   path: str = "partial") -> "PartialInversionConfig":
-        """Checked by :mod:`medkt.validation` (types, ranges, choices: the annotations above)."""
+        """Checked by `medkt.validation` (types, ranges, choices: the annotations above)."""
         from medkt.validation import build
 
         if isinstance(d, PartialInversionConfig):
@@ -60,6 +60,7 @@ class PartialInversionConfig:
         return build(cls, d, path, what="partial-inversion")
 
     def validate(self, path: str = "partial") -> None:
+        """Check every field against its declared type and range (`ConfigError` names ``path.field``)."""
         from medkt.validation import check_instance
 
         check_instance(self, path)
@@ -91,7 +92,7 @@ class TopSplit:
 
 
 def split_top(backend: Backend, top_blocks: int) -> TopSplit:
-    """Cut ``backend``'s visual encoder before its last ``top_blocks`` blocks (see :class:`TopSplit`)."""
+    """Cut ``backend``'s visual encoder before its last ``top_blocks`` blocks (see `TopSplit`)."""
     from medkt.backends.vision_split import get_vision_split
 
     probe_split = get_vision_split(backend, 0)
@@ -141,6 +142,8 @@ def statistics_loss(h: torch.Tensor, reference: tuple[torch.Tensor, ...], stat: 
 
 @dataclass
 class FeatureInversionResult:
+    """What `invert_features` returns: the optimised representations and their text similarity."""
+
     features: torch.Tensor  # (N, T, D) optimised representations entering the top blocks
     start_features: torch.Tensor  # (N, T, D) the normal images' features they started from
     similarities: list[float]  # final cosine to the text
@@ -215,7 +218,7 @@ def invert_features(
 class FeatureBackend(Backend, ImageTextEmbedder):
     """``backend`` seen from the cut: ``encode_pixels`` takes the tokens entering the top blocks.
 
-    Its visual parameters are the top blocks' only, so :func:`medkt.finetune.finetune` (with
+    Its visual parameters are the top blocks' only, so `medkt.finetune.finetune` (with
     replay, distillation, LoRA, WiSE-FT) trains the top blocks of ``backend`` in place on
     features; the text side is ``backend``'s own.
     """

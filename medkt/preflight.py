@@ -19,13 +19,13 @@ it finds, each as its own ``error:`` line (exit code 2), before anything is impo
   Karpathy caption files and image folders of the natural-image bundles exist;
 * the SAM checkpoint (``sam`` key, else ``$MEDKT_SAM_CHECKPOINT``) is a readable file;
 * the run folder: ``--output`` exists without ``--overwrite``, or an interrupted run waits there
-  without ``--resume``/``--restart`` (the checks of :class:`medkt.pipelines.base.Pipeline`).
+  without ``--resume``/``--restart`` (the checks of `medkt.pipelines.base.Pipeline`).
 
 Values are read through MONAI's reference syntax, resolved here on demand: ``"@id"`` is another
 entry, ``"$expr"`` a Python expression (evaluated with ``os`` and the already imported ``medkt``
 modules; ``@id`` inside it is that entry's value). A value that cannot be worked out this way
 (an expression needing a module not imported yet, a ``%`` macro) is skipped: the pipeline still
-checks it after MONAI has built it. The pipeline's own :meth:`~medkt.pipelines.base.Pipeline.validate`
+checks it after MONAI has built it. The pipeline's own `validate`
 runs later as before; the preflight only moves the cheap checks ahead and gathers them.
 
 Only the standard library and light medkt modules are imported here (no torch, no MONAI).
@@ -94,7 +94,7 @@ def _has_id(doc: Any, ident: str) -> bool:
 def load_config(files: list[str]) -> dict[str, Any]:
     """The bundle config of ``files`` merged as MONAI merges a list of config files: later files
     replace top-level entries, ``"+key"`` merges into a dict / extends a list, ``"a#b"`` sets a
-    nested entry. A syntax error is a :class:`ConfigError` naming file, line and column."""
+    nested entry. A syntax error is a `ConfigError` naming file, line and column."""
     from medkt.config_files import read_json
 
     merged: dict[str, Any] = {}
@@ -117,7 +117,7 @@ def load_config(files: list[str]) -> dict[str, Any]:
 
 def override_key_problems(config: Mapping[str, Any], overrides: Mapping[str, Any], bundle_name: str,
                           flag: str = "--set") -> list[ConfigError]:
-    """One :class:`ConfigError` per override whose key is no config id. A new field inside an
+    """One `ConfigError` per override whose key is no config id. A new field inside an
     existing section is allowed (e.g. ``inversion#chunk_size``): the pipeline validates field
     names, so typos there still fail with the known options."""
     from medkt.config_files import _show_override
@@ -144,7 +144,7 @@ def _get_raw(doc: Any, ident: str) -> Any:
 
 class BundleConfig:
     """A merged bundle config whose ``@ref`` / ``$expr`` values are resolved on demand (see the
-    module docstring); :meth:`get` returns :data:`UNKNOWN` for what cannot be resolved here."""
+    module docstring); `get` returns `UNKNOWN` for what cannot be resolved here."""
 
     def __init__(self, doc: Mapping[str, Any]):
         self.doc = doc
@@ -152,7 +152,7 @@ class BundleConfig:
 
     def get(self, ident: str, default: Any = UNKNOWN) -> Any:
         """The resolved value of config id ``ident`` (``"pipeline#evaluations#jsrt#manifest"``);
-        ``default`` when it does not exist; :data:`UNKNOWN` when it cannot be resolved here."""
+        ``default`` when it does not exist; `UNKNOWN` when it cannot be resolved here."""
         self._depth += 1
         try:
             if self._depth > 32:  # a reference cycle: MONAI reports it
@@ -256,7 +256,7 @@ def _check_backend(cfg: BundleConfig) -> list[MedktError]:
 
 def _read_rows(manifest: Path) -> list[dict[str, Any]]:
     """The raw records of a CSV or JSONL manifest; missing columns are a DataError (as in
-    :func:`medkt.data.manifest.read_manifest`, whose full row validation runs later)."""
+    `medkt.data.manifest.read_manifest`, whose full row validation runs later)."""
     if manifest.suffix == ".jsonl":
         rows = []
         for i, line in enumerate(manifest.read_text().splitlines(), start=1):
@@ -407,7 +407,7 @@ def preflight_bundle(files: list[str], overrides: Mapping[str, Any] | None = Non
 
 def raise_problems(problems: list[MedktError]) -> None:
     """Nothing for no problem; the problem itself for one (its type kept); a
-    :class:`~medkt.errors.PreflightError` listing them for several."""
+    `PreflightError` listing them for several."""
     if len(problems) == 1:
         raise problems[0]
     if problems:

@@ -2,13 +2,13 @@
 
 On a terminal: a tqdm bar. Without one (nohup, SLURM, CI logs), where a bar prints nothing
 useful: a log line on the ``medkt.progress`` logger every ``$MEDKT_PROGRESS_SECONDS`` seconds
-(default 30; 0 = every update) with the count, rate and ETA::
+(default 30; 0 = every update) with the count, rate and ETA:
 
     inversion: 120/600 step (20%), 3.1 step/s, elapsed 38s, ETA 2m35s, sim=0.532
 
 Both end with one INFO line (count, time, rate), so ``run.log`` has every loop's timing.
 
-Usage::
+Usage:
 
     with Progress(total=steps, desc="fine-tune", enabled=progress) as bar:
         for ...:
@@ -75,7 +75,7 @@ class Progress:
         desc: what is counted, e.g. ``"inversion"``.
         unit: unit name, e.g. ``"step"``, ``"img"``, ``"batch"``.
         enabled: False: count silently (``progress=False`` of the engines).
-        every: seconds between log lines without a terminal (default :func:`log_interval`).
+        every: seconds between log lines without a terminal (default `log_interval`).
         terminal: force the bar (True) or the log lines (False); default: is stderr a terminal.
     """
 
@@ -126,6 +126,7 @@ class Progress:
         return self._counted / dt if dt > 0 else 0.0
 
     def line(self, now: float | None = None) -> str:
+        """The progress line: count (of total), rate, elapsed time and ETA."""
         now = now if now is not None else time.monotonic()
         rate = self.rate(now)
         parts = [f"{self.desc}: {self.n}/{self.total} {self.unit}" if self.total else f"{self.desc}: {self.n} {self.unit}"]
@@ -160,7 +161,7 @@ class Progress:
 
 def track(items: Iterable[T], desc: str, unit: str = "it", total: int | None = None,
           enabled: bool = True) -> Iterator[T]:
-    """Iterate ``items`` with a :class:`Progress` (``total`` defaults to ``len(items)``)."""
+    """Iterate ``items`` with a `Progress` (``total`` defaults to ``len(items)``)."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     with Progress(total, desc, unit=unit, enabled=enabled) as bar:

@@ -24,7 +24,7 @@ from medkt.inversion import InversionConfig
 @dataclass(frozen=True)
 class Recipe:
     """A named transfer recipe: ``n_images`` per concept and the fields of
-    :class:`~medkt.inversion.InversionConfig` / :class:`~medkt.finetune.FinetuneConfig` that
+    `InversionConfig` / `FinetuneConfig` that
     differ from their (paper) defaults."""
 
     name: str
@@ -68,7 +68,7 @@ def recipe_defaults(backend: str | BackendSpec) -> Recipe:
 
     Args:
         backend: a backend spec (``"medclip:vit@/models/medclip-vit"``) or a recipe name from
-            :data:`RECIPES` (``"paper"``, ``"phantom"``, ...).
+            `RECIPES` (``"paper"``, ``"phantom"``, ...).
 
     Returns:
         the paper's recipe for real model families (ViLT and CoCa: their paper variants), the

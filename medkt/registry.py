@@ -1,9 +1,9 @@
 """One registry mechanism for every pluggable kind of component.
 
 Backends, inversion objectives, fine-tuning losses, M2IB vision splits, prompt generators,
-dataset preparers and phantom findings are each a :class:`Registry`: a name -> object table
+dataset preparers and phantom findings are each a `Registry`: a name -> object table
 with optional metadata per entry. medkt registers its own components exactly the way a research
-script does::
+script does:
 
     from medkt.inversion import INVERSION_OBJECTIVES
 
@@ -15,7 +15,7 @@ the module only when the name is first looked up, so ``import medkt`` stays ligh
 model libraries stay optional.
 
 Plug-ins that live in another package (or in a sub-package that imports the engine, such as
-:mod:`medkt.natural`, whose ViLT/CoCa objectives and losses register themselves on import) are
+`medkt.natural`, whose ViLT/CoCa objectives and losses register themselves on import) are
 declared as Python entry points of the registry's ``group`` (e.g. ``medkt.finetune_losses`` in
 ``pyproject.toml``), each naming a module to import; a registry loads its group once, on its
 first miss or listing. Declaring the dependency in the package metadata rather than as an
@@ -57,7 +57,7 @@ class Registry(Generic[T]):
     Args:
         kind: what an entry is, for messages ("inversion objective").
         group: entry-point group of plug-in modules loaded once, on the first miss or listing
-            (:func:`load_entry_points`); None = no plug-ins.
+            (`load_entry_points`); None = no plug-ins.
     """
 
     def __init__(self, kind: str, group: str | None = None):
@@ -71,7 +71,7 @@ class Registry(Generic[T]):
     def register(self, name: str, obj: T | None = None, *, overwrite: bool = True, **meta: Any) -> Any:
         """Register ``obj`` as ``name`` with metadata ``meta``; without ``obj`` a decorator.
 
-        ``overwrite=False`` refuses a name that is already taken (a :class:`ConfigError`)."""
+        ``overwrite=False`` refuses a name that is already taken (a `ConfigError`)."""
         if not isinstance(name, str) or not name.strip():
             raise ConfigError(f"{self.kind} name must be a non-empty string, got {name!r}")
 
@@ -85,7 +85,7 @@ class Registry(Generic[T]):
         return add if obj is None else add(obj)
 
     def register_lazy(self, name: str, target: str, **meta: Any) -> None:
-        """Register ``"module:attribute"``, imported on the first :meth:`get` of ``name``."""
+        """Register ``"module:attribute"``, imported on the first `get` of ``name``."""
         if ":" not in target:
             raise ConfigError(f"lazy {self.kind} {name!r}: expected 'module:attribute', got {target!r}")
         self._entries[name] = target
@@ -113,7 +113,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """The component registered as ``name``; an unknown name is an
-        :class:`~medkt.errors.UnknownNameError` with a "did you mean" and the known names."""
+        `UnknownNameError` with a "did you mean" and the known names."""
         if name not in self:
             raise unknown_name(self.kind, name, self.names())
         entry = self._entries[name]

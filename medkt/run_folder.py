@@ -1,7 +1,7 @@
 """Run folders: the checks before a run touches one, and the lock a process holds while it works in one.
 
-Light (stdlib only), so the preflight (:mod:`medkt.preflight`) runs the same checks as
-:meth:`medkt.pipelines.base.Pipeline.run` before torch is imported.
+Light (stdlib only), so the preflight (`medkt.preflight`) runs the same checks as
+`medkt.pipelines.base.Pipeline.run` before torch is imported.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def check_staging(output_dir: str | Path, resume: bool, restart: bool) -> None:
 
 
 def run_folder_problems(output_dir: str | Path, overwrite: bool, resume: bool, restart: bool) -> list[MedktError]:
-    """Every reason not to start a run in ``output_dir``, in the order :meth:`Pipeline.run` checks
+    """Every reason not to start a run in ``output_dir``, in the order `Pipeline.run` checks
     them: a live process holding the staging folder, the output folder, the staging folder."""
     out: list[MedktError] = []
     for check in (lambda: check_unlocked(staging_dir(output_dir)), lambda: check_output(output_dir, overwrite),
@@ -52,7 +52,7 @@ def run_folder_problems(output_dir: str | Path, overwrite: bool, resume: bool, r
     return out
 
 
-#: the lock file a process keeps in a run folder while it works in it (:func:`folder_lock`)
+#: the lock file a process keeps in a run folder while it works in it (`folder_lock`)
 LOCK_NAME = ".medkt.lock"
 
 
@@ -97,7 +97,7 @@ def lock_holder(folder: str | Path) -> tuple[int, str] | None:
 
 
 class FolderLock:
-    """What :func:`folder_lock` yields: :meth:`release` drops the lock early (before the folder
+    """What `folder_lock` yields: `release` drops the lock early (before the folder
     is renamed, so the lock file does not travel with it)."""
 
     def __init__(self, path: Path, owned: bool) -> None:
@@ -111,7 +111,7 @@ class FolderLock:
 
 
 def check_unlocked(folder: str | Path, what: str = "run folder") -> None:
-    """Raise :class:`~medkt.errors.RunLockedError` naming the pid if a live process (other than
+    """Raise `RunLockedError` naming the pid if a live process (other than
     this one) holds ``folder``'s lock."""
     import socket
 
@@ -128,7 +128,7 @@ def check_unlocked(folder: str | Path, what: str = "run folder") -> None:
 def folder_lock(folder: str | Path, what: str = "run folder") -> Iterator[FolderLock]:
     """Hold ``folder/.medkt.lock`` (this pid and host) while the block works in ``folder``.
 
-    A second process, ``--resume`` included, gets :class:`~medkt.errors.RunLockedError` naming
+    A second process, ``--resume`` included, gets `RunLockedError` naming
     the live pid instead of writing into the same files; the lock of a process that is gone
     (killed, crashed machine) is taken over. Re-entrant within one process.
     """

@@ -4,10 +4,10 @@
     description; checkpointed, sharded under torchrun) -> save them -> fine-tune
     (visual encoder by default) -> save weights -> evaluate after
 
-:func:`transfer` runs it on a backend and a list of :class:`Concept` and returns a
-:class:`TransferResult`. Pipelines (bundles) add what their task needs around it: evaluation
+`transfer` runs it on a backend and a list of `Concept` and returns a
+`TransferResult`. Pipelines (bundles) add what their task needs around it: evaluation
 sets, reports, sweeps over learning rates, segmentation or retrieval metrics. A research script
-calls it directly::
+calls it directly:
 
     from medkt import Concept, create_backend, transfer
     from medkt.inversion import InversionConfig
@@ -22,7 +22,7 @@ With ``out_dir`` every phase leaves its outputs there: ``inversion/`` (checkpoin
 ``manifest.csv``), ``finetune.json`` and ``finetuned.safetensors``. With ``resume=True`` a
 finished phase whose recorded settings match is not run again (its outputs are read back), an
 interrupted inversion continues from its checkpoint, and changed settings are refused
-(:func:`medkt.checkpoints.guard_resume`).
+(`medkt.checkpoints.guard_resume`).
 """
 from __future__ import annotations
 
@@ -77,12 +77,12 @@ class Concept:
         return self.descriptions[0]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready ``{"name", "descriptions", "n_images"}`` (accepted back by :func:`parse_concepts`)."""
+        """JSON-ready ``{"name", "descriptions", "n_images"}`` (accepted back by `parse_concepts`)."""
         return {"name": self.name, "descriptions": list(self.descriptions), "n_images": self.n_images}
 
 
 def parse_concepts(concepts: Sequence[Concept | Mapping[str, Any]], default_n: int = 10) -> list[Concept]:
-    """``[{"name", "description" (str or list), "n_images"}]`` (bundle form) or :class:`Concept`\\ s."""
+    """``[{"name", "description" (str or list), "n_images"}]`` (bundle form) or `Concept`\\ s."""
     if not concepts:
         raise ConfigError("no concepts to transfer ('concepts' is empty)")
     out = []
@@ -146,7 +146,7 @@ def images_from_manifests(source: str | Path, backend: Backend, concepts: Sequen
 
 @dataclass
 class TransferResult:
-    """What :func:`transfer` did: the images, the fine-tuning history, evaluations and timings."""
+    """What `transfer` did: the images, the fine-tuning history, evaluations and timings."""
 
     images: InversionResult
     history: dict[str, Any]
@@ -171,7 +171,7 @@ class TransferResult:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        """:meth:`summary` plus every evaluation before/after."""
+        """`summary` plus every evaluation before/after."""
         names = list(dict.fromkeys([*self.before, *self.after]))
         return {**self.summary(), "evaluations": {
             n: {"before": self.before[n].to_dict() if n in self.before else None,
@@ -194,7 +194,7 @@ def synthesize(backend: Backend, concepts: Sequence[Concept], config: InversionC
                resume: bool = False, progress: bool = True, init_images: torch.Tensor | None = None) -> InversionResult:
     """The images to fine-tune on: ``"inversion"`` (sharded across torchrun ranks, checkpointed in
     ``inversion_dir``), ``"noise"``, an earlier run's manifest/folder, or an
-    :class:`InversionResult` (reused as is, e.g. by a learning-rate sweep). New images are saved to
+    `InversionResult` (reused as is, e.g. by a learning-rate sweep). New images are saved to
     ``inversion_dir`` on the main rank. For ITM backends the reported similarities are match
     probabilities."""
     from medkt import distributed as mdist
@@ -237,26 +237,26 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
 
     Args:
         backend: the model (its device and precision are used throughout).
-        concepts: :class:`Concept`\\ s or their dict form.
-        inversion_config / finetune_config: :class:`InversionConfig` / :class:`FinetuneConfig`
+        concepts: `Concept`\\ s or their dict form.
+        inversion_config / finetune_config: `InversionConfig` / `FinetuneConfig`
             (or dicts of their fields).
-        evaluators: name -> :class:`ZeroShotEvaluator` run before and after.
+        evaluators: name -> `ZeroShotEvaluator` run before and after.
         negatives: extra fine-tuning captions that are never a target; None = the first prompt
-            of every evaluation class that is not a concept (:func:`default_negatives`).
+            of every evaluation class that is not a concept (`default_negatives`).
         out_dir: where the phases write their outputs (None: nothing is written); locked while the call
             runs (``medkt.run_folder.folder_lock``: another process on it is refused naming its pid).
-        images: what to fine-tune on (see :func:`synthesize`).
+        images: what to fine-tune on (see `synthesize`).
         before: "before" results already computed (e.g. shared by a sweep); else evaluated here
             when ``evaluate_before``.
         resume: continue from ``out_dir`` (see the module docstring).
         save_weights: write ``out_dir/finetuned.safetensors``.
         init_images: starting images for ``inversion_config.init == "images"``.
-        finetune_options: extra keyword arguments of :func:`medkt.finetune.finetune` (replay
+        finetune_options: extra keyword arguments of `medkt.finetune.finetune` (replay
             images, ``select_fn``, loss context, ...).
         known_descriptions: concepts the model already knows -> description: their captions are
             fine-tuning negatives and the targets of replay images (``finetune_options``).
     Returns:
-        a :class:`TransferResult`.
+        a `TransferResult`.
     """
     from medkt import distributed as mdist
 
@@ -336,7 +336,7 @@ def _finetune_phase(backend: Backend, inv: InversionResult, concepts: Sequence[C
 
 class TransferStep:
     """A configured transfer step for pipelines: the backend spec's concepts and configs, built
-    once from bundle dictionaries (validated before any compute) and run with :meth:`run`."""
+    once from bundle dictionaries (validated before any compute) and run with `run`."""
 
     def __init__(self, concepts: Sequence[Concept | Mapping[str, Any]], inversion: Mapping[str, Any] | None = None,
                  finetune: Mapping[str, Any] | None = None, seed: int = 0,
@@ -346,7 +346,7 @@ class TransferStep:
         self.finetune = FinetuneConfig.from_dict({"seed": seed, **(finetune_defaults or {}), **(finetune or {})})
 
     def run(self, backend: Backend, **kw: Any) -> TransferResult:
-        """:func:`transfer` with this step's concepts and configs; ``kw`` as there (a
+        """`transfer` with this step's concepts and configs; ``kw`` as there (a
         ``concepts=`` subset runs only those)."""
         concepts = kw.pop("concepts", self.concepts)
         return transfer(backend, concepts, inversion_config=kw.pop("inversion_config", self.inversion),

@@ -46,7 +46,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
     The file gets the mode a plain ``open(path, "w")`` would give (``0o666`` minus the umask):
     ``mkstemp`` creates its temp files ``0o600``, which made results unreadable to a group.
-    A read-only, full or over-quota disk is an :class:`~medkt.errors.OutputDiskError` (one line
+    A read-only, full or over-quota disk is an `OutputDiskError` (one line
     naming the file); the previous content of ``path`` is left as it was.
     """
     from medkt.errors import disk_error
@@ -73,10 +73,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
+    """`atomic_write_bytes` of UTF-8 text."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """`atomic_write_text` of ``obj`` as indented JSON (tensors, arrays and paths converted)."""
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 

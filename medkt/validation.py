@@ -6,7 +6,7 @@ The schema is the Python declaration itself, so it is written once, next to the 
 * types come from the annotations (``int``, ``float``, ``bool``, ``str``, ``X | None``,
   ``tuple[float, float]``, ``list[str]``, ``dict[str, X]``, ``Literal["a", "b"]``, nested
   dataclasses);
-* ranges and run-time choices ride along with :data:`typing.Annotated`::
+* ranges and run-time choices ride along with `typing.Annotated`:
 
       steps: Annotated[int, Range(ge=1)] = 5000
       augment_p: Annotated[float, Range(0, 1)] = 0.5
@@ -14,9 +14,9 @@ The schema is the Python declaration itself, so it is written once, next to the 
 
 * keys that are not fields are errors at every nesting level, with a "did you mean" hint.
 
-Every problem is one :class:`~medkt.errors.ConfigError` line naming the key path (MONAI ids,
+Every problem is one `ConfigError` line naming the key path (MONAI ids,
 ``#``-separated), the offending value and the expected form, e.g.
-``inversion#steps = "abc": expected integer >= 1``; :func:`medkt.bundles.run_bundle` adds the
+``inversion#steps = "abc": expected integer >= 1``; `medkt.bundles.run_bundle` adds the
 file or ``--set`` override it came from.
 
 Strictness: JSON config files must hold JSON numbers (``{"steps": "500"}`` is refused: a quoted
@@ -391,8 +391,8 @@ def _accepted_params(target: Any) -> tuple[dict[str, inspect.Parameter], dict[st
 
 def check_call(target: Any, kwargs: Mapping[str, Any], path: str, what: str | None = None,
                skip: Iterable[str] = ()) -> dict[str, Any]:
-    """Check keyword arguments for ``target`` (a function or a class, see :func:`_accepted_params`):
-    unknown names and values that do not match the annotations are :class:`ConfigError`.
+    """Check keyword arguments for ``target`` (a function or a class, see `_accepted_params`):
+    unknown names and values that do not match the annotations are `ConfigError`.
     ``skip``: parameters the caller fills itself (not user options). Returns the checked values."""
     params, hints = _accepted_params(target)
     for name in skip:
@@ -418,7 +418,7 @@ ClassPrompts = Union[dict[str, Union[str, list[str], None]], list[str]]
 @dataclass
 class EvaluationSpec:
     """One entry of a pipeline's ``evaluations`` (zero-shot classification sets). See
-    :mod:`medkt.pipelines.transfer` for the meaning; each key is used by the pipelines noted."""
+    `medkt.pipelines.transfer` for the meaning; each key is used by the pipelines noted."""
 
     config_name: typing.ClassVar[str] = "evaluation-set"
 
@@ -454,7 +454,7 @@ class EvaluationSpec:
 def check_pipeline_args(cls: type, args: tuple, kwargs: Mapping[str, Any]) -> None:
     """Check a pipeline class's constructor arguments (``pipeline#...`` of a bundle): positional
     ones are matched to the most derived ``__init__``'s parameters, then every keyword is checked
-    by :func:`check_call` against the ``__init__`` chain (path ``pipeline#KEY``)."""
+    by `check_call` against the ``__init__`` chain (path ``pipeline#KEY``)."""
     named = dict(kwargs)
     if args:
         try:

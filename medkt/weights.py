@@ -4,7 +4,7 @@ open_clip pretrained tag whose file is in that cache.
 medkt never downloads and never opens a network connection: every lookup here reads the local
 cache layout only (``models--ORG--NAME/refs/<revision>`` -> ``snapshots/<commit>/<file>``, the
 layout ``huggingface_hub`` writes), and the models are then built from local paths. A missing
-file raises :class:`WeightsNotFoundError` naming the file and how to get it (README, section
+file raises `WeightsNotFoundError` naming the file and how to get it (README, section
 "Getting weights").
 
 Why not rely on ``HF_HUB_OFFLINE``: ``huggingface_hub`` reads it once, at import time, so setting
@@ -110,7 +110,7 @@ def _url_cache_file(url: str) -> Path | None:
 def open_clip_tag_checkpoint(architecture: str, tag: str) -> Path:
     """Local checkpoint file of an open_clip pretrained tag (e.g. ``ViT-B-32`` + ``openai``).
 
-    The tag is looked up in open_clip's own registry (:func:`open_clip.get_pretrained_cfg`); its
+    The tag is looked up in open_clip's own registry (`open_clip.get_pretrained_cfg`); its
     ``hf_hub`` entry (``org/name/[file]``) is searched in the local HF cache, preferring
     safetensors as open_clip does; a URL-only tag in open_clip's URL cache (``~/.cache/clip``).
 
@@ -260,9 +260,9 @@ def resolve_open_clip_weights(architecture: str, weights: str | None, *, what: s
     """Local file of an open_clip model: ``(path, is_tag)``.
 
     ``weights`` is an open_clip pretrained tag of ``architecture`` (its file in the local caches,
-    :func:`open_clip_tag_checkpoint`), or a path / HF-cache repo id / ``None`` as in
-    :func:`resolve_weights`. A bare word that is neither a tag nor an existing path (``opena``)
-    raises :class:`UnknownNameError` with the closest tag.
+    `open_clip_tag_checkpoint`), or a path / HF-cache repo id / ``None`` as in
+    `resolve_weights`. A bare word that is neither a tag nor an existing path (``opena``)
+    raises `UnknownNameError` with the closest tag.
     """
     import open_clip
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from benchmarks.common import blob_image, write_mask_png, write_png  # noqa: F401  (shared with benchmarks.gpu_smoke)
 from medkt.backends.base import Backend, VisionSplitProvider
 
 
@@ -138,32 +139,6 @@ def save_tiny_sam(path: Path, seed: int = 0) -> Path:
 
     torch.save(build_tiny_sam(seed=seed).state_dict(), path)
     return path
-
-
-def blob_image(size: tuple[int, int], center: tuple[int, int], radius: int, rng: np.random.Generator,
-               bright: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Grey image in [0, 1] with a disk lesion (dark like ultrasound, or bright) + its mask."""
-    h, w = size
-    yy, xx = np.mgrid[:h, :w]
-    mask = (yy - center[0]) ** 2 + (xx - center[1]) ** 2 <= radius**2
-    img = 0.55 + 0.1 * rng.standard_normal((h, w))
-    img[mask] = (0.95 if bright else 0.1) + 0.03 * rng.standard_normal(int(mask.sum()))
-    return np.clip(img, 0, 1).astype(np.float32), mask
-
-
-def write_png(path: Path, arr: np.ndarray) -> Path:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    a = arr if arr.dtype == np.uint8 else (np.clip(arr, 0, 1) * 255 + 0.5).astype(np.uint8)
-    if a.dtype == np.uint8 and arr.dtype == bool:
-        a = arr.astype(np.uint8) * 255
-    Image.fromarray(a).save(path)
-    return path
-
-
-def write_mask_png(path: Path, mask: np.ndarray) -> Path:
-    return write_png(path, mask.astype(np.uint8) * 255)
 
 
 def write_dicom(path: Path, arr: np.ndarray, spacing: tuple[float, float] = (0.7, 0.7)) -> Path:

@@ -3,14 +3,8 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # benchmarks/ is a top-level folder of the repository, not installed
-    sys.path.insert(0, str(ROOT))
 
 REQUIRED = ("time_to_concept_s", "time_to_concept_paper_s", "final_similarity", "final_similarity_paper",
             "inversion_flops_fraction_of_peak", "m2ib_speedup")
@@ -42,5 +36,9 @@ def test_benchmark_runs_on_tiny_model(tmp_path):
     assert data["m2ib"]["identical_maps"] is True and data["m2ib_speedup"] > 0
     assert data["zero_shot"]["text_cached"] is True
     assert data["peak_memory_mb"] > 0 and len(data["loadavg_start"]) == 3
+    # streamed evaluation timed against a plain open_clip loop on the same images: same scores
+    vs = data["eval_vs_open_clip"]
+    assert data["eval_vs_open_clip_ratio"] == vs["ratio"] > 0 and vs["n_images"] == 16
+    assert vs["max_abs_score_difference"] < 1e-5
     # tiny runs never write the shared similarity cache
     assert (SIM_CACHE.read_text() if SIM_CACHE.is_file() else None) == cache_before

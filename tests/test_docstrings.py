@@ -19,7 +19,18 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 #: module -> public names (relative) that still lack a docstring in files other helpers own,
 #: reported to their owners. Remove a name once it has one: the test fails on stale entries too.
-KNOWN_MISSING: dict[str, set[str]] = {}
+KNOWN_MISSING: dict[str, set[str]] = {
+    # backend modules got reference pages while their docstrings were being edited elsewhere
+    "medkt.backends.hf_clip": {"HFClipBackend", "create"},
+    "medkt.backends.medclip": {"MedCLIPArchitecture.image_size"},
+    "medkt.backends.open_clip_backend": {"OpenClipBackend", "create"},
+    "medkt.backends.phantom": {"PhantomBackend"},
+    "medkt.backends.vilt": {"ViltITM.vilt"},
+}
+
+#: a Sphinx role (``:func:`x```): medkt's docstrings are Google style with Markdown code spans, which
+#: mkdocstrings renders as they are; a role would show up verbatim in the reference
+SPHINX_ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|attr|data|exc|obj|const|type):`")
 
 
 def documented_modules() -> list[str]:
@@ -107,3 +118,16 @@ def test_documented_module_names_have_docstrings(module):
     new, stale = sorted(missing - known), sorted(known - missing)
     assert not new, f"public names without a docstring in {module}: {new}"
     assert not stale, f"these have a docstring now; remove them from KNOWN_MISSING: {stale}"
+
+
+def sphinx_roles(root: Path) -> list[str]:
+    """``file:line`` of every Sphinx role in the Python files under ``root``."""
+    return [f"{p.relative_to(root.parent)}:{i}" for p in sorted(root.rglob("*.py"))
+            for i, line in enumerate(p.read_text().splitlines(), 1) if SPHINX_ROLE.search(line)]
+
+
+def test_docstrings_use_no_sphinx_roles(tmp_path):
+    found = sphinx_roles(DOCS.parent / "medkt")
+    assert not found, f"Sphinx roles (write `name` instead): {found[:10]}"
+    (tmp_path / "m.py").write_text('"""See :func:`medkt.api.invert`."""\n')
+    assert sphinx_roles(tmp_path) == [f"{tmp_path.name}/m.py:1"]  # the check can fail

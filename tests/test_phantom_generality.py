@@ -1,4 +1,4 @@
-"""The generality benchmark's WiSE-FT sweep and frontier report (benchmarks/phantom_generality.py)."""
+"""The generality benchmark's WiSE-FT sweep and frontier report (benchmarks/phantom_generality/)."""
 from __future__ import annotations
 
 import argparse

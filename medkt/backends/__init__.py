@@ -8,7 +8,7 @@
   (e.g. ``$MEDKT_WEIGHTS``); nothing is ever downloaded.
 
 Built-in families are imported lazily so that ``import medkt`` stays light; a user registers a
-new family with :func:`register_backend`.
+new family with `register_backend`.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ BackendFactory = Callable[..., Backend]
 
 #: backend families: ``factory(architecture, weights, **options) -> Backend``; the model families
 #: below are lazy (imported on first use); ``phantom`` registers itself from
-#: :mod:`medkt.phantom.backend` (entry-point group ``medkt.backends``)
+#: `medkt.phantom.backend` (entry-point group ``medkt.backends``)
 BACKENDS: Registry[BackendFactory] = Registry("backend family", group="medkt.backends")
 for _family, _target in {
     "open_clip": "medkt.backends.open_clip_family:create",
@@ -40,12 +40,12 @@ for _family, _target in {
 
 def register_backend(family: str) -> Callable[[BackendFactory], BackendFactory]:
     """Decorator: ``@register_backend("mine") def create(architecture, weights, **kw) -> Backend``
-    (registers in :data:`BACKENDS`)."""
+    (registers in `BACKENDS`)."""
     return BACKENDS.register(family)
 
 
 def list_backends() -> list[str]:
-    """Registered backend family names, sorted (built-in and :func:`register_backend` ones)."""
+    """Registered backend family names, sorted (built-in and `register_backend` ones)."""
     return sorted(BACKENDS.names())
 
 
@@ -55,10 +55,10 @@ def create_backend(spec: str | BackendSpec, device: str | torch.device = "cpu", 
 
     Args:
         device: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``
-            (see :func:`medkt.device.resolve_device`). Under torchrun, ``auto``/``cuda`` is the
-            local rank's GPU (:func:`medkt.distributed.local_device`).
+            (see `medkt.device.resolve_device`). Under torchrun, ``auto``/``cuda`` is the
+            local rank's GPU (`medkt.distributed.local_device`).
         precision: ``auto|fp32|bf16|fp16`` for the forward passes run under
-            ``backend.autocast()`` (:func:`medkt.device.resolve_precision`); weights stay fp32.
+            ``backend.autocast()`` (`medkt.device.resolve_precision`); weights stay fp32.
     """
     from medkt.device import resolve_precision
     from medkt.distributed import local_device

@@ -1,33 +1,33 @@
 """The backend protocol: the only interface the knowledge-transfer algorithm uses.
 
 A backend wraps one pretrained vision-language model (CLIP, MedCLIP, ViLT, CoCa, the phantom
-model...). Every backend is a :class:`Backend`:
+model...). Every backend is a `Backend`:
 
 * ``load_image(path_or_array)`` -> ``(C, H, W)`` float tensor in [0, 1] (the model family's own
   preprocessing: grey/RGB, resize, crop); ``normalize`` applies mean/std inside the model call, so
   inversion optimises [0, 1] pixels;
 * ``tokenize(texts)`` -> a model-specific token object;
 * parameter groups for fine-tuning: ``visual_parameters()``, ``text_parameters()``;
-* ``device`` / ``precision`` / ``autocast()`` (see :mod:`medkt.device`).
+* ``device`` / ``precision`` / ``autocast()`` (see `medkt.device`).
 
 What else a backend can do it *declares* by inheriting capability interfaces; the engine asks
 ``isinstance(backend, Capability)``, never ``hasattr``:
 
-* :class:`ImageTextEmbedder` (CLIP-like two-tower models: CLIP, MedCLIP, BiomedCLIP, CoCa, the
+* `ImageTextEmbedder` (CLIP-like two-tower models: CLIP, MedCLIP, BiomedCLIP, CoCa, the
   phantom model): ``encode_pixels(x)`` on [0, 1] pixels ``(B, C, S, S)`` -> ``(B, D)``,
   ``encode_text(tokens)`` -> ``(B, D)``, ``logit_scale``. Needed by the cosine inversion
   objective, InfoNCE and embedding zero-shot.
-* :class:`AnyResolution`: ``encode_pixels`` also takes sizes other than ``image_size`` (ViTs with
+* `AnyResolution`: ``encode_pixels`` also takes sizes other than ``image_size`` (ViTs with
   interpolated position embeddings); progressive-resolution inversion then runs the model at
   each stage's size.
-* :class:`ImageTextMatcher` (ViLT): ``itm_logits``, ``embed_image`` + ``itm_logits_from_embeds``
+* `ImageTextMatcher` (ViLT): ``itm_logits``, ``embed_image`` + ``itm_logits_from_embeds``
   (image tokens computed once, reused for many texts), ``load_image_native``,
   ``match_probability``.
-* :class:`Captioner` (CoCa): ``caption``, ``caption_loss``, ``caption_logits``, ``image_tokens``,
+* `Captioner` (CoCa): ``caption``, ``caption_loss``, ``caption_logits``, ``image_tokens``,
   ``decoder_parameters``, ``pad_id``.
-* :class:`MaskedLanguageModel` (ViLT): ``mlm_loss``, ``mlm_probability``, ``tokenizer``.
-* :class:`VisionSplitProvider`: ``vision_split(layer)``, the encoder split M2IB needs, for models
-  whose vision tower is not one of the architectures :mod:`medkt.backends.vision_split` knows.
+* `MaskedLanguageModel` (ViLT): ``mlm_loss``, ``mlm_probability``, ``tokenizer``.
+* `VisionSplitProvider`: ``vision_split(layer)``, the encoder split M2IB needs, for models
+  whose vision tower is not one of the architectures `medkt.backends.vision_split` knows.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ class Backend(nn.Module):
     spec: str = ""
 
     # -- device and precision (see medkt.device) --------------------------------------------
-    #: precision of the forward passes run under :meth:`autocast`: "fp32" | "bf16" | "fp16"
+    #: precision of the forward passes run under `autocast`: "fp32" | "bf16" | "fp16"
     #: (set by ``create_backend(..., precision=)``; parameters always stay fp32)
     precision: str = "fp32"
 
@@ -71,7 +71,7 @@ class Backend(nn.Module):
         return module_device(self)
 
     def autocast(self):
-        """Context manager running forward passes in :attr:`precision` on :attr:`device` (fp32: no-op)."""
+        """Context manager running forward passes in `precision` on `device` (fp32: no-op)."""
         from medkt.device import autocast
 
         return autocast(self.device, self.precision)
@@ -101,7 +101,7 @@ class Backend(nn.Module):
 
     # -- to implement ---------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> Any:
-        """``B`` texts -> what :meth:`encode_text` takes (a tensor or dict of tensors) on :attr:`device`."""
+        """``B`` texts -> what `encode_text` takes (a tensor or dict of tensors) on `device`."""
         raise NotImplementedError
 
     def visual_parameters(self) -> Iterator[nn.Parameter]:
@@ -121,7 +121,7 @@ class Backend(nn.Module):
 
     # -- helpers shared by all backends ---------------------------------------------------
     def set_visual_trainable(self, trainable: bool = True) -> None:
-        """Set ``requires_grad`` on every parameter of :meth:`visual_parameters`."""
+        """Set ``requires_grad`` on every parameter of `visual_parameters`."""
         for p in self.visual_parameters():
             p.requires_grad_(trainable)
 
@@ -147,7 +147,7 @@ class Backend(nn.Module):
 class ImageTextEmbedder(abc.ABC):
     """Capability: two-tower image and text embeddings in one space (CLIP-like models).
 
-    Single-stream models (ViLT) do not have it; they score pairs with :class:`ImageTextMatcher`.
+    Single-stream models (ViLT) do not have it; they score pairs with `ImageTextMatcher`.
     """
 
     @abc.abstractmethod
@@ -185,10 +185,10 @@ class ImageTextEmbedder(abc.ABC):
 
 
 class AnyResolution(abc.ABC):
-    """Capability: :meth:`ImageTextEmbedder.encode_pixels` takes sizes other than ``image_size``.
+    """Capability: `ImageTextEmbedder.encode_pixels` takes sizes other than ``image_size``.
 
     Declared by backends whose ViT can interpolate its position embeddings
-    (:mod:`medkt.backends.vit_fastpath`); whether this model's tower can is known only once it is
+    (`medkt.backends.vit_fastpath`); whether this model's tower can is known only once it is
     built (and ``MEDKT_FAST_PATHS=0`` switches it off), hence the method.
     """
 
@@ -208,11 +208,11 @@ class ImageTextMatcher(abc.ABC):
     @abc.abstractmethod
     def embed_image(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels ``(B, 3, H, W)`` -> image tokens ``(B, T, H)`` and their mask ``(B, T)``,
-        reusable with :meth:`itm_logits_from_embeds` for many texts."""
+        reusable with `itm_logits_from_embeds` for many texts."""
 
     @abc.abstractmethod
     def itm_logits_from_embeds(self, image_embeds: torch.Tensor, image_masks: torch.Tensor, tokens: Any) -> torch.Tensor:
-        """:meth:`itm_logits` from :meth:`embed_image` outputs -> ``(B, 2)``."""
+        """`itm_logits` from `embed_image` outputs -> ``(B, 2)``."""
 
     def load_image_native(self, image: Any) -> torch.Tensor:
         """The model's own variable-size preprocessing -> ``(3, H, W)`` [0, 1] (default: ``load_image``)."""
@@ -252,7 +252,7 @@ class Captioner(abc.ABC):
     def caption_logits(self, x: torch.Tensor | None, tokens: Any,
                        image_embs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced decoder logits ``(B, T-1, V)`` and their labels ``(B, T-1)`` for pixels
-        ``x`` (or precomputed ``image_embs`` from :meth:`image_tokens`)."""
+        ``x`` (or precomputed ``image_embs`` from `image_tokens`)."""
 
     @abc.abstractmethod
     def decoder_parameters(self) -> Iterator[nn.Parameter]:
@@ -277,11 +277,11 @@ class VisionSplitProvider(abc.ABC):
 
     @abc.abstractmethod
     def vision_split(self, layer: int | None = None) -> Any:
-        """A :class:`medkt.backends.vision_split.VisionSplit` at ``layer`` (None = the default)."""
+        """A `medkt.backends.vision_split.VisionSplit` at ``layer`` (None = the default)."""
 
 
 def require_embeddings(backend: Backend, what: str, instead: str) -> None:
-    """A :class:`~medkt.errors.ConfigError` unless ``backend`` declares :class:`ImageTextEmbedder`
+    """A `ConfigError` unless ``backend`` declares `ImageTextEmbedder`
     (``what`` needs it; ``instead`` is the choice that works without embeddings)."""
     if not isinstance(backend, ImageTextEmbedder):
         from medkt.errors import ConfigError

@@ -24,7 +24,7 @@ The text tower's ``config.json`` and the tokenizer files are read from the cache
 repos that ``open_clip_config.json`` names (``text_cfg.hf_model_name`` / ``hf_tokenizer_name``;
 for BiomedCLIP ``microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract``). open_clip's own
 ``hf-hub:`` path would ask the hub for them; here every file is located in the cache first (a
-missing one is a one-line :class:`~medkt.errors.WeightsNotFoundError` naming the repo, the file
+missing one is a one-line `WeightsNotFoundError` naming the repo, the file
 and the ``hf download`` command) and the libraries are then given local folders only.
 
 The model is open_clip's own ``CustomTextCLIP``, built by ``open_clip.create_model`` from the
@@ -32,7 +32,7 @@ cached snapshot folder (``local-dir:``), so its embeddings are those of
 ``open_clip.create_model_and_transforms("hf-hub:...")`` (tests/test_biomedclip.py checks this).
 Preprocessing is open_clip's eval transform from the model's ``preprocess_cfg`` (BiomedCLIP:
 bicubic resize of the short side to 224, centre crop, CLIP mean/std). M2IB uses the timm split
-registered in :mod:`medkt.segmentation.m2ib` (block index over ``visual.trunk.blocks``; 12 blocks,
+registered in `medkt.segmentation.m2ib` (block index over ``visual.trunk.blocks``; 12 blocks,
 MedCLIP-SAMv2 bottlenecks block 9).
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 * ``coca:coca_ViT-B-32@laion2b_s13b_b90k`` / ``@mscoco_finetuned_laion2b_s13b_b90k`` - an
   open_clip pretrained tag, resolved with open_clip's own registry and looked up **only in the
-  local Hugging Face cache** (:func:`medkt.weights.open_clip_tag_checkpoint`); same for
+  local Hugging Face cache** (`medkt.weights.open_clip_tag_checkpoint`); same for
   ``coca_ViT-L-14``.
 * ``coca:coca_ViT-B-32@/path/open_clip_pytorch_model.bin`` - a local checkpoint file or folder.
 * ``coca:tiny@random`` - a 1-layer random CoCa (``medkt/configs/open_clip/coca_tiny.json``,
@@ -12,7 +12,7 @@ Generation: open_clip 3.3.0's ``CoCa.generate`` asserts on transformers 4.57 (it
 import ``transformers.generation.BeamSearchScorer`` does not exist there; the class lives in
 ``transformers.generation.beam_search``, is deprecated, and is gone in transformers 5). This
 module therefore re-implements both decoding modes in plain torch, step for step as open_clip
-runs them with transformers' ``BeamSearchScorer`` (see :func:`beam_search`): the same candidate
+runs them with transformers' ``BeamSearchScorer`` (see `beam_search`): the same candidate
 selection, finished-hypothesis pool, stopping rule and length normalisation, so captions match
 what open_clip produced on older transformers (a test checks it against the scorer itself).
 """
@@ -134,7 +134,7 @@ def beam_search(
     ``num_beams // num_beam_groups`` (2 with the defaults 6/3), which is what is run here.
 
     Args:
-        step: see :data:`StepFn`; rows are ``batch_index * width + beam``.
+        step: see `StepFn`; rows are ``batch_index * width + beam``.
         scores: ``"logits"`` sums the decoder's raw logits per step (what open_clip does - it
             never applies log-softmax in beam search); ``"log_probs"`` sums log-probabilities
             (textbook beam search).
@@ -314,12 +314,12 @@ class CocaBackend(Backend, ImageTextEmbedder, AnyResolution, Captioner):
         return self.model.logit_scale.exp()
 
     def visual_parameters(self) -> Iterator[nn.Parameter]:
-        """The vision tower (``finetune.train="visual+decoder"`` adds :meth:`decoder_parameters`)."""
+        """The vision tower (``finetune.train="visual+decoder"`` adds `decoder_parameters`)."""
         yield from self.model.visual.parameters()
 
     def load_image(self, image: Any) -> torch.Tensor:
         """open_clip's eval preprocessing of this model (its ``preprocess_cfg``: short side
-        resized, centre crop) -> ``(3, S, S)`` in [0, 1]; see :func:`medkt.data.images.open_clip_pixels`."""
+        resized, centre crop) -> ``(3, S, S)`` in [0, 1]; see `medkt.data.images.open_clip_pixels`."""
         from medkt.data.images import open_clip_pixels
 
         return open_clip_pixels(image, self.model.visual.preprocess_cfg)
@@ -422,13 +422,13 @@ class CocaBackend(Backend, ImageTextEmbedder, AnyResolution, Captioner):
         return out
 
     def caption(self, x: torch.Tensor, **kw) -> list[str]:
-        """[0,1] pixels -> generated captions (see :meth:`generate` for the options)."""
+        """[0,1] pixels -> generated captions (see `generate` for the options)."""
         return self.decode(self.generate(x, **kw))
 
 
 def _resolve_checkpoint(architecture: str, weights: str | None) -> Path:
     """A tag of open_clip's registry -> its file in the local HF cache; else a local file/folder
-    (a misspelt tag gets the closest one, see :func:`medkt.weights.resolve_open_clip_weights`)."""
+    (a misspelt tag gets the closest one, see `medkt.weights.resolve_open_clip_weights`)."""
     from medkt.weights import resolve_open_clip_weights
 
     return resolve_open_clip_weights(architecture, weights, what=f"CoCa {architecture}", how_to_get=HOW_TO_GET,

@@ -7,7 +7,7 @@ CLIPModel for tests; tokenised with open_clip's bundled BPE, the same vocabulary
 
 Images are preprocessed by transformers' own ``CLIPImageProcessor`` (the folder's
 ``preprocessor_config.json`` when present): short side resized, centre crop; normalisation is
-left to :meth:`~medkt.backends.base.Backend.normalize` with the processor's mean/std.
+left to `normalize` with the processor's mean/std.
 """
 from __future__ import annotations
 

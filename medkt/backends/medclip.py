@@ -171,7 +171,7 @@ class MedCLIPModel(nn.Module):
 
 # -- backend ---------------------------------------------------------------------------------
 class MedCLIPBackend(Backend, ImageTextEmbedder):
-    """MedCLIP behind the :class:`~medkt.backends.base.Backend` protocol.
+    """MedCLIP behind the `Backend` protocol.
 
     Pixels are one grey channel in [0, 1]; ``normalize`` repeats it to 3 channels and applies
     MedCLIP's mean/std. Embeddings are the projected (un-normalised) 512-d vectors.
@@ -194,8 +194,8 @@ class MedCLIPBackend(Backend, ImageTextEmbedder):
 
     # pixels -------------------------------------------------------------------------------
     def load_image(self, image: Any) -> torch.Tensor:
-        """MedCLIP preprocessing -> ``(1, S, S)`` in [0, 1] (see :func:`medclip_preprocess`).
-        Normalisation happens later inside :meth:`encode_pixels`."""
+        """MedCLIP preprocessing -> ``(1, S, S)`` in [0, 1] (see `medclip_preprocess`).
+        Normalisation happens later inside `encode_pixels`."""
         return medclip_preprocess(image, self.image_size)
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -408,7 +408,7 @@ def write_generated_vocab(folder: str | Path, size: int | None = None) -> Path:
 
 
 def generated_tokenizer(size: int | None = None):
-    """A BERT tokenizer over :func:`write_generated_vocab` (built in a temporary folder)."""
+    """A BERT tokenizer over `write_generated_vocab` (built in a temporary folder)."""
     with tempfile.TemporaryDirectory(prefix="medkt-vocab-") as tmp:
         return load_tokenizer(write_generated_vocab(tmp, size))
 

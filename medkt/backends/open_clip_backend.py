@@ -2,20 +2,20 @@
 
 Specs: ``clip:ViT-B-32@/models/ViT-B-32.pt`` (a local checkpoint file or open_clip model folder),
 ``clip:ViT-B-32@openai`` (an open_clip pretrained tag, resolved with open_clip's registry from the
-local caches only; see :func:`medkt.weights.open_clip_tag_checkpoint`), ``clip:medkt-tiny-ViT@random``
+local caches only; see `medkt.weights.open_clip_tag_checkpoint`), ``clip:medkt-tiny-ViT@random``
 (random weights; tiny configs ship in ``medkt/configs/open_clip/``), ``clip:hf-hub:org/repo`` (an
-open_clip hub model from the local HF cache, see :mod:`medkt.backends.biomedclip`).
+open_clip hub model from the local HF cache, see `medkt.backends.biomedclip`).
 
 Checkpoint files: OpenAI's TorchScript release archives are read by open_clip's own loader (its
 ``create_model`` with ``weights_only=False``, which only archives get); state dicts and open_clip
 checkpoints as open_clip reads them. The MLP activation (QuickGELU for OpenAI-trained weights, GELU
-for most others) comes from the file when it says (:func:`checkpoint_activation`), else from the
+for most others) comes from the file when it says (`checkpoint_activation`), else from the
 user (a ``-quickgelu`` architecture or ``quick_gelu=``); a plain state dict that says nothing, for an
-architecture open_clip has weights of both kinds for, is a :class:`ConfigError` naming both fixes.
+architecture open_clip has weights of both kinds for, is a `ConfigError` naming both fixes.
 
 Images are preprocessed by open_clip's own eval transform built from the model's
 ``visual.preprocess_cfg`` (short side resized, centre crop; the tag's interpolation/resize mode),
-see :func:`medkt.data.images.open_clip_pixels`.
+see `medkt.data.images.open_clip_pixels`.
 """
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def checkpoint_activation(path: str | Path) -> tuple[bool | None, str]:
     does not say). Signals, strongest first:
 
     * a TorchScript archive keeps the class of each module: ``QuickGELU`` or ``GELU``;
-    * a plain state dict holding :data:`OPENAI_ARCHIVE_KEYS` was taken from OpenAI's release
+    * a plain state dict holding `OPENAI_ARCHIVE_KEYS` was taken from OpenAI's release
       archive (only those carry them) -> QuickGELU;
     * an ``open_clip_config.json`` beside the file (open_clip's model-folder layout, as in an HF
       snapshot) -> its ``model_cfg.quick_gelu`` (default False), as open_clip's ``local-dir:`` and
@@ -255,7 +255,7 @@ def create(architecture: str, weights: str | None, *, quick_gelu: bool | None = 
     Args:
         quick_gelu: the MLP activation the weights were trained with (True: QuickGELU, as OpenAI's
             CLIP; False: GELU). Needed only for a plain state dict that does not say (see
-            :func:`checkpoint_activation`); it must agree with the file or tag when they do.
+            `checkpoint_activation`); it must agree with the file or tag when they do.
         **kwargs: passed to ``open_clip.create_model``.
     """
     import open_clip
@@ -322,7 +322,7 @@ def create(architecture: str, weights: str | None, *, quick_gelu: bool | None = 
 
 
 def _openai_archive_state_dict(path: Path) -> dict[str, torch.Tensor] | None:
-    """The weights of a state dict taken from OpenAI's archive (without :data:`OPENAI_ARCHIVE_KEYS`),
+    """The weights of a state dict taken from OpenAI's archive (without `OPENAI_ARCHIVE_KEYS`),
     or None for any other state dict (open_clip's own loader reads those)."""
     import open_clip
 

@@ -1,8 +1,8 @@
 """The ``clip`` / ``open_clip`` family: an open_clip model name, or an open_clip hub repo.
 
-``clip:ViT-B-32@...`` builds a named open_clip architecture (:mod:`medkt.backends.open_clip_backend`);
+``clip:ViT-B-32@...`` builds a named open_clip architecture (`medkt.backends.open_clip_backend`);
 ``clip:hf-hub:ORG/REPO[@weights]`` an open_clip hub model from the local HF cache
-(:mod:`medkt.backends.biomedclip`, which builds on the former: this dispatcher keeps the two
+(`medkt.backends.biomedclip`, which builds on the former: this dispatcher keeps the two
 modules free of an import cycle).
 """
 from __future__ import annotations

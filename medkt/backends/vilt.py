@@ -6,7 +6,7 @@ knowledge-transfer recipe needs from it is the **image-text matching (ITM) head*
 ``Linear(hidden -> 2)`` on the pooler output whose logits are ``[no match, match]``.
 
 transformers has no class carrying that head (``ViltForImageAndTextRetrieval`` has a 1-logit rank
-head and refuses training), so :class:`ViltITM` wraps ``ViltForMaskedLM`` (which keeps the pooler
+head and refuses training), so `ViltITM` wraps ``ViltForMaskedLM`` (which keeps the pooler
 and the MLM head) and adds ``itm_score.fc``. The ``dandelin/vilt-b32-mlm-itm`` checkpoint stores
 this head under the keys ``itm_score.fc.{weight,bias}``; they are loaded explicitly and a missing
 head is an error (a randomly initialised ITM head would silently produce meaningless scores).
@@ -21,10 +21,10 @@ Specs:
   BERT vocabulary, for tests.
 
 Pixels: the backend takes [0, 1] RGB tensors; normalisation is ViLT's mean = std = 0.5.
-:meth:`ViltBackend.load_image_native` is transformers' own ``ViltImageProcessor`` (shortest edge
+`ViltBackend.load_image_native` is transformers' own ``ViltImageProcessor`` (shortest edge
 ``image_size`` = 384, longest <= 640, multiples of 32, PIL bicubic) without its normalisation and
 batch padding; retrieval and ITM classification use it (variable sizes, one pixel mask each).
-:meth:`ViltBackend.load_image` is the one intended difference: inversion and fine-tuning batch
+`ViltBackend.load_image` is the one intended difference: inversion and fine-tuning batch
 square ``image_size`` inputs, so it resizes the short side with the same PIL bicubic filter and
 centre-crops the square (the processor would keep the whole, non-square picture).
 """
@@ -276,7 +276,7 @@ class ViltBackend(Backend, ImageTextMatcher, MaskedLanguageModel):
     def load_image(self, image: Any) -> torch.Tensor:
         """Square ``(3, S, S)`` in [0, 1] for batched inversion/fine-tuning: the short side resized
         to ``image_size`` with PIL bicubic (the processor's filter), then the centre square
-        (see the module docstring for why this differs from :meth:`load_image_native`)."""
+        (see the module docstring for why this differs from `load_image_native`)."""
         from medkt.data.images import open_clip_pixels
 
         return open_clip_pixels(image, {"size": self.image_size, "interpolation": "bicubic", "resize_mode": "shortest"})
@@ -331,7 +331,7 @@ class ViltBackend(Backend, ImageTextMatcher, MaskedLanguageModel):
     def itm_logits_from_embeds(
         self, image_embeds: torch.Tensor, image_masks: torch.Tensor, tokens: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        """Like :meth:`itm_logits` from cached :meth:`embed_image` outputs (broadcast as there)."""
+        """Like `itm_logits` from cached `embed_image` outputs (broadcast as there)."""
         n, tokens = self._pair(image_embeds.shape[0], tokens)
         if image_embeds.shape[0] != n:
             image_embeds = image_embeds.expand(n, -1, -1)

@@ -1,10 +1,10 @@
 """Vision splits: an image encoder cut after one block, for M2IB saliency and partial inversion.
 
 A split is part of the backend protocol: a backend that implements
-:class:`~medkt.backends.base.VisionSplitProvider` returns its own; otherwise the split is looked up
-in :data:`VISION_SPLITS` by the class of a module inside the backend (open_clip
+`VisionSplitProvider` returns its own; otherwise the split is looked up
+in `VISION_SPLITS` by the class of a module inside the backend (open_clip
 ``VisionTransformer`` and timm trunks, HF ``CLIPVisionTransformer``, HF ``SwinModel`` as used by
-MedCLIP), and :func:`register_vision_split` adds new ones.
+MedCLIP), and `register_vision_split` adds new ones.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def default_layer(num_layers: int) -> int:
 def check_layer(layer: int | None, num_layers: int, what: str) -> int:
     """Block index for M2IB in a tower of ``num_layers`` blocks: ``layer`` (negative counts from
     the end) or the upstream-like default depth; out of range is a ConfigError naming ``what``.
-    Public for backends that provide their own :class:`VisionSplit`."""
+    Public for backends that provide their own `VisionSplit`."""
     if layer is None:
         return default_layer(num_layers)
     idx = layer + num_layers if layer < 0 else layer

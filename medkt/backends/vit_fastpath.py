@@ -6,7 +6,7 @@ Measured on ViT-B/32, batch 10 at 224 px, one inversion step (forward + input gr
 * ``nn.MultiheadAttention(batch_first=True)`` transposes its input to ``(L, N, E)`` before the
   packed in-projection, so ``F.linear`` sees a non-contiguous 3-D tensor and runs as a ``bmm``
   of 50 small ``10 x 768 @ 768 x 2304`` matrices (~100 GFLOP/s) instead of one ``500 x 768``
-  matmul (~160 GFLOP/s): ~0.41 s of a 1.5 s step. :func:`fast_mha_forward` does the same maths
+  matmul (~160 GFLOP/s): ~0.41 s of a 1.5 s step. `fast_mha_forward` does the same maths
   on the contiguous ``(N, L, E)`` tensor and calls ``scaled_dot_product_attention`` directly.
 * the patch-embedding ``Conv2d(stride = kernel)``'s input gradient ran at ~13 GFLOP/s
   (0.17 s); a patchify reshape + one matmul is the same linear map.
@@ -15,7 +15,7 @@ Both are patched onto the *instances* (``module.forward`` / ``visual._embeds``),
 names, state dicts and checkpoints are unchanged, and the original path is used whenever an
 argument the fast path does not handle is given (attention weights, key padding masks, ...).
 
-:func:`vit_embeds` also interpolates the learned position embedding (bicubic, as timm and HF
+`vit_embeds` also interpolates the learned position embedding (bicubic, as timm and HF
 ``interpolate_pos_encoding`` do) when the input is not the model's size, so progressive-resolution
 inversion can run the encoder at 64 or 128 px instead of upsampling every step to 224.
 """
@@ -103,7 +103,7 @@ def interpolate_position_embedding(
 
 
 def is_patchable_vit(visual: Any) -> bool:
-    """True for open_clip ``VisionTransformer``s whose embedding :func:`vit_embeds` reproduces."""
+    """True for open_clip ``VisionTransformer``s whose embedding `vit_embeds` reproduces."""
     conv = getattr(visual, "conv1", None)
     return (
         isinstance(conv, nn.Conv2d) and tuple(conv.stride) == tuple(conv.kernel_size) and conv.padding in ((0, 0), 0)
@@ -129,9 +129,9 @@ def enable_fast_paths(module: nn.Module) -> dict[str, int]:
 
 
 def install_fast_paths(backend: nn.Module, model: nn.Module) -> None:
-    """:func:`enable_fast_paths` on a backend's ``model`` unless ``MEDKT_FAST_PATHS=0``; records the
+    """`enable_fast_paths` on a backend's ``model`` unless ``MEDKT_FAST_PATHS=0``; records the
     counts in ``backend.fast_paths`` (all 0 when switched off), which its
-    :meth:`~medkt.backends.base.AnyResolution.accepts_any_size` reads."""
+    `accepts_any_size` reads."""
     if os.environ.get("MEDKT_FAST_PATHS", "1") == "0":
         backend.fast_paths = {"attention": 0, "embeds": 0}
         return
@@ -139,7 +139,7 @@ def install_fast_paths(backend: nn.Module, model: nn.Module) -> None:
 
 
 def disable_fast_paths(module: nn.Module) -> None:
-    """Undo :func:`enable_fast_paths` (back to the upstream modules' own methods)."""
+    """Undo `enable_fast_paths` (back to the upstream modules' own methods)."""
     for m in module.modules():
         for name in ("forward", "_embeds"):
             if isinstance(vars(m).get(name), types.MethodType):

@@ -24,6 +24,7 @@ def _parse_options(options: list[str]) -> dict:
 
 
 def register(app: typer.Typer) -> None:
+    """Add the ``medkt data`` commands (prepare, list, check) to the CLI ``app``."""
     data = typer.Typer(no_args_is_help=True, help="Dataset manifests: build them from downloaded data, list preparers, check them.")
 
     @data.command("prepare")

@@ -1,14 +1,15 @@
 """Image -> model pixels: the default preprocessing shared by backends.
 
 Kept dependency-light (PIL + numpy + torch; open_clip imported lazily); format-specific readers
-(DICOM, NIfTI, JSRT raw) live in :mod:`medkt.data.readers` and return arrays this module accepts.
+(DICOM, NIfTI, JSRT raw) live in `medkt.data.readers` and return arrays this module accepts.
 
 Model families with their own preprocessing (open_clip, ``CLIPImageProcessor``, MedCLIP, ViLT)
-get their input from :func:`upstream_input`, so their upstream transform runs on the same pixels
+get their input from `upstream_input`, so their upstream transform runs on the same pixels
 it would get from ``PIL.Image.open(path)``.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,10 @@ def _pil_to_array(im: Image.Image) -> np.ndarray:
     from medkt.data.readers import _model_mode, _scale_pil
 
     where = Path(getattr(im, "filename", "") or "<PIL image>")
-    im = _model_mode(im, where)
+    try:
+        im = _model_mode(im)
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
     return _scale_pil(np.asarray(im), im.mode, where)
 
 
@@ -107,14 +111,24 @@ def upstream_input(image: Any, grey: bool = False) -> Image.Image | np.ndarray:
     A PIL image (mode ``"L"`` for grey, ``"RGB"``) when the pixels are exactly 8-bit (8-bit
     PNG/JPEG...): upstream transforms then run bit-exactly as on ``Image.open(path)``. Otherwise
     (16-bit PNG, DICOM, NIfTI, float arrays) the float32 ``(H, W)`` / ``(H, W, 3)`` array in [0, 1]
-    from :func:`to_float_array`: PIL would clip or truncate such images, so they are resampled in
+    from `to_float_array`: PIL would clip or truncate such images, so they are resampled in
     float instead (upstream transforms that accept tensors/arrays do so without quantising).
 
     Args:
         grey: convert RGB to one grey channel with PIL's ``"L"`` weights (ITU-R 601-2 luma).
     """
-    arr = to_float_array(image)
-    as8 = exact_uint8(arr)
+    as8 = None
+    if isinstance(image, (str, Path)):
+        from medkt.data.readers import read_image
+
+        # an 8-bit grey/RGB file comes back as stored: no float round trip (~2 ms per 512-px
+        # image, as much as decoding it); the same uint8 pixels exact_uint8 would recover
+        image = read_image(Path(image), keep_uint8=True)
+        if image.dtype == np.uint8:
+            as8 = image
+    if as8 is None:
+        arr = to_float_array(image)
+        as8 = exact_uint8(arr)
     if as8 is not None:
         im = Image.fromarray(as8)  # uint8 (H, W) -> "L", (H, W, 3) -> "RGB"
         return im.convert("L") if grey and im.mode != "L" else im
@@ -131,13 +145,33 @@ def open_clip_pixels(image: Any, preprocess_cfg: dict[str, Any]) -> torch.Tensor
     ``preprocess(Image.open(x))`` (bit-exactly for 8-bit images). Images that are not 8-bit go
     through the same transform as a float tensor (torchvision's antialiased resize), clamped to [0, 1].
     """
+    transform = _open_clip_transform(_freeze(preprocess_cfg))
+    src = upstream_input(image)
+    if isinstance(src, Image.Image):  # ToTensor of 8-bit pixels is k / 255: already in [0, 1]
+        return transform(src).contiguous()
+    t = torch.from_numpy(src)
+    src = (t[None].expand(3, -1, -1) if t.dim() == 2 else t.permute(2, 0, 1)).contiguous()
+    return transform(src).clamp(0, 1).contiguous()  # bicubic resampling of floats overshoots
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable copy of a preprocess config (dicts and lists as tuples), for the transform cache."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@functools.lru_cache(maxsize=16)
+def _open_clip_transform(frozen_cfg: tuple) -> Any:
+    """open_clip's eval transform for one preprocess config, built once (not once per image)."""
     from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
-    cfg = merge_preprocess_dict({}, preprocess_cfg)
+    from torchvision.transforms import Compose, Normalize
+
+    cfg = merge_preprocess_dict({}, dict(frozen_cfg))
     cfg.update(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # normalisation happens in Backend.normalize
     transform = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
-    src = upstream_input(image)
-    if isinstance(src, np.ndarray):
-        t = torch.from_numpy(src)
-        src = (t[None].expand(3, -1, -1) if t.dim() == 2 else t.permute(2, 0, 1)).contiguous()
-    return transform(src).clamp(0, 1).contiguous()
+    # (x - 0) / 1 is x exactly: drop the identity Normalize (two passes over every image for nothing)
+    return Compose([t for t in transform.transforms if not isinstance(t, Normalize)])

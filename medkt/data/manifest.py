@@ -33,7 +33,7 @@ class ManifestRow:
     source: str | None = field(default=None, compare=False, repr=False)
 
     def to_record(self) -> dict[str, str | None]:
-        """The row as written to a manifest: ``{column: value or None}`` for :data:`COLUMNS`."""
+        """The row as written to a manifest: ``{column: value or None}`` for `COLUMNS`."""
         return {k: getattr(self, k) for k in COLUMNS}
 
 
@@ -179,7 +179,7 @@ def _check_row(rec: dict, names: set[str], root: Path, where: str, classes: Sequ
 def readable_rows(rows: Sequence[ManifestRow], root: str | Path,
                   load: Callable[[Path], Any]) -> tuple[list[ManifestRow], list[ManifestProblem]]:
     """Decode every row's image once with ``load`` (e.g. ``backend.load_image``): the rows whose
-    file is missing or unreadable (a :class:`DataError`) come back as problems naming the row."""
+    file is missing or unreadable (a `DataError`) come back as problems naming the row."""
     good, problems = [], []
     for r in rows:
         try:

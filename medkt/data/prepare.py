@@ -1,13 +1,13 @@
 """Dataset preparers: a downloaded dataset folder -> a medkt manifest (``medkt data prepare``).
 
 A preparer is ``fn(root: Path, **options) -> list[ManifestRow]`` registered under a name with
-:func:`register_preparer` (:data:`PREPARERS`). Feature areas keep their preparers next to their
+`register_preparer` (`PREPARERS`). Feature areas keep their preparers next to their
 code; their modules are entry points of the group ``medkt.dataset_preparers`` (``pyproject.toml``),
 imported only when a name is looked up or listed, so ``import medkt`` stays light:
 
 * here: ``jsrt``, ``chexpert_5x200c``, ``imagefolder``;
-* :mod:`medkt.segmentation.datasets`: UDIAT, BraTS, UnitoChest, SIIM;
-* :mod:`medkt.natural.datasets`: the natural-image sets.
+* `medkt.segmentation.datasets`: UDIAT, BraTS, UnitoChest, SIIM;
+* `medkt.natural.datasets`: the natural-image sets.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ PREPARERS: Registry[Preparer] = Registry("dataset", group="medkt.dataset_prepare
 
 def register_preparer(name: str) -> Callable[[Preparer], Preparer]:
     """Decorator: ``@register_preparer("udiat") def prepare_udiat(root: Path) -> list[ManifestRow]``
-    (registers in :data:`PREPARERS`)."""
+    (registers in `PREPARERS`)."""
     return PREPARERS.register(name)
 
 
@@ -44,18 +44,18 @@ def list_preparers() -> dict[str, str]:
 
 def get_preparer(name: str) -> Preparer:
     """The preparer registered as ``name`` (importing the feature areas' modules if needed); an
-    unknown name is a :class:`~medkt.errors.ConfigError` listing the known ones."""
+    unknown name is a `ConfigError` listing the known ones."""
     return PREPARERS.get(name)
 
 
-#: files a preparer passed over as not images (:func:`image_files`), collected by :func:`prepare`
+#: files a preparer passed over as not images (`image_files`), collected by `prepare`
 _skipped: ContextVar[list[Path] | None] = ContextVar("medkt_prepare_skipped", default=None)
 
 
 def image_files(folder: Path) -> list[Path]:
     """The image files under ``folder`` (recursively, sorted; hidden folders left out), by
-    :func:`medkt.data.readers.is_image_file`. The other files (``DICOMDIR``, ``.txt``, hidden
-    files ...) are left out and, inside :func:`prepare`, reported as skipped."""
+    `medkt.data.readers.is_image_file`. The other files (``DICOMDIR``, ``.txt``, hidden
+    files ...) are left out and, inside `prepare`, reported as skipped."""
     from medkt.data.readers import is_image_file
 
     images, collector = [], _skipped.get()

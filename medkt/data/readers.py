@@ -1,12 +1,12 @@
 """Format-aware image readers: PNG/JPEG (8/16-bit), DICOM, NIfTI (2-D) and JSRT raw ``.IMG``.
 
-:func:`read_image` returns a 2-D ``(H, W)`` or ``(H, W, 3)`` array in **[0, 1] float32** (grey images
+`read_image` returns a 2-D ``(H, W)`` or ``(H, W, 3)`` array in **[0, 1] float32** (grey images
 stay 2-D), oriented as a viewer shows the image (row 0 at the top). Every failure is a
-:class:`~medkt.errors.DataError` naming the file and what was wrong, so the CLI can print one line.
+`DataError` naming the file and what was wrong, so the CLI can print one line.
 
 Which library reads what, and why:
 
-* PNG / JPEG / BMP / TIFF: MONAI ``LoadImage`` with its ``PILReader``; MONAI returns ``(W, H[, C])``
+* PNG / JPEG / BMP / TIFF: MONAI's ``PILReader``; MONAI returns ``(W, H[, C])``
   (first axis = x) and float values, so we transpose back and scale by the PIL mode in the
   metadata (``I;16`` -> 65535, ``L``/``RGB`` -> 255).
 * NIfTI: MONAI ``LoadImage`` with ``NibabelReader`` (a 2-D slice or a ``(X, Y, 1)`` volume), min-max.
@@ -14,10 +14,11 @@ Which library reads what, and why:
   neither the VOI LUT / window (radiographs are meant to be displayed through it) nor the
   ``MONOCHROME1`` inversion, and its pruned metadata drops the tags needed to do it afterwards.
 * JSRT ``.IMG``: no library reads it (headerless raw): 2048 x 2048, 12 bits stored in big-endian
-  unsigned 16-bit words; see :func:`read_jsrt_raw`.
+  unsigned 16-bit words; see `read_jsrt_raw`.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 from typing import Any
@@ -119,14 +120,16 @@ def is_image_file(path: str | Path) -> bool:
         return False
 
 
-def read_image(path: str | Path, *, jsrt_invert: bool = True) -> np.ndarray:
+def read_image(path: str | Path, *, jsrt_invert: bool = True, keep_uint8: bool = False) -> np.ndarray:
     """Read one 2-D image file -> float32 ``(H, W)`` or ``(H, W, 3)`` in [0, 1].
 
     Args:
         path: PNG/JPEG/BMP/TIFF, DICOM (``.dcm`` or extensionless with the ``DICM`` preamble),
             NIfTI (``.nii``/``.nii.gz``, 2-D) or JSRT raw ``.IMG``.
         jsrt_invert: JSRT raw files store larger values for darker film; invert so that bone is
-            bright as on every other radiograph format (see :func:`read_jsrt_raw`).
+            bright as on every other radiograph format (see `read_jsrt_raw`).
+        keep_uint8: return an 8-bit grey or RGB PNG/JPEG as stored (``uint8``, same shape)
+            instead of float; every other file is float as usual (see `read_pil`).
 
     Raises:
         DataError: missing, truncated or unsupported file (the message names it).
@@ -141,12 +144,24 @@ def read_image(path: str | Path, *, jsrt_invert: bool = True) -> np.ndarray:
         return read_jsrt_raw(path, invert=jsrt_invert)
     if kind == "nifti":
         return read_nifti(path)
-    return read_pil(path)
+    return read_pil(path, keep_uint8=keep_uint8)
 
 
 # -- PNG / JPEG -------------------------------------------------------------------------------
-def read_pil(path: str | Path) -> np.ndarray:
-    """PNG/JPEG/BMP/TIFF through MONAI ``LoadImage(reader="PILReader")``.
+@functools.lru_cache(maxsize=1)
+def _pil_reader() -> Any:
+    """One MONAI ``PILReader`` for every read (it keeps no state between files). Called directly
+    rather than through ``LoadImage``: building a ``LoadImage`` per file and wrapping every array
+    in a ``MetaTensor`` cost 1-2 ms per image, as much as decoding a 512-px PNG; the array and the
+    ``mode`` metadata are the same. Its converter puts every PIL colour mode into one whose stored
+    values are the pixels (`_model_mode`)."""
+    from monai.data import PILReader
+
+    return PILReader(converter=_model_mode)
+
+
+def read_pil(path: str | Path, *, keep_uint8: bool = False) -> np.ndarray:
+    """PNG/JPEG/BMP/TIFF through MONAI's ``PILReader``.
 
     Palette (``P``, ``PA``), CMYK, YCbCr, LAB, HSV and ``RGBX`` images are first converted by PIL
     (``.convert("RGB")``, as upstream preprocessing does; reading their stored values would give
@@ -154,24 +169,30 @@ def read_pil(path: str | Path) -> np.ndarray:
     (``I;16``) by 65535, 32-bit int (``I``) and float (``F``) min-max scaled; RGB stays 3 channels; an RGBA
     image whose alpha is fully opaque loses its alpha channel, while one with real transparency
     is refused (what lies under a transparent pixel of a radiograph is undefined).
-    """
-    from monai.data import PILReader
-    from monai.transforms import LoadImage
 
+    Args:
+        path: the image file.
+        keep_uint8: return 8-bit grey (``L``) or ``RGB`` images as stored, ``uint8`` — the exact
+            pixels that ``x / 255`` came from, for preprocessing that starts from 8-bit PIL images
+            (`medkt.data.images.upstream_input`) without a float round trip.
+    """
     path = Path(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            reader = PILReader(converter=lambda im: _model_mode(im, path))
-            data, meta = LoadImage(reader=reader, image_only=False, dtype=None)(str(path))
-    except DataError:
-        raise
+            reader = _pil_reader()
+            data, meta = reader.get_data(reader.read(str(path)))
+    except DataError as exc:  # from the colour-mode converter, which does not know the file
+        raise DataError(f"{path}: {exc}") from None
     except Exception as exc:  # PIL raises OSError/SyntaxError/ValueError on corrupt files
         raise DataError(f"unreadable image {path}: {_short(exc)}") from None
     mode = str(meta.get("mode", ""))
     arr = np.asarray(data)
     # MONAI's PILReader returns (W, H[, C]); put rows first again
     arr = np.swapaxes(arr, 0, 1) if arr.ndim >= 2 else arr
+    if (keep_uint8 and arr.dtype == np.uint8
+            and ((mode == "L" and arr.ndim == 2) or (mode == "RGB" and arr.ndim == 3 and arr.shape[-1] == 3))):
+        return np.ascontiguousarray(arr)
     return _scale_pil(arr, mode, path)
 
 
@@ -180,8 +201,8 @@ def read_pil(path: str | Path) -> np.ndarray:
 _DIRECT_MODES = ("1", "L", "LA", "RGB", "RGBA", "I", "I;16", "I;16B", "I;16L", "F")
 
 
-def _model_mode(im: Any, path: Path) -> Any:
-    """A PIL image in one of :data:`_DIRECT_MODES`, converted by PIL itself (as upstream
+def _model_mode(im: Any) -> Any:
+    """A PIL image in one of `_DIRECT_MODES`, converted by PIL itself (as upstream
     preprocessing does with ``.convert("RGB")``): palette images (``P``, ``PA``) would otherwise
     give palette indices as grey values, and CMYK / YCbCr / LAB / HSV / RGBX their raw components
     as RGB (a 4-channel CMYK even looked like RGBA)."""
@@ -197,7 +218,7 @@ def _model_mode(im: Any, path: Path) -> Any:
     try:
         return im.convert("RGB")
     except ValueError as exc:
-        raise DataError(f"{path}: PIL colour mode {mode!r} cannot be converted to RGB ({_short(exc)}); "
+        raise DataError(f"PIL colour mode {mode!r} cannot be converted to RGB ({_short(exc)}); "
                         "save the image as grey or RGB") from None
 
 
@@ -281,7 +302,7 @@ def read_jsrt_raw(path: str | Path, *, invert: bool = True) -> np.ndarray:
 
 def write_jsrt_raw(image: np.ndarray, path: str | Path, *, invert: bool = True) -> Path:
     """Write a [0, 1] ``(2048, 2048)`` array as a JSRT-format ``.IMG`` (the inverse of
-    :func:`read_jsrt_raw`; used to build synthetic test data)."""
+    `read_jsrt_raw`; used to build synthetic test data)."""
     arr = np.asarray(image, dtype=np.float64)
     if arr.shape != JSRT_SHAPE:
         raise DataError(f"a JSRT image must be {JSRT_SHAPE}, got {arr.shape}")

@@ -5,7 +5,7 @@
 reported as ``None`` with the reason in ``unavailable`` - never as 0:
 
 * PTB tokenisation and METEOR need Java (``java`` on PATH). Without Java, METEOR is unavailable
-  and captions are tokenised by :func:`simple_ptb_tokenize` (lower-case, PTB-like splitting,
+  and captions are tokenised by `simple_ptb_tokenize` (lower-case, PTB-like splitting,
   the same punctuation removal); results then say ``"tokenizer": "python-fallback"``.
 * SPICE runs only when ``stanford-corenlp-3.6.0.jar`` and ``stanford-corenlp-3.6.0-models.jar``
   are already in pycocoevalcap's ``spice/lib`` folder (copy them there from the CoreNLP
@@ -28,6 +28,7 @@ PTB_PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", "."
 
 
 def java_available() -> bool:
+    """A ``java`` executable is on PATH (METEOR and the PTB tokenizer of pycocoevalcap need it)."""
     return shutil.which("java") is not None
 
 

@@ -29,7 +29,7 @@ def imagenet_wnids() -> list[str]:
 
 
 def imagenet_classnames() -> list[str]:
-    """Readable class names (CLIP's cleaned list, from open_clip), aligned with :func:`imagenet_wnids`."""
+    """Readable class names (CLIP's cleaned list, from open_clip), aligned with `imagenet_wnids`."""
     from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 
     return list(IMAGENET_CLASSNAMES)

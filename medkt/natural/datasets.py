@@ -6,7 +6,7 @@ On-disk formats (see ``data_manifests/{rare_concepts,imagenet,flickr30k,coco}.md
   gyroscope; 10 images each in the paper).
 * **ImageNet** - the usual ``<root>/<split>/<wnid>/*.JPEG`` folders (``val`` re-organised into
   synset folders, as torchvision's ``ImageFolder`` expects). Labels are synset ids; readable
-  names come from :mod:`medkt.natural.classnames`.
+  names come from `medkt.natural.classnames`.
 * **Karpathy split JSON** - ``dataset_flickr30k.json`` / ``dataset_coco.json``:
   ``{"images": [{"filename", "filepath"?, "split", "sentences": [{"raw"}], "cocoid"?}]}``.
 * **COCO captions JSON** - ``annotations/captions_val2014.json``:

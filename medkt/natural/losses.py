@@ -1,13 +1,13 @@
 """Loss functions of the natural-image experiments (engine-independent, pure torch).
 
-* :func:`clip_contrastive_loss` - open_clip's ``ClipLoss`` on one process: symmetric
+* `clip_contrastive_loss` - open_clip's ``ClipLoss`` on one process: symmetric
   cross-entropy of ``scale * img @ txt.T`` with the diagonal as targets.
-* :func:`coca_loss` - ``clip_weight * L_CLIP + caption_weight * L_cap`` (paper Eq. 6, weights 1
+* `coca_loss` - ``clip_weight * L_CLIP + caption_weight * L_cap`` (paper Eq. 6, weights 1
   and 0.1), equal to open_clip's ``CoCaLoss`` when the contrastive texts and the caption targets
   are the same tokens (tested). In knowledge transfer they differ: the contrastive text is the
   concept caption ("A moongate is ...") and the caption target a template ("a photo of a
   moongate.", §8.8).
-* :func:`itm_loss` - 2-way ITM cross-entropy on positive and negative pairs (ViLT).
+* `itm_loss` - 2-way ITM cross-entropy on positive and negative pairs (ViLT).
 """
 from __future__ import annotations
 
@@ -34,11 +34,11 @@ def coca_loss(backend: Any, x: torch.Tensor, clip_tokens: torch.Tensor, caption_
     """CoCa fine-tuning loss on [0,1] pixels ``x`` (B, 3, S, S).
 
     Args:
-        backend: a :class:`~medkt.backends.coca.CocaBackend`.
+        backend: a `CocaBackend`.
         clip_tokens: texts of the contrastive term (B, T), row-aligned with ``x``.
         caption_tokens: targets of the captioning term (default: ``clip_tokens``).
         clip_term: an already computed contrastive loss (e.g. the engine's InfoNCE against all
-            concept captions) to use instead of the in-batch :func:`clip_contrastive_loss`.
+            concept captions) to use instead of the in-batch `clip_contrastive_loss`.
         image_embs: the decoder's image tokens if already computed (saves a visual forward).
     Returns:
         (total loss, {"clip": float, "caption": float}) - the parts are unweighted.

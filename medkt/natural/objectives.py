@@ -56,6 +56,8 @@ def itm_objective(backend: Any, x: torch.Tensor, ctx: dict[str, Any]) -> tuple[t
 @register_finetune_loss("itm", uses_caption_embeddings=False)
 def itm_finetune_loss(backend: Any, images: torch.Tensor, targets: torch.Tensor, captions: Sequence[str],
                       caption_emb: torch.Tensor | None, config: Any) -> torch.Tensor:
+    """Fine-tuning loss ``"itm"`` (ViLT): image-text matching, each image with its caption as the
+    positive and a different caption, drawn uniformly, as the negative."""
     _require_itm(backend, "fine-tuning loss")
     if len(captions) < 2:
         raise ConfigError("the 'itm' loss needs at least two captions (negatives come from the other ones)")
@@ -71,6 +73,8 @@ def itm_finetune_loss(backend: Any, images: torch.Tensor, targets: torch.Tensor,
 @register_finetune_loss("mlm", uses_caption_embeddings=False)
 def mlm_finetune_loss(backend: Any, images: torch.Tensor, targets: torch.Tensor, captions: Sequence[str],
                       caption_emb: torch.Tensor | None, config: Any) -> torch.Tensor:
+    """Fine-tuning loss ``"mlm"`` (ViLT): masked-language-model loss of each image's caption, whole
+    words masked with the backend's ``mlm_probability``."""
     from medkt.backends.base import MaskedLanguageModel
 
     if not isinstance(backend, MaskedLanguageModel):
@@ -99,6 +103,7 @@ class CaptionTargets:
     last_parts: dict[str, float] = field(default_factory=dict)
 
     def draw(self, concepts: Sequence[str]) -> list[str]:
+        """One target caption per concept, each from a template drawn at random."""
         idx = torch.randint(len(self.templates), (len(concepts),)).tolist()
         return [self.templates[i].format(c) for i, c in zip(idx, concepts)]
 
@@ -106,6 +111,8 @@ class CaptionTargets:
 @register_finetune_loss("clip+caption", uses_context=True)
 def clip_caption_loss(backend: Any, images: torch.Tensor, targets: torch.Tensor, captions: Sequence[str],
                       caption_emb: torch.Tensor | None, config: Any, context: CaptionTargets | None = None) -> torch.Tensor:
+    """Fine-tuning loss ``"clip+caption"`` (CoCa, paper Eq. 6): ``clip_weight`` x InfoNCE +
+    ``caption_weight`` x captioning loss on target captions drawn from ``context`` (`CaptionTargets`)."""
     spec = context
     if not isinstance(backend, Captioner):
         raise ConfigError(f"the 'clip+caption' loss needs a captioning backend (CoCa), got {backend.family!r}")

@@ -9,8 +9,8 @@ Recall@K follows ViLT's evaluation (``compute_irtr_recall`` in dandelin/ViLT):
 
 A cross-encoder has no embeddings to compare, so every (image, caption) pair goes through the
 model: 1,000 x 5,000 = 5M forward passes on the Flickr30k Karpathy test split.
-:class:`PairwiseITMScorer` makes that affordable and safe: each image's patch tokens are computed
-once (:meth:`ViltBackend.embed_image`) and reused for all caption batches; captions are tokenised
+`PairwiseITMScorer` makes that affordable and safe: each image's patch tokens are computed
+once (`ViltBackend.embed_image`) and reused for all caption batches; captions are tokenised
 once; finished blocks of image rows are written as atomic files, so an interrupted run resumes
 where it stopped (the files carry a fingerprint of the captions, images and model so a stale
 cache is refused, not silently mixed).

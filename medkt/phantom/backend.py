@@ -4,7 +4,7 @@ Specs: ``phantom:base`` (the shipped checkpoint, ``medkt/assets/phantom/phantom_
 ``phantom:base@/path/to/checkpoint.safetensors`` (or a folder holding one) and
 ``phantom:base@random`` / ``phantom:tiny@random`` (random initialisation, for tests).
 
-The family is registered in :data:`medkt.backends.BACKENDS` when this module is imported, which
+The family is registered in `medkt.backends.BACKENDS` when this module is imported, which
 the registry does on the first lookup of ``phantom`` (entry-point group ``medkt.backends``): the
 backend layer does not import the phantom world.
 """

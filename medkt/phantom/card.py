@@ -10,6 +10,8 @@ def _pct(v) -> str:
 
 
 def write_model_card(checkpoint: Path, out: Path) -> Path:
+    """Write ``MODEL_CARD.md`` for a pretrained phantom checkpoint from its side-car JSON (what it saw,
+    held-out findings, zero-shot results) to ``out``."""
     side = json.loads(Path(checkpoint).with_suffix(".json").read_text())
     cfg = side["pretrain_config"]
     zs = side["zero_shot"]

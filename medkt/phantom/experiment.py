@@ -5,7 +5,7 @@ One *seed* of an experiment:
 1. fresh evaluation phantoms (``eval_per_class`` per class, known + novel findings);
 2. zero-shot before transfer with name prompts and CuPL-style description prompts;
 3. **transfer**: invert the backend toward the novel finding's description (engine
-   :func:`medkt.inversion.invert`), fine-tune the visual encoder (:func:`medkt.finetune.finetune`),
+   `medkt.inversion.invert`), fine-tune the visual encoder (`medkt.finetune.finetune`),
    evaluate;
 4. **placebo**: the same fine-tuning recipe on the same number of images that carry no
    information about the finding (plain normal phantoms, or noise) captioned as the finding,
@@ -13,7 +13,7 @@ One *seed* of an experiment:
    visual knowledge raises the **AUROC** of the novel-class score (novel vs known images).
 
 Evaluation images are never used for anything but evaluation; recipe research uses a separate
-validation seed range (:data:`VAL_SEED_BASE`).
+validation seed range (`VAL_SEED_BASE`).
 """
 from __future__ import annotations
 
@@ -55,14 +55,14 @@ class Recipe:
     #: fine-tuning sees every edited image next to its unedited start (the placebo replays the same
     #: normal phantoms it trains on); needs ``finetune.replay_per_batch > 0``
     replay_init: bool = False
-    #: data-free replay (:func:`medkt.forgetting.data_free_replay`): this many images per known
+    #: data-free replay (`medkt.forgetting.data_free_replay`): this many images per known
     #: class inverted from "A <class> is <description>" on the start model (no real image of the
     #: class), added to the replay set of both arms; needs ``finetune.replay_per_batch`` or
     #: ``finetune.distill_weight`` > 0
     data_free_replay: int = 0
     #: overrides of ``inversion`` for the data-free replay images (e.g. {"residual_sign": "any"})
     replay_inversion: dict[str, Any] = field(default_factory=dict)
-    #: partial-layer inversion (:mod:`medkt.partial_inversion`, paper Eq. 4) instead of pixel
+    #: partial-layer inversion (`medkt.partial_inversion`, paper Eq. 4) instead of pixel
     #: inversion: {"top_blocks": k, ...} optimises the features entering the top k blocks from
     #: the normal phantoms' features and fine-tunes only those blocks (``inversion`` is unused;
     #: the placebo trains the top blocks on the un-inverted features); {} = off
@@ -70,6 +70,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+        """A recipe from its JSON form (unknown options and placebo kinds raise `ConfigError`)."""
         known = set(cls.__dataclass_fields__)
         bad = sorted(set(d) - known)
         if bad:
@@ -94,6 +95,8 @@ class Recipe:
 
 @dataclass
 class ArmResult:
+    """One arm of one seed: zero-shot results with name and description prompts, and its seconds."""
+
     name: str
     name_prompts: ZeroShotResult
     description_prompts: ZeroShotResult
@@ -103,6 +106,7 @@ class ArmResult:
 
 
 def summarize(r: ZeroShotResult, novel: str) -> dict[str, Any]:
+    """Novel and known-mean accuracy, overall accuracy, novel AUROC, per-class accuracy and confusion of ``r``."""
     return {
         "novel_accuracy": r.per_class[novel],
         "known_accuracy": r.known_mean([novel]),
@@ -169,15 +173,18 @@ class PhantomTransferExperiment:
 
     # -- helpers ----------------------------------------------------------------------------
     def new_backend(self):
+        """A fresh copy of the start model."""
         from medkt.backends import create_backend
 
         return create_backend(self.backend_spec)
 
     def eval_set(self, seed: int):
+        """The evaluation phantoms of ``seed`` (validation or evaluation seed range, by ``split``)."""
         base = EVAL_SEED_BASE if self.split == "eval" else VAL_SEED_BASE
         return make_dataset(self.classes, self.eval_per_class, base + seed, self.image_size)
 
     def evaluate(self, backend, ds) -> tuple[ZeroShotResult, ZeroShotResult]:
+        """Zero-shot results of ``backend`` on ``ds`` with name prompts and with description prompts."""
         x = ds.tensor()
         emb = image_embeddings(backend, x)
         a = zero_shot(backend, x, ds.labels, self.name_prompts, image_emb=emb)
@@ -185,6 +192,8 @@ class PhantomTransferExperiment:
         return a, b
 
     def train_images(self, kind: str, n: int, seed: int, k: int) -> torch.Tensor:
+        """``n`` start images from the training seed range: normal phantoms (default), uniform
+        ``"noise"`` or real phantoms of the novel finding (``"oracle"``)."""
         if kind == "noise":
             g = torch.Generator().manual_seed(TRAIN_SEED_BASE + 10 * seed + k)
             return torch.rand(n, 1, self.image_size, self.image_size, generator=g)
@@ -235,6 +244,7 @@ class PhantomTransferExperiment:
         return torch.cat(images), concepts, seconds
 
     def descriptions(self) -> dict[str, str]:
+        """Finding -> its description, the novel finding first."""
         return {self.novel: self.description, **{c: self.known_descriptions[c] for c in self.known}}
 
     # -- arms --------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Export phantoms to disk as PNG or DICOM images with PNG masks and a medkt manifest.
 
-Layout under ``root``::
+Layout under ``root``:
 
     images/<finding_slug>/<finding_slug>_00000.png|.dcm
     masks/<finding_slug>/<finding_slug>_00000.png      (0/255 uint8; empty for global findings)

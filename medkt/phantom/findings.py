@@ -1,6 +1,6 @@
 """Built-in findings of the phantom world (plugins registered at import).
 
-Each finding draws onto the :class:`~medkt.phantom.world.Canvas` and returns ``(mask,
+Each finding draws onto the `Canvas` and returns ``(mask,
 attributes)``; its describer turns the attributes into a varied description that never names
 the finding. Vocabulary is deliberately shared between findings (size: small/large; shape:
 round/patchy/linear; margin: well-defined/ill-defined; brightness: dense/bright/lucent; count:
@@ -22,6 +22,7 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 # description helpers
 # ----------------------------------------------------------------------------------------------
 def pick(rng: np.random.Generator, options: list[str]) -> str:
+    """One of ``options``, drawn with ``rng``."""
     return options[int(rng.integers(len(options)))]
 
 
@@ -54,10 +55,12 @@ def _blend(cv: Canvas, alpha: np.ndarray, value: float | np.ndarray) -> None:
 # no finding
 # ----------------------------------------------------------------------------------------------
 def draw_no_finding(cv: Canvas, rng: np.random.Generator):
+    """Normal anatomy: nothing drawn (an empty mask, no attributes)."""
     return np.zeros((cv.size, cv.size), bool), {}
 
 
 def describe_no_finding(attrs: dict, rng: np.random.Generator) -> str:
+    """A report-style description of a normal chest (phrasing drawn with ``rng``)."""
     parts = ["clear lungs", "normal heart size", "no focal opacity", "sharp costophrenic angles",
              "normal lung markings", "no pleural fluid", "a normal cardiac silhouette", "well expanded lungs",
              "no lesion"]
@@ -70,6 +73,7 @@ def describe_no_finding(attrs: dict, rng: np.random.Generator) -> str:
 # cardiomegaly
 # ----------------------------------------------------------------------------------------------
 def draw_cardiomegaly(cv: Canvas, rng: np.random.Generator):
+    """Draw cardiomegaly onto ``cv`` -> (its pixel mask, the attributes drawn: size, location, ...)."""
     cy, cx, ry, rx = cv.heart
     f = float(rng.uniform(1.3, 1.65))
     nrx, nry = rx * f, ry * (1 + 0.5 * (f - 1))
@@ -81,6 +85,7 @@ def draw_cardiomegaly(cv: Canvas, rng: np.random.Generator):
 
 
 def describe_cardiomegaly(attrs: dict, rng: np.random.Generator) -> str:
+    """A report-style description of a drawn cardiomegaly from its attributes (phrasing drawn with ``rng``)."""
     sev = attrs.get("severity", "mild")
     main = pick(rng, [f"{'a markedly' if sev == 'marked' else 'a mildly'} enlarged heart",
                       "an enlarged cardiac silhouette", "a wide heart shadow",
@@ -94,6 +99,7 @@ def describe_cardiomegaly(attrs: dict, rng: np.random.Generator) -> str:
 # pleural effusion
 # ----------------------------------------------------------------------------------------------
 def draw_pleural_effusion(cv: Canvas, rng: np.random.Generator):
+    """Draw pleural effusion onto ``cv`` -> (its pixel mask, the attributes drawn: size, location, ...)."""
     u = rng.random()
     sides = ["right"] if u < 0.4 else (["left"] if u < 0.8 else ["right", "left"])
     size = pick(rng, ["small", "moderate", "large"])
@@ -115,6 +121,7 @@ def draw_pleural_effusion(cv: Canvas, rng: np.random.Generator):
 
 
 def describe_pleural_effusion(attrs: dict, rng: np.random.Generator) -> str:
+    """A report-style description of a drawn pleural effusion from its attributes (phrasing drawn with ``rng``)."""
     size, side = attrs.get("size", "moderate"), attrs.get("side", "right")
     where = "at both lung bases" if side == "bilateral" else pick(rng, [f"at the {side} lung base", f"at the {side} base",
                                                                         f"in the {side} lower chest"])
@@ -128,6 +135,7 @@ def describe_pleural_effusion(attrs: dict, rng: np.random.Generator) -> str:
 # edema
 # ----------------------------------------------------------------------------------------------
 def draw_edema(cv: Canvas, rng: np.random.Generator):
+    """Draw edema onto ``cv`` -> (its pixel mask, the attributes drawn: size, location, ...)."""
     sev = pick(rng, ["mild", "moderate", "severe"])
     amp = {"mild": 0.14, "moderate": 0.2, "severe": 0.27}[sev] * rng.uniform(0.9, 1.1)
     cy, cx, _, _ = cv.heart
@@ -155,6 +163,7 @@ def draw_edema(cv: Canvas, rng: np.random.Generator):
 
 
 def describe_edema(attrs: dict, rng: np.random.Generator) -> str:
+    """A report-style description of a drawn edema from its attributes (phrasing drawn with ``rng``)."""
     sev = attrs.get("severity", "moderate")
     main = pick(rng, [f"{sev} diffuse bilateral hazy opacities", f"{sev} perihilar haziness in both lungs",
                       f"bilateral {sev} hazy density spreading from both hila", f"{sev} symmetric fluffy shadowing in both lungs"])
@@ -167,6 +176,7 @@ def describe_edema(attrs: dict, rng: np.random.Generator) -> str:
 # consolidation
 # ----------------------------------------------------------------------------------------------
 def draw_consolidation(cv: Canvas, rng: np.random.Generator):
+    """Draw consolidation onto ``cv`` -> (its pixel mask, the attributes drawn: size, location, ...)."""
     count = 1 if rng.random() < 0.8 else 2
     size = pick(rng, ["small", "large"])
     mask = np.zeros((cv.size, cv.size), bool)
@@ -203,6 +213,7 @@ def draw_consolidation(cv: Canvas, rng: np.random.Generator):
 
 
 def describe_consolidation(attrs: dict, rng: np.random.Generator) -> str:
+    """A report-style description of a drawn consolidation from its attributes (phrasing drawn with ``rng``)."""
     size, count = attrs.get("size", "large"), attrs.get("count", 1)
     loc = location_phrase(attrs.get("side", "right"), attrs.get("zone"), rng)
     if count > 1:
@@ -219,6 +230,7 @@ def describe_consolidation(attrs: dict, rng: np.random.Generator) -> str:
 # atelectasis
 # ----------------------------------------------------------------------------------------------
 def draw_atelectasis(cv: Canvas, rng: np.random.Generator):
+    """Draw atelectasis onto ``cv`` -> (its pixel mask, the attributes drawn: size, location, ...)."""
     count = 1 if rng.random() < 0.75 else 2
     mask = np.zeros((cv.size, cv.size), bool)
     side = "right" if rng.random() < 0.5 else "left"
@@ -233,6 +245,7 @@ def draw_atelectasis(cv: Canvas, rng: np.random.Generator):
 
 
 def describe_atelectasis(attrs: dict, rng: np.random.Generator) -> str:
+    """A report-style description of a drawn atelectasis from its attributes (phrasing drawn with ``rng``)."""
     loc = location_phrase(attrs.get("side", "right"), attrs.get("zone"), rng)
     n = attrs.get("count", 1)
     if n > 1:
@@ -249,6 +262,7 @@ def describe_atelectasis(attrs: dict, rng: np.random.Generator) -> str:
 # pneumothorax
 # ----------------------------------------------------------------------------------------------
 def draw_pneumothorax(cv: Canvas, rng: np.random.Generator):
+    """Draw pneumothorax onto ``cv`` -> (its pixel mask, the attributes drawn: size, location, ...)."""
     side = "right" if rng.random() < 0.5 else "left"
     size = "small" if rng.random() < 0.5 else "large"
     lung = cv.lungs[side]
@@ -267,6 +281,7 @@ def draw_pneumothorax(cv: Canvas, rng: np.random.Generator):
 
 
 def describe_pneumothorax(attrs: dict, rng: np.random.Generator) -> str:
+    """A report-style description of a drawn pneumothorax from its attributes (phrasing drawn with ``rng``)."""
     side, size = attrs.get("side", "right"), attrs.get("size", "small")
     main = pick(rng, [f"a {size} dark lucent space without lung markings at the {side} apex and lateral chest",
                       f"a {size} {side} apical and lateral air collection", f"{size} absent vascular markings along the {side} lung edge",
@@ -313,6 +328,7 @@ BASE_SIZE_CM = 64 / 35.0
 
 
 def draw_mass(cv: Canvas, rng: np.random.Generator):
+    """Draw mass onto ``cv`` -> (its pixel mask, the attributes drawn: size, location, ...)."""
     count = 1 if rng.random() < 0.85 else 2
     lob = rng.random() < 0.3
     mask, attrs = _round_lesions(cv, rng, count, (5.0, 8.0), oval=0.35, lobulated=lob, value_gain=(1.0, 1.15))
@@ -321,6 +337,7 @@ def draw_mass(cv: Canvas, rng: np.random.Generator):
 
 
 def describe_mass(attrs: dict, rng: np.random.Generator) -> str:
+    """A report-style description of a drawn mass from its attributes (phrasing drawn with ``rng``)."""
     n, shape = attrs.get("count", 1), attrs.get("shape", "round")
     loc = location_phrase(attrs.get("side", "right"), attrs.get("zone"), rng)
     cm = max(3, int(round(2 * attrs.get("radius", 3.5))))
@@ -335,6 +352,7 @@ def describe_mass(attrs: dict, rng: np.random.Generator) -> str:
 
 
 def draw_nodule(cv: Canvas, rng: np.random.Generator):
+    """Draw nodule onto ``cv`` -> (its pixel mask, the attributes drawn: size, location, ...)."""
     count = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
     mask, attrs = _round_lesions(cv, rng, count, (1.6, 2.7), oval=0.15, lobulated=False, value_gain=(1.05, 1.25))
     attrs.update(shape="round", size="small")
@@ -342,6 +360,7 @@ def draw_nodule(cv: Canvas, rng: np.random.Generator):
 
 
 def describe_nodule(attrs: dict, rng: np.random.Generator) -> str:
+    """A report-style description of a drawn nodule from its attributes (phrasing drawn with ``rng``)."""
     n = attrs.get("count", 1)
     loc = location_phrase(attrs.get("side", "right"), attrs.get("zone"), rng)
     cm = max(1, int(round(2 * attrs.get("radius", 1.0))))
@@ -361,6 +380,7 @@ def describe_nodule(attrs: dict, rng: np.random.Generator) -> str:
 # ``phantom_clip_heldout3`` holds out nodule, cavity and pneumoperitoneum
 # ----------------------------------------------------------------------------------------------
 def draw_cavity(cv: Canvas, rng: np.random.Generator):
+    """Draw cavity onto ``cv`` -> (its pixel mask, the attributes drawn: size, location, ...)."""
     """A round lesion with a bright thick wall and a dark air-filled centre (mostly upper zones)."""
     count = 1 if rng.random() < 0.8 else 2
     side0 = "right" if rng.random() < 0.5 else "left"
@@ -387,6 +407,7 @@ def draw_cavity(cv: Canvas, rng: np.random.Generator):
 
 
 def describe_cavity(attrs: dict, rng: np.random.Generator) -> str:
+    """A report-style description of a drawn cavity from its attributes (phrasing drawn with ``rng``)."""
     n = attrs.get("count", 1)
     loc = location_phrase(attrs.get("side", "right"), attrs.get("zone"), rng)
     wall = "thick-walled" if attrs.get("thick") else pick(rng, ["thick-walled", "thin-walled"])
@@ -403,6 +424,7 @@ def describe_cavity(attrs: dict, rng: np.random.Generator) -> str:
 
 
 def draw_pneumoperitoneum(cv: Canvas, rng: np.random.Generator):
+    """Draw pneumoperitoneum onto ``cv`` -> (its pixel mask, the attributes drawn: size, location, ...)."""
     """A dark crescent of free air under one or both diaphragm domes (below the lung base)."""
     u = rng.random()
     sides = ["right"] if u < 0.6 else (["left"] if u < 0.8 else ["right", "left"])
@@ -430,6 +452,7 @@ def draw_pneumoperitoneum(cv: Canvas, rng: np.random.Generator):
 
 
 def describe_pneumoperitoneum(attrs: dict, rng: np.random.Generator) -> str:
+    """A report-style description of a drawn pneumoperitoneum from its attributes (phrasing drawn with ``rng``)."""
     side, size = attrs.get("side", "right"), attrs.get("size", "small")
     where = "beneath both hemidiaphragms" if side == "bilateral" else f"beneath the {side} hemidiaphragm"
     main = pick(rng, [f"a {'thin' if size == 'small' else 'broad'} dark crescent of free air {where}",

@@ -1,7 +1,7 @@
 """Zero-shot classification metrics used by the phantom experiments (backend-agnostic).
 
 Works with any object exposing ``encode_images`` and ``encode_texts`` (the medkt ``Backend``
-protocol) or a raw :class:`~medkt.phantom.model.PhantomCLIP` wrapped by the phantom backend.
+protocol) or a raw `PhantomCLIP` wrapped by the phantom backend.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def image_embeddings(backend, images: torch.Tensor, batch_size: int = 256) -> to
 
 @dataclass
 class ZeroShotResult:
+    """Zero-shot classification of a phantom set: accuracies, confusion and softmax probabilities."""
+
     classes: list[str]
     accuracy: float
     per_class: dict[str, float]
@@ -36,10 +38,12 @@ class ZeroShotResult:
     extra: dict = field(default_factory=dict)
 
     def known_mean(self, novel: Sequence[str]) -> float:
+        """Mean per-class accuracy over the classes not in ``novel``."""
         ks = [c for c in self.classes if c not in novel]
         return float(np.mean([self.per_class[c] for c in ks]))
 
     def novel_mean(self, novel: Sequence[str]) -> float:
+        """Mean per-class accuracy over the ``novel`` classes."""
         return float(np.mean([self.per_class[c] for c in novel]))
 
     def novel_auroc(self, novel: str) -> float:
@@ -53,6 +57,7 @@ class ZeroShotResult:
         return auroc(s[self.labels == k], s[self.labels != k])
 
     def to_dict(self) -> dict:
+        """Accuracy, per-class accuracy, confusion and classes as JSON-ready values."""
         return {"accuracy": self.accuracy, "per_class": self.per_class, "confusion": self.confusion.tolist(),
                 "classes": self.classes}
 

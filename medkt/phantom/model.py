@@ -26,6 +26,8 @@ SOT, EOT = 49406, 49407
 
 @dataclass
 class PhantomCLIPConfig:
+    """Architecture of a `PhantomCLIP` (saved in its checkpoint's metadata)."""
+
     image_size: int = 64
     embed_dim: int = 128
     widths: tuple[int, ...] = (16, 32, 64, 128)
@@ -41,11 +43,13 @@ class PhantomCLIPConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PhantomCLIPConfig":
+        """From a JSON dict (lists become tuples; unknown keys are ignored)."""
         known = {f for f in cls.__dataclass_fields__}
         d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
         return cls(**d)
 
     def to_dict(self) -> dict:
+        """As a JSON-ready dict."""
         return asdict(self)
 
 
@@ -54,6 +58,9 @@ def _gn(c: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
+    """Two 3x3 convolutions with GroupNorm and SiLU, plus a shortcut (average pooling + 1x1
+    convolution when the shape changes)."""
+
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
@@ -95,6 +102,7 @@ class VisualTower(nn.Module):
         return out
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Feature maps ``(B, C, h, w)`` -> embedding: average and max pooled, projected."""
         return self.proj(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,6 +142,8 @@ class TextTower(nn.Module):
 
 
 class PhantomCLIP(nn.Module):
+    """The phantom world's CLIP-style model: `VisualTower`, `TextTower` and a learnable temperature."""
+
     def __init__(self, cfg: PhantomCLIPConfig | None = None):
         super().__init__()
         self.cfg = cfg or PhantomCLIPConfig()
@@ -142,9 +152,11 @@ class PhantomCLIP(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels ``(B, 1, S, S)`` -> image embeddings ``(B, embed_dim)`` (not unit length)."""
         return self.visual(x)
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(B, context_length)`` from `tokenize` -> text embeddings ``(B, embed_dim)``."""
         return self.text(ids)
 
 
@@ -162,6 +174,7 @@ def get_tokenizer(context_length: int = 32):
 
 
 def tokenize(texts, context_length: int = 32) -> torch.Tensor:
+    """Text(s) -> token ids ``(B, context_length)`` with open_clip's BPE tokenizer."""
     if isinstance(texts, str):
         texts = [texts]
     return get_tokenizer(context_length)(list(texts), context_length=context_length)
@@ -181,7 +194,7 @@ def save_checkpoint(model: PhantomCLIP, path: str | Path, meta: dict | None = No
 
 
 def load_checkpoint(path: str | Path) -> tuple[PhantomCLIP, dict]:
-    """Load a checkpoint written by :func:`save_checkpoint` (weights cast back to float32)."""
+    """Load a checkpoint written by `save_checkpoint` (weights cast back to float32)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 

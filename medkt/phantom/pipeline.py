@@ -34,14 +34,14 @@ class PhantomTransferPipeline(Pipeline):
         backend: backend spec (``phantom:base`` = the shipped checkpoint).
         novel / description: the finding to teach and the text it is taught from.
         known_descriptions: known finding -> description (negatives and replay captions).
-        recipe: the transfer recipe (:class:`medkt.phantom.experiment.Recipe` fields).
+        recipe: the transfer recipe (`medkt.phantom.experiment.Recipe` fields).
         baselines: extra recipes run on the same images, e.g. ``{"paper": {...}}``.
         seeds: number of seeds (``seed``, ``seed + 1``...) or an explicit list.
         eval_per_class: fresh evaluation phantoms per class and seed.
         segmentation: run the saliency -> mask DSC check on the novel finding's images.
         classes: evaluation classes (default: the keys of ``known_descriptions`` plus ``novel``).
         plugins: modules to import before anything else; each registers finding plugins
-            (:func:`medkt.phantom.register_finding`), so ``novel`` can name a finding that is not
+            (`medkt.phantom.register_finding`), so ``novel`` can name a finding that is not
             built in.
     """
 

@@ -37,6 +37,8 @@ from medkt.phantom.findings import BUILTIN_FINDINGS
 
 @dataclass
 class PretrainConfig:
+    """Pretraining settings of a phantom model (the JSON files in ``medkt/assets/phantom/``)."""
+
     seed: int = 0
     data_seed: int = 1000
     eval_seed: int = 900001
@@ -67,6 +69,7 @@ class PretrainConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "PretrainConfig":
+        """Read a JSON config; unknown keys raise `ConfigError`."""
         d = json.loads(Path(path).read_text())
         known = set(cls.__dataclass_fields__)
         bad = set(d) - known
@@ -116,6 +119,8 @@ def multi_positive_infonce(logits: torch.Tensor, pos: torch.Tensor) -> torch.Ten
 # data
 # ----------------------------------------------------------------------------------------------
 def build_data(cfg: PretrainConfig, progress: bool = True):
+    """The pretraining set: uint8 images of the known findings, labels, caption tokens per image,
+    glossary token pairs (held-out findings included: text only), the known findings and captions."""
     from medkt.phantom.model import tokenize
     from medkt.phantom.text import caption, glossary_pairs
     from medkt.phantom.world import get_finding, make_dataset
@@ -175,6 +180,7 @@ def evaluate(model, cfg: PretrainConfig, n_per_class: int | None = None) -> dict
 
 
 def train(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
+    """Pretrain a `PhantomCLIP` with ``cfg``, save it to ``out`` (+ JSON side-car) and return the metadata."""
     from medkt.phantom.model import PhantomCLIP, PhantomCLIPConfig, save_checkpoint
 
     torch.set_num_threads(cfg.threads)
@@ -279,6 +285,7 @@ def train(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m medkt.phantom.pretrain --config CFG --out OUT.safetensors``."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="JSON with PretrainConfig fields")
     ap.add_argument("--out", required=True, help="output .safetensors (a .json sidecar is written next to it)")

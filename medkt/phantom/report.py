@@ -114,6 +114,7 @@ def frontier_figure(points: list[dict[str, Any]], path: Path) -> Path:
 
 
 def matplotlib_ticker():
+    """``matplotlib.ticker``, imported on first use (matplotlib is optional)."""
     import matplotlib.ticker
 
     return matplotlib.ticker
@@ -167,6 +168,7 @@ def wise_frontier_figure(panels: dict[str, list[dict[str, Any]]], path: Path) ->
 
 
 def fmt_ci(d: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
+    """``mean ± ci95`` of a statistics dict, scaled (default: fractions as points)."""
     return f"{scale * d['mean']:.{digits}f} ± {scale * d['ci95']:.{digits}f}"
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 def saliency_dsc(backend, phantoms, prompt: str, layer: int = 1, method: str = "otsu",
                  n_components: int = 3, beta: float = 0.1, steps: int = 10) -> dict[str, Any]:
-    """Mean Dice of saliency masks vs ``phantoms.masks`` (a :class:`PhantomSet`)."""
+    """Mean Dice of saliency masks vs ``phantoms.masks`` (a `PhantomSet`)."""
     import warnings
 
     from medkt.phantom.metrics import mean_ci

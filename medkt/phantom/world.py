@@ -2,8 +2,8 @@
 
 A phantom is a ``size x size`` grayscale image in [0, 1] (bright = dense, dark = air): body
 ellipse, two textured lungs with vessels and faint ribs, diaphragm domes, mediastinum and heart,
-then blur and quantum noise. A *finding* is a registered plugin (:func:`register_finding`) that
-paints onto the :class:`Canvas` before acquisition blur/noise, returns its pixel mask and the
+then blur and quantum noise. A *finding* is a registered plugin (`register_finding`) that
+paints onto the `Canvas` before acquisition blur/noise, returns its pixel mask and the
 attributes it drew (size, shape, brightness, location, count), and writes varied attribute
 descriptions from those attributes.
 
@@ -221,16 +221,16 @@ class Finding:
     definition: str = ""
 
 
-#: registered findings; the built-in ones (:mod:`medkt.phantom.findings`, which imports this
+#: registered findings; the built-in ones (`medkt.phantom.findings`, which imports this
 #: module) are loaded on the first lookup through the entry-point group ``medkt.phantom_findings``;
-#: plug-in modules of a bundle through :func:`load_plugins`
+#: plug-in modules of a bundle through `load_plugins`
 FINDINGS: Registry[Finding] = Registry("finding", group="medkt.phantom_findings")
 
 
 def register_finding(
     name: str, draw: DrawFn, describe: DescribeFn, *, definition: str = "", overwrite: bool = False
 ) -> Finding:
-    """Register a finding plugin (usable from outside the package; see :class:`Finding`)."""
+    """Register a finding plugin (usable from outside the package; see `Finding`)."""
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"finding name must be a non-empty string, got {name!r}")
     if not callable(draw) or not callable(describe):
@@ -255,10 +255,10 @@ def get_finding(name: str) -> Finding:
 
 
 def load_plugins(modules: Sequence[str] | None) -> list[str]:
-    """Import finding plugin modules (each calls :func:`register_finding` at import).
+    """Import finding plugin modules (each calls `register_finding` at import).
 
     Returns the findings that were newly registered. A module that cannot be imported is a
-    :class:`~medkt.errors.ConfigError` naming it.
+    `ConfigError` naming it.
     """
     import importlib
 

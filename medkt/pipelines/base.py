@@ -4,13 +4,13 @@ A bundle's ``configs/transfer.json`` declares ``"pipeline": {"_target_": "medkt.
 ...}`` and ``"run": ["$@pipeline.run()"]``; MONAI's ``ConfigWorkflow`` (used by both
 ``medkt transfer`` and ``python -m monai.bundle run``) instantiates and runs it.
 
-Run folder and resume safety (:meth:`Pipeline.run`):
+Run folder and resume safety (`Pipeline.run`):
 
 1. Everything that can be checked is checked before any folder is touched: the output folder
    (an existing ``output_dir`` is replaced only with ``overwrite=True``), the staging folder
    ``<output_dir>.partial`` (an interrupted run's checkpoints: continuing it needs
    ``resume=True`` / ``--resume``, discarding it ``restart=True`` / ``--restart``; without
-   either it is an error that says so), then the subclass's :meth:`Pipeline.validate`
+   either it is an error that says so), then the subclass's `Pipeline.validate`
    (configs, weights paths, manifests).
 2. Everything is written into the staging folder, with a ``run.log`` of what medkt logged
    (timings, versions); the folder is renamed to ``output_dir`` only when the run succeeds.
@@ -63,18 +63,18 @@ def versions() -> dict[str, str]:
 
 
 class Pipeline:
-    """Subclasses implement :meth:`_run` (write into ``out``; return the results dict) and may
-    extend :meth:`validate` (checks that need no output folder).
+    """Subclasses implement `_run` (write into ``out``; return the results dict) and may
+    extend `validate` (checks that need no output folder).
 
     Args:
         output_dir: the run folder (written as ``<output_dir>.partial`` until the run succeeds).
-        seed: seeds python, numpy and torch before :meth:`_run`.
+        seed: seeds python, numpy and torch before `_run`.
         overwrite: replace an existing ``output_dir``.
         resume: continue the interrupted run in ``<output_dir>.partial`` from its checkpoints.
         restart: discard an interrupted run's ``<output_dir>.partial`` and start over.
-        progress: progress bars / lines (:mod:`medkt.progress`).
+        progress: progress bars / lines (`medkt.progress`).
         device, precision: where and in which precision the model runs (``"auto"``: see
-            :mod:`medkt.device`).
+            `medkt.device`).
         **settings: the subclass's settings, recorded in ``settings.json``.
     """
 
@@ -103,7 +103,7 @@ class Pipeline:
         self.device = device
         self.precision = precision
         self.settings = settings
-        #: :func:`medkt.distributed.runtime_record` of the run (resolved device, precision, GPU, versions)
+        #: `medkt.distributed.runtime_record` of the run (resolved device, precision, GPU, versions)
         self.runtime: dict[str, Any] | None = None
 
     @property
@@ -112,7 +112,7 @@ class Pipeline:
         return run_folder.staging_dir(self.output_dir)
 
     def check_output(self) -> None:
-        """Refuse an existing ``output_dir`` without ``overwrite`` (:func:`medkt.run_folder.check_output`)."""
+        """Refuse an existing ``output_dir`` without ``overwrite`` (`medkt.run_folder.check_output`)."""
         check_output(self.output_dir, self.overwrite)
 
     def check_staging(self) -> None:
@@ -122,18 +122,18 @@ class Pipeline:
     def validate(self) -> None:
         """Check everything that can be checked without an output folder (configs, weights paths,
         manifests), so a mistake fails in seconds and before any folder or checkpoint is touched.
-        Called by :meth:`run` after the folder checks; subclasses extend it (call ``super()``)."""
+        Called by `run` after the folder checks; subclasses extend it (call ``super()``)."""
 
     def preflight(self) -> None:
         """Every check that runs before a folder is touched, in order: output folder, staging
-        folder, :meth:`validate`. (Under torchrun: run it on rank 0 and share the error, so no
+        folder, `validate`. (Under torchrun: run it on rank 0 and share the error, so no
         rank starts work that rank 0 refuses.)"""
         self.check_output()
         self.check_staging()
         self.validate()
 
     def run(self) -> dict[str, Any]:
-        """:meth:`preflight`, then run :meth:`_run` in the staging folder, write
+        """`preflight`, then run `_run` in the staging folder, write
         ``results.json`` and ``settings.json``, rename the folder to ``output_dir``. Returns the
         results."""
         if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and os.environ.get("RANK", "0") != "0":
@@ -237,7 +237,7 @@ class Pipeline:
         }
 
     def _runtime(self) -> dict[str, Any]:
-        """The :func:`medkt.distributed.runtime_record` of this run (made once, by :meth:`run`)."""
+        """The `medkt.distributed.runtime_record` of this run (made once, by `run`)."""
         if self.runtime is None:
             from medkt.distributed import runtime_record
 

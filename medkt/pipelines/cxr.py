@@ -2,7 +2,7 @@
 target set (JSRT) and a retention set (CheXpert-5x200c) -- the protocol of the paper's Tab.2 -- and
 plain zero-shot evaluation (Tab.3 reference rows).
 
-Evaluation set config (``evaluations`` entry), on top of :mod:`medkt.pipelines.transfer`'s::
+Evaluation set config (``evaluations`` entry), on top of `medkt.pipelines.transfer`'s:
 
     {"title": "JSRT",                                  # shown in tables
      "manifest": "data/jsrt/jsrt.csv", "root": "data/jsrt", "split": null,

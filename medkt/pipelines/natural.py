@@ -1,12 +1,12 @@
 """Pipelines of the paper's natural-image experiments (ViLT and CoCa; CLIP uses TransferPipeline).
 
-* :class:`ITMTransferPipeline` - knowledge transfer into ViLT with ITM inversion, ITM (or MLM)
+* `ITMTransferPipeline` - knowledge transfer into ViLT with ITM inversion, ITM (or MLM)
   fine-tuning and zero-shot classification by ITM scores (Tab. 1 ViLT rows, Tab. 11). With
   ``images="noise"`` the fine-tuning images are N(0, 1) noise instead of inversions: implicit
   transfer with MLM (§8.9).
-* :class:`RetrievalTransferPipeline` - transfer on the 80 COCO concepts, then text/image recall@K
+* `RetrievalTransferPipeline` - transfer on the 80 COCO concepts, then text/image recall@K
   on the Flickr30k Karpathy test split before and after (Tab. 5, 8).
-* :class:`CaptioningTransferPipeline` - transfer into CoCa with ``1*L_CLIP + 0.1*L_cap``, then
+* `CaptioningTransferPipeline` - transfer into CoCa with ``1*L_CLIP + 0.1*L_cap``, then
   captions on the MSCOCO Karpathy test split scored with pycocoevalcap before and after (Tab. 9).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ ITM_FINETUNE_DEFAULTS = {"loss": "itm", "weight_decay": 0.01}
 
 
 class ZeroShotTransferPipeline(TransferPipeline):
-    """:class:`TransferPipeline` whose evaluation sets may list classes without images (the 1000
+    """`TransferPipeline` whose evaluation sets may list classes without images (the 1000
     ImageNet classes the RareConcepts images are classified among, paper Tab. 1). Used by the
     ``rare_concepts_clip`` bundle."""
 
@@ -41,7 +41,7 @@ class ZeroShotTransferPipeline(TransferPipeline):
 
 
 class ITMTransferPipeline(TransferPipeline):
-    """:class:`TransferPipeline` for image-text-matching models (ViLT).
+    """`TransferPipeline` for image-text-matching models (ViLT).
 
     Differences: evaluation sets are classified by ITM scores (default template
     ``"a photo of a {}."``: every class prompt costs one forward pass per image); inversion uses
@@ -143,7 +143,7 @@ class RetrievalTransferPipeline(_CaptionedSplit, Pipeline):
         backend: ITM backend spec (``vilt:b32@...``).
         concepts: the transfer concepts (80 COCO categories with descriptions in the bundle).
         karpathy_json / image_root / split / limit: evaluation split (``limit`` = first N images).
-        text_batch_size / block_size / score: see :class:`~medkt.natural.retrieval.PairwiseITMScorer`.
+        text_batch_size / block_size / score: see `PairwiseITMScorer`.
         baseline_cache: folder for the "before" score blocks, reusable across runs (the baseline
             does not depend on the transfer settings); default: inside the run folder.
         evaluate_before: score the unmodified model too (off: only "after").
@@ -235,7 +235,7 @@ class CaptioningTransferPipeline(_CaptionedSplit, Pipeline):
         train_decoder: fine-tune the caption decoder too (Tab. 9, dagger).
         coco_captions_json: optional official ``captions_val2014.json`` for the references
             (default: the Karpathy file's sentences, the same captions).
-        generation: options of :meth:`CocaBackend.generate` (default open_clip's beam search).
+        generation: options of `CocaBackend.generate` (default open_clip's beam search).
         metrics: pycocoevalcap metrics (``BLEU, METEOR, ROUGE_L, CIDEr, SPICE``).
     """
 

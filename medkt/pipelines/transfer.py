@@ -3,7 +3,7 @@
 inversion -> fine-tuning -> zero-shot evaluation before/after on one or more named evaluation
 sets (e.g. ``novel`` = the new concepts' images, ``retention`` = what the model already knew).
 
-Evaluation set config (one entry of ``evaluations``)::
+Evaluation set config (one entry of ``evaluations``):
 
     {"manifest": "path/to/manifest.csv",      # medkt manifest (path,label[,mask,split,sha256])
      "root": "path/to/data",                  # data root (default: the manifest's folder)
@@ -113,15 +113,15 @@ def check_distinct_prompts(prompts: dict[str, list[str]], report_only: set[str] 
 def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], default_aggregate: str = "mean",
                         progress: bool = True, scoring: str = "auto",
                         allow_missing_classes: bool = False) -> tuple[ZeroShotEvaluator, dict[str, Any]]:
-    """Read an evaluation set's manifest and build its :class:`ZeroShotEvaluator` (images stream
+    """Read an evaluation set's manifest and build its `ZeroShotEvaluator` (images stream
     from disk at evaluation time; only embeddings are kept).
 
     With ``skip_bad`` every file is decoded once up front and bad rows/files are skipped and
     counted in the returned info (``skip_unreadable``: only missing or undecodable image files
-    are skipped, other bad rows stay errors; the full list is ``info["skipped_all"]``); otherwise a bad row is a :class:`DataError` naming it (at the
+    are skipped, other bad rows stay errors; the full list is ``info["skipped_all"]``); otherwise a bad row is a `DataError` naming it (at the
     latest when the "before" evaluation reads it, before any transfer compute). Every class needs
     an image unless ``allow_missing_classes`` (distractor classes, e.g. ImageNet's 1000).
-    Spec keys besides those of :func:`class_prompts_of`: ``manifest``, ``root``, ``split``,
+    Spec keys besides those of `class_prompts_of`: ``manifest``, ``root``, ``split``,
     ``aggregate``, ``skip_bad``, ``skip_unreadable``, ``title``, ``batch_size``, ``num_workers``, ``cache_dir``,
     ``scoring`` (``auto|embedding|itm``), ``text_batch_size``.
     """
@@ -171,7 +171,7 @@ def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], defau
 
 def check_backend_weights(spec: str, options: dict[str, Any] | None = None) -> None:
     """The backend's weights (and ``tokenizer`` option) can be found locally, as far as that is
-    decidable without building the model (:func:`medkt.weights.backend_problems`); raises the
+    decidable without building the model (`medkt.weights.backend_problems`); raises the
     first problem."""
     from medkt.weights import backend_problems
 
@@ -187,7 +187,7 @@ class TransferPipeline(Pipeline):
         backend: backend spec, e.g. ``"clip:ViT-B-32@/models/ViT-B-32.pt"``.
         backend_options: keywords of the backend factory (e.g. ``{"tokenizer": DIR}``).
         concepts: ``[{"name", "description", "n_images"}]``.
-        inversion / finetune: options of :class:`InversionConfig` / :class:`FinetuneConfig`.
+        inversion / finetune: options of `InversionConfig` / `FinetuneConfig`.
         evaluations: name -> evaluation set config (see module docstring); may be empty.
         negative_captions: extra fine-tuning negatives; by default one caption per evaluation
             class that is not a transferred concept.
@@ -259,7 +259,7 @@ class TransferPipeline(Pipeline):
                                    allow_missing_classes=self.allow_missing_classes)
 
     def build_evaluators(self, backend: Backend, out: Path | None) -> tuple[dict[str, ZeroShotEvaluator], dict[str, Any]]:
-        """:meth:`build_evaluator` for every entry of ``evaluations``: (name -> evaluator, name -> info)."""
+        """`build_evaluator` for every entry of ``evaluations``: (name -> evaluator, name -> info)."""
         evaluators, info, skipped = {}, {}, []
         for name, spec in self.evaluations.items():
             if self.skip_unreadable and spec.get("source") != "inversion":
@@ -275,9 +275,9 @@ class TransferPipeline(Pipeline):
 
     # -- run ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        """Single process: :meth:`Pipeline.run`. Under torchrun (``WORLD_SIZE > 1``) every rank
-        runs :meth:`_run` (sharded inversion, DDP fine-tuning, sharded evaluation, see
-        :mod:`medkt.distributed`) and rank 0 alone writes the run folder."""
+        """Single process: `Pipeline.run`. Under torchrun (``WORLD_SIZE > 1``) every rank
+        runs `_run` (sharded inversion, DDP fine-tuning, sharded evaluation, see
+        `medkt.distributed`) and rank 0 alone writes the run folder."""
         from medkt import distributed as mdist
         from medkt.errors import MedktError
         from medkt.utils import seed_everything

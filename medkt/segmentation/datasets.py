@@ -168,7 +168,7 @@ def rle_decode_siim(rle: str, height: int, width: int) -> np.ndarray:
 
 
 def rle_encode_siim(mask: np.ndarray) -> str:
-    """Inverse of :func:`rle_decode_siim` (used by tests and to write masks back)."""
+    """Inverse of `rle_decode_siim` (used by tests and to write masks back)."""
     flat = np.asarray(mask, bool).T.ravel()
     out, pos, i = [], 0, 0
     while i < len(flat):

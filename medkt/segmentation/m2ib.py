@@ -1,7 +1,7 @@
 """Multi-Modal Information Bottleneck (M2IB) saliency for any backend with a registered vision split.
 
 M2IB (Wang et al., NeurIPS 2023; YingWANGG/M2IB) puts a bottleneck on the tokens ``X`` that one
-block of the vision encoder outputs, ``(T, D)`` for ``T`` tokens of width ``D``::
+block of the vision encoder outputs, ``(T, D)`` for ``T`` tokens of width ``D``:
 
     lambda = sigmoid(alpha)                     alpha: (1, T, D), initialised to 5 -> lambda ~ 0.9933
     Z      = lambda * X + (1 - lambda) * eps    eps ~ N(0, I), a batch of ``batch_size`` draws
@@ -26,7 +26,7 @@ Both paths run each piece of the network on the same batch shape and in the same
 so their floating-point results are identical, not merely close.
 
 A *vision split* tells M2IB how to cut a backend's image encoder; splits are part of the backend
-protocol (:mod:`medkt.backends.vision_split`, re-exported here).
+protocol (`medkt.backends.vision_split`, re-exported here).
 """
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def _no_grad_leak(module: nn.Module) -> Iterator[None]:
 class M2IB:
     """M2IB saliency maps of one backend.
 
-    Example::
+    Example:
 
         m2ib = M2IB(backend, M2IBConfig(beta=1.0, layer=9))
         sal = m2ib.saliency(pixels01, "A breast ultrasound showing a dark, oval lesion", output_size=(H, W))
@@ -201,7 +201,7 @@ class M2IB:
 
     # -- main entry ---------------------------------------------------------------------------
     def explain(self, pixels01: Tensor, prompt: str, seed: int | None = None) -> SaliencyResult:
-        """Per-token KL map of one ``(C, S, S)`` [0, 1] image for ``prompt`` (see :meth:`saliency`)."""
+        """Per-token KL map of one ``(C, S, S)`` [0, 1] image for ``prompt`` (see `saliency`)."""
         cfg = self.config
         was_training = self.backend.training
         self.backend.eval()

@@ -12,7 +12,7 @@ cases are decided here, identically for the three metrics:
 Upstream MedCLIP-SAMv2 asserts on an empty pair and pairs files by unsorted ``os.listdir``; here
 files are matched by name and any mismatch is an error.
 
-Mask encodings (:func:`binarize`): 0/1 and 0/255 masks as they are; a label map needs the
+Mask encodings (`binarize`): 0/1 and 0/255 masks as they are; a label map needs the
 foreground ``label``, a grey probability map an explicit ``threshold``; any other value set is
 an error naming the file, never a silent guess.
 """
@@ -114,7 +114,7 @@ def segmentation_scores(
     """DSC, NSD and IoU of one binary prediction against its ground truth (fractions in [0, 1]).
 
     Args:
-        pred, gt: masks of the same ``(H, W)`` shape (see :func:`binarize` for accepted values).
+        pred, gt: masks of the same ``(H, W)`` shape (see `binarize` for accepted values).
         nsd_tolerance: boundary tolerance; pixels when ``spacing`` is None (MedCLIP-SAMv2: 2 px),
             otherwise millimetres.
         spacing: pixel size ``(row_mm, col_mm)`` when known.
@@ -175,7 +175,7 @@ class ScoreTable:
         return buf.getvalue()
 
     def write_csv(self, path: str | Path) -> Path:
-        """Write :meth:`to_csv` atomically to ``path``; returns it."""
+        """Write `to_csv` atomically to ``path``; returns it."""
         from medkt.utils import atomic_write_text
 
         return atomic_write_text(path, self.to_csv())
@@ -201,8 +201,8 @@ def read_mask_array(path: str | Path) -> np.ndarray:
 
 
 def read_mask(path: str | Path, label: int | None = None, threshold: float | None = None) -> np.ndarray:
-    """A mask image file -> boolean ``(H, W)`` (encodings: :func:`binarize`); unreadable files and
-    ambiguous values raise :class:`DataError` naming the file."""
+    """A mask image file -> boolean ``(H, W)`` (encodings: `binarize`); unreadable files and
+    ambiguous values raise `DataError` naming the file."""
     return binarize(read_mask_array(path), threshold=threshold, label=label, name=str(path))
 
 
@@ -243,7 +243,7 @@ def score_folders(
 ) -> ScoreTable:
     """Score every prediction mask in ``pred_dir`` against the same-named mask in ``gt_dir``.
 
-    ``label`` / ``threshold``: how the predictions are encoded (:func:`binarize`); ``gt_label``:
+    ``label`` / ``threshold``: how the predictions are encoded (`binarize`); ``gt_label``:
     the foreground value of ground-truth label maps. A ``label`` found in no file is an error
     (a typo would otherwise score every image as empty). Shapes must match unless
     ``resize_pred`` (nearest-neighbour resize to the ground truth).

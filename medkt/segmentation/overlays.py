@@ -3,7 +3,7 @@ image with the saliency, the SAM box prompts, the predicted outline and (when kn
 
 Plain arrays (no matplotlib figure per image, which costs ~0.2 s each): matplotlib's colour map,
 scikit-image's boundaries and PIL's rectangle drawing. The best/worst panels of the bundles'
-reports are :func:`medkt.segmentation.pipeline.write_overlays`.
+reports are `medkt.segmentation.pipeline.write_overlays`.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Without a SAM checkpoint (``sam: null`` and no ``$MEDKT_SAM_CHECKPOINT``) the pi
 **saliency-only** mode: the post-processed saliency mask is the prediction; the report and
 ``results.json`` say so.
 
-Data config (``data``)::
+Data config (``data``):
 
     {"manifest": "udiat/manifest.csv",   # medkt manifest rows with a 'mask' column, or
      "images": "dir", "masks": "dir",    # two folders paired by sorted file stem (hard error on mismatch);
@@ -54,7 +54,7 @@ def _stem(p: Path) -> str:
 
 def read_mask_any(path: Path, label: int | None = None, threshold: float | None = None) -> np.ndarray:
     """Binary mask from PNG/JPEG/DICOM/2-D NIfTI (image files: encodings of
-    :func:`medkt.segmentation.metrics.read_mask`, with its ``label`` / ``threshold``)."""
+    `medkt.segmentation.metrics.read_mask`, with its ``label`` / ``threshold``)."""
     from medkt.segmentation.metrics import read_mask
 
     if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
@@ -167,8 +167,8 @@ class VolumeOptions:
 
 @dataclass
 class SegmentationData:
-    """The ``data`` option of :class:`SegmentationTransferPipeline` (module docstring). Mask
-    files are read as :func:`medkt.segmentation.metrics.read_mask` says: 0/1 or 0/255 as they
+    """The ``data`` option of `SegmentationTransferPipeline` (module docstring). Mask
+    files are read as `medkt.segmentation.metrics.read_mask` says: 0/1 or 0/255 as they
     are; a label map needs ``mask_label``, a grey probability map ``mask_threshold``."""
 
     manifest: str | None = None
@@ -183,7 +183,7 @@ class SegmentationData:
     mask_threshold: Annotated[float, Range(0, 1)] | None = None
 
     def validate(self, path: str = "data") -> None:
-        """Require a ``manifest`` or both ``images`` and ``masks`` folders (:class:`ConfigError` otherwise)."""
+        """Require a ``manifest`` or both ``images`` and ``masks`` folders (`ConfigError` otherwise)."""
         if self.manifest is None and (self.images is None or self.masks is None):
             raise ConfigError(f"{path}: needs 'manifest' or 'images' + 'masks'", key=path)
 
@@ -200,7 +200,7 @@ def load_samples(data: dict[str, Any], require_masks: bool = True) -> list[Slice
     """All 2-D samples of a data config (see module docstring).
 
     ``images`` may be a folder or a list of image files. With ``require_masks=False`` (the
-    :func:`medkt.segment` API) images without a ground-truth mask are kept, their ``mask`` None:
+    `medkt.segment` API) images without a ground-truth mask are kept, their ``mask`` None:
     no masks, a masks folder that lacks some names, manifest rows without a ``mask``; an
     unlabelled NIfTI volume gives every axial slice with image content.
     """
@@ -347,13 +347,13 @@ class SegmentationTransferPipeline(Pipeline):
         prompt: the descriptive prompt given to M2IB (same for every image: no label leak).
         concepts: ``[{"name", "description", "n_images"}]`` transferred to the visual encoder.
         negative_captions: fine-tuning negatives (other findings of the modality).
-        inversion / finetune: :class:`~medkt.inversion.InversionConfig` /
-            :class:`~medkt.finetune.FinetuneConfig` options (``finetune.lr`` = Tab. 7's lr).
-        m2ib: :class:`~medkt.segmentation.m2ib.M2IBConfig` options (layer, beta, steps, ...).
-        postprocess: :func:`~medkt.segmentation.postprocess.postprocess_saliency` options.
+        inversion / finetune: `InversionConfig` /
+            `FinetuneConfig` options (``finetune.lr`` = Tab. 7's lr).
+        m2ib: `M2IBConfig` options (layer, beta, steps, ...).
+        postprocess: `postprocess_saliency` options.
         sam: a SAM checkpoint path (``/models/sam_vit_b_01ec64.pth``: the type is read from the
             file) or ``vit_h@PATH`` (vit_b/vit_l; ``tiny@...`` for tests), see
-            :mod:`medkt.segmentation.sam`; None -> ``$MEDKT_SAM_CHECKPOINT``, else saliency-only.
+            `medkt.segmentation.sam`; None -> ``$MEDKT_SAM_CHECKPOINT``, else saliency-only.
             Checked before any folder is made and loaded before the backend.
         sam_model_type: the type the checkpoint must have (``vit_b``/``vit_l``/``vit_h``); None
             (default) reads it from the file. A contradiction is an error naming the file's type.

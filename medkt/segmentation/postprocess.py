@@ -6,7 +6,7 @@ return one box per kept component for SAM.
 
 Upstream crashes on an empty saliency map (a bad unpack when no contour exists); here a constant
 or non-finite map, or one whose foreground is empty, yields an empty mask, no boxes and a
-:class:`EmptySaliencyWarning`.
+`EmptySaliencyWarning`.
 """
 from __future__ import annotations
 

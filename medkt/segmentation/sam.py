@@ -1,14 +1,14 @@
 """Segment Anything (segment-anything 1.0) prompted with boxes from the post-processed saliency.
 
 A SAM model is named by a spec: a checkpoint path alone (``/models/sam_vit_b_01ec64.pth``: the
-model type is read from the file, :func:`sam_layout`), ``MODEL_TYPE@PATH`` with ``vit_b`` /
+model type is read from the file, `sam_layout`), ``MODEL_TYPE@PATH`` with ``vit_b`` /
 ``vit_l`` / ``vit_h`` (checked against the file), a bare type (its checkpoint from
 ``$MEDKT_SAM_CHECKPOINT``), or ``tiny@random`` / ``tiny@FILE`` for tests (a ~0.3M-parameter SAM
 with the real architecture classes). Nothing is downloaded. Masks are thresholded at 0 on the
 logits (``SamPredictor``'s ``mask_threshold``), one box per saliency component is sent in one
 batched call, the per-box masks are united and the ``top_k`` largest components kept.
 
-Importing this module does not import torch (:func:`check_sam_checkpoint` is meant for cheap
+Importing this module does not import torch (`check_sam_checkpoint` is meant for cheap
 pre-flight checks).
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ HOW_TO_GET_SAM = (
 
 # The three SAM 1.0 releases (segment_anything/build_sam.py): image-encoder blocks -> type, and
 # the width / heads / global-attention blocks of the release. The number of image-encoder blocks
-# decides the type (the rule of :func:`sam_layout`); the width and every other size are read from
+# decides the type (the rule of `sam_layout`); the width and every other size are read from
 # the file, so a checkpoint with the release's block count at another width (medkt's tiny test
 # layouts, fine-tuned variants) loads as that type.
 RELEASE_LAYOUTS: dict[str, dict[str, Any]] = {
@@ -113,7 +113,7 @@ def check_sam_checkpoint(path: str | os.PathLike | None) -> list[str]:
 
     Checks that the file exists, is a readable ``.pth`` file and starts like a PyTorch file
     (a cut-off zip archive is caught from its end record). Whether it is a vit_b / vit_l / vit_h
-    model is checked when it is loaded (:func:`inspect_sam`).
+    model is checked when it is loaded (`inspect_sam`).
 
     Args:
         path: a checkpoint path or a SAM spec (``"vit_b@/p.pth"``); ``None``/``""`` means
@@ -133,7 +133,7 @@ def check_sam_checkpoint(path: str | os.PathLike | None) -> list[str]:
 
 @dataclass(frozen=True)
 class SamLayout:
-    """The sizes of a SAM model, read from its weights by :func:`sam_layout` (SAM 1.0 names)."""
+    """The sizes of a SAM model, read from its weights by `sam_layout` (SAM 1.0 names)."""
 
     model_type: str
     embed_dim: int
@@ -162,7 +162,7 @@ def sam_layout(state: Mapping[str, Any], source: str = "the SAM checkpoint") -> 
     """Read a SAM model's sizes from its state dict (only ``.shape`` of the values is used).
 
     Rule for the type: the number of image-encoder blocks (``image_encoder.blocks.N``) names it,
-    12 -> ``vit_b``, 24 -> ``vit_l``, 32 -> ``vit_h`` (:data:`RELEASE_LAYOUTS`); any other count
+    12 -> ``vit_b``, 24 -> ``vit_l``, 32 -> ``vit_h`` (`RELEASE_LAYOUTS`); any other count
     is an error. The other sizes are read from the weights: width from the patch embedding,
     heads from the relative-position tables (width / their last dimension), global-attention
     blocks as those whose table spans the whole patch grid, window size from the others, image
@@ -324,7 +324,7 @@ def _raise_file_problems(ckpt: str) -> None:
 
 
 def _read_checked(spec: str | os.PathLike, model_type: str | None) -> tuple[str | None, str, Any, SamLayout | None]:
-    """Everything :func:`load_sam` checks before building: (type, path, state dict or None, layout or None)."""
+    """Everything `load_sam` checks before building: (type, path, state dict or None, layout or None)."""
     kind, ckpt = resolve_sam_spec(spec, model_type)
     if kind == "tiny":
         if ckpt in ("", "random"):
@@ -353,7 +353,7 @@ def inspect_sam(spec: str | os.PathLike, model_type: str | None = None) -> SamLa
 
 def load_sam(spec: str | os.PathLike, device: Any = "cpu", model_type: str | None = None):
     """A SAM spec (module docstring) -> a ``Sam`` in eval mode on ``device`` (``auto``, ``cuda:N``...
-    see :func:`medkt.device.resolve_device`; torchrun: this rank's GPU).
+    see `medkt.device.resolve_device`; torchrun: this rank's GPU).
 
     Args:
         spec: ``/path/sam_vit_b_01ec64.pth``, ``vit_b@/path``, ``vit_b`` (path from
@@ -447,7 +447,7 @@ class SamSegmenter:
 
     @classmethod
     def from_spec(cls, spec: str, device: Any = "cpu", model_type: str | None = None, **kw: Any) -> "SamSegmenter":
-        """Load SAM from a spec (:func:`load_sam`) and wrap it; ``kw`` as the dataclass fields."""
+        """Load SAM from a spec (`load_sam`) and wrap it; ``kw`` as the dataclass fields."""
         return cls(load_sam(spec, device=device, model_type=model_type), **kw)
 
     @property

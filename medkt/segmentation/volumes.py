@@ -31,6 +31,7 @@ class SliceSample:
 
 
 def is_nifti(path: str | Path) -> bool:
+    """The file name ends in ``.nii`` or ``.nii.gz``."""
     name = Path(path).name.lower()
     return name.endswith(".nii") or name.endswith(".nii.gz")
 

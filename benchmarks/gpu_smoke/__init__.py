@@ -4,13 +4,13 @@
     python -m benchmarks.gpu_smoke --device cpu                      # the same on the CPU (minutes)
     python -m benchmarks.gpu_smoke --device cuda --only quickstart_tiny rare_concepts_clip
 
-Each case runs a shipped bundle through :func:`medkt.bundles.run_bundle` with the overrides that
+Each case runs a shipped bundle through `medkt.bundles.run_bundle` with the overrides that
 make it tiny (the same the test suite uses: tests/test_*bundles*.py, tests/test_natural_pipelines.py)
 plus ``device=`` / ``precision=``, and prints per-case wall seconds, the stage seconds the run
 reports (``seconds_*``) and the peak memory: GPU memory allocated by torch
 (``torch.cuda.max_memory_allocated``, reset before each case) on CUDA, the process's peak RSS on
-the CPU. Synthetic data is written with the test suite's helpers (``tests/helpers_*.py``) into a
-temporary folder. The numbers are for "does it run, where does the time go", not model quality.
+the CPU. Synthetic data is written with the data writers of benchmarks/common.py (the test suite
+uses the same) into a temporary folder. The numbers are for "does it run, where does the time go", not model quality.
 
 A bundle without a top-level ``device`` key cannot take the override: the case then runs on the
 bundle's default device and the output says ``"device_override": false``.
@@ -21,7 +21,6 @@ import argparse
 import csv
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -31,24 +30,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from benchmarks.common import (
+    blob_image,
+    bundle_config,
+    chest_like,
+    peak_rss_mb,
+    write_coco_captions,
+    write_imagenet,
+    write_karpathy,
+    write_mask_png,
+    write_png,
+    write_radiograph_dicom,
+    write_rare_concepts,
+)
+
 TINY_INV = {"steps": 3, "resolutions": [32, 64], "resolution_steps": [2], "checkpoint_every": 2}
 TWO = [{"name": "dog", "description": "a furry pet with a tail", "n_images": 2},
        {"name": "car", "description": "a red road vehicle with wheels", "n_images": 2}]
 
 
-def _helpers() -> None:
-    """Make the test suite's data writers importable (tests/ is not an installed package)."""
-    tests = str(ROOT / "tests")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
-
-
 # --- synthetic data (same writers and layouts as the test suite) ----------------------------------
 def natural_data(root: Path) -> dict[str, Any]:
-    _helpers()
-    from helpers_natural import write_coco_captions, write_imagenet, write_karpathy, write_rare_concepts
-
     from medkt.data.manifest import read_manifest, write_manifest
     from medkt.data.prepare import prepare
     from medkt.natural.classnames import imagenet100_wnids
@@ -65,9 +67,7 @@ def natural_data(root: Path) -> dict[str, Any]:
 
 def cxr_data(root: Path) -> Path:
     """``MEDKT_DATA`` with jsrt/ (raw .IMG + a DICOM copy) and chexpert/ (JPEG), as tests/test_cxr_bundles.py."""
-    _helpers()
     import numpy as np
-    from helpers_medclip import chest_like, write_dicom
     from PIL import Image
 
     from medkt.data.prepare import prepare
@@ -78,7 +78,7 @@ def cxr_data(root: Path) -> Path:
     for i, kind in enumerate(["cancer", "benign", "cancer", "benign"], start=1):
         img, name = chest_like(rng, 2048, nodule=0.25, kind=kind), f"JPCLN{i:03d}"
         if i == 4:
-            write_dicom(jsrt / "images" / f"{name}.dcm", img[::8, ::8], window=(2048, 4096))
+            write_radiograph_dicom(jsrt / "images" / f"{name}.dcm", img[::8, ::8], window=(2048, 4096))
         else:
             write_jsrt_raw(img, jsrt / "images" / f"{name}.IMG")
         clinical.append(f"{name}.IMG\t3\t20\t60\tmale\t1000\t1000\t{'malignant' if kind == 'cancer' else 'benign'}"
@@ -111,9 +111,7 @@ def cxr_data(root: Path) -> Path:
 
 def udiat_data(root: Path) -> Path:
     """Breast-ultrasound layout (BUS_Dataset_B original/ + GT/), as tests/test_segmentation_bundles.py."""
-    _helpers()
     import numpy as np
-    from helpers_segmentation import blob_image, write_mask_png, write_png
 
     from medkt.data.prepare import prepare
 
@@ -131,7 +129,7 @@ Case = tuple[str, str, Callable[[Path, dict[str, Any]], dict[str, Any]]]  # (nam
 
 
 def _phantom_recipe() -> dict[str, Any]:
-    cfg = json.loads((ROOT / "bundles" / "phantom_nodules" / "configs" / "transfer.json").read_text())
+    cfg = bundle_config("phantom_nodules")
     recipe = cfg["recipe"]
     recipe["n_images"] = 4
     recipe["inversion"]["steps"] = 10
@@ -168,11 +166,11 @@ CASES: list[Case] = [
                      "finetune#lr": 1e-3, "finetune#batch_size": 2}),
     ("segmentation_sam", "seg_breast_ultrasound",
      lambda tmp, d: {"data_root": str(d["udiat"]), "backend": "medclip:tiny@random", "sam": "tiny@random",
-                     "data": {**_bundle_cfg("seg_breast_ultrasound")["data"], "max_images": 3},
+                     "data": {**bundle_config("seg_breast_ultrasound")["data"], "max_images": 3},
                      "inversion": {"steps": 2, "lr": 0.1, "tv_weight": 0.005},
-                     "m2ib": {**_bundle_cfg("seg_breast_ultrasound")["m2ib"], "steps": 3, "beta": 1.0,
+                     "m2ib": {**bundle_config("seg_breast_ultrasound")["m2ib"], "steps": 3, "beta": 1.0,
                               "batch_size": 4, "layer": None},
-                     "concepts": [{**c, "n_images": 2} for c in _bundle_cfg("seg_breast_ultrasound")["concepts"]]}),
+                     "concepts": [{**c, "n_images": 2} for c in bundle_config("seg_breast_ultrasound")["concepts"]]}),
     ("phantom", "phantom_nodules",
      lambda tmp, d: {"seeds": 1, "eval_per_class": 4, "recipe": _phantom_recipe(), "segmentation": True,
                      "pipeline#segmentation_images": 2}),
@@ -182,16 +180,7 @@ NEEDS = {"cxr_jsrt_medclip": "cxr", "rare_concepts_clip": "natural", "vilt_itm":
          "vilt_retrieval": "natural", "coca_captioning": "natural", "segmentation_sam": "udiat"}
 
 
-def _bundle_cfg(bundle: str) -> dict[str, Any]:
-    return json.loads((ROOT / "bundles" / bundle / "configs" / "transfer.json").read_text())
-
-
 # --- measurement ----------------------------------------------------------------------------------
-def peak_rss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return r / 1024.0 if sys.platform != "darwin" else r / 2**20
-
-
 def _stage_seconds(results: Any, prefix: str = "", depth: int = 2) -> dict[str, float]:
     """Every ``seconds*`` number in the results, nested dicts flattened with '/' (``depth`` levels)."""
     out: dict[str, float] = {}
@@ -210,7 +199,7 @@ def run_case(name: str, bundle: str, overrides: dict[str, Any], out: Path, devic
 
     from medkt.bundles import run_bundle
 
-    cfg = _bundle_cfg(bundle)
+    cfg = bundle_config(bundle)
     applied = {}
     for key, value in (("device", device), ("precision", precision)):
         if key in cfg:  # the lead's bundles gain top-level device/precision keys; older ones lack them
@@ -316,7 +305,3 @@ def table(report: dict[str, Any]) -> str:
                      f"{'yes' if r['device_override'] else 'no (bundle has no device key)'} |")
     return "\n".join(lines) + f"\n\ntotal {report['seconds_total']:.1f} s\n"
 
-
-if __name__ == "__main__":
-    rep = main()
-    sys.exit(0 if rep["all_ok"] else 1)

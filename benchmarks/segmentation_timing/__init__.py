@@ -8,7 +8,7 @@ Measures, with real-size random-weight models (no downloads):
 * SAM (``set_image`` + one box) per image for the requested model types;
 * post-processing and metrics (DSC/NSD/IoU) per image.
 
-    OMP_NUM_THREADS=1 python benchmarks/segmentation_timing.py --backend open_clip:ViT-B-16@random \
+    OMP_NUM_THREADS=1 python -m benchmarks.segmentation_timing --backend open_clip:ViT-B-16@random \
         --sam vit_b --images 2 --out runs/segmentation_timing.json
 """
 from __future__ import annotations
@@ -135,6 +135,3 @@ def main() -> None:
         args.out.write_text(json.dumps(res, indent=2) + "\n")
     print(f"m2ib_speedup (min over backends): {res['m2ib_speedup']:.2f}x")
 
-
-if __name__ == "__main__":
-    main()

@@ -10,22 +10,19 @@ after the cut exist). Per layer, every image is summarised by its channel means;
 real nodules' (1 = as far as normal scans, 0 = on the real nodules) and the *alignment*
 ``cos(c_X - c_normal, c_real - c_normal)`` (does the change from normal point toward real nodules?).
 
-    OMP_NUM_THREADS=1 python benchmarks/phantom_domain_gap.py --out benchmarks/phantom_domain_gap.json
+    OMP_NUM_THREADS=1 python -m benchmarks.phantom_domain_gap --out benchmarks/phantom_domain_gap/results.json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.phantom_recipes import VARIANTS, _bundle, _merge  # noqa: E402
+from benchmarks.common import bundle_config, merge
+from benchmarks.phantom_recipes import VARIANTS
 
 
 def layer_means(backend, x: torch.Tensor) -> list[torch.Tensor]:
@@ -48,14 +45,14 @@ def main() -> None:
     from medkt.phantom.experiment import TRAIN_SEED_BASE, VAL_SEED_BASE
     from medkt.phantom.world import make_dataset
 
-    cfg = _bundle("phantom_nodules")
+    cfg = bundle_config("phantom_nodules")
     be = create_backend(args.backend).eval()
     real = make_dataset(["nodule"], 2 * args.n, VAL_SEED_BASE + args.seed).tensor()
     normal = make_dataset(["no finding"], args.n, TRAIN_SEED_BASE + 10 * args.seed + 1).tensor()
     target = [InversionTarget("nodule", cfg["description"], args.n)]
     with_priors = invert(be, target, {**cfg["recipe"]["inversion"], "seed": args.seed}, progress=False,
                          init_images=normal)
-    no_priors = invert(be, target, {**_merge(cfg["recipe"], VARIANTS["from_noise"])["inversion"], "seed": args.seed},
+    no_priors = invert(be, target, {**merge(cfg["recipe"], VARIANTS["from_noise"])["inversion"], "seed": args.seed},
                        progress=False)
     sp = split_top(be, 2)
     part = invert_features(be, sp, cfg["description"], normal, {"top_blocks": 2, "steps": 200, "seed": args.seed})
@@ -104,6 +101,3 @@ def main() -> None:
             print(f"  {name:24s} " + "  ".join("       -  " if v is None else f"{v:10.3f}" for v in vals))
     print("similarity to the description:", out["similarity_to_text"])
 
-
-if __name__ == "__main__":
-    main()

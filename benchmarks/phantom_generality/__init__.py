@@ -8,11 +8,11 @@ choose anything (pneumoperitoneum). All three are held out of the images of
 from text only, like the shipped model for nodule.
 
     # choose: validation seeds, no placebo (selection uses gain / loss / AUROC only)
-    OMP_NUM_THREADS=1 python benchmarks/phantom_generality.py --split val --seeds 3 \
-        --findings nodule,cavity --recipes transfer,lora,dfr,partial --no-placebo --out benchmarks/phantom_generality_val.json
+    OMP_NUM_THREADS=1 python -m benchmarks.phantom_generality --split val --seeds 3 \
+        --findings nodule,cavity --recipes transfer,lora,dfr,partial --no-placebo --out benchmarks/phantom_generality/val.json
     # report: evaluation seeds, every finding, with placebo
-    OMP_NUM_THREADS=1 python benchmarks/phantom_generality.py --split eval --seeds 5 \
-        --findings nodule,cavity,pneumoperitoneum --recipes transfer,CHOSEN --out benchmarks/phantom_generality_eval.json
+    OMP_NUM_THREADS=1 python -m benchmarks.phantom_generality --split eval --seeds 5 \
+        --findings nodule,cavity,pneumoperitoneum --recipes transfer,CHOSEN --out benchmarks/phantom_generality/eval.json
 
 Selection rule (fixed before any run): the recipe with the highest mean over the validation
 findings of ``novel gain - known loss`` (points, name prompts); ties by novel AUROC gain.
@@ -27,23 +27,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.phantom_recipes import _bundle, _merge  # noqa: E402
-
-HELDOUT3 = f"phantom:base@{ROOT / 'medkt' / 'assets' / 'phantom' / 'heldout3'}"
+from benchmarks.common import HELDOUT3, bundle_config, merge, quick_recipe, rec_wise
 
 #: the text each finding is taught from (written once, never tuned on results)
 DESCRIPTIONS = {
-    "nodule": _bundle("phantom_nodules")["description"],
+    "nodule": bundle_config("phantom_nodules")["description"],
     "cavity": "a round thick-walled lesion with a bright rim and a dark air-filled lucent centre in the upper lung",
     "pneumoperitoneum": "a thin dark crescent of free air beneath the diaphragm below the lung base",
 }
@@ -97,17 +91,6 @@ CANDIDATES: dict[str, dict] = {
 }
 
 
-def quick_recipe(r: dict) -> None:
-    """Shrink a recipe in place for a smoke test of a benchmark script (numbers meaningless)."""
-    r["n_images"] = 2
-    r["inversion"]["steps"] = 3
-    r["finetune"]["epochs"] = 1
-    if r.get("partial"):
-        r["partial"]["steps"] = 3
-    if r.get("data_free_replay"):
-        r["data_free_replay"] = 1
-
-
 def _wise_rows(exp, trained, start: dict, alphas: list[float], ds, finding: str) -> dict[str, dict]:
     """Evaluate ``start + a * (trained - start)`` for each a (WiSE-FT without re-training).
 
@@ -129,7 +112,9 @@ def _wise_rows(exp, trained, start: dict, alphas: list[float], ds, finding: str)
     return rows
 
 
-def _stats(rows: list[dict], before: list[dict], known: list[str]) -> dict:
+def finding_stats(rows: list[dict], before: list[dict], known: list[str]) -> dict:
+    """Mean and 95 % CI over seeds of novel gain, known loss, largest known-class drop and novel
+    AUROC, from the per-seed summaries after (``rows``) and before (``before``) transfer."""
     from medkt.phantom.metrics import mean_ci
 
     def stat(vals):
@@ -150,8 +135,8 @@ def run(args) -> dict:
     from medkt.phantom.experiment import PhantomTransferExperiment, Recipe, summarize
 
     torch.set_num_threads(1)
-    cfg = _bundle("phantom_nodules")
-    recipes = {n: _merge(cfg["recipe"], CANDIDATES[n]) for n in args.recipes.split(",")}
+    cfg = bundle_config("phantom_nodules")
+    recipes = {n: merge(cfg["recipe"], CANDIDATES[n]) for n in args.recipes.split(",")}
     if args.quick:
         for r in recipes.values():
             quick_recipe(r)
@@ -200,12 +185,12 @@ def run(args) -> dict:
         summary = {}
         for name, rs in rows.items():
             bef = [r["before"] for r in rs]
-            s = _stats([r["after"] for r in rs], bef, exp.known)
+            s = finding_stats([r["after"] for r in rs], bef, exp.known)
             secs = [r["seconds"] for r in rs]
             s["seconds"] = {"mean": float(np.mean(secs)), "max": float(np.max(secs)), "values": secs}
             for arm in ("placebo", "oracle"):
                 if arm in rs[0]:
-                    st = _stats([r[arm] for r in rs], bef, exp.known)
+                    st = finding_stats([r[arm] for r in rs], bef, exp.known)
                     s[f"{arm}_auroc"] = st["auroc_after"]
                     s[f"{arm}_novel_gain"] = st["novel_gain"]
                     s[f"{arm}_known_loss"] = st["known_loss"]
@@ -215,8 +200,8 @@ def run(args) -> dict:
                 for arm in ("after", "placebo", "oracle"):
                     if arm not in rs[0]:
                         continue
-                    curve = {k: _stats([r[arm + "_wise"][k] for r in rs], bef, exp.known) for k in rs[0][arm + "_wise"]}
-                    curve[f"{rec_wise(recipes[name]):g}"] = _stats([r[arm] for r in rs], bef, exp.known)
+                    curve = {k: finding_stats([r[arm + "_wise"][k] for r in rs], bef, exp.known) for k in rs[0][arm + "_wise"]}
+                    curve[f"{rec_wise(recipes[name]):g}"] = finding_stats([r[arm] for r in rs], bef, exp.known)
                     s["wise"][arm] = curve
             summary[name] = s
         out["findings"][finding] = {"summary": summary, "per_seed": rows}
@@ -336,11 +321,6 @@ def report(paths: list[Path], plot: Path | None) -> dict:
     return reach
 
 
-def rec_wise(recipe: dict) -> float:
-    """The recipe's own WiSE-FT weight (1 = no interpolation)."""
-    return float(recipe.get("finetune", {}).get("wise_alpha", 1.0))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--split", choices=["val", "eval"], default="val")
@@ -367,6 +347,3 @@ def main() -> None:
     else:
         run(args)
 
-
-if __name__ == "__main__":
-    main()

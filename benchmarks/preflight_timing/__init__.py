@@ -1,6 +1,6 @@
 """Time-to-error of ``medkt transfer --bundle`` for every shipped bundle and config (issue 18, item 8).
 
-    python -m benchmarks.preflight_timing [--repeat 3] [--json benchmarks/results/preflight_timing.json]
+    python -m benchmarks.preflight_timing [--repeat 3] [--json benchmarks/preflight_timing/results.json]
 
 Each run is a fresh ``python -m medkt transfer --bundle NAME --config FILE -o NEW`` with one
 deliberate bad value (``--set device=not-a-device``), so every bundle stops at the preflight; the
@@ -46,7 +46,7 @@ def time_bundle(name: str, config: str, repeat: int, workdir: Path) -> dict:
 
 
 def preflight_only(name: str, config: str, workdir: Path) -> float:
-    """Seconds of :func:`medkt.preflight.preflight_bundle` alone, in this (warm) process."""
+    """Seconds of `medkt.preflight.preflight_bundle` alone, in this (warm) process."""
     from medkt.bundles import find_bundle
     from medkt.preflight import preflight_bundle
 

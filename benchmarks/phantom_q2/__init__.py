@@ -8,33 +8,28 @@ same settings and held-out findings but pretraining seeds 1 / data seed 1001
 images are inverted with A and with B; B is then taught with B's own images (``self``) and with A's
 (``cross``), and A with its own (``A self``), same recipe, same evaluation phantoms.
 
-    OMP_NUM_THREADS=1 python benchmarks/phantom_q2.py --second runs/heldout3_seed1 --recipe tokens \\
-        --seeds 3 --out benchmarks/phantom_q2.json
+    OMP_NUM_THREADS=1 python -m benchmarks.phantom_q2 --second runs/heldout3_seed1 --recipe tokens \\
+        --seeds 3 --out benchmarks/phantom_q2/results.json
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.phantom_generality import CANDIDATES, DESCRIPTIONS, HELDOUT3, _stats, quick_recipe  # noqa: E402
-from benchmarks.phantom_recipes import _bundle, _merge  # noqa: E402
+from benchmarks.common import HELDOUT3, bundle_config, merge, quick_recipe
+from benchmarks.phantom_generality import CANDIDATES, DESCRIPTIONS, finding_stats
 
 
 def run(args) -> dict:
     from medkt.phantom.experiment import PhantomTransferExperiment, Recipe, summarize
 
     torch.set_num_threads(1)
-    cfg = _bundle("phantom_nodules")
-    rd = _merge(cfg["recipe"], CANDIDATES[args.recipe])
+    cfg = bundle_config("phantom_nodules")
+    rd = merge(cfg["recipe"], CANDIDATES[args.recipe])
     if args.quick:
         quick_recipe(rd)
     rec = Recipe.from_dict({"name": args.recipe, **rd})
@@ -63,7 +58,7 @@ def run(args) -> dict:
                 f"{k} {r[-1]['novel_accuracy']:.2f}/{r[-1]['known_accuracy']:.3f}/{r[-1]['novel_auroc']:.3f}"
                 for k, r in rows.items()), flush=True)
         known = exps["A"].known
-        summ = {k: _stats(r, befores["A" if k.startswith("A") else "B"], known) for k, r in rows.items()}
+        summ = {k: finding_stats(r, befores["A" if k.startswith("A") else "B"], known) for k, r in rows.items()}
         out["findings"][finding] = {"summary": summ, "per_seed": rows, "before": befores}
         Path(args.out).write_text(json.dumps(out, indent=1, default=float))
     print(markdown_table(out))
@@ -102,6 +97,3 @@ def main() -> None:
     else:
         run(args)
 
-
-if __name__ == "__main__":
-    main()

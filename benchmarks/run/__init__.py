@@ -8,8 +8,8 @@ Measured side by side in one process:
 
 * inversion step time of the paper-faithful recipe (``InversionConfig()`` defaults: 5,000 steps
   at 224 px, one view, all images in one batch) and of medkt's default recipe
-  (:data:`medkt.inversion.INVERSION_PRESETS` ``"fast"``), stage by stage. A step's time is the
-  slope between two real :func:`medkt.inversion.invert` calls with different step counts, so the
+  (`medkt.inversion.INVERSION_PRESETS` ``"fast"``), stage by stage. A step's time is the
+  slope between two real `medkt.inversion.invert` calls with different step counts, so the
   fixed costs (text encoding, final similarity) are measured separately, not mixed into the step;
 * model FLOPs of one step (``torch.utils.flop_counter`` around the same two calls: forward +
   input-gradient backward) and the achieved FLOP/s against a large fp32 matmul timed right
@@ -19,7 +19,7 @@ Measured side by side in one process:
   for both recipes;
 * final image-text similarity at the model's resolution for both recipes (from real inversion
   runs on ``--similarity-images`` images; the 5,000-step paper run is long, so results are
-  cached in ``benchmarks/results/similarity_cache.json`` keyed by backend, recipe, images, seed
+  cached in ``benchmarks/run/similarity_cache.json`` keyed by backend, recipe, images, seed
   and torch version, and the JSON says which numbers were cached);
 * M2IB saliency per image with the naive path (whole encoder every step) vs the cached prefix,
   and whether the maps are identical;
@@ -27,6 +27,8 @@ Measured side by side in one process:
 * mixed precision: ``bf16_vs_fp32_similarity_delta`` = final similarity of a bf16 (autocast)
   inversion minus that of the same fp32 run, tiny model, both read out in fp32 (plus fine-tuning
   loss / embedding-change deltas in ``bf16_vs_fp32``);
+* streamed zero-shot evaluation: peak memory at two dataset sizes, and images/s against a plain
+  open_clip loop in the same process (``eval_vs_open_clip_ratio``; `benchmarks.eval_memory`);
 * peak memory (max RSS) after each phase; load average before/after.
 """
 from __future__ import annotations
@@ -36,7 +38,6 @@ import copy
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -45,7 +46,11 @@ from typing import Any
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from benchmarks.common import log, median
+from benchmarks.common import peak_rss_mb as max_rss_mb
+
+#: results of the runs quoted in README.md, and the cache of the long similarity runs
+RESULTS_DIR = Path(__file__).resolve().parent
 SIM_CACHE = RESULTS_DIR / "similarity_cache.json"
 REFERENCE_PEAK_GFLOPS = 190.0  # issue 6: this machine's idle fp32 matmul rate, 2 threads
 CONCEPT = ("moongate", "a perfectly round opening cut through a garden wall of pale stone, framing the path beyond")
@@ -53,19 +58,6 @@ NEGATIVES = ["a photo of a dog.", "a photo of a bridge.", "a photo of a clock."]
 
 
 # --- small utilities ---------------------------------------------------------------------------
-def median(xs: list[float]) -> float:
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
-def max_rss_mb() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return r / 1024.0 if sys.platform != "darwin" else r / 2**20
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 def machine_info(threads: int) -> dict[str, Any]:
     cpu = platform.processor() or ""
     try:
@@ -513,6 +505,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["eval_peak_rss_ratio_large_small"] = ev_large["peak_rss_mb"] / ev_small["peak_rss_mb"]
     out["eval_images_per_s"] = {"0_workers": ev_small["images_per_s"], "2_workers": ev_workers["images_per_s"]}
 
+    # 8d. streamed evaluation vs a plain open_clip loop (issue 19): same images, weights and threads
+    from benchmarks.eval_memory import compare_open_clip
+
+    vs_args = (16, 64, "medkt-tiny-ViT", 64, 1) if tiny else (256, 512, "ViT-B-32", 64, 1 if a.quick else 2)
+    log(f"zero-shot evaluation vs open_clip: {vs_args[0]} grey {vs_args[1]}-px PNGs, {vs_args[2]}")
+    out["eval_vs_open_clip"] = compare_open_clip(*vs_args)
+    out["eval_vs_open_clip_ratio"] = out["eval_vs_open_clip"]["ratio"]
+
     # 9. levers (full run only)
     if levers_on:
         log("levers")
@@ -592,9 +592,8 @@ def summary_table(o: dict[str, Any]) -> str:
               f"({o['peak_matmul_gflops']['median']:.1f} GFLOP/s)",
               f"M2IB per image: naive {f(m.get('naive_s_per_image'))} s, cached {f(m.get('cached_s_per_image'))} s, "
               f"speed-up {f(m.get('speedup'), '{:.1f}')}x, identical maps {m.get('identical_maps')}",
+              f"zero-shot evaluation vs plain open_clip loop: {f(o.get('eval_vs_open_clip_ratio'), '{:.2f}')}x "
+              "the images/s",
               f"peak memory {o['peak_memory_mb']:.0f} MB; load {o['loadavg_start'][0]:.1f} -> {o['loadavg_end'][0]:.1f}"]
     return "\n".join(lines)
 
-
-if __name__ == "__main__":
-    main()

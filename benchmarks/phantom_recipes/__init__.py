@@ -1,38 +1,23 @@
 """Recipe research and multi-seed results for the phantom knowledge-transfer demo.
 
     # research on the validation split (never the evaluation images)
-    OMP_NUM_THREADS=1 python benchmarks/phantom_recipes.py --split val --seeds 2 --recipes best,paper --out runs/recipes_val.json
+    OMP_NUM_THREADS=1 python -m benchmarks.phantom_recipes --split val --seeds 2 --recipes best,paper --out runs/recipes_val.json
     # final numbers: 5 seeds on the evaluation split, every recipe with its own placebo, frontier plot
-    OMP_NUM_THREADS=1 python benchmarks/phantom_recipes.py --split eval --seeds 5 --recipes all --out runs/recipes_eval.json
+    OMP_NUM_THREADS=1 python -m benchmarks.phantom_recipes --split eval --seeds 5 --recipes all --out runs/recipes_eval.json
 
 Recipes: ``transfer`` = bundles/phantom_nodules, ``paper`` = bundles/phantom_nodules_paper, plus the
-variants in :data:`VARIANTS` (overrides of the ``transfer`` recipe).
+variants in `VARIANTS` (overrides of the ``transfer`` recipe).
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _bundle(name: str) -> dict:
-    return json.loads((ROOT / "bundles" / name / "configs" / "transfer.json").read_text())
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
+from benchmarks.common import bundle_config, merge
 
 
 # overrides of the phantom_nodules recipe explored during research (see docs/README.md)
@@ -72,11 +57,11 @@ VARIANTS: dict[str, dict] = {
 
 
 def recipes_by_name(names: list[str]) -> dict[str, dict]:
-    main = _bundle("phantom_nodules")
-    paper = _bundle("phantom_nodules_paper")
+    main = bundle_config("phantom_nodules")
+    paper = bundle_config("phantom_nodules_paper")
     table = {"transfer": main["recipe"], "paper": paper["recipe"]}
     for k, v in VARIANTS.items():
-        table[k] = _merge(main["recipe"], v)
+        table[k] = merge(main["recipe"], v)
     if names == ["all"]:
         names = list(table)
     unknown = [n for n in names if n not in table]
@@ -127,7 +112,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from medkt.phantom.experiment import PhantomTransferExperiment, Recipe, aggregate
 
-    cfg = _bundle("phantom_nodules")
+    cfg = bundle_config("phantom_nodules")
     recipes = recipes_by_name(args.recipes.split(","))
     for s in args.set:
         key, _, val = s.partition("=")
@@ -195,6 +180,3 @@ def main() -> None:
 
         frontier_figure(points, Path(args.plot))
 
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Estimated time and memory of each shipped bundle on one GPU, from FLOPs and parameter counts.
 
-    python -m benchmarks.gpu_estimates [--tflops 100] [--json benchmarks/results/gpu_estimates.json]
+    python -m benchmarks.gpu_estimates [--tflops 100] [--json benchmarks/gpu_estimates/results.json]
 
 Nothing here runs on a GPU: each bundle's model is built from its real architecture config with
 random weights **on the meta device** (shapes only, no memory, no data), and
