@@ -46,6 +46,9 @@ class _OpenClipBPE:
 
 
 class HFClipBackend(Backend, ImageTextEmbedder):
+    """A transformers ``CLIPModel`` behind the backend protocol, preprocessed by its folder's own
+    ``CLIPImageProcessor``."""
+
     family = "hf_clip"
 
     def __init__(self, model, tokenizer, image_processor=None):
@@ -110,6 +113,8 @@ class HFClipBackend(Backend, ImageTextEmbedder):
 
 
 def create(architecture: str, weights: str | None, **kwargs) -> HFClipBackend:
+    """Build ``hf_clip:ORG/NAME[@folder]`` from a local folder or the local HF cache, or
+    ``hf_clip:tiny@random`` (a small random CLIP for tests); nothing is downloaded."""
     from transformers import CLIPConfig, CLIPModel
 
     if weights == "random":

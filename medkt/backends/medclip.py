@@ -82,6 +82,7 @@ class MedCLIPArchitecture:
 
     @property
     def image_size(self) -> int:
+        """Side of the square input of the Swin image tower, in pixels."""
         return int(self.swin.get("image_size", 224))
 
 

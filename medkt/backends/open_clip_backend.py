@@ -61,6 +61,9 @@ _offline = offline  # old name, kept for importers
 
 
 class OpenClipBackend(Backend, ImageTextEmbedder, AnyResolution):
+    """An open_clip ``CLIP`` (or ``CustomTextCLIP``) behind the backend protocol, preprocessed by
+    open_clip's own eval transform of the model."""
+
     family = "open_clip"
 
     def __init__(self, model: nn.Module, tokenizer, architecture: str, mean, std):

@@ -109,6 +109,7 @@ class ViltITM(nn.Module):
 
     @property
     def vilt(self):
+        """The ViLT trunk shared by the MLM and ITM heads."""
         return self.mlm.vilt
 
     def state_dict_checkpoint_names(self) -> dict[str, torch.Tensor]:

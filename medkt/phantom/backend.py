@@ -32,6 +32,9 @@ ARCHITECTURES = {
 
 
 class PhantomBackend(Backend, ImageTextEmbedder, VisionSplitProvider):
+    """The phantom CLIP model (grey 1-channel input) behind the backend protocol, with its own
+    vision split for M2IB."""
+
     family = "phantom"
     image_channels = 1
     model_channels = 1
