@@ -11,13 +11,13 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from medkt.checkpoints import weights_fingerprint
 from medkt.errors import ConfigError
 from medkt.pipelines.base import Pipeline, log
 from medkt.pipelines.transfer import TransferPipeline, write_report
@@ -113,11 +113,7 @@ class ITMTransferPipeline(TransferPipeline):
 
 
 def _weights_digest(backend: Any) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(backend.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    return weights_fingerprint(backend)[:16]
 
 
 class _CaptionedSplit:
