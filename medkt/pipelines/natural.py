@@ -112,10 +112,6 @@ class ITMTransferPipeline(TransferPipeline):
         return results
 
 
-def _weights_digest(backend: Any) -> str:
-    return weights_fingerprint(backend)[:16]
-
-
 class _CaptionedSplit:
     """Shared settings of the Karpathy-split pipelines."""
 
@@ -189,12 +185,12 @@ class RetrievalTransferPipeline(_CaptionedSplit, Pipeline):
         before = None
         if self.evaluate_before:
             before, _ = self._recall(backend, items, self.baseline_cache or out / "scores_before",
-                                     f"before:{_weights_digest(backend)}")
+                                     f"before:{weights_fingerprint(backend)[:16]}")
         r = self.step.run(backend, negatives=self.negative_captions, out_dir=out, resume=self.resume,
                           progress=self.progress, save_weights=self.save_weights)
         inv, history = r.images, r.history
         t_inv, t_ft = r.seconds["inversion"], r.seconds["finetune"]
-        after, _ = self._recall(backend, items, out / "scores_after", f"after:{_weights_digest(backend)}")
+        after, _ = self._recall(backend, items, out / "scores_after", f"after:{weights_fingerprint(backend)[:16]}")
         results = {
             "backend": self.backend_spec, "split": {"file": str(self.karpathy_json), "split": self.split,
                                                     "images": len(items), "captions": n_caps},
