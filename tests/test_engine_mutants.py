@@ -200,6 +200,15 @@ def test_select_patience_stops_training(tiny_clip, images):
 
 
 # --- evaluation -------------------------------------------------------------------------------
+def test_per_class_accuracy_with_errors_both_ways():
+    """Mutation eval_per_class_accuracy_off_diagonal (indistinguishable from recall unless a class
+    has both misses and false alarms); the confusion matrix's rows are the true classes."""
+    scores = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.1, 0.9], [0.6, 0.4]])
+    res = summarize(["a", "b"], [0, 0, 1, 1, 1], scores)
+    assert res.confusion.tolist() == [[1, 1], [2, 1]]
+    assert res.per_class == pytest.approx({"a": 0.5, "b": 1 / 3}) and res.accuracy == pytest.approx(0.4)
+
+
 def test_class_auroc_and_probabilities_use_the_logit_scale():
     """Mutations eval_auroc_classes_swapped, eval_probabilities_ignore_logit_scale."""
     scores = np.array([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8], [0.4, 0.6]])
@@ -280,6 +289,24 @@ def test_mlm_loss_scores_only_the_labelled_tokens():
         logits = vilt.mlm_logits(x, tok)
         loss = vilt.mlm_loss(x, tok, labels)
     assert loss.item() == pytest.approx(-logits[0, 2].float().log_softmax(-1)[7].item(), rel=1e-4)
+
+
+def test_mlm_plugin_targets_the_original_tokens(monkeypatch):
+    """Mutation mlm_plugin_labels_are_inputs: the "mlm" fine-tuning loss asks the model for the
+    original ids at the masked positions, not for what the masked input holds there."""
+    from medkt.backends import create_backend
+
+    vilt = create_backend("vilt:tiny@random")
+    seen = {}
+    monkeypatch.setattr(vilt, "mlm_loss", lambda x, tok, labels: (seen.update(tok=tok, labels=labels), torch.zeros(()))[1])
+    caption = "A moongate is a circular archway in a garden wall of a traditional chinese house"
+    torch.manual_seed(0)
+    get_finetune_loss("mlm")(vilt, torch.rand(1, 3, 64, 64), torch.tensor([0]), [caption], None, FinetuneConfig())
+    orig = vilt.tokenize([caption])["input_ids"].cpu()
+    labels, ids = seen["labels"].cpu(), seen["tok"]["input_ids"].cpu()
+    masked = labels != -100
+    assert masked.any() and torch.equal(labels[masked], orig[masked])
+    assert torch.equal(ids[~masked], orig[~masked]) and not torch.equal(ids[masked], orig[masked])
 
 
 def test_clip_caption_contrastive_term_uses_the_temperature():

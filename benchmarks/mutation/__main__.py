@@ -31,10 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.only and len(muts) != len(args.only):
         unknown = sorted(set(args.only) - {m.name for m in MUTATIONS})
         raise SystemExit(f"unknown mutation name(s) {unknown}; see --list")
-    tally = run(muts, timeout=args.timeout, baseline=not args.no_baseline)
+    # the code under test is the tree at the start (the scratch copy), whatever is committed meanwhile
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "medkt", "tests"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip())
+    tally = run(muts, timeout=args.timeout, baseline=not args.no_baseline)
     tally = {"commit": commit + ("+uncommitted" if dirty else ""),
              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **tally}
     results = json.loads(args.output.read_text()) if args.output.is_file() else {}
