@@ -324,3 +324,19 @@ def test_clip_caption_contrastive_term_uses_the_temperature():
         get_finetune_loss("clip+caption")(coca, x, targets, captions, emb, FinetuneConfig(temperature=0.5), context=spec)
         img = F.normalize(coca.encode_pixels(x), dim=-1)
     assert spec.last_parts["clip"] == pytest.approx(F.cross_entropy(2.0 * img @ emb.T, targets).item(), rel=1e-4)
+
+
+def test_itm_score_cache_key_follows_the_model_identity():
+    """Mutation retrieval_cache_key_ignores_identity: scores cached for one model (its weights
+    fingerprint in ``identity``) are not those of another."""
+    from medkt.backends import create_backend
+    from medkt.natural.retrieval import PairwiseITMScorer
+
+    vilt = create_backend("vilt:tiny@random")
+
+    def scorer(identity):
+        return PairwiseITMScorer(vilt, ["a cup", "a bowl"], lambda i: torch.rand(3, 64, 64), 2, identity=identity,
+                                 progress=False)
+
+    assert scorer(["before:abc"]).fingerprint == scorer(["before:abc"]).fingerprint
+    assert scorer(["before:abc"]).fingerprint != scorer(["after:def"]).fingerprint
