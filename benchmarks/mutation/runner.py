@@ -16,8 +16,7 @@ from benchmarks.mutation.mutations import Mutation
 
 ROOT = Path(__file__).resolve().parents[2]
 #: not needed by the tests, or large: left out of the scratch copy
-_IGNORE = shutil.ignore_patterns(".git", ".venv", "runs", "site", "__pycache__", "*.pyc", ".pytest_cache",
-                                 "*.log", "*.png")
+_IGNORE = shutil.ignore_patterns(".git", ".venv", "runs", "site", "__pycache__", "*.pyc", ".pytest_cache")
 # the test environment of `make test` (one torch thread, offline hub)
 _TEST_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
              "TRANSFORMERS_OFFLINE": "1", "MEDKT_REQUIRE_MEDCLIP": "1"}
