@@ -50,6 +50,16 @@ def settings_digest(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(_plain(settings), sort_keys=True).encode()).hexdigest()
 
 
+def weights_fingerprint(module: Any) -> str:
+    """SHA-256 (hex) of a model's weights: every ``state_dict`` entry's name and float32 values, in
+    name order (the key of caches and records that must change when any weight changes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def concept_settings(targets: Iterable[Any]) -> dict[str, dict[str, list]]:
     """``[InversionTarget(concept, text, n_images)]`` -> ``{concept: {"descriptions", "n_images"}}``
     (the form `describe_changes` reports per concept)."""

@@ -98,10 +98,11 @@ def summarize(classes: Sequence[str], labels: Sequence[int], scores: np.ndarray,
     labels = list(map(int, labels))
     scores = np.asarray(scores)
     pred = scores.argmax(1).tolist() if len(scores) else []
+    from sklearn.metrics import confusion_matrix
+
     k = len(classes)
-    conf = np.zeros((k, k), dtype=np.int64)
-    for t, p in zip(labels, pred):
-        conf[t, p] += 1
+    # labels= fixes the (K, K) shape and order even when a class has no image or no prediction
+    conf = confusion_matrix(labels, pred, labels=list(range(k))).astype(np.int64) if labels else np.zeros((k, k), np.int64)
     per = {}
     for i, c in enumerate(classes):
         n = conf[i].sum()
@@ -112,14 +113,14 @@ def summarize(classes: Sequence[str], labels: Sequence[int], scores: np.ndarray,
 
 
 def auroc(scores_pos: Sequence[float], scores_neg: Sequence[float]) -> float:
-    """Area under the ROC curve (Mann-Whitney U with ties counted as 1/2)."""
-    from scipy.stats import rankdata
+    """Area under the ROC curve of positives vs negatives (ties count 1/2); NaN when either is empty."""
+    from sklearn.metrics import roc_auc_score
 
     pos, neg = np.asarray(scores_pos, float), np.asarray(scores_neg, float)
     if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    ranks = rankdata(np.concatenate([pos, neg]))  # average ranks over ties
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+        return float("nan")  # sklearn raises on a single class; callers report NaN (no images of the class)
+    y = np.concatenate([np.ones(len(pos)), np.zeros(len(neg))])
+    return float(roc_auc_score(y, np.concatenate([pos, neg])))
 
 
 def label_indices(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
@@ -305,10 +306,9 @@ class ZeroShotEvaluator:
     def _cache_file(self) -> Path | None:
         if self.cache_dir is None or isinstance(self.images, torch.Tensor):
             return None
-        h = hashlib.sha256()
-        for name, t in sorted(self.backend.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().float().cpu().numpy().tobytes())
+        from medkt.checkpoints import weights_fingerprint
+
+        h = hashlib.sha256(weights_fingerprint(self.backend).encode())
         for item in self.images:  # path, size and mtime: an edited file is re-encoded
             p = Path(item) if isinstance(item, (str, Path)) else None
             st = p.stat() if p is not None and p.exists() else None
@@ -412,12 +412,10 @@ def before_after_table(before: ClassificationResult, after: ClassificationResult
     lines = []
     if title:
         lines.append(f"**{title}**\n")
-    lines.append("| class | before | after | change |")
-    lines.append("|---|---:|---:|---:|")
-    for c in before.classes:
-        if c in before.per_class:
-            b, a = before.per_class[c], after.per_class.get(c, float("nan"))
-            lines.append(f"| {c} | {100 * b:.1f} | {100 * a:.1f} | {100 * (a - b):+.1f} |")
-    lines.append(f"| **top-1 (all)** | {100 * before.accuracy:.1f} | {100 * after.accuracy:.1f} | "
-                 f"{100 * (after.accuracy - before.accuracy):+.1f} |")
+    from medkt.utils import markdown_table
+
+    pairs = [(c, before.per_class[c], after.per_class.get(c, float("nan"))) for c in before.classes if c in before.per_class]
+    pairs.append(("**top-1 (all)**", before.accuracy, after.accuracy))
+    lines += markdown_table(["class", "before", "after", "change"],
+                            [[c, f"{100 * b:.1f}", f"{100 * a:.1f}", f"{100 * (a - b):+.1f}"] for c, b, a in pairs], "lrrr")
     return "\n".join(lines) + "\n"

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from medkt.backends.base import Backend, require_embeddings
 from medkt.device import grad_scaler
 from medkt.errors import ConfigError
+from medkt.infonce import info_nce, infonce_scale
 from medkt.progress import Progress
 from medkt.registry import Registry
 from medkt.validation import OneOf, Range
@@ -165,9 +166,7 @@ def infonce_loss(backend: Backend, images: torch.Tensor, targets: torch.Tensor, 
     caption index ``targets`` ``(B,)``; ``scale`` is ``1 / temperature`` or the model's logit scale."""
     img = F.normalize(backend.encode_pixels(images).float(), dim=-1)
     txt = caption_emb if caption_emb is not None else encode_captions(backend, captions)
-    scale = (1.0 / config.temperature) if config.temperature else backend.logit_scale.detach().float()
-    logits = scale * img @ txt.t()
-    return F.cross_entropy(logits, targets)
+    return info_nce(img, txt, infonce_scale(backend, config.temperature), targets)
 
 
 # --- main --------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -268,11 +269,26 @@ def get_objective(name: str) -> ObjectiveFn:
 
 
 # --- helpers -----------------------------------------------------------------------------------
-def lr_at(cfg: InversionConfig, step: int) -> float:
-    """Learning rate at ``step`` (0-based): constant, or cosine from ``lr`` to ``lr_min`` over ``steps``."""
+def lr_scheduler(opt: torch.optim.Optimizer, cfg: InversionConfig,
+                 step: int = 0) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """torch's schedule of ``cfg.lr_schedule`` for ``opt``, positioned at ``step`` (0-based).
+
+    ``"cosine"``: `CosineAnnealingLR` from ``lr`` to ``lr_min``
+    over ``steps``; ``"constant"``: None (``lr`` throughout). A new optimiser (progressive
+    resolution restarts Adam; a resumed run) gets a scheduler stepped forward from ``lr`` to
+    ``step``, so its learning rates are those of an uninterrupted run, float for float.
+    """
+    for group in opt.param_groups:  # a loaded optimiser state carries the lr of its last step
+        group["lr"] = cfg.lr
+        group.pop("initial_lr", None)
     if cfg.lr_schedule == "constant":
-        return cfg.lr
-    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * step / cfg.steps))
+        return None
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps, eta_min=cfg.lr_min)
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": intended here
+        warnings.simplefilter("ignore")
+        for _ in range(step):
+            sched.step()
+    return sched
 
 
 def _stages(cfg: InversionConfig, model_size: int) -> list[tuple[int, int]]:
@@ -448,6 +464,7 @@ def _run_chunk(
     opt = torch.optim.Adam([p], lr=cfg.lr)
     if state is not None and state.get("adam") is not None:
         opt.load_state_dict(state["adam"])  # Adam moves its state to the pixels' device
+    sched = lr_scheduler(opt, cfg, step)
     # fp16 forward passes: scale the loss so small pixel gradients do not underflow (disabled otherwise)
     scaler = grad_scaler(device, backend.precision)
     if state is not None and state.get("scaler") is not None:
@@ -491,8 +508,7 @@ def _run_chunk(
                 p = p.clamp(0, 1) if cfg.clamp else p
             p.requires_grad_(True)
             opt = torch.optim.Adam([p], lr=cfg.lr)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
+            sched = lr_scheduler(opt, cfg, step)
         xm, reg = render(p)
         xa = augment(xm.repeat(cfg.views, 1, 1, 1), gen)
         if cfg.blur_sigma > 0 or cfg.noise_std > 0:
@@ -510,6 +526,8 @@ def _run_chunk(
             p.grad = _clip_per_image(p.grad, cfg.grad_clip)
         scaler.step(opt)  # skips the step if fp16 gradients overflowed
         scaler.update()
+        if sched is not None:
+            sched.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             if residual and cfg.residual_sign != "any":  # projected gradient: keep the edit one-signed

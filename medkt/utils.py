@@ -8,6 +8,7 @@ import random
 import sys
 import tempfile
 from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -70,6 +71,19 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             raise err from None
         raise
     return path
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: str = "") -> list[str]:
+    """Lines of a GitHub Markdown table (the one table renderer of medkt's reports).
+
+    Args:
+        header: column titles.
+        rows: one sequence of cells per row (``str()`` of each).
+        align: one letter per column, ``"l"`` or ``"r"`` (right-aligned numbers); missing = left.
+    """
+    sep = ["---:" if align[i:i + 1] == "r" else "---" for i in range(len(header))]
+    return ["| " + " | ".join(map(str, header)) + " |", "|" + "|".join(sep) + "|",
+            *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

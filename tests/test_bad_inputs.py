@@ -287,16 +287,26 @@ def test_non_safetensors_weights_is_one_line(medkt, tmp_path):
 
 
 # -- fast failure, warnings, file modes ------------------------------------------------------------
-def test_unknown_bundle_answers_fast():
-    # before: 7-8 s importing torch/MONAI before the bundle lookup. Measured idle: see the report
-    # (< 1 s); asserted < 3 s because this 2-core machine is shared by parallel test runs
+def _unknown_bundle() -> tuple[subprocess.CompletedProcess, float]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "medkt", "transfer", "--bundle", "no_such"], capture_output=True,
                        text=True, cwd=REPO, env=env, timeout=60)
-    elapsed = time.perf_counter() - t0
+    return r, time.perf_counter() - t0
+
+
+def test_unknown_bundle_is_a_one_line_error():
+    # what keeps it fast (the bundle lookup before torch/MONAI are imported) is checked without a
+    # clock by test_cli_import_is_light; the timing itself is the slow test below
+    r, _ = _unknown_bundle()
     assert r.returncode == 2 and "unknown bundle 'no_such'" in one_line_error(r.stderr)
-    assert elapsed < 3.0, f"{elapsed:.2f} s"
+
+
+@pytest.mark.slow  # a wall-clock bound: meaningful only on an idle machine, so not in the default suite
+def test_unknown_bundle_answers_fast():
+    # before: 7-8 s importing torch/MONAI before the bundle lookup; < 1 s idle
+    r, elapsed = _unknown_bundle()
+    assert r.returncode == 2 and elapsed < 3.0, f"{elapsed:.2f} s"
 
 
 def test_cli_import_is_light():

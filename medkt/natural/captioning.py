@@ -169,10 +169,12 @@ def metrics_table(before: Mapping[str, Any], after: Mapping[str, Any] | None = N
         return "n/a" if v is None else f"{100 * v:.1f}"
 
     keys = [k for k in keys if k in before or (after is not None and k in after)]  # requested metrics only
-    lines = ["| model | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
-    lines.append("| before | " + " | ".join(fmt(before.get(k)) for k in keys) + " |")
+    from medkt.utils import markdown_table
+
+    rows = [["before", *(fmt(before.get(k)) for k in keys)]]
     if after is not None:
-        lines.append("| after | " + " | ".join(fmt(after.get(k)) for k in keys) + " |")
+        rows.append(["after", *(fmt(after.get(k)) for k in keys)])
+    lines = markdown_table(["model", *keys], rows, "l" + "r" * len(keys))
     notes = {**before.get("unavailable", {}), **((after or {}).get("unavailable", {}))}
     text = "\n".join(lines) + "\n"
     for m, reason in notes.items():

@@ -1,7 +1,5 @@
 """Loss functions of the natural-image experiments (engine-independent, pure torch).
 
-* `clip_contrastive_loss` - open_clip's ``ClipLoss`` on one process: symmetric
-  cross-entropy of ``scale * img @ txt.T`` with the diagonal as targets.
 * `coca_loss` - ``clip_weight * L_CLIP + caption_weight * L_cap`` (paper Eq. 6, weights 1
   and 0.1), equal to open_clip's ``CoCaLoss`` when the contrastive texts and the caption targets
   are the same tokens (tested). In knowledge transfer they differ: the contrastive text is the
@@ -16,16 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-
-def clip_contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch of aligned pairs (row i of images <-> row i of texts).
-
-    Features are expected L2-normalised; ``logit_scale`` is the multiplier (exp of the learned
-    log-scale), as open_clip's ``ClipLoss`` takes it.
-    """
-    logits_i = logit_scale * image_features @ text_features.t()
-    labels = torch.arange(image_features.shape[0], device=image_features.device)
-    return 0.5 * (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_i.t(), labels))
+from medkt.infonce import info_nce
 
 
 def coca_loss(backend: Any, x: torch.Tensor, clip_tokens: torch.Tensor, caption_tokens: torch.Tensor | None = None,
@@ -38,7 +27,8 @@ def coca_loss(backend: Any, x: torch.Tensor, clip_tokens: torch.Tensor, caption_
         clip_tokens: texts of the contrastive term (B, T), row-aligned with ``x``.
         caption_tokens: targets of the captioning term (default: ``clip_tokens``).
         clip_term: an already computed contrastive loss (e.g. the engine's InfoNCE against all
-            concept captions) to use instead of the in-batch `clip_contrastive_loss`.
+            concept captions) to use instead of the in-batch symmetric InfoNCE
+            (`medkt.infonce.info_nce`, open_clip's ``ClipLoss`` on one process).
         image_embs: the decoder's image tokens if already computed (saves a visual forward).
     Returns:
         (total loss, {"clip": float, "caption": float}) - the parts are unweighted.
@@ -49,7 +39,7 @@ def coca_loss(backend: Any, x: torch.Tensor, clip_tokens: torch.Tensor, caption_
         latent, image_embs = backend.image_tokens(x)  # latent is L2-normalised
     if need_clip:
         txt = F.normalize(backend.encode_text(clip_tokens).float(), dim=-1)
-        clip_term = clip_contrastive_loss(latent.float(), txt, backend.logit_scale)
+        clip_term = info_nce(latent.float(), txt, backend.logit_scale, symmetric=True)
     if clip_term is None:
         clip_term = torch.zeros((), device=x.device)
     logits, labels = backend.caption_logits(None, caption_tokens, image_embs=image_embs)
@@ -70,4 +60,4 @@ def itm_loss(backend: Any, x: torch.Tensor, pos_tokens: dict[str, torch.Tensor],
     return F.cross_entropy(logits.float(), labels)
 
 
-__all__ = ["clip_contrastive_loss", "coca_loss", "itm_loss"]
+__all__ = ["coca_loss", "itm_loss"]

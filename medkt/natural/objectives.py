@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from medkt.backends.base import Captioner, ImageTextMatcher
 from medkt.errors import ConfigError
 from medkt.finetune import register_finetune_loss
+from medkt.infonce import info_nce, infonce_scale
 from medkt.inversion import register_inversion_objective
 from medkt.natural.classnames import COCA_TARGET_TEMPLATES
 from medkt.natural.losses import coca_loss, itm_loss
@@ -128,8 +129,8 @@ def clip_caption_loss(backend: Any, images: torch.Tensor, targets: torch.Tensor,
     # InfoNCE against every caption of the run, as the engine's 'infonce' loss does
     txt = caption_emb if caption_emb is not None else F.normalize(backend.encode_text(backend.tokenize(list(captions))).float(), dim=-1)
     latent, image_embs = backend.image_tokens(images)  # L2-normalised image embedding + decoder tokens
-    scale = (1.0 / config.temperature) if config.temperature else backend.logit_scale.detach().float()
-    clip_term = F.cross_entropy(scale * latent.float() @ txt.t(), targets.to(latent.device))
+    clip_term = info_nce(latent.float(), txt, infonce_scale(backend, config.temperature),
+                         targets.to(latent.device))
     total, parts = coca_loss(backend, images, target_tok, target_tok, clip_weight=spec.clip_weight,
                              caption_weight=spec.caption_weight, clip_term=clip_term, image_embs=image_embs)
     spec.last_parts = parts

@@ -22,7 +22,6 @@ finished rows are gathered so every rank (rank 0 included) returns the whole sco
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from medkt.backends.base import ImageTextMatcher
+from medkt.checkpoints import settings_digest
 from medkt.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,6 @@ def recall_at_k(scores: torch.Tensor, caption_image: Sequence[int] | torch.Tenso
     return out
 
 
-def _fingerprint(parts: Sequence[Any]) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"\x00")
-    return h.hexdigest()[:16]
-
-
 class PairwiseITMScorer:
     """All-pairs ITM scores ``(n_images, n_captions)`` with cached image tokens and resumable blocks.
 
@@ -117,7 +109,9 @@ class PairwiseITMScorer:
         self.score = score
         self.progress = progress
         keys = list(image_keys) if image_keys is not None else list(range(self.n_images))
-        self.fingerprint = _fingerprint([self.captions, keys, score, list(identity)])
+        # the one settings digest of medkt (checkpoints); ``identity`` holds e.g. the weights fingerprint
+        self.fingerprint = settings_digest({"captions": self.captions, "images": keys, "score": score,
+                                            "identity": list(identity)})[:16]
 
     # -- cache -------------------------------------------------------------------------------
     def _blocks(self) -> list[tuple[int, int]]:
@@ -242,12 +236,13 @@ def retrieval_table(before: dict[str, float], after: dict[str, float] | None = N
     """Markdown table of TR@K / IR@K in percent (before, after, change)."""
     cols = [f"TR@{k}" for k in ks] + [f"IR@{k}" for k in ks]
     keys = [f"tr_r{k}" for k in ks] + [f"ir_r{k}" for k in ks]
-    lines = ["| model | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-    lines.append("| before | " + " | ".join(f"{100 * before[k]:.1f}" for k in keys) + " |")
+    from medkt.utils import markdown_table
+
+    rows = [["before", *(f"{100 * before[k]:.1f}" for k in keys)]]
     if after is not None:
-        lines.append("| after | " + " | ".join(f"{100 * after[k]:.1f}" for k in keys) + " |")
-        lines.append("| change | " + " | ".join(f"{100 * (after[k] - before[k]):+.1f}" for k in keys) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(["after", *(f"{100 * after[k]:.1f}" for k in keys)])
+        rows.append(["change", *(f"{100 * (after[k] - before[k]):+.1f}" for k in keys)])
+    return "\n".join(markdown_table(["model", *cols], rows, "l" + "r" * len(cols))) + "\n"
 
 
 __all__ = ["recall_at_k", "PairwiseITMScorer", "retrieval_table"]

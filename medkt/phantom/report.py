@@ -174,11 +174,8 @@ def fmt_ci(d: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
 
 def results_table(arms: dict[str, dict[str, Any]], labels: dict[str, str]) -> list[str]:
     """Markdown rows: arm | novel acc | known acc | novel AUROC (means ± 95% CI over seeds)."""
-    lines = ["| method | novel accuracy (%) | known mean accuracy (%) | novel AUROC |", "|---|---|---|---|"]
-    for key, label in labels.items():
-        if key not in arms:
-            continue
-        a = arms[key]
-        lines.append(f"| {label} | {fmt_ci(a['novel_accuracy'])} | {fmt_ci(a['known_accuracy'])} | "
-                     f"{fmt_ci(a['novel_auroc'], 1.0, 3)} |")
-    return lines
+    from medkt.utils import markdown_table
+
+    return markdown_table(["method", "novel accuracy (%)", "known mean accuracy (%)", "novel AUROC"],
+                          [[label, fmt_ci(arms[key]["novel_accuracy"]), fmt_ci(arms[key]["known_accuracy"]),
+                            fmt_ci(arms[key]["novel_auroc"], 1.0, 3)] for key, label in labels.items() if key in arms])

@@ -38,17 +38,16 @@ def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], progr
 
 def accuracy_table(columns: list[tuple[str, dict[str, ClassificationResult]]], titles: dict[str, str]) -> str:
     """One Markdown table: rows = evaluation set x (classes + top-1), columns = runs (accuracy %)."""
-    head = "| evaluation | class | " + " | ".join(c for c, _ in columns) + " |"
-    lines = [head, "|---|---|" + "---:|" * len(columns)]
-    first = columns[0][1]
-    for ev_name, res in first.items():
+    from medkt.utils import markdown_table
+
+    rows = []
+    for ev_name, res in columns[0][1].items():
         title = titles.get(ev_name, ev_name)
         for cls in res.classes:
             vals = [r[ev_name].per_class.get(cls) for _, r in columns]
-            lines.append(f"| {title} | {cls} | " + " | ".join("-" if v is None else f"{100 * v:.2f}" for v in vals) + " |")
-        vals = [r[ev_name].accuracy for _, r in columns]
-        lines.append(f"| {title} | **top-1** | " + " | ".join(f"**{100 * v:.2f}**" for v in vals) + " |")
-    return "\n".join(lines) + "\n"
+            rows.append([title, cls, *("-" if v is None else f"{100 * v:.2f}" for v in vals)])
+        rows.append([title, "**top-1**", *(f"**{100 * r[ev_name].accuracy:.2f}**" for _, r in columns)])
+    return "\n".join(markdown_table(["evaluation", "class", *(c for c, _ in columns)], rows, "ll" + "r" * len(columns))) + "\n"
 
 
 class CXRTransferSweep(TransferPipeline):

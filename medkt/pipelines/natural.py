@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 
 from medkt.backends.base import Captioner, ImageTextMatcher
+from medkt.checkpoints import weights_fingerprint
 from medkt.errors import ConfigError
 from medkt.pipelines.base import Pipeline, log
 from medkt.pipelines.transfer import TransferPipeline, write_report
@@ -113,14 +113,6 @@ class ITMTransferPipeline(TransferPipeline):
         return results
 
 
-def _weights_digest(backend: Any) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(backend.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 class _CaptionedSplit:
     """Shared settings of the Karpathy-split pipelines."""
 
@@ -197,12 +189,12 @@ class RetrievalTransferPipeline(_CaptionedSplit, Pipeline):
         before = None
         if self.evaluate_before:
             before, _ = self._recall(backend, items, self.baseline_cache or out / "scores_before",
-                                     f"before:{_weights_digest(backend)}")
+                                     f"before:{weights_fingerprint(backend)[:16]}")
         r = self.step.run(backend, negatives=self.negative_captions, out_dir=out, resume=self.resume,
                           progress=self.progress, save_weights=self.save_weights)
         inv, history = r.images, r.history
         t_inv, t_ft = r.seconds["inversion"], r.seconds["finetune"]
-        after, _ = self._recall(backend, items, out / "scores_after", f"after:{_weights_digest(backend)}")
+        after, _ = self._recall(backend, items, out / "scores_after", f"after:{weights_fingerprint(backend)[:16]}")
         results = {
             "backend": self.backend_spec, "split": {"file": str(self.karpathy_json), "split": self.split,
                                                     "images": len(items), "captions": n_caps},

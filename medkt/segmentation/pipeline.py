@@ -487,15 +487,14 @@ class SegmentationTransferPipeline(Pipeline):
     def _table(self, results: dict[str, Any]) -> str:
         unit = self.metric_cfg["nsd_unit"]
         tol = self.metric_cfg["nsd_tolerance"]
-        head = f"| stage | DSC (%) | NSD@{tol:g}{unit} (%) | IoU (%) |\n|---|---|---|---|\n"
-        rows = []
-        for stage, r in results["stages"].items():
-            m, s = r["mean"], r["std"]
-            rows.append(f"| {stage} | " + " | ".join(f"{100 * m[k]:.2f} ± {100 * s[k]:.2f}" for k in ("dsc", "nsd", "iou")) + " |")
+        from medkt.utils import markdown_table
+
+        keys = ("dsc", "nsd", "iou")
+        rows = [[stage, *(f"{100 * r['mean'][k]:.2f} ± {100 * r['std'][k]:.2f}" for k in keys)]
+                for stage, r in results["stages"].items()]
         if "delta" in results:
-            d = results["delta"]
-            rows.append("| change | " + " | ".join(f"{100 * d[k]:+.2f}" for k in ("dsc", "nsd", "iou")) + " |")
-        return head + "\n".join(rows) + "\n"
+            rows.append(["change", *(f"{100 * results['delta'][k]:+.2f}" for k in keys)])
+        return "\n".join(markdown_table(["stage", "DSC (%)", f"NSD@{tol:g}{unit} (%)", "IoU (%)"], rows)) + "\n"
 
     def _report(self, results: dict[str, Any]) -> str:
         mode = f"SAM ({results['sam_model_type']}, box prompts)" if self.sam_spec else \
