@@ -171,7 +171,7 @@ MUTATIONS: list[Mutation] = [
              "loss = 0.5 * (loss + F.cross_entropy(logits.t(), targets))", "loss = loss",
              ("tests/test_coca_backend.py::test_combined_loss_equals_open_clip_cocaloss",), "CLIP loss only image->text"),
     Mutation("clip_caption_temperature_ignored", "medkt/natural/objectives.py",
-             'infonce_scale(backend, getattr(config, "temperature", None))', "infonce_scale(backend, None)",
+             'infonce_scale(backend, config.temperature)', "infonce_scale(backend, None)",
              (T_ENGINE, T_NAT), "'clip+caption' ignores FinetuneConfig.temperature"),
     Mutation("retrieval_rsum_not_percent", "medkt/natural/retrieval.py",
              'out["rsum"] = 100.0 * sum(', 'out["rsum"] = sum(',
