@@ -124,15 +124,15 @@ def test_keep_best_restores_best_epoch(tiny, normals):
 def test_run_arm_with_given_images_equals_inverting_them_itself(monkeypatch):
     """Q2's cross arm: fine-tuning on images inverted elsewhere; given the arm's own images back,
     the result is the arm's own (so a cross-model difference is the images', not the code path's)."""
-    import medkt.distributed
+    import medkt.spine
     from medkt.phantom.experiment import Recipe
 
     exp, ds, r = tiny_phantom_experiment()
     rec = Recipe.from_dict({"name": "t", **r})
     own = exp.run_arm(rec, 0, ds, keep_images=True)
     calls = []
-    real = medkt.distributed.invert_sharded
-    monkeypatch.setattr(medkt.distributed, "invert_sharded", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = medkt.spine.invert_sharded
+    monkeypatch.setattr(medkt.spine, "invert_sharded", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     given = exp.run_arm(rec, 0, ds, given_images=own.extra["images"])
     assert given.name_prompts.confusion.tolist() == own.name_prompts.confusion.tolist()
     assert calls == []  # given images: no inversion runs (was a wall-clock comparison)
