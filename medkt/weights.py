@@ -322,6 +322,47 @@ def resolve_weights(weights: str | None, *, what: str, how_to_get: str, filename
         )
     return path
 # --- what can be checked of a backend spec without building the model (preflight) ----------------
+#: ``biomedclip:ARCH`` -> its open_clip hub repo (read by :mod:`medkt.backends.biomedclip`)
+BIOMEDCLIP_REPOS = {"vit-b16": "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"}
+#: weight files of an open_clip hub repo, in open_clip's order of preference
+OPEN_CLIP_HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def hub_model_problems(repo_id: str) -> list[MedktError]:
+    """Files an open_clip hub model (``hf-hub:repo_id``, e.g. BiomedCLIP) needs from the local HF
+    cache that are not there: its ``open_clip_config.json`` and weights, and the ``config.json``
+    and tokenizer vocabulary of the HF text tower its config names. Path checks only (no torch)."""
+    import json
+
+    def cached(repo: str, names: tuple[str, ...]) -> Path | None:
+        snap = hf_cache_snapshot(repo)
+        return next((snap / n for n in names if snap is not None and (snap / n).is_file()), None)
+
+    out: list[MedktError] = []
+    config = cached(repo_id, ("open_clip_config.json",))
+    if config is None or cached(repo_id, OPEN_CLIP_HUB_WEIGHTS) is None:
+        missing = " ".join(n for n, ok in (("open_clip_config.json", config), (OPEN_CLIP_HUB_WEIGHTS[-1],
+                           cached(repo_id, OPEN_CLIP_HUB_WEIGHTS))) if ok is None)
+        out.append(WeightsNotFoundError(f"open_clip model hf-hub:{repo_id} is not in the local HF cache "
+                                        f"({missing}); {_fetch_hint(repo_id, missing)}"))
+    if config is None:
+        return out
+    try:
+        text = json.loads(config.read_text(encoding="utf-8")).get("model_cfg", {}).get("text_cfg", {})
+    except (OSError, ValueError, AttributeError):
+        return out  # the builder reports an unreadable config with its own message
+    missing: dict[str, list[str]] = {}  # text-tower repo -> files it lacks (one line per repo)
+    for repo, names in ((text.get("hf_model_name"), ("config.json",)),
+                        (text.get("hf_tokenizer_name"), ("vocab.txt", "tokenizer.json"))):
+        if isinstance(repo, str) and not Path(repo).is_dir() and cached(repo, names) is None:
+            missing.setdefault(repo, []).append(names[0])
+    for repo, names in missing.items():
+        files = " ".join(names)
+        out.append(WeightsNotFoundError(f"{files} of {repo} (text tower of hf-hub:{repo_id}) not in the local HF "
+                                        f"cache; {_fetch_hint(repo, files)}"))
+    return out
+
+
 #: families whose spec without ``@weights`` means ``$MEDKT_WEIGHTS`` (see each backend's ``create``)
 _ENV_DEFAULT_FAMILIES = ("medclip", "clip", "open_clip", "coca", "vilt")
 #: families whose ``@weights`` may be an open_clip pretrained tag (not decidable without open_clip)
@@ -343,6 +384,12 @@ def backend_problems(spec: str, options: Mapping[str, Any] | None = None) -> lis
     out: list[MedktError] = []
     weights, family = parsed.weights, parsed.family
     how = "The bundle's docs/README.md names the weights it needs."
+    hub = (BIOMEDCLIP_REPOS.get(parsed.architecture) if family == "biomedclip"
+           else parsed.architecture[len("hf-hub:"):] if family in ("clip", "open_clip") and
+           parsed.architecture.startswith("hf-hub:") else None)
+    if hub and (weights is None or not _looks_like_path(weights)) and weights != "random":
+        out += hub_model_problems(weights if weights and _looks_like_repo_id(weights) else hub)
+        weights = "random"  # nothing else to look for
     if weights is None:
         if family == "hf_clip" and parsed.architecture != "tiny":
             weights = parsed.architecture  # hf_clip:ORG/NAME: the architecture is the repo

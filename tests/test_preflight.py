@@ -221,3 +221,34 @@ def test_one_problem_keeps_its_type_several_are_listed():
     with pytest.raises(PreflightError) as info:
         raise_problems([DataError("a"), ConfigError("b\nc")])
     assert str(info.value).splitlines() == ["a", "b c"]
+
+
+def test_hub_backend_files_are_checked_in_the_local_cache(tmp_path, monkeypatch):
+    """biomedclip:vit-b16 (the seg_* default) and clip:hf-hub:... read the local HF cache: the
+    preflight names every missing file (model config + weights, text tower, tokenizer) and is quiet
+    once they are cached, without torch."""
+    hub = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    repo, bert = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224", "org/tiny-bert"
+    (p,) = backend_problems("biomedclip:vit-b16")
+    assert isinstance(p, WeightsNotFoundError) and repo in str(p) and "open_clip_config.json" in str(p)
+
+    def cache(repo_id: str, files: dict[str, str]) -> None:
+        folder = hub / ("models--" + repo_id.replace("/", "--"))
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text("abc")
+        snap = folder / "snapshots" / "abc"
+        snap.mkdir(parents=True)
+        for name, text in files.items():
+            (snap / name).write_text(text)
+
+    cfg = {"model_cfg": {"text_cfg": {"hf_model_name": bert, "hf_tokenizer_name": bert}}}
+    cache(repo, {"open_clip_config.json": json.dumps(cfg), "open_clip_pytorch_model.bin": "w"})
+    (p,) = backend_problems("biomedclip:vit-b16")  # the text tower's files (one line: one repo)
+    assert bert in str(p) and "config.json" in str(p)
+    cache(bert, {"config.json": "{}", "vocab.txt": "[PAD]"})
+    assert backend_problems("biomedclip:vit-b16") == []
+    assert backend_problems(f"clip:hf-hub:{repo}") == []
+    assert backend_problems("biomedclip:vit-b16@random") == []
+    (p,) = backend_problems("clip:hf-hub:org/other")
+    assert "org/other" in str(p)

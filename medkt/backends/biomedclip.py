@@ -47,14 +47,23 @@ import torch
 
 from medkt.backends.open_clip_backend import OpenClipBackend
 from medkt.errors import CheckpointError, ConfigError, WeightsNotFoundError, unknown_name
-from medkt.weights import _fetch_hint, _looks_like_repo_id, hf_cache_dir, hf_cached_file, offline, resolve_weights
+from medkt.weights import (
+    BIOMEDCLIP_REPOS,
+    OPEN_CLIP_HUB_WEIGHTS,
+    _fetch_hint,
+    _looks_like_repo_id,
+    hf_cache_dir,
+    hf_cached_file,
+    offline,
+    resolve_weights,
+)
 
-BIOMEDCLIP_REPO = "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
-#: architecture name in the spec -> open_clip hub repo
-ARCHITECTURES = {"vit-b16": BIOMEDCLIP_REPO}
+#: architecture name in the spec -> open_clip hub repo (defined with the torch-free weight checks)
+ARCHITECTURES = BIOMEDCLIP_REPOS
+BIOMEDCLIP_REPO = ARCHITECTURES["vit-b16"]
 CONFIG_NAME = "open_clip_config.json"
 #: open_clip's own order (open_clip.pretrained.download_pretrained_from_hf / _find_checkpoint_in_dir)
-HUB_WEIGHT_NAMES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+HUB_WEIGHT_NAMES = OPEN_CLIP_HUB_WEIGHTS
 #: files looked for when ``@weights`` is a folder (MedCLIP-SAMv2 keeps ``pytorch_model.bin``)
 FOLDER_WEIGHT_NAMES = HUB_WEIGHT_NAMES + ("pytorch_model.bin", "model.safetensors", "weights.pth")
 #: the tokenizer needs one of these (WordPiece vocabulary or a fast-tokenizer file)
