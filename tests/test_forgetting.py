@@ -59,7 +59,7 @@ def test_recipe_replays_inverted_known_classes_in_both_arms(monkeypatch):
                                     eval_per_class=2, split="val", cupl_prompts=2)
     ds = exp.eval_set(0)
     r = json.loads(json.dumps(BUNDLE["recipe"]))
-    r.update(n_images=2, data_free_replay=1, replay_inversion={"residual_sign": "any"})
+    r.update(n_images=2, data_free_replay=1, replay_inversion={"priors": {"residual": {"sign": "any"}}})
     r["inversion"]["steps"] = 2
     r["finetune"] = {**r["finetune"], "epochs": 1, "replay_per_batch": 2}
     recipe = Recipe.from_dict({"name": "dfr", **r})
