@@ -104,8 +104,8 @@ class InversionConfig:
     seed: int = 0
     chunk_size: Annotated[int, Range(ge=1)] | None = None  # images optimised together; None = all at once
     checkpoint_every: Annotated[int, Range(ge=0)] = 0  # 0 = no checkpoints
-    priors: list[dict[str, Any]] = field(default_factory=_default_priors)  # medkt.inversion_priors
-    augmentations: list[dict[str, Any]] = field(default_factory=_default_augmentations)  # medkt.augment
+    priors: list[Any] = field(default_factory=_default_priors)  # medkt.inversion_priors
+    augmentations: list[Any] = field(default_factory=_default_augmentations)  # medkt.augment
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, path: str = "inversion") -> "InversionConfig":

@@ -22,7 +22,7 @@ def test_inverts_each_known_class_toward_its_caption_without_changing_the_model(
     torch.manual_seed(0)
     be = create_backend("phantom:tiny@random")
     start = {k: v.clone() for k, v in be.state_dict().items()}
-    cfg = {"steps": 30, "lr": 0.1, "augment_p": 0.0, "seed": 3}
+    cfg = {"steps": 30, "lr": 0.1, "augmentations": [], "seed": 3}
     rs = data_free_replay(be, KNOWN, 2, cfg)
     assert rs.images.shape == (4, 1, 64, 64) and rs.concepts == ["speck", "speck", "band", "band"]
     assert 0 <= rs.images.min() and rs.images.max() <= 1
