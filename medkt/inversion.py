@@ -39,10 +39,11 @@ written on the CPU and loaded back to the device.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -658,32 +659,38 @@ def invert(
     if run.ckpt_dir is not None and not resume:  # a fresh start: chunk files left in this folder are stale
         for cid in selected:
             _chunk_path(run.ckpt_dir, cid).unlink(missing_ok=True)
-    requires = [p.requires_grad for p in backend.parameters()]
-    for p in backend.parameters():  # only the pixels need gradients
-        p.requires_grad_(False)
-    was_training = backend.training
-    backend.eval()
     start = time.perf_counter()
     images, steps_run, histories, keep = [], [], [], []
     bar = Progress(cfg.steps * len(selected), "inversion", unit="step", enabled=progress)
-    try:
+    with _frozen(backend), contextlib.closing(bar):
         for cid in selected:
             x, s, hist = _run_chunk(run, cid, all_chunks[cid], bar)
             images.append(x)
             steps_run.append(s)
             histories.append(hist)
             keep += all_chunks[cid]
-    finally:
-        bar.close()
-        for p, r in zip(backend.parameters(), requires):
-            p.requires_grad_(r)
-        backend.train(was_training)
     imgs = torch.cat(images)
     sims = _final_similarities(run, imgs, keep)
     concepts = [t.concept for t in targets for _ in range(t.n_images)]
     return InversionResult(images=imgs, concepts=[concepts[i] for i in keep], texts=[run.ctx.texts[i] for i in keep],
                            similarities=sims, seconds=time.perf_counter() - start, steps_run=steps_run,
                            history=histories)
+
+
+@contextlib.contextmanager
+def _frozen(backend: Backend) -> Iterator[None]:
+    """Eval mode and no parameter gradients (only the pixels need them); restored afterwards."""
+    requires = [p.requires_grad for p in backend.parameters()]
+    for p in backend.parameters():
+        p.requires_grad_(False)
+    was_training = backend.training
+    backend.eval()
+    try:
+        yield
+    finally:
+        for p, r in zip(backend.parameters(), requires):
+            p.requires_grad_(r)
+        backend.train(was_training)
 
 
 def _prepare(backend: Backend, cfg: InversionConfig, targets: Sequence[InversionTarget], out_dir: str | Path | None,

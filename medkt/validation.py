@@ -9,7 +9,7 @@ The schema is the Python declaration itself, so it is written once, next to the 
 * ranges and run-time choices ride along with `typing.Annotated`:
 
       steps: Annotated[int, Range(ge=1)] = 5000
-      augment_p: Annotated[float, Range(0, 1)] = 0.5
+      p: Annotated[float, Range(0, 1)] = 0.5  # e.g. the affine augmentation's probability
       objective: Annotated[str, OneOf(_OBJECTIVES, "inversion objective")] = "cosine"
 
 * keys that are not fields are errors at every nesting level, with a "did you mean" hint.
