@@ -35,10 +35,16 @@ def bundle_config(name: str) -> dict[str, Any]:
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of ``base`` with ``over`` merged in (nested dicts merged key by key)."""
+    """A deep copy of ``base`` with ``over`` merged in (nested dicts merged key by key; an
+    ``"inversion"`` section through `medkt.inversion.with_overrides`, so
+    ``{"priors": {"residual": {"sign": "any"}}}`` changes one setting of a listed component)."""
+    from medkt.inversion import with_overrides
+
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if k == "inversion" and isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = copy.deepcopy(with_overrides(out[k], v))
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = merge(out[k], v)
         else:
             out[k] = v

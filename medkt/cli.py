@@ -142,7 +142,8 @@ def invert(
     steps: int = typer.Option(5000, help="Optimisation steps."),
     lr: float = typer.Option(0.1),
     seed: int = typer.Option(0),
-    set_: list[str] = typer.Option([], "--set", "-s", help="Other InversionConfig fields, key=value."),
+    set_: list[str] = typer.Option([], "--set", "-s", help="Other InversionConfig fields, key=JSON value, "
+                                     "e.g. priors='[{\"name\": \"tv\", \"weight\": 0.01}]'."),
     resume: bool = typer.Option(False, help="Continue from the checkpoints in OUTPUT (refused if they were made "
                                             "with other settings or concepts)."),
     checkpoint_every: int = typer.Option(200, help="Checkpoint interval in steps (0 = off)."),

@@ -51,7 +51,7 @@ def data_free_replay(
             images sit where the start model puts that class.
         n_per_class: images per known class (>= 1).
         inversion_config: `InversionConfig` (or dict) of the inversion.
-        init_images: starting images when the config has ``init="images"`` (cycled).
+        init_images: starting images when the config lists the ``"init"`` prior with kind ``"images"`` (cycled).
     Returns:
         `ReplaySet` with ``len(known_descriptions) * n_per_class`` images, class-major.
     """

@@ -3,13 +3,23 @@
 All (concept, sample) pairs are optimised together as one pixel tensor ``(N, C, S, S)`` in
 [0, 1]:
 
-    loss_i = objective(f_V(A(x_i)), text_i) + tv_weight * TV(x_i)
+    loss_i = objective(f_V(A(x_i)), text_i) + sum of the priors' penalties (TV by default)
 
-with ``A`` a differentiable random affine (p=0.5), Adam, a cosine learning-rate schedule,
-per-image gradient-norm clipping, clamping to [0, 1], optional progressive resolution
-(e.g. 64 -> 128 -> 224, the parameter tensor is upsampled and Adam restarted at each stage) and
-several augmented views per step. Objectives are pluggable (`register_inversion_objective`);
-the default ``"cosine"`` is ``-cos(f_V(A(x)), f_T(text))``.
+An inversion is an objective plus small components, each registered once and listed in the
+config by name with its settings:
+
+* the **objective** (`INVERSION_OBJECTIVES`; ``"cosine"``, the default, is
+  ``-cos(f_V(A(x)), f_T(text))``), called with an `ObjectiveContext` (texts, target embeddings,
+  negative embeddings, its own settings);
+* **priors** (`medkt.inversion_priors.INVERSION_PRIORS`): penalties such as total variation
+  (``"tv"``, the paper's 0.005), where the images start (``"init"``), what is optimised
+  (``"residual"`` edit of a start image, ``"progressive"`` resolution) and when a chunk stops
+  (``"early_stop"``);
+* **augmentations** (`medkt.augment.INVERSION_AUGMENTATIONS`), applied in order to each of the
+  ``views`` per step: the paper's random affine (``"affine"``, p=0.5), ``"blur"``, ``"noise"``.
+
+The loop itself is the paper's: Adam, a cosine learning-rate schedule, per-image gradient-norm
+clipping and clamping to [0, 1].
 
 Reproducibility: every image has its own initialisation generator seeded by ``(seed, index)``
 and each chunk of images its own augmentation generator, so the result depends only on the
@@ -29,11 +39,11 @@ written on the CPU and loaded back to the device.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -42,16 +52,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medkt.augment import AffineAugment, total_variation
+from medkt.augment import INVERSION_AUGMENTATIONS
 from medkt.backends.base import AnyResolution, Backend, as_numpy_image, require_embeddings
 from medkt.device import grad_scaler
 from medkt.errors import ConfigError, unknown_name
 from medkt.checkpoints import concept_settings, guard_resume, load_checkpoint, save_checkpoint, settings_digest
 from medkt.faults import fault_point
+from medkt.inversion_priors import INVERSION_PRIORS, EarlyStop, Init, Progressive, Residual, find, resize, settings_of
 from medkt.progress import Progress
 from medkt.registry import Registry
 from medkt.utils import atomic_write_json, atomic_write_text
-from medkt.validation import OneOf, Range
+from medkt.validation import Range, build, build_components, check, child, fail
 
 
 @dataclass
@@ -63,73 +74,46 @@ class InversionTarget:
     n_images: int = 10
 
 
+def _default_priors() -> list[dict[str, Any]]:
+    return [{"name": "tv", "weight": 0.005}]
+
+
+def _default_augmentations() -> list[dict[str, Any]]:
+    return [{"name": "affine", "p": 0.5}]
+
+
 @dataclass
 class InversionConfig:
     """Settings of `invert`; the defaults are the paper's (§4.2, README "Engine defaults").
 
     5,000 Adam ``steps`` at ``lr`` 0.1 with cosine annealing to ``lr_min``; loss = ``objective``
-    (``"cosine"``: -cos(f_V(A(x)), f_T(text))) + ``tv_weight`` 0.005 * TV(x); random affine ``A``
-    with probability ``augment_p`` 0.5 (±``rotate_deg`` 30°, ``translate`` 10 % of the size,
-    ``scale`` 0.7-1.0); per-image gradient-norm clip 1.0; pixels clamped to [0, 1]; init U(0, 1).
-    Progressive ``resolutions``, ``views``, ``chunk_size``, checkpoints, early stopping, the
-    ``"residual"`` parametrization and the acquisition/contrastive options are off by default.
-    Build from a dict (or a ``"preset"``) with `from_dict`; the field comments give the
-    units and the meaning of each option.
+    (``"cosine"``: -cos(f_V(A(x)), f_T(text))) + the ``priors``' penalties (``tv`` 0.005 * TV(x));
+    ``augmentations`` ``A`` applied in order to each of the ``views`` (the random affine with
+    p 0.5: ±30°, translation 10 % of the size, scale 0.7-1.0); per-image gradient-norm clip 1.0;
+    pixels clamped to [0, 1]; init U(0, 1). Components are ``{"name": NAME, **settings}``
+    (module docstring); ``objective`` is a name or such a dict (``"contrastive"`` takes
+    ``negative_texts``). Build from a dict (or a ``"preset"``) with `from_dict`.
     """
 
     steps: Annotated[int, Range(ge=1)] = 5000
     lr: Annotated[float, Range(gt=0)] = 0.1
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     lr_min: Annotated[float, Range(ge=0)] = 0.0
-    tv_weight: Annotated[float, Range(ge=0)] = 0.005
-    tv_diagonals: bool = False
-    objective: Annotated[str, OneOf(objective_names, "inversion objective")] = "cosine"
-    augment_p: Annotated[float, Range(0, 1)] = 0.5  # probability of the random affine per view
-    rotate_deg: Annotated[float, Range(0, 180)] = 30.0
-    translate: Annotated[float, Range(0, 1)] = 0.1  # fraction of the image size
-    scale: tuple[float, float] = (0.7, 1.0)
-    views: Annotated[int, Range(ge=1)] = 1  # augmented views of each image per step (gradients averaged)
+    objective: str | dict[str, Any] = "cosine"  # a name, or {"name": NAME, **its settings}
     grad_clip: Annotated[float, Range(gt=0)] | None = 1.0  # per-image gradient L2 norm clip
-    clamp: bool = True  # keep pixels in [0, 1] after each step
-    init: Literal["uniform", "normal", "gray", "images"] = "uniform"  # "uniform" U(0,1) | "normal" (N(0,1) in the model's normalised space) | "gray"
-    resolutions: list[Annotated[int, Range(ge=1)]] | None = None  # progressive sizes, e.g. [64, 128, 224]; last = model size
-    resolution_steps: list[Annotated[int, Range(ge=1)]] | None = None  # step at which each later size starts, e.g. [900, 1800]
+    views: Annotated[int, Range(ge=1)] = 1  # augmented views of each image per step (gradients averaged)
+    seed: int = 0
     chunk_size: Annotated[int, Range(ge=1)] | None = None  # images optimised together; None = all at once
     checkpoint_every: Annotated[int, Range(ge=0)] = 0  # 0 = no checkpoints
-    early_stop_patience: Annotated[int, Range(ge=0)] = 0  # 0 = off; stop a chunk when mean similarity gains < min_delta over this many steps
-    early_stop_min_delta: Annotated[float, Range(ge=0)] = 1e-3
-    seed: int = 0
-    # --- inversion priors (off by default; see docs/README "inversion priors") ---------------
-    # "pixels": optimise the image itself (paper Eq. 3). "residual": x = clamp(x0 + up(r)), with
-    # x0 an init image and r a low-resolution residual (``residual_size`` px, bicubic-upsampled,
-    # bounded by ``residual_max`` through tanh); TV then regularises the residual only. A smooth,
-    # bounded residual on a normal-anatomy image cannot become an imperceptible adversarial
-    # pattern spread over the whole image, so the model has to "draw" what the text describes.
-    parametrization: Literal["pixels", "residual"] = "pixels"
-    residual_size: Annotated[int, Range(ge=1)] | None = None  # None = model size
-    residual_max: Annotated[float, Range(gt=0)] | None = None  # None = unbounded
-    residual_l1: Annotated[float, Range(ge=0)] = 0.0  # weight of mean |residual|: a sparse, local edit of the init image
-    residual_sign: Literal["any", "positive", "negative"] = "any"  # "positive" (the finding adds density) | "negative" | "any"
-    # acquisition-like augmentation of each view (after the affine): Gaussian blur with sigma
-    # drawn in [0, blur_sigma] px and additive noise with std drawn in [0, noise_std], so the
-    # synthesised content must survive the degradations real scans have
-    blur_sigma: Annotated[float, Range(ge=0)] = 0.0
-    noise_std: Annotated[float, Range(ge=0)] = 0.0
-    # captions of concepts the images must NOT look like (e.g. the known classes); used by the
-    # "contrastive" objective, which inverts the paper's Eq. 1 condition directly: the image
-    # should be closer to its text than to every negative caption (softmax cross-entropy)
-    negative_texts: list[str] | None = None
-    contrastive_scale: Annotated[float, Range(ge=0)] = 0.0  # 0 = the backend's logit scale
-    # init="images" starts from ``invert(..., init_images=...)`` (cycled; e.g. normal scans)
-    init_jitter: Annotated[float, Range(ge=0)] = 0.0  # std of Gaussian noise added to init images (pixel units)
+    priors: list[Any] = field(default_factory=_default_priors)  # medkt.inversion_priors
+    augmentations: list[Any] = field(default_factory=_default_augmentations)  # medkt.augment
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, path: str = "inversion") -> "InversionConfig":
         """Build from a dict of fields, checked by `medkt.validation` (types, ranges and
-        choices are the annotations above; ``path`` names the options in errors). ``"preset": NAME``
-        starts from `INVERSION_PRESETS` (explicit fields override the preset's)."""
-        from medkt.validation import build, check
-
+        choices are the annotations above and the components' fields; ``path`` names the options
+        in errors). ``"preset": NAME`` starts from `INVERSION_PRESETS` (explicit fields override
+        the preset's)."""
         d = dict(d or {})
         if "preset" in d:
             name = check(d.pop("preset"), str, f"{path}#preset")
@@ -137,28 +121,83 @@ class InversionConfig:
         return build(cls, d, path, what="inversion")
 
     def validate(self, path: str = "inversion") -> None:
-        """Field types and ranges (the annotations), then the rules that involve several fields."""
+        """Field types and ranges, every component's name and settings, then the rules that
+        involve several components."""
         from medkt.validation import check_instance
 
         check_instance(self, path)
-        if not 0 < self.scale[0] <= self.scale[1]:
-            raise ConfigError(f"{path}#scale = {list(self.scale)}: expected [min, max] with 0 < min <= max", key=f"{path}#scale")
-        if self.parametrization == "residual" and self.resolutions is not None:
-            raise ConfigError(f"{path}: parametrization='residual' sets its own resolution (residual_size); "
-                              "remove 'resolutions'", key=f"{path}#resolutions")
-        if self.resolutions is not None:
-            n_steps = len(self.resolution_steps or [])
-            if n_steps != len(self.resolutions) - 1:
-                raise ConfigError(
-                    f"{path}#resolutions {self.resolutions} need {len(self.resolutions) - 1} resolution_steps, "
-                    f"got {self.resolution_steps}", key=f"{path}#resolution_steps")
-            if list(self.resolution_steps or []) != sorted(self.resolution_steps or []):
-                raise ConfigError(f"{path}#resolution_steps must increase, got {self.resolution_steps}",
-                                  key=f"{path}#resolution_steps")
+        self.objective_settings(path)
+        priors = self.build_priors(path)
+        self.build_augmentations(path)
+        if find(priors, Residual) and find(priors, Progressive):
+            raise ConfigError(f"{path}#priors: 'residual' sets its own resolution (its size); remove 'progressive'",
+                              key=f"{path}#priors")
+
+    def objective_name(self) -> str:
+        """The objective's registered name."""
+        return self.objective if isinstance(self.objective, str) else str(self.objective.get("name"))
+
+    def objective_settings(self, path: str = "inversion") -> Any:
+        """The objective's settings object (its registered ``settings`` class), None if it has none."""
+        where = child(path, "objective")
+        spec = {"name": self.objective} if isinstance(self.objective, str) else dict(self.objective)
+        name = spec.pop("name", None)
+        if not isinstance(name, str):
+            raise fail(where, self.objective, 'an objective name or {"name": NAME, ...settings}')
+        if name not in INVERSION_OBJECTIVES:
+            raise ConfigError(f"{where} = {name!r}: {unknown_name('inversion objective', name, objective_names())}",
+                              key=where)
+        kind = INVERSION_OBJECTIVES.meta(name, "settings")
+        if kind is None:
+            if spec:
+                raise ConfigError(f"{where}: the {name!r} objective takes no settings, got {sorted(spec)}", key=where)
+            return None
+        return build(kind, spec, where, what=f"{name!r} objective")
+
+    def describe_components(self) -> str:
+        """The priors and augmentations in one line for reports, e.g. ``"tv (weight 0.005); affine (p 0.5)"``."""
+        specs = [*self.priors, *self.augmentations]
+        return "; ".join(f"{s['name']} (" + ", ".join(f"{k} {v}" for k, v in s.items() if k != "name") + ")"
+                         for s in specs) or "none"
+
+    def init_kind(self) -> str:
+        """Where the images start: the ``"init"`` prior's kind (``"uniform"`` without one)."""
+        init = find(self.build_priors(), Init)
+        return init.kind if init is not None else "uniform"
+
+    def build_priors(self, path: str = "inversion") -> list[Any]:
+        """The ``priors`` as checked component objects (`medkt.inversion_priors`)."""
+        return build_components(self.priors, INVERSION_PRIORS, child(path, "priors"))
+
+    def build_augmentations(self, path: str = "inversion") -> list[Any]:
+        """The ``augmentations`` as checked component objects (`medkt.augment`)."""
+        return build_components(self.augmentations, INVERSION_AUGMENTATIONS, child(path, "augmentations"))
 
 
-#: Named inversion recipes (``{"preset": NAME}`` in a config). Resolutions are given for a
-#: 224-px model and scaled to the model by `preset_dict` when it is told the model size.
+def with_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """An inversion config dict with ``overrides`` applied: fields replaced, except ``priors`` /
+    ``augmentations`` given as ``{name: settings}``, which update those components' settings
+    (adding a component not listed), e.g. ``{"priors": {"residual": {"sign": "any"}}}``."""
+    out = {**config, **{k: v for k, v in overrides.items() if not (k in ("priors", "augmentations")
+                                                                     and isinstance(v, dict))}}
+    for key in ("priors", "augmentations"):
+        changes = overrides.get(key)
+        if not isinstance(changes, dict):
+            continue
+        default = _default_priors() if key == "priors" else _default_augmentations()
+        specs = [dict(s) for s in config.get(key, default)]
+        for name, settings in changes.items():
+            spec = next((s for s in specs if s.get("name") == name), None)
+            if spec is None:
+                specs.append({"name": name, **settings})
+            else:
+                spec.update(settings)
+        out[key] = specs
+    return out
+
+
+#: Named inversion recipes (``{"preset": NAME}`` in a config). A ``"progressive"`` prior's sizes
+#: are given for a 224-px model and scaled to the model by `preset_dict` when told the model size.
 #: "paper": the paper's 5,000 steps at the model size (= ``InversionConfig()``).
 #: "fast": medkt's measured recipe, 12.5x fewer steps (benchmarks/run/, README "Performance"):
 #: random-weight ViT-B/32 ends at similarity 0.9999 (the paper recipe cannot exceed 1); the tiny
@@ -172,13 +211,14 @@ INVERSION_PRESETS: dict[str, dict[str, Any]] = {
 
 
 def preset_dict(name: str, image_size: int | None = None) -> dict[str, Any]:
-    """The fields of preset ``name``; progressive resolutions scaled to ``image_size`` if given."""
+    """The fields of preset ``name``; a progressive prior's sizes scaled to ``image_size`` if given."""
     if name not in INVERSION_PRESETS:
         raise unknown_name("inversion preset", name, list(INVERSION_PRESETS))
     d = copy.deepcopy(INVERSION_PRESETS[name])
-    if image_size and d.get("resolutions"):
-        f = image_size / 224
-        d["resolutions"] = [min(image_size, max(4, int(round(r * f)))) for r in d["resolutions"][:-1]] + [image_size]
+    for prior in d.get("priors", []) if image_size else []:
+        if prior.get("name") == "progressive" and prior.get("sizes"):
+            f = image_size / 224
+            prior["sizes"] = [min(image_size, max(4, int(round(r * f)))) for r in prior["sizes"][:-1]] + [image_size]
     return d
 
 
@@ -209,10 +249,26 @@ class InversionResult:
 
 
 # --- objectives --------------------------------------------------------------------------------
-ObjectiveFn = Callable[[Backend, torch.Tensor, dict[str, Any]], tuple[torch.Tensor, torch.Tensor]]
-#: inversion objectives: ``fn(backend, x01 (B,C,S,S), ctx) -> (loss (B,), similarity (B,))``;
-#: metadata ``uses_text_embeddings`` (default True). ViLT's "itm" registers itself from
-#: `medkt.natural.objectives` (an entry point of the group ``medkt.inversion_objectives``, see `medkt.registry`).
+@dataclass
+class ObjectiveContext:
+    """What an inversion objective gets besides the images, aligned with the batch's rows.
+
+    ``texts`` (B strings); ``text_emb`` (B, D) normalised target embeddings, None for objectives
+    registered with ``uses_text_embeddings=False``; ``negative_emb`` (K, D) the embeddings of the
+    settings' ``negative_texts`` (if any); ``settings`` the objective's settings object (the
+    class registered as its ``settings``), None when it has none."""
+
+    texts: list[str]
+    text_emb: torch.Tensor | None = None
+    negative_emb: torch.Tensor | None = None
+    settings: Any = None
+
+
+ObjectiveFn = Callable[[Backend, torch.Tensor, ObjectiveContext], tuple[torch.Tensor, torch.Tensor]]
+#: inversion objectives: ``fn(backend, x01 (B,C,S,S), ctx: ObjectiveContext) -> (loss (B,), similarity (B,))``;
+#: metadata ``uses_text_embeddings`` (default True) and ``settings`` (a dataclass, or None). ViLT's
+#: "itm" registers itself from `medkt.natural.objectives` (an entry point of the group
+#: ``medkt.inversion_objectives``, see `medkt.registry`).
 INVERSION_OBJECTIVES: Registry[ObjectiveFn] = Registry("inversion objective", group="medkt.inversion_objectives")
 
 
@@ -221,44 +277,61 @@ def objective_names() -> list[str]:
     return INVERSION_OBJECTIVES.names()
 
 
-def register_inversion_objective(name: str, uses_text_embeddings: bool = True) -> Callable[[ObjectiveFn], ObjectiveFn]:
+def register_inversion_objective(name: str, uses_text_embeddings: bool = True,
+                                 settings: type | None = None) -> Callable[[ObjectiveFn], ObjectiveFn]:
     """Decorator registering an objective in `INVERSION_OBJECTIVES`:
-    ``fn(backend, x01 (B,C,S,S), ctx) -> (loss (B,), similarity (B,))``.
+    ``fn(backend, x01 (B,C,S,S), ctx: ObjectiveContext) -> (loss (B,), similarity (B,))``.
 
-    ``ctx`` holds ``texts`` (list of B strings) and ``text_emb`` (B, D) normalised target
-    embeddings, aligned with the rows of ``x01`` (plus ``negative_emb``/``contrastive_scale``).
-    ``text_emb`` is None for objectives registered with ``uses_text_embeddings=False`` (e.g.
-    ViLT's image-text matching, which reads the texts: such a model has no embeddings); their
-    returned similarity (e.g. the match probability) is what the run reports per image.
+    ``uses_text_embeddings=False`` (e.g. ViLT's image-text matching, which reads ``ctx.texts``:
+    such a model has no embeddings): ``ctx.text_emb`` is None and the returned similarity (e.g.
+    the match probability) is what the run reports per image. ``settings``: a dataclass of the
+    objective's options, given as ``"objective": {"name": NAME, **options}`` and passed as
+    ``ctx.settings``.
     """
-    return INVERSION_OBJECTIVES.register(name, uses_text_embeddings=uses_text_embeddings)
+    return INVERSION_OBJECTIVES.register(name, uses_text_embeddings=uses_text_embeddings, settings=settings)
 
 
 @register_inversion_objective("cosine")
-def cosine_objective(backend: Backend, x: torch.Tensor, ctx: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def cosine_objective(backend: Backend, x: torch.Tensor, ctx: ObjectiveContext) -> tuple[torch.Tensor, torch.Tensor]:
     """The default (paper Eq. 3): loss ``-cos(f_V(x), text_emb)`` and the cosine, both ``(B,)``."""
     emb = F.normalize(backend.encode_pixels(x).float(), dim=-1)
-    sim = (emb * ctx["text_emb"]).sum(-1)
+    sim = (emb * ctx.text_emb).sum(-1)
     return -sim, sim
 
 
 @register_inversion_objective("l2")
-def l2_objective(backend: Backend, x: torch.Tensor, ctx: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def l2_objective(backend: Backend, x: torch.Tensor, ctx: ObjectiveContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared L2 between normalised embeddings (= 2 - 2 cos; the CLIP-inversion reference's loss)."""
     emb = F.normalize(backend.encode_pixels(x).float(), dim=-1)
-    sim = (emb * ctx["text_emb"]).sum(-1)
-    return (emb - ctx["text_emb"]).pow(2).sum(-1), sim
+    sim = (emb * ctx.text_emb).sum(-1)
+    return (emb - ctx.text_emb).pow(2).sum(-1), sim
 
 
-@register_inversion_objective("contrastive")
-def contrastive_objective(backend: Backend, x: torch.Tensor, ctx: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the target text against ``negative_texts`` (paper Eq. 1/2 used for inversion)."""
-    neg = ctx.get("negative_emb")
+@dataclass
+class ContrastiveSettings:
+    """Settings of the ``"contrastive"`` objective: captions the images must NOT look like (e.g.
+    the known classes) and the logit ``scale`` (0 = the backend's)."""
+
+    negative_texts: list[str]
+    scale: Annotated[float, Range(ge=0)] = 0.0
+
+    def validate(self, path: str = "objective") -> None:
+        """At least one negative caption."""
+        if not self.negative_texts:
+            raise ConfigError(f"{path}#negative_texts is empty: the 'contrastive' objective needs captions to "
+                              "push away from (e.g. the known classes')", key=f"{path}#negative_texts")
+
+
+@register_inversion_objective("contrastive", settings=ContrastiveSettings)
+def contrastive_objective(backend: Backend, x: torch.Tensor, ctx: ObjectiveContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of the target text against ``negative_texts`` (paper Eq. 1/2 used for inversion):
+    it inverts Eq. 1's condition directly, the image closer to its text than to every negative."""
+    neg = ctx.negative_emb
     if neg is None or len(neg) == 0:
         raise ConfigError("the 'contrastive' inversion objective needs negative_texts (e.g. the known classes' captions)")
     emb = F.normalize(backend.encode_pixels(x).float(), dim=-1)
-    sim = (emb * ctx["text_emb"]).sum(-1)
-    scale = ctx.get("contrastive_scale") or float(backend.logit_scale)
+    sim = (emb * ctx.text_emb).sum(-1)
+    scale = ctx.settings.scale or float(backend.logit_scale)
     logits = scale * torch.cat([sim[:, None], emb @ neg.T], 1)
     return F.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long, device=logits.device), reduction="none"), sim
 
@@ -290,79 +363,6 @@ def lr_scheduler(opt: torch.optim.Optimizer, cfg: InversionConfig,
             sched.step()
     return sched
 
-
-def _stages(cfg: InversionConfig, model_size: int) -> list[tuple[int, int]]:
-    """[(start_step, size)] of the progressive-resolution schedule."""
-    if not cfg.resolutions:
-        return [(0, model_size)]
-    starts = [0, *cfg.resolution_steps]
-    return list(zip(starts, cfg.resolutions))
-
-
-def _stage_size(stages: list[tuple[int, int]], step: int) -> int:
-    size = stages[0][1]
-    for start, s in stages:
-        if step >= start:
-            size = s
-    return size
-
-
-def _init_pixels(backend: Backend, cfg: InversionConfig, indices: Sequence[int], size: int,
-                 init_images: torch.Tensor | None = None) -> torch.Tensor:
-    """Start images ``(n, C, size, size)`` on ``backend.device``; drawn on the CPU (same on every device)."""
-    imgs = []
-    for i in indices:
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + int(i))
-        shape = (backend.image_channels, size, size)
-        if cfg.init == "images":
-            if init_images is None or len(init_images) == 0:
-                raise ConfigError("init='images' needs init images: pass invert(..., init_images=(N, C, S, S) tensor)")
-            x0 = _to_model_size(init_images[int(i) % len(init_images)][None].to("cpu", torch.float32), size)[0]
-            if cfg.init_jitter:
-                x0 = x0 + cfg.init_jitter * torch.randn(shape, generator=g)
-            imgs.append(x0)
-        elif cfg.init == "uniform":
-            imgs.append(torch.rand(shape, generator=g))
-        elif cfg.init == "gray":
-            imgs.append(torch.full(shape, 0.5) + 0.01 * torch.randn(shape, generator=g))
-        else:  # N(0, 1) in the model's normalised input space
-            mean = torch.tensor(backend.mean[: backend.image_channels]).view(-1, 1, 1)
-            std = torch.tensor(backend.std[: backend.image_channels]).view(-1, 1, 1)
-            imgs.append(mean + std * torch.randn(shape, generator=g))
-    x = torch.stack(imgs)
-    return (x.clamp(0, 1) if cfg.clamp else x).to(backend.device)
-
-
-def _to_model_size(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[-1] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
-
-
-def _negative_emb(backend: Backend, cfg: InversionConfig) -> torch.Tensor | None:
-    if not cfg.negative_texts:
-        return None
-    with backend.autocast():
-        return backend.encode_texts(list(cfg.negative_texts))
-
-
-def _degrade(x: torch.Tensor, cfg: InversionConfig, gen: torch.Generator) -> torch.Tensor:
-    """Random blur / noise per sample (``blur_sigma``, ``noise_std``); identity when both are 0."""
-    if cfg.blur_sigma > 0:
-        sig = torch.rand(x.shape[0], generator=gen) * cfg.blur_sigma
-        r = max(1, int(math.ceil(2.5 * cfg.blur_sigma)))
-        t = torch.arange(-r, r + 1, dtype=x.dtype)
-        k = torch.exp(-(t[None] ** 2) / (2 * sig.clamp_min(1e-3)[:, None].to(x.dtype) ** 2))
-        k = (k / k.sum(1, keepdim=True)).to(x.device)  # (B, K) separable kernels, one per sample
-        B, C, H, W = x.shape
-        xp = F.pad(x.reshape(1, B * C, H, W), (r, r, r, r), mode="replicate")
-        kk = k.repeat_interleave(C, 0)
-        xp = F.conv2d(xp, kk[:, None, None, :], groups=B * C)
-        x = F.conv2d(xp, kk[:, None, :, None], groups=B * C).reshape(B, C, H, W)
-    if cfg.noise_std > 0:
-        std = torch.rand(x.shape[0], 1, 1, 1, generator=gen) * cfg.noise_std
-        x = x + std.to(x.device, x.dtype) * torch.randn(x.shape, generator=gen).to(x.device, x.dtype)
-    return x
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -396,16 +396,21 @@ def resume_settings(backend: Backend, cfg: InversionConfig, targets: Sequence[In
                     init_images: torch.Tensor | None = None) -> dict[str, Any]:
     """What an inversion's images depend on (recorded with its checkpoints; ``--resume`` with
     different values is refused): the backend spec and precision, every config field but
-    ``checkpoint_every``, the targets and a digest of the init images."""
+    ``checkpoint_every`` with each component's full settings (defaults included, keyed by name so
+    a diff reads ``inversion.priors.tv.weight: 0.005 -> 0.01``), the targets and a digest of the
+    init images."""
     import hashlib
 
-    settings: dict[str, Any] = {
-        "backend": backend.spec,
-        "inversion": {k: v for k, v in asdict(cfg).items() if k not in _NOT_RESULT_SHAPING},
-        "concepts": concept_settings(targets),
-    }
-    settings["precision"] = str(backend.precision)
-    if init_images is not None and cfg.init == "images":
+    inv = {k: v for k, v in asdict(cfg).items() if k not in _NOT_RESULT_SHAPING}
+    obj = cfg.objective_settings()
+    inv["objective"] = {"name": cfg.objective_name(), **(settings_of(obj) if obj is not None else {})}
+    priors = cfg.build_priors()
+    inv["priors"] = {s["name"]: settings_of(p) for s, p in zip(cfg.priors, priors)}
+    inv["augmentations"] = {s["name"]: settings_of(a) for s, a in zip(cfg.augmentations, cfg.build_augmentations())}
+    settings: dict[str, Any] = {"backend": backend.spec, "inversion": inv, "concepts": concept_settings(targets),
+                                "precision": str(backend.precision)}
+    init = find(priors, Init)
+    if init_images is not None and init is not None and init.kind == "images":
         data = init_images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
         settings["init_images"] = hashlib.sha256(data).hexdigest()[:16]
     return settings
@@ -416,145 +421,204 @@ def _chunk_path(ckpt_dir: Path, chunk_id: int) -> Path:
 
 
 # --- main loop ---------------------------------------------------------------------------------
-def _run_chunk(
-    backend: Backend,
-    cfg: InversionConfig,
-    chunk_id: int,
-    indices: list[int],
-    text_emb: torch.Tensor | None,
-    texts: list[str],
-    ckpt_path: Path | None,
-    resume: bool,
-    progress: Any,
-    init_images: torch.Tensor | None = None,
-    digest: str | None = None,
-) -> tuple[torch.Tensor, int, list[float]]:
-    """Optimise one chunk of images; returns (images at model size, steps run, mean-similarity history).
+class _Canvas:
+    """What a chunk optimises and how it becomes the image the model sees: the pixels (at the
+    ``"progressive"`` prior's sizes, if listed) or, with the ``"residual"`` prior, an edit of
+    fixed start images."""
 
-    Checkpoints (``ckpt_path``, every ``cfg.checkpoint_every`` steps and once more when the chunk
-    is done) carry ``digest``, the digest of the settings that shape the result; resuming from
-    a checkpoint with another digest is refused, and a finished chunk is not run again.
+    def __init__(self, backend: Backend, priors: list[Any], indices: Sequence[int], seed: int,
+                 init_images: torch.Tensor | None):
+        self.backend, self.indices, self.seed, self.init_images = backend, indices, seed, init_images
+        self.size = backend.image_size
+        self.init = find(priors, Init) or Init()
+        self.residual = find(priors, Residual)
+        progressive = find(priors, Progressive)
+        self.stages = progressive.stages() if progressive is not None else [(0, self.size)]
+        self.base = self.start_images(self.size).detach() if self.residual else None
+        # A backend that takes any input size runs at the stage's size (the saving progressive
+        # resolution is for); otherwise each stage is upsampled to the model size every step.
+        self.native = isinstance(backend, AnyResolution) and backend.accepts_any_size()
 
-    The optimised tensor is the pixels themselves (``parametrization="pixels"``, optionally at
-    progressive resolutions) or, with ``"residual"``, a low-resolution edit ``d`` on top of fixed
-    start images: ``x = clamp(base + residual_max * tanh(up(d) / residual_max))``.
-    """
-    objective = get_objective(cfg.objective)
-    augment = AffineAugment(cfg.augment_p, cfg.rotate_deg, cfg.translate, cfg.scale)
-    residual = cfg.parametrization == "residual"
-    size = backend.image_size
-    stages = [(0, size)] if residual else _stages(cfg, size)
-    device = backend.device
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + chunk_id)  # CPU: same draws on every device
-    base = _init_pixels(backend, cfg, indices, size, init_images).detach() if residual else None
-    step, history, state = 0, [], None
-    best, since_best = -float("inf"), 0  # early stopping
-    if resume and ckpt_path is not None and ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, digest)
-        step, history = int(state["step"]), list(state["history"])
-        best, since_best = state.get("early_stop", (best, since_best))
-        p = state["pixels"].clone().to(device)
-        gen.set_state(state["rng"])
-    elif residual:
-        rsize = cfg.residual_size or size
-        p = torch.zeros(base.shape[0], base.shape[1], rsize, rsize, device=device)
-    else:
-        p = _init_pixels(backend, cfg, indices, _stage_size(stages, 0), init_images)
-    p.requires_grad_(True)
-    opt = torch.optim.Adam([p], lr=cfg.lr)
-    if state is not None and state.get("adam") is not None:
-        opt.load_state_dict(state["adam"])  # Adam moves its state to the pixels' device
-    sched = lr_scheduler(opt, cfg, step)
-    # fp16 forward passes: scale the loss so small pixel gradients do not underflow (disabled otherwise)
-    scaler = grad_scaler(device, backend.precision)
-    if state is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
+    def start_images(self, size: int) -> torch.Tensor:
+        return self.init.images(self.backend, self.indices, size, self.seed, self.init_images)
 
-    # A backend that takes any input size runs at the stage's size (the saving progressive
-    # resolution is for); otherwise each stage is upsampled to the model size every step.
-    native_stages = isinstance(backend, AnyResolution) and backend.accepts_any_size()
+    def start(self) -> torch.Tensor:
+        """The tensor optimised from step 0."""
+        if self.residual is None:
+            return self.start_images(self.stage_size(0))
+        rsize = self.residual.size or self.size
+        return torch.zeros(self.base.shape[0], self.base.shape[1], rsize, rsize, device=self.backend.device)
 
-    def render(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (image the model sees, the tensor TV/sparsity regularise)."""
-        if not residual:
-            return (t if native_stages else _to_model_size(t, size)), t
-        d = _to_model_size(t, size)
-        if cfg.residual_max:
-            d = cfg.residual_max * torch.tanh(d / cfg.residual_max)
-        x = base + d
-        return (x.clamp(0, 1) if cfg.clamp else x), d
+    def stage_size(self, step: int) -> int:
+        """The size optimised at ``step`` (progressive resolution)."""
+        if self.residual is not None:
+            return self.residual.size or self.size
+        size = self.stages[0][1]
+        for start, s in self.stages:
+            if step >= start:
+                size = s
+        return size
 
-    ctx = {"text_emb": text_emb.repeat(cfg.views, 1) if text_emb is not None else None,
-           "texts": list(texts) * cfg.views,
-           "negative_emb": _negative_emb(backend, cfg), "contrastive_scale": cfg.contrastive_scale}
-    done = bool(state is not None and state.get("done"))
+    def final_stage(self, step: int) -> bool:
+        return self.residual is not None or self.stage_size(step) == self.stages[-1][1]
 
-    def checkpoint(done: bool = False) -> None:
-        ckpt = {"step": step, "pixels": p.detach().cpu().clone(), "adam": _to_cpu(opt.state_dict()),
-                "rng": gen.get_state(), "history": history, "indices": list(indices),
-                "early_stop": [best, since_best], "done": done, "settings_digest": digest}
-        if scaler.is_enabled():
-            ckpt["scaler"] = scaler.state_dict()
-        save_checkpoint(ckpt, ckpt_path)
+    def render(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (image the model sees, the tensor the priors' penalties see)."""
+        if self.residual is not None:
+            return self.residual.render(p, self.base)
+        return (p if self.native else resize(p, self.size)), p
+
+    def project(self, p: torch.Tensor) -> None:
+        """In place after each step: pixels clamped to [0, 1]; a residual kept one-signed."""
+        if self.residual is not None:
+            self.residual.project(p)
+        else:
+            p.clamp_(0, 1)
+
+    def final(self, p: torch.Tensor) -> torch.Tensor:
+        """The images at the model size, in [0, 1]."""
+        return resize(self.render(p.detach())[0], self.size).clamp(0, 1)
+
+
+@dataclass
+class _Run:
+    """What every chunk of one `invert` call shares."""
+
+    backend: Backend
+    cfg: InversionConfig
+    priors: list[Any]
+    augmentations: list[Any]
+    objective: ObjectiveFn
+    ctx: ObjectiveContext  # for all images; `_run_chunk` takes the chunk's rows
+    ckpt_dir: Path | None = None
+    resume: bool = False
+    init_images: torch.Tensor | None = None
+    digest: str | None = None
+
+
+class _Chunk:
+    """The optimisation state of one chunk: tensor, Adam, schedule, loss scaler, augmentation RNG,
+    step, history and early stopping; saved to and restored from a checkpoint."""
+
+    def __init__(self, run: _Run, chunk_id: int, indices: list[int]):
+        cfg, backend = run.cfg, run.backend
+        self.run, self.indices = run, indices
+        self.path = _chunk_path(run.ckpt_dir, chunk_id) if run.ckpt_dir is not None else None
+        self.canvas = _Canvas(backend, run.priors, indices, cfg.seed, run.init_images)
+        self.gen = torch.Generator().manual_seed(cfg.seed * 7919 + chunk_id)  # CPU: same draws on every device
+        stop = find(run.priors, EarlyStop)
+        self.stop = copy.copy(stop) if stop is not None else None  # its state is per chunk
+        self.step, self.history, self.done, state = 0, [], False, None
+        if run.resume and self.path is not None and self.path.is_file():
+            state = load_checkpoint(self.path, run.digest)
+            self.step, self.history, self.done = int(state["step"]), list(state["history"]), bool(state.get("done"))
+            if self.stop is not None:
+                self.stop.best, self.stop.since_best = state.get("early_stop", (self.stop.best, self.stop.since_best))
+            p = state["pixels"].clone().to(backend.device)
+            self.gen.set_state(state["rng"])
+        else:
+            p = self.canvas.start()
+        self.restart(p, state.get("adam") if state is not None else None)
+        # fp16 forward passes: scale the loss so small pixel gradients do not underflow (disabled otherwise)
+        self.scaler = grad_scaler(backend.device, backend.precision)
+        if state is not None and state.get("scaler") is not None:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def restart(self, p: torch.Tensor, adam_state: dict[str, Any] | None = None) -> None:
+        """Optimise ``p`` with a new Adam (or one loaded from ``adam_state``), its schedule
+        positioned at the current step."""
+        self.p = p.requires_grad_(True)
+        self.opt = torch.optim.Adam([self.p], lr=self.run.cfg.lr)
+        if adam_state is not None:
+            self.opt.load_state_dict(adam_state)  # Adam moves its state to the pixels' device
+        self.sched = lr_scheduler(self.opt, self.run.cfg, self.step)
+
+    def grow(self) -> None:
+        """Progressive resolution: upsample to this step's size and restart Adam."""
+        size = self.canvas.stage_size(self.step)
+        if self.canvas.residual is None and self.p.shape[-1] != size:
+            with torch.no_grad():
+                p = resize(self.p.detach(), size).clamp(0, 1)
+            self.restart(p)
+
+    def checkpoint(self, done: bool = False) -> None:
+        stop = [self.stop.best, self.stop.since_best] if self.stop is not None else [-float("inf"), 0]
+        ckpt = {"step": self.step, "pixels": self.p.detach().cpu().clone(), "adam": _to_cpu(self.opt.state_dict()),
+                "rng": self.gen.get_state(), "history": self.history, "indices": list(self.indices),
+                "early_stop": stop, "done": done, "settings_digest": self.run.digest}
+        if self.scaler.is_enabled():
+            ckpt["scaler"] = self.scaler.state_dict()
+        save_checkpoint(ckpt, self.path)
         fault_point("inversion")  # kill-and-resume tests: die right after a checkpoint
 
-    if progress is not None:
-        progress.skip(step)
-    while step < cfg.steps and not done:
-        stage = _stage_size(stages, step)
-        if not residual and p.shape[-1] != stage:  # progressive resolution: upsample and restart Adam
-            with torch.no_grad():
-                p = _to_model_size(p.detach(), stage)
-                p = p.clamp(0, 1) if cfg.clamp else p
-            p.requires_grad_(True)
-            opt = torch.optim.Adam([p], lr=cfg.lr)
-            sched = lr_scheduler(opt, cfg, step)
-        xm, reg = render(p)
-        xa = augment(xm.repeat(cfg.views, 1, 1, 1), gen)
-        if cfg.blur_sigma > 0 or cfg.noise_std > 0:
-            xa = _degrade(xa, cfg, gen)
-        with backend.autocast():  # only the model runs in low precision; pixels and losses stay fp32
-            loss_rows, sim_rows = objective(backend, xa, ctx)
-        loss = loss_rows.float().view(cfg.views, -1).mean(0)
-        if cfg.tv_weight:
-            loss = loss + cfg.tv_weight * total_variation(reg, cfg.tv_diagonals)
-        if residual and cfg.residual_l1:
-            loss = loss + cfg.residual_l1 * reg.abs().mean(dim=(1, 2, 3))
-        (p.grad,) = torch.autograd.grad(scaler.scale(loss.sum()), p)
+    def loss(self, ctx: ObjectiveContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image loss ``(n,)`` (objective averaged over the views, plus the priors' penalties)
+        and the objective's similarity per view row."""
+        views = self.run.cfg.views
+        xm, reg = self.canvas.render(self.p)
+        xa = xm.repeat(views, 1, 1, 1)
+        for aug in self.run.augmentations:
+            xa = aug(xa, self.gen)
+        with self.run.backend.autocast():  # only the model runs in low precision; pixels and losses stay fp32
+            loss_rows, sim_rows = self.run.objective(self.run.backend, xa, ctx)
+        loss = loss_rows.float().view(views, -1).mean(0)
+        for prior in self.run.priors:
+            term = prior.penalty(reg)
+            if term is not None:
+                loss = loss + term
+        return loss, sim_rows
+
+    def update(self, loss: torch.Tensor) -> None:
+        """One Adam step on ``loss.sum()`` with the per-image clip, the schedule and the projection."""
+        scaler, opt, clip = self.scaler, self.opt, self.run.cfg.grad_clip
+        (self.p.grad,) = torch.autograd.grad(scaler.scale(loss.sum()), self.p)
         scaler.unscale_(opt)  # no-op unless fp16
-        if cfg.grad_clip:
-            p.grad = _clip_per_image(p.grad, cfg.grad_clip)
+        if clip:
+            self.p.grad = _clip_per_image(self.p.grad, clip)
         scaler.step(opt)  # skips the step if fp16 gradients overflowed
         scaler.update()
-        if sched is not None:
-            sched.step()
+        if self.sched is not None:
+            self.sched.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            if residual and cfg.residual_sign != "any":  # projected gradient: keep the edit one-signed
-                p.clamp_(min=0) if cfg.residual_sign == "positive" else p.clamp_(max=0)
-            elif not residual and cfg.clamp:
-                p.clamp_(0, 1)
-        step += 1
+            self.canvas.project(self.p)
+
+
+def _run_chunk(run: _Run, chunk_id: int, indices: list[int], progress: Any) -> tuple[torch.Tensor, int, list[float]]:
+    """Optimise one chunk of images; returns (images at model size, steps run, mean-similarity history).
+
+    Checkpoints (every ``cfg.checkpoint_every`` steps and once more when the chunk is done) carry
+    ``run.digest``, the digest of the settings that shape the result; resuming from a checkpoint
+    with another digest is refused, and a finished chunk is not run again.
+    """
+    cfg, views = run.cfg, run.cfg.views
+    c = _Chunk(run, chunk_id, indices)
+    emb = run.ctx.text_emb
+    rows = ObjectiveContext([run.ctx.texts[i] for i in indices] * views,  # the chunk's rows, once per view
+                            emb[indices].repeat(views, 1) if emb is not None else None,
+                            run.ctx.negative_emb, run.ctx.settings)
+    saving = c.path is not None and cfg.checkpoint_every > 0
+    if progress is not None:
+        progress.skip(c.step)
+    while c.step < cfg.steps and not c.done:
+        c.grow()
+        loss, sim_rows = c.loss(rows)
+        c.update(loss)
+        c.step += 1
         mean_sim = float(sim_rows.detach().mean())
-        history.append(mean_sim)
+        c.history.append(mean_sim)
         if progress is not None:
-            progress.set_postfix(sim=f"{mean_sim:.3f}", size=p.shape[-1])
+            progress.set_postfix(sim=f"{mean_sim:.3f}", size=c.p.shape[-1])
             progress.update(1)
-        if cfg.early_stop_patience and stage == stages[-1][1]:
-            if mean_sim > best + cfg.early_stop_min_delta:
-                best, since_best = mean_sim, 0
-            else:
-                since_best += 1
-                if since_best >= cfg.early_stop_patience:
-                    break
+        if c.stop is not None and c.canvas.final_stage(c.step - 1) and c.stop.update(mean_sim):
+            break
         # after the early-stopping update, so a resumed run continues from exactly this state
-        if ckpt_path is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            checkpoint()
-    if ckpt_path is not None and cfg.checkpoint_every and not done:
-        checkpoint(done=True)  # a finished chunk is not optimised again on resume
+        if saving and c.step % cfg.checkpoint_every == 0 and c.step < cfg.steps:
+            c.checkpoint()
+    if saving and not c.done:
+        c.checkpoint(done=True)  # a finished chunk is not optimised again on resume
     with torch.no_grad():
-        final = _to_model_size(render(p.detach())[0], size)
-    return (final.clamp(0, 1) if cfg.clamp else final), step, history
+        return c.canvas.final(c.p), c.step, c.history
 
 
 def invert(
@@ -580,86 +644,100 @@ def invert(
             targets). Without it, the chunk checkpoints in ``out_dir`` are started over.
         chunks: only run these chunk indices (used to shard work across processes); the result
             then holds only their images.
-        init_images: ``(M, C, S, S)`` [0, 1] starting images for ``init="images"`` (image ``i``
-            starts from ``init_images[i % M]``), e.g. a few normal scans of the target domain.
+        init_images: ``(M, C, S, S)`` [0, 1] starting images for the ``"init"`` prior's kind
+            ``"images"`` (image ``i`` starts from ``init_images[i % M]``), e.g. a few normal scans.
     Returns:
         `InversionResult` with images ``(N, C, S, S)`` in [0, 1].
     """
     cfg = config if isinstance(config, InversionConfig) else InversionConfig.from_dict(config)
-    cfg.validate()
+    cfg.validate()  # every name and setting fails here, before any work
+    run = _prepare(backend, cfg, targets, out_dir, resume, init_images)
+    n = len(run.ctx.texts)
+    chunk = cfg.chunk_size or n
+    all_chunks = [list(range(i, min(i + chunk, n))) for i in range(0, n, chunk)]
+    selected = list(range(len(all_chunks))) if chunks is None else list(chunks)
+    if run.ckpt_dir is not None and not resume:  # a fresh start: chunk files left in this folder are stale
+        for cid in selected:
+            _chunk_path(run.ckpt_dir, cid).unlink(missing_ok=True)
+    start = time.perf_counter()
+    images, steps_run, histories, keep = [], [], [], []
+    bar = Progress(cfg.steps * len(selected), "inversion", unit="step", enabled=progress)
+    with _frozen(backend), contextlib.closing(bar):
+        for cid in selected:
+            x, s, hist = _run_chunk(run, cid, all_chunks[cid], bar)
+            images.append(x)
+            steps_run.append(s)
+            histories.append(hist)
+            keep += all_chunks[cid]
+    imgs = torch.cat(images)
+    sims = _final_similarities(run, imgs, keep)
+    concepts = [t.concept for t in targets for _ in range(t.n_images)]
+    return InversionResult(images=imgs, concepts=[concepts[i] for i in keep], texts=[run.ctx.texts[i] for i in keep],
+                           similarities=sims, seconds=time.perf_counter() - start, steps_run=steps_run,
+                           history=histories)
+
+
+@contextlib.contextmanager
+def _frozen(backend: Backend) -> Iterator[None]:
+    """Eval mode and no parameter gradients (only the pixels need them); restored afterwards."""
+    requires = [p.requires_grad for p in backend.parameters()]
+    for p in backend.parameters():
+        p.requires_grad_(False)
+    was_training = backend.training
+    backend.eval()
+    try:
+        yield
+    finally:
+        for p, r in zip(backend.parameters(), requires):
+            p.requires_grad_(r)
+        backend.train(was_training)
+
+
+def _prepare(backend: Backend, cfg: InversionConfig, targets: Sequence[InversionTarget], out_dir: str | Path | None,
+             resume: bool, init_images: torch.Tensor | None) -> _Run:
+    """The shared part of an inversion: components, target texts and embeddings, and the
+    checkpoint folder (tagged with the settings that shape the images; resuming with others is refused)."""
     if not targets:
         raise ConfigError("nothing to invert: the list of concepts is empty")
-    texts, concepts = [], []
+    texts = []
     for t in targets:
         if t.n_images < 1:
             raise ConfigError(f"concept {t.concept!r}: n_images must be >= 1, got {t.n_images}")
         texts += [t.text] * t.n_images
-        concepts += [t.concept] * t.n_images
-    n = len(texts)
-    get_objective(cfg.objective)  # an unknown name fails before any work
-    # checkpoints are tagged with the settings that shape the images; resuming with others is refused
     ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
     digest = None
     if ckpt_dir is not None:
         settings = resume_settings(backend, cfg, targets, init_images)
         guard_resume(ckpt_dir, "inversion", settings, resume)
         digest = settings_digest(settings)
-    text_emb = None
-    if INVERSION_OBJECTIVES.meta(cfg.objective, "uses_text_embeddings", True):
-        require_embeddings(backend, f"inversion objective {cfg.objective!r}", "objective 'itm'")
+    name, obj_settings = cfg.objective_name(), cfg.objective_settings()
+    ctx = ObjectiveContext(texts, settings=obj_settings)
+    if INVERSION_OBJECTIVES.meta(name, "uses_text_embeddings", True):
+        require_embeddings(backend, f"inversion objective {name!r}", "objective 'itm'")
         uniq = sorted(set(texts), key=texts.index)
         with backend.autocast():
             emb_by_text = dict(zip(uniq, backend.encode_texts(uniq)))
-        text_emb = torch.stack([emb_by_text[t] for t in texts])
-    chunk = cfg.chunk_size or n
-    all_chunks = [list(range(i, min(i + chunk, n))) for i in range(0, n, chunk)]
-    selected = list(range(len(all_chunks))) if chunks is None else list(chunks)
-
-    if ckpt_dir is not None and not resume:  # a fresh start: chunk files left in this folder are stale
-        for cid in selected:
-            _chunk_path(ckpt_dir, cid).unlink(missing_ok=True)
-    requires = [p.requires_grad for p in backend.parameters()]
-    for p in backend.parameters():  # only the pixels need gradients
-        p.requires_grad_(False)
-    was_training = backend.training
-    backend.eval()
-    start = time.perf_counter()
-    images, steps_run, histories, keep = [], [], [], []
-    bar = Progress(cfg.steps * len(selected), "inversion", unit="step", enabled=progress)
-    try:
-        for cid in selected:
-            idx = all_chunks[cid]
-            path = _chunk_path(ckpt_dir, cid) if ckpt_dir is not None else None
-            chunk_emb = text_emb[idx] if text_emb is not None else None
-            x, s, hist = _run_chunk(backend, cfg, cid, idx, chunk_emb, [texts[i] for i in idx], path, resume, bar,
-                                    init_images, digest)
-            images.append(x)
-            steps_run.append(s)
-            histories.append(hist)
-            keep += idx
-    finally:
-        bar.close()
-        for p, r in zip(backend.parameters(), requires):
-            p.requires_grad_(r)
-        backend.train(was_training)
-    imgs = torch.cat(images)
-    if text_emb is not None:
+        ctx.text_emb = torch.stack([emb_by_text[t] for t in texts])
+    negatives = getattr(obj_settings, "negative_texts", None)  # a settings field, not a backend capability
+    if negatives:
         with backend.autocast():
-            sims = similarity(backend, imgs, text_emb[keep]).tolist()
-    else:  # the objective's own similarity (e.g. ITM match probability), un-augmented
-        fn, kept_texts, sims = get_objective(cfg.objective), [texts[i] for i in keep], []
-        with torch.no_grad(), backend.autocast():
-            for i in range(0, len(imgs), 32):
-                sims += fn(backend, imgs[i : i + 32], {"texts": kept_texts[i : i + 32], "text_emb": None})[1].tolist()
-    return InversionResult(
-        images=imgs,
-        concepts=[concepts[i] for i in keep],
-        texts=[texts[i] for i in keep],
-        similarities=sims,
-        seconds=time.perf_counter() - start,
-        steps_run=steps_run,
-        history=histories,
-    )
+            ctx.negative_emb = backend.encode_texts(list(negatives))
+    return _Run(backend, cfg, cfg.build_priors(), cfg.build_augmentations(), get_objective(name), ctx,
+                ckpt_dir, resume, init_images, digest)
+
+
+def _final_similarities(run: _Run, imgs: torch.Tensor, keep: list[int]) -> list[float]:
+    """Un-augmented similarity of each kept image: the cosine to its text, or (objectives without
+    text embeddings) the objective's own similarity, e.g. ViLT's match probability."""
+    backend = run.backend
+    if run.ctx.text_emb is not None:
+        with backend.autocast():
+            return similarity(backend, imgs, run.ctx.text_emb[keep]).tolist()
+    kept_texts, sims = [run.ctx.texts[i] for i in keep], []
+    with torch.no_grad(), backend.autocast():
+        for i in range(0, len(imgs), 32):
+            sims += run.objective(backend, imgs[i : i + 32], ObjectiveContext(kept_texts[i : i + 32]))[1].tolist()
+    return sims
 
 
 def _slug(name: str) -> str:
@@ -798,4 +876,5 @@ __all__ = [
     "InversionConfig", "InversionResult", "InversionTarget", "invert", "INVERSION_PRESETS", "preset_dict",
     "save_inversion", "load_inversion",
     "register_inversion_objective", "get_objective", "invert_sharded", "INVERSION_OBJECTIVES", "similarity", "inversion_summary",
+    "ObjectiveContext", "ContrastiveSettings", "with_overrides",
 ]

@@ -51,7 +51,8 @@ RECIPES: dict[str, Recipe] = {
     "paper": Recipe("paper", 10),
     # ViLT: inversion from N(0, 1) through the 2-way image-text matching head, no affine; weight
     # decay 0.01 (paper §4.2, as the rare_concepts_vilt bundle)
-    "paper-vilt": Recipe("paper-vilt", 10, {"objective": "itm", "init": "normal", "augment_p": 0.0},
+    "paper-vilt": Recipe("paper-vilt", 10, {"objective": "itm", "augmentations": [],
+                                        "priors": [{"name": "init", "kind": "normal"}, {"name": "tv", "weight": 0.005}]},
                          {"loss": "itm", "weight_decay": 0.01, "optimizer": "adamw"}),
     # CoCa: contrastive plus 0.1 x captioning loss (paper §4.2, as the coco_captioning_coca bundle)
     "paper-coca": Recipe("paper-coca", 10, {}, {"loss": "clip+caption"}),

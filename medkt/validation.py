@@ -9,7 +9,7 @@ The schema is the Python declaration itself, so it is written once, next to the 
 * ranges and run-time choices ride along with `typing.Annotated`:
 
       steps: Annotated[int, Range(ge=1)] = 5000
-      augment_p: Annotated[float, Range(0, 1)] = 0.5
+      p: Annotated[float, Range(0, 1)] = 0.5  # e.g. the affine augmentation's probability
       objective: Annotated[str, OneOf(_OBJECTIVES, "inversion objective")] = "cosine"
 
 * keys that are not fields are errors at every nesting level, with a "did you mean" hint.
@@ -42,7 +42,7 @@ from typing import Any, Literal, Union
 from medkt.errors import ConfigError, did_you_mean
 
 __all__ = ["Range", "OneOf", "check", "check_fields", "build", "check_instance", "check_call",
-           "check_pipeline_args", "describe", "fail", "show", "child", "EvaluationSpec", "ClassPrompts"]
+           "check_pipeline_args", "build_components", "describe", "fail", "show", "child", "EvaluationSpec", "ClassPrompts"]
 
 
 # -- markers used inside Annotated[...] -------------------------------------------------------
@@ -348,6 +348,29 @@ def build(cls: type[T], data: Mapping[str, Any] | None, path: str, what: str | N
     obj = cls(**check_fields(cls, data, path, what))
     _validate(obj, path)
     return obj
+
+
+def build_components(specs: Iterable[Any], registry: Any, path: str) -> list[Any]:
+    """Components listed as ``[{"name": NAME, **settings}, ...]`` (e.g. inversion priors), each
+    built from ``registry`` (a `medkt.registry.Registry` of dataclasses: the fields are the
+    settings) and checked like a config. A name may appear once; an unknown name or setting is
+    one line with a "did you mean"."""
+    out, seen = [], set()
+    for i, spec in enumerate(specs or []):
+        where = child(path, i)
+        if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+            raise fail(where, spec, f'{{"name": {registry.kind} name, ...settings}}')
+        name = spec["name"]
+        known = registry.names()
+        if name not in registry:
+            raise ConfigError(f"{child(where, 'name')} = {show(name)}: unknown {registry.kind}.{did_you_mean(name, known)} "
+                              f"Known: {', '.join(sorted(known))}", key=child(where, "name"))
+        if name in seen:
+            raise ConfigError(f"{where}: {registry.kind} {name!r} is listed twice; list it once", key=where)
+        seen.add(name)
+        settings = {k: v for k, v in spec.items() if k != "name"}
+        out.append(build(registry.get(name), settings, where, what=f"{name!r} {registry.kind}"))
+    return out
 
 
 def _validate(obj: Any, path: str) -> None:

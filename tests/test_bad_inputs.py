@@ -48,7 +48,7 @@ def tiny_bundle(tmp_path: Path, edit=None, text: str | None = None) -> Path:
 @pytest.mark.parametrize("override, expected", [
     ("inversion#steps=abc", ['inversion#steps = "abc"', "expected integer >= 1", "from --set inversion#steps=abc"]),
     ("seed=abc", ['seed = "abc"', "expected integer", "from --set seed=abc"]),
-    ("inversion#augment_p=7", ["inversion#augment_p = 7", "expected number in [0, 1]"]),
+    ("inversion#steps=0", ["inversion#steps = 0", "expected integer >= 1"]),
     ("pipeline#foo=1", ["unknown TransferPipeline option 'foo'", "pipeline#foo"]),
     ("evaluations#held_out_inversions#n_imags=2", ["n_imags", "Did you mean 'n_images'?"]),
     ("inversion#stepz=3", ["unknown inversion option 'stepz'", "Did you mean 'steps'?"]),
@@ -130,10 +130,25 @@ def test_config_dataclasses_types_ranges_and_choices():
 
     cases = [
         (InversionConfig, {"steps": "500"}, 'inversion#steps = "500": expected integer >= 1'),
-        (InversionConfig, {"augment_p": 7}, "inversion#augment_p = 7: expected number in [0, 1]"),
-        (InversionConfig, {"init": "unifrom"}, "Did you mean 'uniform'?"),
-        (InversionConfig, {"resolutions": [64, "a"]}, 'inversion#resolutions#1 = "a": expected integer'),
-        (InversionConfig, {"negative_texts": "a caption"}, "expected null or list of strings"),
+        (InversionConfig, {"augmentations": [{"name": "affine", "p": 7}]},
+         "inversion#augmentations#0#p = 7: expected number in [0, 1]"),
+        (InversionConfig, {"priors": [{"name": "init", "kind": "unifrom"}]}, "Did you mean 'uniform'?"),
+        (InversionConfig, {"priors": [{"name": "progressive", "sizes": [64, "a"], "steps": [9]}]},
+         'inversion#priors#0#sizes#1 = "a": expected integer'),
+        (InversionConfig, {"objective": {"name": "contrastive", "negative_texts": "a caption"}},
+         "inversion#objective#negative_texts = \"a caption\": expected list of strings"),
+        # components: unknown name, unknown setting, listed twice, not a {"name": ...} dict
+        (InversionConfig, {"priors": [{"name": "tvv"}]},
+         "inversion#priors#0#name = \"tvv\": unknown inversion prior. Did you mean 'tv'?"),
+        (InversionConfig, {"priors": [{"name": "tv", "wieght": 1}]},
+         "unknown 'tv' inversion prior option 'wieght' (inversion#priors#0#wieght). Did you mean 'weight'?"),
+        (InversionConfig, {"augmentations": [{"name": "afine"}]}, "unknown inversion augmentation. Did you mean 'affine'?"),
+        (InversionConfig, {"augmentations": [{"name": "blur", "sigma": -1}]}, "inversion#augmentations#0#sigma = -1"),
+        (InversionConfig, {"priors": [{"name": "tv"}, {"name": "tv"}]}, "inversion prior 'tv' is listed twice"),
+        (InversionConfig, {"priors": ["tv"]}, 'inversion#priors#0 = "tv": expected {"name"'),
+        (InversionConfig, {"objective": "cosin"}, "Did you mean 'cosine'?"),
+        (InversionConfig, {"objective": {"name": "cosine", "scale": 2}}, "the 'cosine' objective takes no settings"),
+        (InversionConfig, {"tv_weight": 0.1}, "unknown inversion option 'tv_weight'"),
         (FinetuneConfig, {"lr": 2}, "finetune#lr = 2: expected number in (0, 1)"),
         (FinetuneConfig, {"betas": [0.9]}, "finetune#betas = [0.9]"),
         (FinetuneConfig, {"loss": "infonse"}, "unknown finetune loss. Did you mean 'infonce'?"),
@@ -143,14 +158,16 @@ def test_config_dataclasses_types_ranges_and_choices():
         with pytest.raises(ConfigError) as exc:
             cls.from_dict(d)
         assert message in str(exc.value) and "\n" not in str(exc.value)
-    assert InversionConfig.from_dict({"steps": 1e3, "scale": [0.5, 1]}).scale == (0.5, 1.0)  # integral float, list
+    assert InversionConfig.from_dict({"steps": 1e3}).steps == 1000  # integral float
+    affine = InversionConfig.from_dict({"augmentations": [{"name": "affine", "scale": [0.5, 1]}]}).build_augmentations()
+    assert affine[0].scale == (0.5, 1.0)  # a list for a tuple setting
 
 
 def test_invert_set_names_the_override(medkt, tmp_path):
     code, _, err = medkt("invert", "--backend", "clip:medkt-tiny-ViT@random", "-c", "a=b", "-o", str(tmp_path / "o"),
-                         "--set", "augment_p=7")
+                         "--set", "lr_min=-1")
     assert code == 2
-    assert "from --set augment_p=7" in one_line_error(err)
+    assert "from --set lr_min=-1" in one_line_error(err)
 
 
 # -- masks -------------------------------------------------------------------------------------

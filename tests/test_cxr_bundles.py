@@ -13,7 +13,7 @@ from helpers_medclip import chest_like, write_dicom
 from medkt.data.prepare import prepare
 from medkt.data.readers import write_jsrt_raw
 
-TINY_INVERSION = json.dumps({"steps": 3, "lr": 0.1, "tv_weight": 0.005, "checkpoint_every": 0})
+TINY_INVERSION = json.dumps({"steps": 3, "lr": 0.1, "checkpoint_every": 0})
 FIVE = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
 
 

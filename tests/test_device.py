@@ -49,11 +49,12 @@ def test_harness_keeps_mixing_errors_and_answers_host_syncs():
 # -- inversion -----------------------------------------------------------------------------------
 INVERSION_CASES = {
     "pixels": {},
-    "progressive": {"resolutions": [16, 32], "resolution_steps": [1]},
-    "contrastive": {"objective": "contrastive", "negative_texts": ["a photo of a dog.", "a photo of a cat."]},
-    "normal_init_degrade": {"init": "normal", "blur_sigma": 1.0, "noise_std": 0.05, "views": 2},
-    "residual": {"parametrization": "residual", "residual_size": 8, "residual_max": 0.3, "residual_l1": 0.1,
-                 "residual_sign": "positive", "init": "gray"},
+    "progressive": {"priors": [{"name": "progressive", "sizes": [16, 32], "steps": [1]}]},
+    "contrastive": {"objective": {"name": "contrastive", "negative_texts": ["a photo of a dog.", "a photo of a cat."]}},
+    "normal_init_degrade": {"priors": [{"name": "init", "kind": "normal"}], "views": 2,
+                            "augmentations": [{"name": "affine"}, {"name": "blur", "sigma": 1.0}, {"name": "noise", "std": 0.05}]},
+    "residual": {"priors": [{"name": "init", "kind": "gray"}, {"name": "tv"},
+                            {"name": "residual", "size": 8, "max": 0.3, "l1": 0.1, "sign": "positive"}]},
 }
 
 
@@ -74,7 +75,7 @@ def test_invert_init_images_from_the_cpu(clip_meta):
 
     init = torch.rand(3, 3, 20, 20)  # e.g. normal scans loaded from disk: CPU, another size
     with MetaHostSyncs():
-        res = invert(clip_meta, _targets(), {"steps": 2, "init": "images", "init_jitter": 0.01}, progress=False,
+        res = invert(clip_meta, _targets(), {"steps": 2, "priors": [{"name": "init", "kind": "images", "jitter": 0.01}]}, progress=False,
                      init_images=init)
     assert_on(res.images)
 
@@ -160,7 +161,8 @@ def test_vilt_itm_inversion_and_finetune(vilt_meta):
     from medkt.inversion import invert
 
     with MetaHostSyncs():
-        res = invert(vilt_meta, _targets(1), {"steps": 2, "objective": "itm", "augment_p": 0.0, "init": "normal"},
+        res = invert(vilt_meta, _targets(1), {"steps": 2, "objective": "itm", "augmentations": [],
+                                                  "priors": [{"name": "init", "kind": "normal"}]},
                      progress=False)
         assert_on(res.images)
         hist = finetune(vilt_meta, res.images, res.concepts,

@@ -105,7 +105,7 @@ def test_torchrun_bundle_writes_one_run_folder_identical_to_single_process(tmp_p
     import subprocess
     import sys
 
-    inv = '{"steps":20,"lr":0.1,"tv_weight":0.005,"checkpoint_every":10,"chunk_size":6}'
+    inv = '{"steps":20,"lr":0.1,"checkpoint_every":10,"chunk_size":6}'
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     common = ["transfer", "--bundle", "quickstart_tiny", "--set", f"inversion={inv}"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

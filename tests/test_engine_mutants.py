@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from medkt.augment import AffineAugment, total_variation
 from medkt.evaluation import aggregate_scores, before_after_table, summarize
 from medkt.finetune import FinetuneConfig, finetune, get_finetune_loss
-from medkt.inversion import (InversionConfig, InversionTarget, _clip_per_image, contrastive_objective, invert,
+from medkt.inversion import (ContrastiveSettings, InversionConfig, InversionTarget, ObjectiveContext, _clip_per_image, contrastive_objective, invert,
                              l2_objective)
 
 DESCS = {"moongate": "a round archway", "gyroscope": "a disc spinning in rings"}
@@ -49,8 +49,8 @@ def test_inversion_lr_is_cosine_from_lr_to_lr_min(tiny_clip, monkeypatch, resolu
     """Mutations inv_cosine_schedule_constant, inv_lr_min_ignored; with progressive resolution the
     new Adam of the second stage continues the schedule."""
     log = _LrLog(monkeypatch)
-    kw = {"resolutions": resolutions, "resolution_steps": [4]} if resolutions else {}
-    invert(tiny_clip, TARGET, InversionConfig(steps=8, lr=0.1, lr_min=0.01, augment_p=0.0, **kw), progress=False)
+    kw = {"priors": [{"name": "progressive", "sizes": resolutions, "steps": [4]}]} if resolutions else {}
+    invert(tiny_clip, TARGET, InversionConfig(steps=8, lr=0.1, lr_min=0.01, augmentations=[], **kw), progress=False)
     want = [0.01 + 0.5 * 0.09 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
     assert log.lrs == pytest.approx(want, rel=1e-9)
 
@@ -58,7 +58,7 @@ def test_inversion_lr_is_cosine_from_lr_to_lr_min(tiny_clip, monkeypatch, resolu
 def test_inversion_constant_lr_schedule(tiny_clip, monkeypatch):
     """Mutation inv_lr_schedule_ignored."""
     log = _LrLog(monkeypatch)
-    invert(tiny_clip, TARGET, InversionConfig(steps=5, lr=0.05, lr_min=0.01, lr_schedule="constant", augment_p=0.0),
+    invert(tiny_clip, TARGET, InversionConfig(steps=5, lr=0.05, lr_min=0.01, lr_schedule="constant", augmentations=[]),
            progress=False)
     assert log.lrs == [0.05] * 5
 
@@ -74,22 +74,23 @@ def test_total_variation_by_hand():
 
 
 def test_tv_weight_and_diagonals_reach_the_loss(tiny_clip, monkeypatch):
-    """Mutation inv_tv_weight_ignored (and tv_diagonals passed through)."""
-    import medkt.inversion as inv
+    """Mutation inv_tv_weight_ignored (and the prior's diagonals passed through)."""
+    import medkt.inversion_priors as inv
 
     calls = []
     real = inv.total_variation
     monkeypatch.setattr(inv, "total_variation", lambda x, d=False: (calls.append(d), real(x, d))[1])
-    invert(tiny_clip, TARGET, InversionConfig(steps=2, tv_weight=0.0, augment_p=0.0), progress=False)
+    invert(tiny_clip, TARGET, InversionConfig(steps=2, priors=[{"name": "tv", "weight": 0.0}], augmentations=[]), progress=False)
     assert calls == []
-    invert(tiny_clip, TARGET, InversionConfig(steps=2, tv_weight=0.5, tv_diagonals=True, augment_p=0.0), progress=False)
+    invert(tiny_clip, TARGET, InversionConfig(steps=2, priors=[{"name": "tv", "weight": 0.5, "diagonals": True}],
+                                                    augmentations=[]), progress=False)
     assert calls == [True, True]
 
 
 def test_l2_objective_is_squared_distance_of_unit_embeddings(tiny_clip, images):
     """Mutation inv_l2_objective_is_l1: on unit vectors |a - b|^2 = 2 - 2 cos."""
     text = tiny_clip.encode_texts(["a round archway"] * 4)
-    loss, sim = l2_objective(tiny_clip, images, {"text_emb": text})
+    loss, sim = l2_objective(tiny_clip, images, ObjectiveContext([], text))
     assert torch.allclose(loss, 2 - 2 * sim, atol=1e-5)
 
 
@@ -99,8 +100,8 @@ def test_contrastive_objective_uses_contrastive_scale(tiny_clip, images):
     neg = tiny_clip.encode_texts(["a disc", "a spoon"])
     emb = F.normalize(tiny_clip.encode_pixels(images).float(), dim=-1)
     for scale in (3.0, 40.0):
-        loss, _ = contrastive_objective(tiny_clip, images, {"text_emb": text, "negative_emb": neg,
-                                                            "contrastive_scale": scale})
+        loss, _ = contrastive_objective(tiny_clip, images, ObjectiveContext(
+            [], text, neg, ContrastiveSettings(["a disc", "a spoon"], scale)))
         logits = scale * torch.cat([(emb * text).sum(-1, keepdim=True), emb @ neg.T], 1)
         assert torch.allclose(loss, F.cross_entropy(logits, torch.zeros(4, dtype=torch.long), reduction="none"), atol=1e-5)
 
@@ -129,7 +130,8 @@ def test_affine_probability_and_translation_range():
 def test_early_stop_min_delta(tiny_clip):
     """Mutation inv_early_stop_min_delta_ignored: no step improves the similarity by 2 (a cosine
     spans at most 2), so the run stops after the first step plus ``patience``."""
-    res = invert(tiny_clip, TARGET, InversionConfig(steps=30, lr=0.1, early_stop_patience=2, early_stop_min_delta=2.0),
+    res = invert(tiny_clip, TARGET, InversionConfig(steps=30, lr=0.1, priors=[
+        {"name": "tv"}, {"name": "early_stop", "patience": 2, "min_delta": 2.0}]),
                  progress=False)
     assert res.steps_run == [3]
 

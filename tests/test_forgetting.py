@@ -22,7 +22,7 @@ def test_inverts_each_known_class_toward_its_caption_without_changing_the_model(
     torch.manual_seed(0)
     be = create_backend("phantom:tiny@random")
     start = {k: v.clone() for k, v in be.state_dict().items()}
-    cfg = {"steps": 30, "lr": 0.1, "augment_p": 0.0, "seed": 3}
+    cfg = {"steps": 30, "lr": 0.1, "augmentations": [], "seed": 3}
     rs = data_free_replay(be, KNOWN, 2, cfg)
     assert rs.images.shape == (4, 1, 64, 64) and rs.concepts == ["speck", "speck", "band", "band"]
     assert 0 <= rs.images.min() and rs.images.max() <= 1
@@ -59,7 +59,7 @@ def test_recipe_replays_inverted_known_classes_in_both_arms(monkeypatch):
                                     eval_per_class=2, split="val", cupl_prompts=2)
     ds = exp.eval_set(0)
     r = json.loads(json.dumps(BUNDLE["recipe"]))
-    r.update(n_images=2, data_free_replay=1, replay_inversion={"residual_sign": "any"})
+    r.update(n_images=2, data_free_replay=1, replay_inversion={"priors": {"residual": {"sign": "any"}}})
     r["inversion"]["steps"] = 2
     r["finetune"] = {**r["finetune"], "epochs": 1, "replay_per_batch": 2}
     recipe = Recipe.from_dict({"name": "dfr", **r})

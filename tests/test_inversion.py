@@ -66,7 +66,8 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_clip, tmp_path, mo
 
 
 def test_progressive_resolution_and_chunks(tiny_clip):
-    cfg = InversionConfig(steps=12, resolutions=[16, 32], resolution_steps=[6], chunk_size=2, seed=0)
+    cfg = InversionConfig(steps=12, chunk_size=2, seed=0,
+                          priors=[{"name": "tv"}, {"name": "progressive", "sizes": [16, 32], "steps": [6]}])
     res = invert(tiny_clip, TARGETS, cfg, progress=False)
     assert res.images.shape[-1] == 32 and len(res.steps_run) == 3
     # chunks can be run separately (sharding) and give the same images
@@ -95,8 +96,8 @@ def test_save_and_load(tiny_clip, tmp_path):
 def test_bad_config():
     with pytest.raises(ConfigError, match="unknown inversion option"):
         InversionConfig.from_dict({"stepz": 3})
-    with pytest.raises(ConfigError, match="resolution_steps"):
-        InversionConfig.from_dict({"resolutions": [64, 128, 224], "resolution_steps": [10]})
+    with pytest.raises(ConfigError, match=r"inversion#priors#0#sizes \[64, 128, 224\] need 2 steps"):
+        InversionConfig.from_dict({"priors": [{"name": "progressive", "sizes": [64, 128, 224], "steps": [10]}]})
 
 
 def test_affine_is_differentiable_and_identity_when_off():

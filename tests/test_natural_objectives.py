@@ -30,11 +30,11 @@ def test_plugins_registered_by_backends(vilt, coca):
 
 
 def test_itm_objective_is_ce_toward_match(vilt):
-    from medkt.inversion import get_objective
+    from medkt.inversion import ObjectiveContext, get_objective
 
     x = torch.rand(2, 3, vilt.image_size, vilt.image_size, requires_grad=True)
     texts = ["a moongate is a round archway", "a gyroscope is a spinning disc"]
-    loss, sim = get_objective("itm")(vilt, x, {"texts": texts, "text_emb": torch.zeros(2, 1)})
+    loss, sim = get_objective("itm")(vilt, x, ObjectiveContext(texts))
     logits = vilt.itm_logits(x, vilt.tokenize(texts))
     torch.testing.assert_close(loss, -F.log_softmax(logits, -1)[:, 1])
     torch.testing.assert_close(sim, logits.softmax(-1)[:, 1].detach())
@@ -45,9 +45,9 @@ def test_itm_objective_is_ce_toward_match(vilt):
 def test_itm_inversion_through_engine_raises_match_probability(vilt):
     from medkt.inversion import InversionConfig, InversionTarget, invert
 
-    cfg = InversionConfig(steps=6, lr=0.1, objective="itm", augment_p=0.0, init="normal", tv_weight=0.0)
+    cfg = InversionConfig(steps=6, lr=0.1, objective="itm", augmentations=[], priors=[{"name": "init", "kind": "normal"}])
     targets = [InversionTarget("moongate", "a moongate is a round archway", 2)]
-    cosine = InversionConfig(steps=2, objective="cosine", augment_p=0.0)
+    cosine = InversionConfig(steps=2, objective="cosine", augmentations=[])
     with pytest.raises(ConfigError, match="single-stream"):  # no silent cosine on ViLT
         invert(vilt, targets, cosine, progress=False)
     res = invert(vilt, targets, cfg, progress=False)  # "itm" never asks ViLT for embeddings

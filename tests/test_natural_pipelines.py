@@ -8,7 +8,7 @@ import torch
 
 from helpers_natural import write_coco_captions, write_imagenet, write_karpathy, write_rare_concepts
 
-TINY_INV = {"steps": 3, "resolutions": [32, 64], "resolution_steps": [2], "checkpoint_every": 2}
+TINY_INV = {"steps": 3, "checkpoint_every": 2, "priors": [{"name": "progressive", "sizes": [32, 64], "steps": [2]}]}
 TWO = [{"name": "dog", "description": "a furry pet with a tail", "n_images": 2},
        {"name": "car", "description": "a red road vehicle with wheels", "n_images": 2}]
 
@@ -54,7 +54,7 @@ def test_rare_concepts_clip(data, tmp_path):
     from medkt.backends import create_backend
 
     common = {"backend": "clip:medkt-tiny-ViT@random", "rare_concepts_manifest": str(data["rare"]),
-              "imagenet_manifest": str(data["imagenet20"]), "inversion": {**TINY_INV, "resolutions": [16, 32]},
+              "imagenet_manifest": str(data["imagenet20"]), "inversion": {**TINY_INV, "priors": [{"name": "progressive", "sizes": [16, 32], "steps": [2]}]},
               "templates": ["a photo of a {}.", "itap of a {}."], "finetune#lr": 1e-3}
     res = _run("rare_concepts_clip", common, tmp_path / "run")
     ev = res["evaluations"]
@@ -72,7 +72,7 @@ def test_rare_concepts_clip_text_only_ablation(data, tmp_path):
     from safetensors.torch import load_file
 
     common = {"backend": "clip:medkt-tiny-ViT@random", "rare_concepts_manifest": str(data["rare"]),
-              "imagenet_manifest": str(data["imagenet20"]), "inversion": {**TINY_INV, "resolutions": [16, 32]},
+              "imagenet_manifest": str(data["imagenet20"]), "inversion": {**TINY_INV, "priors": [{"name": "progressive", "sizes": [16, 32], "steps": [2]}]},
               "templates": ["a photo of a {}."], "finetune#lr": 1e-3}
     # Fig. 4 ablation config: text encoder trained instead of the visual one
     res = _run("rare_concepts_clip", common, tmp_path / "text_only", config="ablation_text_only.json")

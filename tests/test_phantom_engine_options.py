@@ -24,8 +24,8 @@ def normals():
 
 
 def test_residual_inversion_stays_near_init_and_raises_similarity(tiny, normals):
-    cfg = InversionConfig(steps=25, lr=0.05, tv_weight=0.0, init="images", parametrization="residual",
-                          residual_size=16, residual_max=0.2, augment_p=0.0)
+    cfg = InversionConfig(steps=25, lr=0.05, augmentations=[],
+                          priors=[{"name": "init", "kind": "images"}, {"name": "residual", "size": 16, "max": 0.2}])
     t = [InversionTarget("nodule", "small round bright spots in the lung", 3)]
     res = invert(tiny, t, cfg, progress=False, init_images=normals)
     assert res.images.shape == (3, 1, 64, 64)
@@ -40,18 +40,18 @@ def test_residual_inversion_stays_near_init_and_raises_similarity(tiny, normals)
 
 
 def test_pixel_inversion_from_images_starts_at_them(tiny, normals):
-    cfg = InversionConfig(steps=1, lr=1e-6, tv_weight=0.0, init="images", augment_p=0.0)
+    cfg = InversionConfig(steps=1, lr=1e-6, priors=[{"name": "init", "kind": "images"}], augmentations=[])
     res = invert(tiny, [InversionTarget("x", "a dark lung", 2)], cfg, progress=False, init_images=normals)
     assert torch.allclose(res.images, normals[:2], atol=1e-3)
 
 
 def test_init_images_required(tiny):
     with pytest.raises(ConfigError, match="init_images"):
-        invert(tiny, [InversionTarget("x", "y", 1)], InversionConfig(steps=1, init="images"), progress=False)
-    with pytest.raises(ConfigError, match="parametrization"):
-        InversionConfig.from_dict({"parametrization": "wavelets"})
-    with pytest.raises(ConfigError, match="residual"):
-        InversionConfig.from_dict({"parametrization": "residual", "resolutions": [32, 64], "resolution_steps": [5]})
+        invert(tiny, [InversionTarget("x", "y", 1)], InversionConfig(steps=1, priors=[{"name": "init", "kind": "images"}]), progress=False)
+    with pytest.raises(ConfigError, match="unknown inversion prior"):
+        InversionConfig.from_dict({"priors": [{"name": "wavelets"}]})
+    with pytest.raises(ConfigError, match="'residual' sets its own resolution"):
+        InversionConfig.from_dict({"priors": [{"name": "residual"}, {"name": "progressive", "sizes": [32, 64], "steps": [5]}]})
 
 
 DESCS = {"nodule": "small round bright spots", "no finding": "clear lungs", "mass": "a large round opacity"}

@@ -77,7 +77,7 @@ def test_a_research_script_registers_an_objective_the_way_medkt_does(tiny_clip):
     def half_cosine(backend, x, ctx):
         calls.append(x.shape[0])
         emb = torch.nn.functional.normalize(backend.encode_pixels(x).float(), dim=-1)
-        sim = (emb * ctx["text_emb"]).sum(-1)
+        sim = (emb * ctx.text_emb).sum(-1)
         return -0.5 * sim, sim
 
     try:

@@ -275,7 +275,8 @@ def test_early_stopping_state_survives_a_resume(tiny_clip, tmp_path, monkeypatch
 
     # no step gains 0.5 similarity: the run stops after step 1 + patience; Ctrl-C at the step-1
     # checkpoint, so the resumed run must know the best similarity so far to stop at the same step
-    cfg = InversionConfig(steps=40, lr=0.1, checkpoint_every=1, early_stop_patience=2, early_stop_min_delta=0.5)
+    cfg = InversionConfig(steps=40, lr=0.1, checkpoint_every=1,
+                          priors=[{"name": "tv"}, {"name": "early_stop", "patience": 2, "min_delta": 0.5}])
     full = invert(tiny_clip, TARGETS, cfg, progress=False)
     assert full.steps_run == [3]
 

@@ -14,7 +14,7 @@ from medkt.data.manifest import read_manifest
 from medkt.data.prepare import prepare
 from medkt.errors import DataError
 
-TINY = {"inversion": {"steps": 2, "lr": 0.1, "tv_weight": 0.005},
+TINY = {"inversion": {"steps": 2, "lr": 0.1, "priors": [{"name": "tv", "weight": 0.005}]},
         "m2ib": {"steps": 3, "beta": 1.0, "batch_size": 4},
         "concepts_n": 2}
 

@@ -80,7 +80,7 @@ def test_progressive_inversion_runs_the_model_at_stage_size(tiny_clip, monkeypat
         return orig(px)
 
     monkeypatch.setattr(tiny_clip, "encode_image", spy)
-    cfg = {"steps": 6, "resolutions": [s // 2, s], "resolution_steps": [3], "seed": 1}
+    cfg = {"steps": 6, "seed": 1, "priors": [{"name": "progressive", "sizes": [s // 2, s], "steps": [3]}]}
     res = invert(tiny_clip, [InversionTarget("moongate", "a round gate in a wall", 2)], cfg, progress=False)
     assert res.images.shape[-1] == s  # outputs always at the model size
     assert seen.count(s // 2) == 3 and seen.count(s) >= 3

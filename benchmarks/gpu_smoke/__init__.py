@@ -44,7 +44,7 @@ from benchmarks.common import (
     write_rare_concepts,
 )
 
-TINY_INV = {"steps": 3, "resolutions": [32, 64], "resolution_steps": [2], "checkpoint_every": 2}
+TINY_INV = {"steps": 3, "checkpoint_every": 2, "priors": [{"name": "progressive", "sizes": [32, 64], "steps": [2]}]}
 TWO = [{"name": "dog", "description": "a furry pet with a tail", "n_images": 2},
        {"name": "car", "description": "a red road vehicle with wheels", "n_images": 2}]
 
@@ -148,10 +148,10 @@ CASES: list[Case] = [
      lambda tmp, d: {"inversion#steps": 8, "evaluations#held_out_inversions#n_images": 2}),
     ("cxr_jsrt_medclip", "jsrt_nodules",
      lambda tmp, d: {"backend": "medclip:tiny@random", "multipliers": [1],
-                     "inversion": {"steps": 3, "lr": 0.1, "tv_weight": 0.005, "checkpoint_every": 0}}),
+                     "inversion": {"steps": 3, "lr": 0.1, "checkpoint_every": 0}}),
     ("rare_concepts_clip", "rare_concepts_clip",
      lambda tmp, d: {"backend": "clip:medkt-tiny-ViT@random", "rare_concepts_manifest": str(d["rare"]),
-                     "imagenet_manifest": str(d["imagenet20"]), "inversion": {**TINY_INV, "resolutions": [16, 32]},
+                     "imagenet_manifest": str(d["imagenet20"]), "inversion": {**TINY_INV, "priors": [{"name": "progressive", "sizes": [16, 32], "steps": [2]}]},
                      "templates": ["a photo of a {}.", "itap of a {}."], "finetune#lr": 1e-3}),
     ("vilt_itm", "rare_concepts_vilt", lambda tmp, d: _vilt(d)),
     ("vilt_retrieval", "flickr30k_vilt",
@@ -167,7 +167,7 @@ CASES: list[Case] = [
     ("segmentation_sam", "seg_breast_ultrasound",
      lambda tmp, d: {"data_root": str(d["udiat"]), "backend": "medclip:tiny@random", "sam": "tiny@random",
                      "data": {**bundle_config("seg_breast_ultrasound")["data"], "max_images": 3},
-                     "inversion": {"steps": 2, "lr": 0.1, "tv_weight": 0.005},
+                     "inversion": {"steps": 2, "lr": 0.1},
                      "m2ib": {**bundle_config("seg_breast_ultrasound")["m2ib"], "steps": 3, "beta": 1.0,
                               "batch_size": 4, "layer": None},
                      "concepts": [{**c, "n_images": 2} for c in bundle_config("seg_breast_ultrasound")["concepts"]]}),

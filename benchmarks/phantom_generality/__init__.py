@@ -50,17 +50,17 @@ CANDIDATES: dict[str, dict] = {
     # LoRA (rank 4) on the CNN's convolutions, no WiSE shrinkage (LoRA is the forgetting control)
     "lora": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 1e-3, "wise_alpha": 1.0}},
     # data-free replay: 2 inverted images per known class, supervised replay + distillation
-    "dfr": {"data_free_replay": 2, "replay_inversion": {"residual_sign": "any"},
+    "dfr": {"data_free_replay": 2, "replay_inversion": {"priors": {"residual": {"sign": "any"}}},
             "finetune": {"replay_per_batch": 4, "distill_weight": 1.0}},
     # partial-layer inversion of the top 2 blocks (8x8 map entering them), fine-tune only those
     "partial": {"partial": {"top_blocks": 2, "steps": 200, "lr": 0.05, "stat_weight": 1.0}},
     # second validation round (after round one: LoRA best, replay + distillation froze everything)
     "lora_wise": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 1e-3, "wise_alpha": 0.5}},
     "lora_replay": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 1e-3, "wise_alpha": 1.0, "replay_per_batch": 4},
-                    "data_free_replay": 2, "replay_inversion": {"residual_sign": "any"}},
+                    "data_free_replay": 2, "replay_inversion": {"priors": {"residual": {"sign": "any"}}}},
     "lora_dfr": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 1e-3, "wise_alpha": 1.0,
                               "replay_per_batch": 4, "distill_weight": 1.0},
-                 "data_free_replay": 2, "replay_inversion": {"residual_sign": "any"}},
+                 "data_free_replay": 2, "replay_inversion": {"priors": {"residual": {"sign": "any"}}}},
     # round three: forgetting controls around LoRA (see the module docstring)
     "lora_slow": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 3e-4, "wise_alpha": 1.0}},
     "lora_top": {"finetune": {"lora": {"rank": 4, "alpha": 8, "target_modules": [r"blocks\.[45]\.", r"\.proj$"]},
@@ -69,7 +69,7 @@ CANDIDATES: dict[str, dict] = {
     "lora_init": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 1e-3, "wise_alpha": 1.0, "replay_per_batch": 4},
                   "replay_init": True},
     "lora_init_dfr": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 1e-3, "wise_alpha": 1.0, "replay_per_batch": 4},
-                      "replay_init": True, "data_free_replay": 1, "replay_inversion": {"residual_sign": "any"}},
+                      "replay_init": True, "data_free_replay": 1, "replay_inversion": {"priors": {"residual": {"sign": "any"}}}},
     # round four: text side (medkt.concept_tokens): only the new name's token embeddings learn, from the
     # same inverted images, against the known findings' name prompts; visual tower frozen
     "tokens": {"finetune": {"train": "concept_tokens", "caption_template": "a chest x-ray with {name}", "lr": 0.05,

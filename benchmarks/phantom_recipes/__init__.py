@@ -38,10 +38,10 @@ VARIANTS: dict[str, dict] = {
     # issue 6: does the short inversion lose anything downstream? the same recipe at the paper's 5,000 steps
     "steps_5000": {"inversion": {"steps": 5000}},
     "contrastive_objective": {"inversion": {"objective": "contrastive"}},
-    "any_sign": {"inversion": {"residual_sign": "any"}},
-    "from_noise": {"inversion": {"init": "uniform", "parametrization": "pixels", "lr": 0.1, "tv_weight": 0.005,
-                                 "rotate_deg": 30, "translate": 0.1, "scale": [0.7, 1.0], "blur_sigma": 0.0,
-                                 "noise_std": 0.0, "views": 1}},
+    "any_sign": {"inversion": {"priors": {"residual": {"sign": "any"}}}},
+    "from_noise": {"inversion": {"lr": 0.1, "views": 1, "priors": [{"name": "tv", "weight": 0.005}],
+                                 "augmentations": [{"name": "affine", "p": 0.5, "rotate_deg": 30, "translate": 0.1,
+                                                    "scale": [0.7, 1.0]}]}},
     "paper_finetune": {"finetune": {"lr": 1e-5, "epochs": 1, "optimizer": "adam", "wise_alpha": 1.0}},
     "oracle": {"placebo": "oracle", "inversion": {"steps": 1}},
     # upper bounds of the fine-tuning recipe itself: 16 *real* nodules (the "placebo" arm of these

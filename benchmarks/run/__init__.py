@@ -136,10 +136,23 @@ def count_step_flops(backend, cfg: dict[str, Any], n_images: int) -> float:
 def stage_plan(cfg: dict[str, Any], image_size: int) -> list[tuple[int, int]]:
     """[(size, n_steps)] of a recipe's progressive-resolution schedule."""
     steps = int(cfg.get("steps", 5000))
-    sizes = cfg.get("resolutions") or [image_size]
-    starts = [0, *(cfg.get("resolution_steps") or [])]
+    prog = _prior(cfg, "progressive") or {}
+    sizes = prog.get("sizes") or [image_size]
+    starts = [0, *(prog.get("steps") or [])]
     ends = [*starts[1:], steps]
     return [(int(s), int(e - b)) for s, b, e in zip(sizes, starts, ends)]
+
+
+def _prior(cfg: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The settings dict of prior ``name`` in an inversion config dict (None when not listed)."""
+    return next((p for p in cfg.get("priors", []) if p.get("name") == name), None)
+
+
+def at_one_size(cfg: dict[str, Any], size: int) -> dict[str, Any]:
+    """``cfg`` without its schedule (steps, progressive resolution, early stopping), run at ``size``."""
+    priors = [p for p in cfg.get("priors", [{"name": "tv"}]) if p.get("name") not in ("progressive", "early_stop")]
+    out = {k: v for k, v in cfg.items() if k not in ("steps", "priors")}
+    return {**out, "priors": [*priors, {"name": "progressive", "sizes": [size], "steps": []}]}
 
 
 # --- fine-tuning, M2IB, zero-shot ---------------------------------------------------------------
@@ -318,10 +331,11 @@ def recipes(image_size: int, paper_steps: int, default_steps: int | None) -> tup
     if default_steps is not None:  # --tiny: shrink the schedule proportionally
         f = default_steps / default["steps"]
         default["steps"] = default_steps
-        if default.get("resolution_steps"):
-            default["resolution_steps"] = [max(1, int(round(s * f))) for s in default["resolution_steps"]]
-        if default.get("early_stop_patience"):
-            default["early_stop_patience"] = max(2, int(round(default["early_stop_patience"] * f)))
+        prog, stop = _prior(default, "progressive"), _prior(default, "early_stop")
+        if prog and prog.get("steps"):
+            prog["steps"] = [max(1, int(round(s * f))) for s in prog["steps"]]
+        if stop and stop.get("patience"):
+            stop["patience"] = max(2, int(round(stop["patience"] * f)))
     return paper, default
 
 
@@ -387,8 +401,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log("inversion step times")
     paper_step = time_steps(backend, paper, a.images, k, reps, matmul_n)
     log(f"  paper recipe: {paper_step['step_s']:.3f} s/step")
-    schedule_keys = ("resolutions", "resolution_steps", "steps", "early_stop_patience", "early_stop_min_delta")
-    per_step_settings = {kk: v for kk, v in default.items() if kk not in schedule_keys}
+    per_step_settings = {kk: v for kk, v in default.items() if kk != "steps"}
     stage_times: dict[int, dict[str, Any]] = {}
     for size, _ in stage_plan(default, backend.image_size) + [(backend.image_size, 0)]:
         if size in stage_times:
@@ -396,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if size == backend.image_size and not per_step_settings:  # same step as the paper recipe's
             stage_times[size] = paper_step
             continue
-        cfg = {**per_step_settings, "resolutions": [size], "resolution_steps": []}
+        cfg = at_one_size(default, size)
         stage_times[size] = time_steps(backend, cfg, a.images, k, reps, matmul_n)
         log(f"  default recipe, {size}px stage: {stage_times[size]['step_s']:.3f} s/step")
     mem["inversion"] = max_rss_mb()
@@ -563,7 +576,7 @@ def measure_levers(backend, paper: dict[str, Any], n: int, reps: int, threads: i
             enable_fast_paths(backend.model)
     if isinstance(backend, AnyResolution) and backend.accepts_any_size():  # a progressive stage at its own size
         for size in (64, 128):
-            res[f"native_{size}px_s_per_image"] = per_image({**base, "resolutions": [size], "resolution_steps": []}, n)
+            res[f"native_{size}px_s_per_image"] = per_image(at_one_size(base, size), n)
     return res
 
 

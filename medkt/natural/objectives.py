@@ -33,7 +33,7 @@ from medkt.backends.base import Captioner, ImageTextMatcher
 from medkt.errors import ConfigError
 from medkt.finetune import register_finetune_loss
 from medkt.infonce import info_nce, infonce_scale
-from medkt.inversion import register_inversion_objective
+from medkt.inversion import ObjectiveContext, register_inversion_objective
 from medkt.natural.classnames import COCA_TARGET_TEMPLATES
 from medkt.natural.losses import coca_loss, itm_loss
 from medkt.natural.mlm import whole_word_mask
@@ -46,10 +46,10 @@ def _require_itm(backend: Any, what: str) -> None:
 
 
 @register_inversion_objective("itm", uses_text_embeddings=False)
-def itm_objective(backend: Any, x: torch.Tensor, ctx: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def itm_objective(backend: Any, x: torch.Tensor, ctx: ObjectiveContext) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image CE toward "match" and the match probability (B,)."""
     _require_itm(backend, "inversion objective")
-    logits = backend.itm_logits(x, backend.tokenize(ctx["texts"])).float()
+    logits = backend.itm_logits(x, backend.tokenize(ctx.texts)).float()
     target = torch.ones(logits.shape[0], dtype=torch.long, device=logits.device)
     return F.cross_entropy(logits, target, reduction="none"), logits.softmax(-1)[:, 1].detach()
 

@@ -60,7 +60,8 @@ class Recipe:
     #: class), added to the replay set of both arms; needs ``finetune.replay_per_batch`` or
     #: ``finetune.distill_weight`` > 0
     data_free_replay: int = 0
-    #: overrides of ``inversion`` for the data-free replay images (e.g. {"residual_sign": "any"})
+    #: overrides of ``inversion`` for the data-free replay images (`medkt.inversion.with_overrides`;
+    #: e.g. {"priors": {"residual": {"sign": "any"}}})
     replay_inversion: dict[str, Any] = field(default_factory=dict)
     #: partial-layer inversion (`medkt.partial_inversion`, paper Eq. 4) instead of pixel
     #: inversion: {"top_blocks": k, ...} optimises the features entering the top k blocks from
@@ -222,16 +223,17 @@ class PhantomTransferExperiment:
             images.append(starts)
             concepts += ["no finding"] * len(starts)
         if recipe.data_free_replay:
-            inv_d = {**recipe.inversion, **recipe.replay_inversion, "seed": seed + 7919}
-            inv_d.pop("negative_texts", None)
-            if inv_d.get("objective") == "contrastive":
+            from medkt.inversion import InversionConfig, with_overrides
+
+            inv_d = {**with_overrides(recipe.inversion, recipe.replay_inversion), "seed": seed + 7919}
+            if InversionConfig.from_dict(inv_d).objective_name() == "contrastive":
                 inv_d["objective"] = "cosine"  # the contrastive negatives are the novel finding's, not these
             key = (seed, recipe.data_free_replay, repr(sorted(inv_d.items())))
             if key not in self._replay_cache:
                 from medkt.forgetting import data_free_replay
 
                 starts = (self.train_images("normal", recipe.data_free_replay * len(self.known), seed, 4)
-                          if inv_d.get("init") == "images" else None)
+                          if InversionConfig.from_dict(inv_d).init_kind() == "images" else None)
                 self._replay_cache = {key: data_free_replay(
                     backend, {c: self.known_descriptions[c] for c in self.known}, recipe.data_free_replay, inv_d,
                     init_images=starts, progress=self.progress)}
@@ -270,9 +272,12 @@ class PhantomTransferExperiment:
             train_backend = FeatureBackend(backend, split)
         ft_cfg = FinetuneConfig.from_dict({"seed": seed, **recipe.finetune})
         inv_d = {"seed": seed, **recipe.inversion}
-        if inv_d.get("objective") == "contrastive" and not inv_d.get("negative_texts"):
+        obj = inv_d.get("objective")
+        obj = dict(obj) if isinstance(obj, dict) else {"name": obj}
+        if obj["name"] == "contrastive" and not obj.get("negative_texts"):
             # Eq. 1 negatives: the known findings' fine-tuning captions
-            inv_d["negative_texts"] = [make_caption(c, self.known_descriptions[c], ft_cfg) for c in self.known]
+            inv_d["objective"] = {**obj, "negative_texts": [make_caption(c, self.known_descriptions[c], ft_cfg)
+                                                            for c in self.known]}
         inv_cfg = InversionConfig.from_dict(inv_d)
         t_inv = 0.0
         extra: dict[str, Any] = {}
@@ -285,7 +290,7 @@ class PhantomTransferExperiment:
                                   "not with placebo=True or a partial-layer recipe")
             n = len(given_images)
             images = InversionResult(given_images, [self.novel] * n, [self.description] * n, [float("nan")] * n)
-            if inv_cfg.init == "images":  # replay_init: the start images an inversion of this seed edits
+            if inv_cfg.init_kind() == "images":  # replay_init: the start images an inversion of this seed edits
                 init = self.train_images("normal", n, seed, 1)
         elif placebo:
             x = self.train_images(recipe.placebo, n, seed, 1)
@@ -294,7 +299,7 @@ class PhantomTransferExperiment:
             images = InversionResult(x, [self.novel] * n, [self.description] * n, [float("nan")] * n)
         else:
             init = (self.train_images("normal", n, seed, 1)
-                    if inv_cfg.init == "images" or partial is not None else None)
+                    if inv_cfg.init_kind() == "images" or partial is not None else None)
             if partial is not None:
                 t0 = time.perf_counter()
                 finv = invert_features(backend, split, self.description, init, partial)

@@ -187,7 +187,7 @@ def _write_cxr_report(out: Path, pipe: CXRTransferSweep, table: str, info: dict,
     lines = [f"# Chest X-ray knowledge transfer{': ' + pipe.bundle_name if pipe.bundle_name else ''}", "",
              f"- backend: `{pipe.backend_spec}`", f"- seed: {pipe.seed}", f"- mode: {pipe.mode}; multipliers "
              f"{', '.join(f'x{m:g}' for m in pipe.multipliers)}",
-             f"- inversion: {pipe.inv_cfg.steps} steps, lr {pipe.inv_cfg.lr}, tv {pipe.inv_cfg.tv_weight}",
+             f"- inversion: {pipe.inv_cfg.steps} steps, lr {pipe.inv_cfg.lr}, components {pipe.inv_cfg.describe_components()}",
              f"- fine-tuning ({pipe.ft_cfg.train} encoder): batch {pipe.ft_cfg.batch_size}, {pipe.ft_cfg.epochs} epoch(s), "
              f"wd {pipe.ft_cfg.weight_decay}", "", _skipped_lines(info),
              "Zero-shot accuracy (%) per class and top-1, before (baseline) and after each transfer:", "", table]

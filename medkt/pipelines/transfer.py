@@ -374,7 +374,7 @@ def write_report(out: Path, pipe: TransferPipeline, results: dict[str, Any],
     lines = [f"# Knowledge transfer report{': ' + pipe.bundle_name if pipe.bundle_name else ''}", "",
              f"- backend: `{pipe.backend_spec}`", f"- seed: {pipe.seed}",
              f"- concepts: {', '.join(results['concepts'])}",
-             f"- inversion: {pipe.inv_cfg.steps} steps, lr {pipe.inv_cfg.lr}, tv {pipe.inv_cfg.tv_weight}, "
+             f"- inversion: {pipe.inv_cfg.steps} steps, lr {pipe.inv_cfg.lr}, components {pipe.inv_cfg.describe_components()}, "
              f"{results['seconds_inversion']:.1f} s; mean similarity per concept: "
              + ", ".join(f"{k} {v:.3f}" for k, v in results["inversion"]["per_concept_similarity"].items()),
              f"- fine-tuning ({pipe.ft_cfg.train} encoder): {results['finetune']['steps']} steps, lr {pipe.ft_cfg.lr}, "
