@@ -322,7 +322,7 @@ def resolve_weights(weights: str | None, *, what: str, how_to_get: str, filename
         )
     return path
 # --- what can be checked of a backend spec without building the model (preflight) ----------------
-#: ``biomedclip:ARCH`` -> its open_clip hub repo (read by :mod:`medkt.backends.biomedclip`)
+#: ``biomedclip:ARCH`` -> its open_clip hub repo (read by `medkt.backends.biomedclip`)
 BIOMEDCLIP_REPOS = {"vit-b16": "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"}
 #: weight files of an open_clip hub repo, in open_clip's order of preference
 OPEN_CLIP_HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
