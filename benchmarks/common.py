@@ -58,7 +58,8 @@ def quick_recipe(r: dict[str, Any]) -> None:
 
 def rec_wise(recipe: dict[str, Any]) -> float:
     """The recipe's own WiSE-FT weight (1 = no interpolation)."""
-    return float(recipe.get("finetune", {}).get("wise_alpha", 1.0))
+    wise = [c for c in recipe.get("finetune", {}).get("controls", []) if c.get("name") == "wise"]
+    return float(wise[0].get("alpha", 0.5)) if wise else 1.0
 
 
 # --- measurement ------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ RECIPES: dict[str, Recipe] = {
     # ViLT: inversion from N(0, 1) through the 2-way image-text matching head, no affine; weight
     # decay 0.01 (paper §4.2, as the rare_concepts_vilt bundle)
     "paper-vilt": Recipe("paper-vilt", 10, {"objective": "itm", "init": "normal", "augment_p": 0.0},
-                         {"loss": "itm", "weight_decay": 0.01, "optimizer": "adamw"}),
+                         {"loss": "itm", "optimizer": {"name": "adamw", "weight_decay": 0.01}}),
     # CoCa: contrastive plus 0.1 x captioning loss (paper §4.2, as the coco_captioning_coca bundle)
     "paper-coca": Recipe("paper-coca", 10, {}, {"loss": "clip+caption"}),
     # the shipped phantom model only (examples/, README "Python API")

@@ -135,7 +135,7 @@ def test_config_dataclasses_types_ranges_and_choices():
         (InversionConfig, {"resolutions": [64, "a"]}, 'inversion#resolutions#1 = "a": expected integer'),
         (InversionConfig, {"negative_texts": "a caption"}, "expected null or list of strings"),
         (FinetuneConfig, {"lr": 2}, "finetune#lr = 2: expected number in (0, 1)"),
-        (FinetuneConfig, {"betas": [0.9]}, "finetune#betas = [0.9]"),
+        (FinetuneConfig, {"optimizer": {"betas": [0.9]}}, "finetune#optimizer#betas = [0.9]"),
         (FinetuneConfig, {"loss": "infonse"}, "unknown finetune loss. Did you mean 'infonce'?"),
         (FinetuneConfig, {"shuffle": "yes"}, 'finetune#shuffle = "yes": expected true or false'),
     ]
