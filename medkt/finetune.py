@@ -6,12 +6,14 @@ cross-entropy of ``logit_scale * cos(f_V(x_i), f_T(caption_j))`` over all captio
 captions of every concept in the run plus ``negative_captions`` (e.g. the evaluation task's other
 classes), so a single concept still has negatives. By default only the visual encoder is trained
 (``train="text"`` / ``"both"`` reproduce the Fig. 4 ablation). Losses are pluggable
-(`register_finetune_loss`).
+(`register_finetune_loss`). Everything else the loop can do — replay, distillation, train_only,
+LoRA, concept tokens, WiSE-FT, model selection — is a control (`medkt.finetune_controls`) listed
+in ``FinetuneConfig.controls``; the loop itself (`_train`) only draws batches and steps.
 
-Device and precision: the model stays where it is (``backend.device``); images, targets and
-replay images are moved there batch by batch, so they may live on the CPU. The losses run under
-``backend.autocast()`` (bf16/fp16 when the backend was created with that precision) with a loss
-scaler for fp16; parameters and optimiser state stay fp32.
+Device, precision and DDP (all in `_Step`): the model stays where it is (``backend.device``);
+images, targets and replay images are moved there batch by batch, so they may live on the CPU.
+The losses run under ``backend.autocast()`` (bf16/fp16 when the backend was created with that
+precision) with a loss scaler for fp16; parameters and optimiser state stay fp32.
 """
 from __future__ import annotations
 
@@ -273,7 +275,14 @@ def finetune(
     run = FinetuneRun(backend, cfg, captions, caption_of, list(dict.fromkeys(concepts_of_images)), list(descriptions),
                       replay_images, replay_concepts, select_fn, _use_distributed(distributed),
                       history={"loss": [], "captions": captions, "trainable": cfg.train, "select": []})
-    controls = _controls(cfg, select_fn)
+    return _run(run, _controls(cfg, select_fn), images, targets_all, loss_context, progress)
+
+
+def _run(run: FinetuneRun, controls: list[FinetuneControl], images: torch.Tensor, targets_all: torch.Tensor,
+         loss_context: Any, progress: bool) -> dict[str, Any]:
+    """Set up the controls and trainable parameters, train, finish; always clean up and restore
+    ``requires_grad``."""
+    backend, cfg = run.backend, run.config
     requires = [p.requires_grad for p in backend.parameters()]
     start = time.perf_counter()
     bar = Progress(cfg.epochs * -(-len(images) // cfg.batch_size), "fine-tune", unit="step", enabled=progress)

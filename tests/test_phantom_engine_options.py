@@ -90,19 +90,23 @@ def test_train_only_restricts_updates(tiny, normals):
     changed = {k for k in before if not torch.allclose(before[k], after[k])}
     assert changed and all("visual.proj" in k for k in changed)
     with pytest.raises(ConfigError, match="matches no"):
-        finetune(tiny, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(controls=[{"name": "train_only", "patterns": ["nope"]}]), progress=False)
+        finetune(tiny, normals, ["nodule"] * 3, DESCS, progress=False,
+                 config=FinetuneConfig(controls=[{"name": "train_only", "patterns": ["nope"]}]))
 
 
 def test_replay_and_distillation(tiny, normals):
     replay = make_dataset(["mass", "no finding"], 2, seed=3)
     hist = finetune(tiny, normals, ["nodule"] * 3, DESCS,
-                    config=FinetuneConfig(lr=1e-3, batch_size=2, controls=[{"name": "replay", "per_batch": 2}, {"name": "distill", "weight": 1.0}]),
+                    config=FinetuneConfig(lr=1e-3, batch_size=2, controls=[{"name": "replay", "per_batch": 2},
+                                                                            {"name": "distill", "weight": 1.0}]),
                     progress=False, replay_images=replay.tensor(), replay_concepts=replay.labels)
     assert hist["steps"] == 2 and all(l == l for l in hist["loss"])
     with pytest.raises(ConfigError, match="replay"):
-        finetune(tiny, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(controls=[{"name": "replay", "per_batch": 2}]), progress=False)
+        finetune(tiny, normals, ["nodule"] * 3, DESCS, progress=False,
+                 config=FinetuneConfig(controls=[{"name": "replay", "per_batch": 2}]))
     with pytest.raises(ConfigError, match="description"):
-        finetune(tiny, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(controls=[{"name": "replay", "per_batch": 1}]), progress=False,
+        finetune(tiny, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(controls=[{"name": "replay", "per_batch": 1}]),
+                 progress=False,
                  replay_images=replay.tensor(), replay_concepts=["edema"] * len(replay))
 
 
