@@ -63,8 +63,11 @@ def quick_recipe(r: dict[str, Any]) -> None:
 
 
 def rec_wise(recipe: dict[str, Any]) -> float:
-    """The recipe's own WiSE-FT weight (1 = no interpolation)."""
-    return float(recipe.get("finetune", {}).get("wise_alpha", 1.0))
+    """The recipe's own WiSE-FT weight (1 = no interpolation); also of the recipes recorded in
+    result files before the controls (``finetune.wise_alpha``)."""
+    ft = recipe.get("finetune", {})
+    wise = [c for c in ft.get("controls", []) if c.get("name") == "wise"]
+    return float(wise[0].get("alpha", 0.5)) if wise else float(ft.get("wise_alpha", 1.0))
 
 
 # --- measurement ------------------------------------------------------------------------------------

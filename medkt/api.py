@@ -134,11 +134,13 @@ def fine_tune(backend: Backend, images: InversionResult, concepts: Sequence[Conc
             its own description (``images.texts``).
         concepts: the concepts of the images; each concept's first description is also a caption
             (a negative for the other concepts' images), as in `transfer`.
-        config: `FinetuneConfig` or a dict of its fields (lr, epochs, batch_size, ...).
+        config: `FinetuneConfig` or a dict of its fields (lr, epochs, batch_size, optimizer,
+            controls such as ``[{"name": "wise", "alpha": 0.5}]``, ...).
         negatives: captions that are never a target, e.g. the other classes of the task
             (InfoNCE needs at least one other caption).
         options: further keywords of `medkt.finetune.finetune` (``replay_images``,
-            ``replay_concepts``, ``select_fn``, ``distributed``).
+            ``replay_concepts`` for the replay / distill controls, ``select_fn`` for the select
+            control, ``distributed``).
     Returns:
         `FinetuneResult`; save the changed weights with `save_finetuned`.
     """

@@ -189,7 +189,9 @@ def finetune(
     images: Path = typer.Option(..., help="manifest.csv written by `medkt invert`."),
     output: Path = typer.Option(..., "--output", "-o", help="Fine-tuned weights (.safetensors)."),
     negative: list[str] = typer.Option([], "--negative", "-n", help="Extra negative caption (repeatable)."),
-    set_: list[str] = typer.Option([], "--set", "-s", help="FinetuneConfig fields, key=value (lr, train, ...)."),
+    set_: list[str] = typer.Option([], "--set", "-s", help=(
+        "FinetuneConfig fields, key=value (lr, train, ...); JSON for groups, e.g. "
+        "'optimizer={\"name\": \"adamw\"}' or 'controls=[{\"name\": \"wise\", \"alpha\": 0.5}]'.")),
     overwrite: bool = typer.Option(False, "--overwrite"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),

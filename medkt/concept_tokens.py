@@ -14,7 +14,7 @@ confusion with the new concept.
 Tokens the new name shares with another concept's name (e.g. "pneu", "mo" of pneumoperitoneum and
 pneumothorax) are left alone, so the other concept's prompts do not change; a name that has no
 token of its own is refused. The learned offsets are added to the embedding rows at the end
-(`ConceptTokens.merge`, scaled by ``wise_alpha``), so the saved weights load like any other.
+(`ConceptTokens.merge`; a ``wise`` fine-tuning control scales them first), so the saved weights load like any other.
 """
 from __future__ import annotations
 

@@ -6,29 +6,31 @@ cross-entropy of ``logit_scale * cos(f_V(x_i), f_T(caption_j))`` over all captio
 captions of every concept in the run plus ``negative_captions`` (e.g. the evaluation task's other
 classes), so a single concept still has negatives. By default only the visual encoder is trained
 (``train="text"`` / ``"both"`` reproduce the Fig. 4 ablation). Losses are pluggable
-(`register_finetune_loss`).
+(`register_finetune_loss`). Everything else the loop can do — replay, distillation, train_only,
+LoRA, concept tokens, WiSE-FT, model selection — is a control (`medkt.finetune_controls`) listed
+in ``FinetuneConfig.controls``; the loop itself (`_train`) only draws batches and steps.
 
-Device and precision: the model stays where it is (``backend.device``); images, targets and
-replay images are moved there batch by batch, so they may live on the CPU. The losses run under
-``backend.autocast()`` (bf16/fp16 when the backend was created with that precision) with a loss
-scaler for fp16; parameters and optimiser state stay fp32.
+Device, precision and DDP (all in `_Step`): the model stays where it is (``backend.device``);
+images, targets and replay images are moved there batch by batch, so they may live on the CPU.
+The losses run under ``backend.autocast()`` (bf16/fp16 when the backend was created with that
+precision) with a loss scaler for fp16; parameters and optimiser state stay fp32.
 """
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from medkt.backends.base import Backend, require_embeddings
 from medkt.device import grad_scaler
 from medkt.errors import ConfigError
+from medkt.finetune_controls import FINETUNE_CONTROLS, FinetuneControl, FinetuneRun, build_controls
 from medkt.infonce import info_nce, infonce_scale
 from medkt.progress import Progress
 from medkt.registry import Registry
@@ -41,26 +43,40 @@ TRAIN_CHOICES = ("visual", "text", "both", "visual+decoder", "concept_tokens")
 
 
 @dataclass
+class OptimizerSettings:
+    """The ``optimizer`` group of `FinetuneConfig`: the paper's Adam (L2 weight decay 0.2, betas
+    (0.9, 0.98), eps 1e-6); ``grad_clip`` clips the global gradient norm before each step."""
+
+    name: Literal["adam", "adamw"] = "adam"  # "adam" (L2 weight decay, as the paper's code) | "adamw" (decoupled)
+    weight_decay: Annotated[float, Range(ge=0)] = 0.2
+    betas: tuple[Annotated[float, Range(ge=0, lt=1)], Annotated[float, Range(ge=0, lt=1)]] = (0.9, 0.98)
+    eps: Annotated[float, Range(gt=0)] = 1e-6
+    grad_clip: Annotated[float, Range(gt=0)] | None = None
+
+    def build(self, params: Sequence[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        """The torch optimiser over ``params``."""
+        cls = torch.optim.AdamW if self.name == "adamw" else torch.optim.Adam
+        return cls(params, lr=lr, weight_decay=self.weight_decay, betas=self.betas, eps=self.eps)
+
+
+@dataclass
 class FinetuneConfig:
     """Settings of `finetune`; the defaults are the paper's (§4.2, README "Engine defaults").
 
-    Adam (L2 ``weight_decay`` 0.2, ``betas`` (0.9, 0.98), ``eps`` 1e-6) at ``lr`` 1e-5 (set per
-    bundle), ``batch_size`` 4, 1 epoch, on the visual encoder only (``train``: ``"text"`` /
-    ``"both"`` for the Fig. 4 ablation). Each image is paired with ``caption_template``
-    ("A <name> is <description>"; ``prepend_name=False`` keeps only the description, Fig. 5) and
-    trained with the InfoNCE ``loss`` at the model's own logit scale (``temperature`` overrides
-    it). Replay, distillation, ``train_only``, WiSE-FT, best-epoch selection and LoRA (forgetting
-    control) are off by default. Build from a dict with `from_dict`; the field comments
-    give the meaning of each option.
+    ``optimizer`` (`OptimizerSettings`: Adam, weight decay 0.2, betas (0.9, 0.98), eps 1e-6) at
+    ``lr`` 1e-5 (set per bundle), ``batch_size`` 4, 1 epoch, on the visual encoder only
+    (``train``: ``"text"`` / ``"both"`` for the Fig. 4 ablation). Each image is paired with
+    ``caption_template`` ("A <name> is <description>"; ``prepend_name=False`` keeps only the
+    description, Fig. 5) and trained with the InfoNCE ``loss`` at the model's own logit scale
+    (``temperature`` overrides it). ``controls`` switches on forgetting controls and other loop
+    extensions (`FINETUNE_CONTROLS`: replay, distill, train_only, lora, wise, select), each a dict
+    ``{"name": ..., <its settings>}``; none by default. Build from a dict with `from_dict`.
     """
 
     lr: Annotated[float, Range(gt=0, lt=1)] = 1e-5
-    weight_decay: Annotated[float, Range(ge=0)] = 0.2
     batch_size: Annotated[int, Range(ge=1)] = 4
     epochs: Annotated[int, Range(ge=1)] = 1
-    optimizer: Literal["adam", "adamw"] = "adam"  # "adam" (L2 weight decay, as the paper's code) | "adamw" (decoupled)
-    betas: tuple[Annotated[float, Range(ge=0, lt=1)], Annotated[float, Range(ge=0, lt=1)]] = (0.9, 0.98)
-    eps: Annotated[float, Range(gt=0)] = 1e-6
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     # "visual" | "text" | "both" | "visual+decoder" (CoCa: also the caption decoder) | "concept_tokens"
     # (text side: only the token embeddings of the new concepts' names; medkt.concept_tokens)
     train: Literal[TRAIN_CHOICES] = "visual"
@@ -68,47 +84,34 @@ class FinetuneConfig:
     caption_template: str = "A {name} is {description}"
     loss: Annotated[str, OneOf(loss_names, "finetune loss")] = "infonce"
     temperature: Annotated[float, Range(gt=0)] | None = None  # None: the model's own logit scale
-    grad_clip: Annotated[float, Range(gt=0)] | None = None
     shuffle: bool = True
     seed: int = 0
-    # --- forgetting control (off by default; see docs/README "forgetting control") -----------
-    # replay: each batch also holds ``replay_per_batch`` images of known concepts (passed as
-    # ``finetune(..., replay_images=, replay_concepts=)``) with their own captions as targets.
-    replay_per_batch: Annotated[int, Range(ge=0)] = 0
-    # distillation: 1 - cos(f_V(x), f_V0(x)) on the replay images, toward the frozen start model
-    distill_weight: Annotated[float, Range(ge=0)] = 0.0
-    # train only parameters whose names contain one of these strings (e.g. the last blocks)
-    train_only: list[str] | None = None
-    # WiSE-FT: final weights = start + wise_alpha * (fine-tuned - start)
-    wise_alpha: Annotated[float, Range(0, 1)] = 1.0
-    # model selection with ``finetune(..., select_fn=)`` (higher is better), evaluated every epoch
-    keep_best: bool = False
-    select_patience: Annotated[int, Range(ge=0)] = 0  # stop after this many epochs without improvement (0 = never)
-    # LoRA (medkt.lora.LoraSettings, e.g. {"rank": 8, "alpha": 16}): only low-rank adapters on the
-    # trained encoder's Linear/Conv layers train, merged into the weights at the end; None = off
-    lora: Any = None
+    # e.g. [{"name": "wise", "alpha": 0.5}, {"name": "replay", "per_batch": 4}] (see FINETUNE_CONTROLS)
+    controls: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.optimizer, Mapping):  # a dict from JSON / ``--set``: checked in `validate`
+            self.optimizer = OptimizerSettings(**self.optimizer)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, path: str = "finetune") -> "FinetuneConfig":
         """Build from a dict of fields, checked by `medkt.validation` (types, ranges and
-        choices are the annotations above; ``path`` names the options in errors)."""
+        choices are the annotations above; each control's settings by its class; ``path`` names
+        the options in errors)."""
         from medkt.validation import build
 
-        cfg = build(cls, d, path, what="finetune")
-        if cfg.train == "concept_tokens" and (cfg.lora is not None or cfg.train_only):
-            raise ConfigError(f"{path}#train = 'concept_tokens' trains only the new name's token embeddings; "
-                              f"it cannot be combined with lora or train_only (remove them)", key=f"{path}#train")
-        if cfg.lora is not None:
-            from medkt.lora import LoraSettings
-
-            cfg.lora = LoraSettings.from_dict(cfg.lora)
-        return cfg
+        return build(cls, d, path, what="finetune")
 
     def validate(self, path: str = "finetune") -> None:
-        """Field types and ranges (the annotations above)."""
+        """Field types and ranges (the annotations above) and every control's settings."""
         from medkt.validation import check_instance
 
         check_instance(self, path)
+        names = [c.name for c in build_controls(self.controls, path)]
+        if self.train == "concept_tokens" and {"lora", "train_only"} & set(names):
+            raise ConfigError(f"{path}#train = 'concept_tokens' trains only the new name's token embeddings; "
+                              f"it cannot be combined with the lora or train_only controls (remove them)",
+                              key=f"{path}#train")
 
 
 def make_caption(name: str, description: str, config: FinetuneConfig) -> str:
@@ -170,7 +173,9 @@ def infonce_loss(backend: Backend, images: torch.Tensor, targets: torch.Tensor, 
 
 
 # --- main --------------------------------------------------------------------------------------
-def _trainable(backend: Backend, which: str, only: Sequence[str] | None = None) -> list[torch.nn.Parameter]:
+def _trainable(backend: Backend, which: str) -> list[torch.nn.Parameter]:
+    """The parameters of parameter group ``which`` (`TRAIN_CHOICES`; "concept_tokens": none here,
+    its control supplies the offsets)."""
     params: list[torch.nn.Parameter] = []
     if which in ("visual", "both", "visual+decoder"):
         params += list(backend.visual_parameters())
@@ -182,14 +187,48 @@ def _trainable(backend: Backend, which: str, only: Sequence[str] | None = None) 
         params += list(backend.decoder_parameters())
     if which in ("text", "both"):
         params += list(backend.text_parameters())
-    if only:
-        ids = {id(p) for p in params}
-        named = [(n, p) for n, p in backend.named_parameters() if id(p) in ids]
-        params = [p for n, p in named if any(s in n for s in only)]
-        if not params:
-            sample = ", ".join(n for n, _ in named[-6:])
-            raise ConfigError(f"train_only {list(only)} matches no {which} parameter; names end with: {sample}")
     return params
+
+
+def _captions(cfg: FinetuneConfig, images: torch.Tensor, concepts_of_images: Sequence[str],
+              descriptions: Mapping[str, Any], negative_captions: Sequence[str],
+              texts_of_images: Sequence[str] | None) -> tuple[list[str], torch.Tensor, Callable[[str], str]]:
+    """(every caption of the run, each image's caption index, concept -> caption), checked."""
+    if len(images) != len(concepts_of_images) or len(images) == 0:
+        raise ConfigError(f"need one concept per image, got {len(images)} images and {len(concepts_of_images)} concepts")
+    missing = sorted({c for c in concepts_of_images if c not in descriptions})
+    if texts_of_images is None and missing:
+        raise ConfigError(f"no description for concept(s) {missing}")
+
+    def desc_of(c: str) -> str:
+        d = descriptions[c]
+        return d if isinstance(d, str) else d[0]
+
+    def caption_of(c: str) -> str:
+        if c not in descriptions:
+            raise ConfigError(f"no description for replay concept(s) {[c]}; add them to the descriptions")
+        return make_caption(c, desc_of(c), cfg)
+
+    img_desc = list(texts_of_images) if texts_of_images is not None else [desc_of(c) for c in concepts_of_images]
+    img_caps = [make_caption(c, d, cfg) for c, d in zip(concepts_of_images, img_desc)]
+    captions = list(dict.fromkeys(img_caps + [caption_of(c) for c in descriptions] + list(negative_captions)))
+    if len(captions) < 2:
+        raise ConfigError("InfoNCE needs at least one negative caption: add another concept or negative_captions "
+                          "(e.g. the evaluation task's classes)")
+    return captions, torch.tensor([captions.index(c) for c in img_caps]), caption_of
+
+
+def _controls(cfg: FinetuneConfig, select_fn: Callable[[], float] | None) -> list[FinetuneControl]:
+    """The config's controls, plus concept tokens (``train``) and score-only selection (a
+    ``select_fn`` without a select control), sorted by ``order``."""
+    controls = build_controls(cfg.controls)
+    implied = ["concept_tokens"] if cfg.train == "concept_tokens" else []
+    if select_fn is not None and not any(c.name == "select" for c in controls):
+        implied.append("select")
+    for name in implied:
+        controls.append(FINETUNE_CONTROLS.get(name)())
+        controls[-1].name = name
+    return sorted(controls, key=lambda c: c.order)
 
 
 def finetune(
@@ -214,12 +253,14 @@ def finetune(
         concepts_of_images: the concept name of each image (length N).
         descriptions: concept -> description (used when ``texts_of_images`` is None).
         negative_captions: extra captions that are never a target (other classes of the task).
+        config: `FinetuneConfig` or a dict of its fields; ``controls`` switch on replay,
+            distillation, LoRA, WiSE-FT, ... (`medkt.finetune_controls`).
         texts_of_images: the description each image was inverted from (defaults to its concept's).
         replay_images / replay_concepts: images of already-known concepts (and their concept
-            names, which need an entry in ``descriptions``) mixed into every batch when
-            ``config.replay_per_batch > 0`` and/or distilled with ``config.distill_weight``.
+            names, which need an entry in ``descriptions``) for the "replay" and "distill" controls.
         select_fn: called after every epoch, returns a score (higher = better; e.g. accuracy on
-            a held-out set of known classes) for ``keep_best`` / ``select_patience``.
+            a held-out set of known classes) recorded in ``history["select"]`` and used by the
+            "select" control (``keep_best`` / ``patience``).
         loss_context: passed as ``context=`` to a loss registered with ``uses_context=True``.
         distributed: wrap the loss in ``DistributedDataParallel`` and split every batch across
             the ranks of the process group (see `medkt.distributed`); None = when a group of
@@ -229,163 +270,124 @@ def finetune(
     """
     cfg = config if isinstance(config, FinetuneConfig) else FinetuneConfig.from_dict(config)
     cfg.validate()
-    if len(images) != len(concepts_of_images) or len(images) == 0:
-        raise ConfigError(f"need one concept per image, got {len(images)} images and {len(concepts_of_images)} concepts")
-    missing = sorted({c for c in concepts_of_images if c not in descriptions})
-    if texts_of_images is None and missing:
-        raise ConfigError(f"no description for concept(s) {missing}")
+    captions, targets_all, caption_of = _captions(cfg, images, concepts_of_images, descriptions,
+                                                  negative_captions, texts_of_images)
+    run = FinetuneRun(backend, cfg, captions, caption_of, list(dict.fromkeys(concepts_of_images)), list(descriptions),
+                      replay_images, replay_concepts, select_fn, _use_distributed(distributed),
+                      history={"loss": [], "captions": captions, "trainable": cfg.train, "select": []})
+    return _run(run, _controls(cfg, select_fn), images, targets_all, loss_context, progress)
 
-    def desc_of(c: str) -> str:
-        d = descriptions[c]
-        return d if isinstance(d, str) else d[0]
 
-    img_desc = list(texts_of_images) if texts_of_images is not None else [desc_of(c) for c in concepts_of_images]
-    img_caps = [make_caption(c, d, cfg) for c, d in zip(concepts_of_images, img_desc)]
-    captions: list[str] = []
-    for cap in list(img_caps) + [make_caption(c, desc_of(c), cfg) for c in descriptions] + list(negative_captions):
-        if cap not in captions:
-            captions.append(cap)
-    if len(captions) < 2:
-        raise ConfigError("InfoNCE needs at least one negative caption: add another concept or negative_captions "
-                          "(e.g. the evaluation task's classes)")
-    targets_all = torch.tensor([captions.index(c) for c in img_caps])
-    loss_fn = get_finetune_loss(cfg.loss)
-    if FINETUNE_LOSSES.meta(cfg.loss, "uses_caption_embeddings", True):
-        require_embeddings(backend, f"fine-tuning loss {cfg.loss!r}", "loss 'itm' or 'mlm'")
-    if FINETUNE_LOSSES.meta(cfg.loss, "uses_context", False):
-        loss_fn = functools.partial(loss_fn, context=loss_context)
-    use_replay = replay_images is not None and (cfg.replay_per_batch > 0 or cfg.distill_weight > 0)
-    if use_replay:
-        if replay_concepts is None or len(replay_concepts) != len(replay_images) or len(replay_images) == 0:
-            raise ConfigError("replay needs replay_images and one replay_concepts entry per image")
-        miss = sorted({c for c in replay_concepts if c not in descriptions})
-        if miss:
-            raise ConfigError(f"no description for replay concept(s) {miss}; add them to the descriptions")
-        replay_caps = [make_caption(c, desc_of(c), cfg) for c in replay_concepts]
-        replay_targets = torch.tensor([captions.index(c) for c in replay_caps])
-        backend.eval()
-        with backend.autocast():
-            teacher = backend.encode_images(replay_images)  # (R, D) on the model's device
-    elif cfg.replay_per_batch > 0 or cfg.distill_weight > 0:
-        raise ConfigError("replay_per_batch / distill_weight need finetune(..., replay_images=, replay_concepts=)")
-
-    concept_tokens = None
-    if cfg.train == "concept_tokens":  # text side: offsets on the new names' token embeddings only
-        from medkt.concept_tokens import ConceptTokens
-
-        if _use_distributed(distributed):
-            raise ConfigError("finetune.train='concept_tokens' runs in one process (a few offsets train); "
-                              "run it without torchrun")
-        new = list(dict.fromkeys(concepts_of_images))
-        others = [c for c in list(descriptions) + list(replay_concepts or []) if c not in new]
-        concept_tokens = ConceptTokens(backend, new, others)
-        params = []
-    else:
-        params = _trainable(backend, cfg.train, cfg.train_only)
+def _run(run: FinetuneRun, controls: list[FinetuneControl], images: torch.Tensor, targets_all: torch.Tensor,
+         loss_context: Any, progress: bool) -> dict[str, Any]:
+    """Set up the controls and trainable parameters, train, finish; always clean up and restore
+    ``requires_grad``."""
+    backend, cfg = run.backend, run.config
     requires = [p.requires_grad for p in backend.parameters()]
-    wise_params, lora = params, None
-    if concept_tokens is not None:
-        params = concept_tokens.parameters()
-    if cfg.lora is not None:  # only the adapters train; merged into ``params`` at the end
-        from medkt.lora import LoraAdapter, LoraSettings
-
-        lora = LoraAdapter(backend, LoraSettings.from_dict(cfg.lora), params)
-        params = lora.parameters()
-    train_ids = {id(p) for p in params}
-    for p in backend.parameters():
-        p.requires_grad_(id(p) in train_ids)
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
-    caption_emb = None
-    if cfg.train == "visual" and FINETUNE_LOSSES.meta(cfg.loss, "uses_caption_embeddings", True):  # text frozen: embed captions once
-        with backend.autocast():
-            caption_emb = backend.encode_texts(captions)
-    device = backend.device
-    scaler = grad_scaler(device, backend.precision)  # fp16 only; a pass-through otherwise
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history: dict[str, Any] = {"loss": [], "captions": captions, "trainable": cfg.train, "select": []}
-    start_state = [p.detach().clone() for p in wise_params] if cfg.wise_alpha < 1 else None
-    best_score, best_state, since_best = -float("inf"), None, 0
     start = time.perf_counter()
-    n = len(images)
-    steps_total = cfg.epochs * ((n + cfg.batch_size - 1) // cfg.batch_size)
-    bar = Progress(steps_total, "fine-tune", unit="step", enabled=progress)
-    def batch_loss(batch: torch.Tensor, targets: torch.Tensor, ridx: torch.Tensor | None, weight: float = 1.0) -> torch.Tensor:
-        with backend.autocast():
-            loss = weight * loss_fn(backend, batch, targets, captions, caption_emb, cfg)
-            if ridx is not None and cfg.distill_weight > 0:
-                emb = F.normalize(backend.encode_pixels(replay_images[ridx].to(device)).float(), dim=-1)
-                loss = loss + cfg.distill_weight * (1 - (emb * teacher[ridx.to(teacher.device)]).sum(-1)).mean()
-        return loss.float()
-
-    ddp = _make_ddp(backend, batch_loss) if _use_distributed(distributed) else None
-    backend.train()
+    bar = Progress(cfg.epochs * -(-len(images) // cfg.batch_size), "fine-tune", unit="step", enabled=progress)
     try:
-        for _ in range(cfg.epochs):
-            order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
-            for i in range(0, n, cfg.batch_size):
-                idx = order[i : i + cfg.batch_size]
-                # data is moved to the model batch by batch (indices drawn on the CPU: same on every device)
-                batch, targets = images[idx.to(images.device)].to(device), targets_all[idx].to(device)
-                ridx = None
-                if use_replay:
-                    k = max(cfg.replay_per_batch, 1 if cfg.distill_weight > 0 else 0)
-                    ridx = torch.randint(0, len(replay_images), (k,), generator=gen)
-                    if cfg.replay_per_batch > 0:
-                        batch = torch.cat([batch, replay_images[ridx.to(replay_images.device)].to(device)])
-                        targets = torch.cat([targets, replay_targets[ridx].to(device)])
-                if ddp is not None:  # this rank's share of the batch, weighted so DDP's mean is the global loss
-                    loss, loss_log = _ddp_batch_loss(ddp, batch, targets, ridx)
-                else:
-                    loss = batch_loss(batch, targets, ridx)
-                    loss_log = loss
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip:
-                    scaler.unscale_(opt)  # clip the true gradients (no-op unless fp16)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(opt)  # skips the step if fp16 gradients overflowed
-                scaler.update()
-                history["loss"].append(float(loss_log.detach()))
-                bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
-                bar.update(1)
-            if select_fn is not None:
-                backend.eval()
-                score = float(select_fn())
-                backend.train()
-                history["select"].append(score)
-                if score > best_score:
-                    best_score, since_best = score, 0
-                    if cfg.keep_best:
-                        best_state = [p.detach().clone() for p in params]
-                else:
-                    since_best += 1
-                    if cfg.select_patience and since_best >= cfg.select_patience:
-                        break
+        for c in controls:
+            c.setup(run)
+        run.params = _trainable(backend, cfg.train)
+        for c in controls:
+            run.params = c.trainable(run, run.params)
+        train_ids = {id(p) for p in run.params}
+        for p in backend.parameters():
+            p.requires_grad_(id(p) in train_ids)
+        step = _Step(run, controls, loss_context)
+        _train(run, controls, step, images, targets_all, bar)
         with torch.no_grad():
-            if best_state is not None:
-                history["best_epoch"] = int(np.argmax(history["select"])) + 1
-                for p, b in zip(params, best_state):
-                    p.copy_(b)
-            if lora is not None:  # fold the adapters into the weights: the plain module tree is back
-                lora.merge()
-            if concept_tokens is not None:  # WiSE-FT of the offsets = scaling them
-                concept_tokens.merge(cfg.wise_alpha)
-            if start_state is not None:  # WiSE-FT weight-space interpolation toward the start
-                for p, p0 in zip(wise_params, start_state):
-                    p.copy_(p0 + cfg.wise_alpha * (p - p0))
+            for c in reversed(controls):
+                c.finish(run)
     finally:
         bar.close()
-        if lora is not None:  # after an error: drop the adapters unmerged (no-op once merged)
-            lora.remove()
-        if concept_tokens is not None:
-            concept_tokens.remove()
+        for c in reversed(controls):
+            c.cleanup(run)
         backend.eval()
         for p, r in zip(backend.parameters(), requires):
             p.requires_grad_(r)
-    history["steps"] = len(history["loss"])
-    history["seconds"] = time.perf_counter() - start
-    return history
+    run.history["steps"] = len(run.history["loss"])
+    run.history["seconds"] = time.perf_counter() - start
+    return run.history
+
+
+def _train(run: FinetuneRun, controls: Sequence[FinetuneControl], step: "_Step", images: torch.Tensor,
+           targets_all: torch.Tensor, bar: Progress) -> None:
+    """The epochs: shuffled batches (+ the controls' replay), one optimiser step each."""
+    cfg, backend, n = run.config, run.backend, len(images)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n_replay = max([c.replay_draw for c in controls], default=0)
+    backend.train()
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=gen) if cfg.shuffle else torch.arange(n)
+        for i in range(0, n, cfg.batch_size):
+            idx = order[i : i + cfg.batch_size]
+            # data is moved to the model batch by batch (indices drawn on the CPU: same on every device)
+            batch, targets = images[idx.to(images.device)].to(backend.device), targets_all[idx].to(backend.device)
+            ridx = torch.randint(0, len(run.replay_images), (n_replay,), generator=gen) if n_replay else None
+            for c in controls:
+                batch, targets = c.extend_batch(run, batch, targets, ridx)
+            run.history["loss"].append(step(batch, targets, ridx))
+            bar.set_postfix(loss=f"{run.history['loss'][-1]:.3f}")
+            bar.update(1)
+        backend.eval()
+        stop = [c.after_epoch(run) for c in controls]
+        backend.train()
+        if any(stop):
+            break
+
+
+class _Step:
+    """One optimiser step, with distributed data parallel and precision in one place: the batch
+    loss (the loss plus the controls' terms) runs under ``backend.autocast()`` (bf16/fp16 when the
+    backend was created with that precision), inside DDP's forward when distributed; fp16 uses a
+    loss scaler; ``optimizer.grad_clip`` clips the true (unscaled) global gradient norm."""
+
+    def __init__(self, run: FinetuneRun, controls: Sequence[FinetuneControl], loss_context: Any):
+        cfg, backend = run.config, run.backend
+        self.run, self.controls = run, controls
+        self.loss_fn = get_finetune_loss(cfg.loss)
+        uses_emb = FINETUNE_LOSSES.meta(cfg.loss, "uses_caption_embeddings", True)
+        if uses_emb:
+            require_embeddings(backend, f"fine-tuning loss {cfg.loss!r}", "loss 'itm' or 'mlm'")
+        if FINETUNE_LOSSES.meta(cfg.loss, "uses_context", False):
+            self.loss_fn = functools.partial(self.loss_fn, context=loss_context)
+        self.opt = cfg.optimizer.build(run.params, cfg.lr)
+        self.caption_emb = None
+        if cfg.train == "visual" and uses_emb:  # text frozen: embed captions once
+            with backend.autocast():
+                self.caption_emb = backend.encode_texts(run.captions)
+        self.scaler = grad_scaler(backend.device, backend.precision)  # fp16 only; a pass-through otherwise
+        self.ddp = _make_ddp(backend, self.batch_loss) if run.distributed else None
+
+    def batch_loss(self, batch: torch.Tensor, targets: torch.Tensor, ridx: torch.Tensor | None,
+                   weight: float = 1.0) -> torch.Tensor:
+        """The loss of one batch (``weight``: this rank's share under DDP)."""
+        run = self.run
+        with run.backend.autocast():
+            loss = weight * self.loss_fn(run.backend, batch, targets, run.captions, self.caption_emb, run.config)
+            for c in self.controls:
+                term = c.loss_term(run, ridx) if ridx is not None else None
+                if term is not None:
+                    loss = loss + term
+        return loss.float()
+
+    def __call__(self, batch: torch.Tensor, targets: torch.Tensor, ridx: torch.Tensor | None) -> float:
+        """Backward and step on one batch; returns the (global) batch loss."""
+        if self.ddp is not None:  # this rank's share of the batch, weighted so DDP's mean is the global loss
+            loss, loss_log = _ddp_batch_loss(self.ddp, batch, targets, ridx)
+        else:
+            loss = loss_log = self.batch_loss(batch, targets, ridx)
+        clip = self.run.config.optimizer.grad_clip
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if clip:
+            self.scaler.unscale_(self.opt)  # clip the true gradients (no-op unless fp16)
+            torch.nn.utils.clip_grad_norm_(self.run.params, clip)
+        self.scaler.step(self.opt)  # skips the step if fp16 gradients overflowed
+        self.scaler.update()
+        return float(loss_log.detach())
 
 
 # --- distributed data parallel (see medkt.distributed) -----------------------------------------

@@ -4,8 +4,8 @@ The paper's setting has no images of the classes the model already knows. To kee
 new concept is taught, this module synthesises replay images of the known classes the same way
 the new concept's images are made — model inversion toward each known class's description — and
 returns them with their class names, ready for `medkt.finetune.finetune`'s
-``replay_images`` / ``replay_concepts`` (supervised replay with ``replay_per_batch`` and/or
-embedding distillation to the start model with ``distill_weight``). Works with every backend.
+``replay_images`` / ``replay_concepts`` (supervised replay with the ``replay`` control and/or
+embedding distillation to the start model with the ``distill`` control). Works with every backend.
 """
 from __future__ import annotations
 

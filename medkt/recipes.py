@@ -53,7 +53,7 @@ RECIPES: dict[str, Recipe] = {
     # decay 0.01 (paper §4.2, as the rare_concepts_vilt bundle)
     "paper-vilt": Recipe("paper-vilt", 10, {"objective": "itm", "augmentations": [],
                                         "priors": [{"name": "init", "kind": "normal"}, {"name": "tv", "weight": 0.005}]},
-                         {"loss": "itm", "weight_decay": 0.01, "optimizer": "adamw"}),
+                         {"loss": "itm", "optimizer": {"name": "adamw", "weight_decay": 0.01}}),
     # CoCa: contrastive plus 0.1 x captioning loss (paper §4.2, as the coco_captioning_coca bundle)
     "paper-coca": Recipe("paper-coca", 10, {}, {"loss": "clip+caption"}),
     # the shipped phantom model only (examples/, README "Python API")

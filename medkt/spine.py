@@ -343,7 +343,11 @@ class TransferStep:
                  inversion_defaults: Mapping[str, Any] | None = None, finetune_defaults: Mapping[str, Any] | None = None):
         self.concepts = parse_concepts(concepts)
         self.inversion = InversionConfig.from_dict({"seed": seed, **(inversion_defaults or {}), **(inversion or {})})
-        self.finetune = FinetuneConfig.from_dict({"seed": seed, **(finetune_defaults or {}), **(finetune or {})})
+        ft = {"seed": seed, **(finetune_defaults or {}), **(finetune or {})}
+        opt_default, opt_given = (finetune_defaults or {}).get("optimizer"), (finetune or {}).get("optimizer")
+        if isinstance(opt_default, Mapping) and isinstance(opt_given, Mapping):  # a given weight decay keeps the default name
+            ft["optimizer"] = {**opt_default, **opt_given}
+        self.finetune = FinetuneConfig.from_dict(ft)
 
     def run(self, backend: Backend, **kw: Any) -> TransferResult:
         """`transfer` with this step's concepts and configs; ``kw`` as there (a

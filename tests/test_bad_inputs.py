@@ -150,7 +150,7 @@ def test_config_dataclasses_types_ranges_and_choices():
         (InversionConfig, {"objective": {"name": "cosine", "scale": 2}}, "the 'cosine' objective takes no settings"),
         (InversionConfig, {"tv_weight": 0.1}, "unknown inversion option 'tv_weight'"),
         (FinetuneConfig, {"lr": 2}, "finetune#lr = 2: expected number in (0, 1)"),
-        (FinetuneConfig, {"betas": [0.9]}, "finetune#betas = [0.9]"),
+        (FinetuneConfig, {"optimizer": {"betas": [0.9]}}, "finetune#optimizer#betas = [0.9]"),
         (FinetuneConfig, {"loss": "infonse"}, "unknown finetune loss. Did you mean 'infonce'?"),
         (FinetuneConfig, {"shuffle": "yes"}, 'finetune#shuffle = "yes": expected true or false'),
     ]

@@ -106,7 +106,7 @@ def test_invert_finetune_evaluate_commands(tmp_path, medkt):
     assert (inv / "manifest.csv").is_file() and len(list((inv / "images").glob("*.png"))) == 4
     w = tmp_path / "ft.safetensors"
     r = medkt("finetune", "--backend", "clip:medkt-tiny-ViT@random", "--images", str(inv / "manifest.csv"),
-              "--output", str(w), "--set", "lr=1e-4")
+              "--output", str(w), "--set", "lr=1e-4", "--set", 'controls=[{"name": "wise", "alpha": 0.5}]')
     assert r.returncode == 0, r.stderr
     assert w.is_file()
     # evaluate the fine-tuned model on the inverted images through a medkt manifest

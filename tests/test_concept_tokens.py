@@ -13,7 +13,7 @@ SPECS = ["phantom:tiny@random", "clip:medkt-tiny-ViT@random", "hf_clip:tiny@rand
          "coca:tiny@random"]
 # "speckle" shares its first piece(s) with nothing here; "band" and "haze" are known concepts
 DESCRIPTIONS = {"speckle": "a tiny bright speck", "band": "a thin dark band", "haze": "a diffuse haze"}
-CFG = {"train": "concept_tokens", "lr": 0.5, "epochs": 3, "batch_size": 4, "weight_decay": 0.0,
+CFG = {"train": "concept_tokens", "lr": 0.5, "epochs": 3, "batch_size": 4, "optimizer": {"weight_decay": 0.0},
        "caption_template": "a photo of {name}"}
 
 
@@ -64,7 +64,7 @@ def test_wise_alpha_scales_the_learned_offsets():
     full, half = tiny_backend("phantom:tiny@random"), tiny_backend("phantom:tiny@random")
     start = full.token_embedding().weight.detach().clone()
     finetune(full, x, ["speckle"] * 4, DESCRIPTIONS, config=CFG, progress=False)
-    finetune(half, x, ["speckle"] * 4, DESCRIPTIONS, config={**CFG, "wise_alpha": 0.5}, progress=False)
+    finetune(half, x, ["speckle"] * 4, DESCRIPTIONS, config={**CFG, "controls": [{"name": "wise", "alpha": 0.5}]}, progress=False)
     d_full = full.token_embedding().weight.detach() - start
     d_half = half.token_embedding().weight.detach() - start
     torch.testing.assert_close(d_half, 0.5 * d_full, rtol=1e-4, atol=1e-6)
@@ -72,9 +72,9 @@ def test_wise_alpha_scales_the_learned_offsets():
 
 def test_concept_tokens_refuses_lora_and_train_only():
     with pytest.raises(ConfigError, match="concept_tokens"):
-        FinetuneConfig.from_dict({**CFG, "lora": {"rank": 2}})
+        FinetuneConfig.from_dict({**CFG, "controls": [{"name": "lora", "rank": 2}]})
     with pytest.raises(ConfigError, match="concept_tokens"):
-        FinetuneConfig.from_dict({**CFG, "train_only": ["proj"]})
+        FinetuneConfig.from_dict({**CFG, "controls": [{"name": "train_only", "patterns": ["proj"]}]})
 
 
 def test_backend_without_a_token_embedding_gets_a_clear_error():

@@ -91,10 +91,10 @@ def test_finetune_on_model_device(train, replay):
     s = b.image_size
     images = torch.rand(4, 3, s, s)  # data on the CPU: moved batch by batch
     kw: dict = {}
-    cfg = {"train": train, "batch_size": 2, "epochs": 2, "lr": 1e-3, "grad_clip": 1.0}
+    cfg = {"train": train, "batch_size": 2, "epochs": 2, "lr": 1e-3, "optimizer": {"grad_clip": 1.0}}
     if replay:
         kw = {"replay_images": torch.rand(3, 3, s, s), "replay_concepts": ["dog", "cat", "dog"]}
-        cfg.update(replay_per_batch=2, distill_weight=0.5)
+        cfg.update(controls=[{"name": "replay", "per_batch": 2}, {"name": "distill", "weight": 0.5}])
     desc = {"moongate": "a round opening", "tonometer": "a medical probe", "dog": "a pet", "cat": "a small pet"}
     with MetaHostSyncs():
         hist = finetune(b, images, ["moongate", "moongate", "tonometer", "tonometer"], desc,

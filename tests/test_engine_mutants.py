@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from medkt.augment import AffineAugment, total_variation
 from medkt.evaluation import aggregate_scores, before_after_table, summarize
-from medkt.finetune import FinetuneConfig, finetune, get_finetune_loss
+from medkt.finetune import FinetuneConfig, OptimizerSettings, finetune, get_finetune_loss
 from medkt.inversion import (ContrastiveSettings, InversionConfig, InversionTarget, ObjectiveContext, _clip_per_image, contrastive_objective, invert,
                              l2_objective)
 
@@ -161,7 +161,8 @@ def test_optimizer_settings_reach_the_optimiser(tiny_clip, images, monkeypatch):
             "__init__": lambda self, *a, _r=real, **k: (made.append(self), _r.__init__(self, *a, **k))[1]}))
     for opt in ("adam", "adamw"):
         finetune(tiny_clip, images[:2], ["moongate", "gyroscope"], DESCS, progress=False,
-                 config=FinetuneConfig(optimizer=opt, weight_decay=0.3, betas=(0.8, 0.9), eps=1e-7, epochs=1))
+                 config=FinetuneConfig(optimizer=OptimizerSettings(name=opt, weight_decay=0.3, betas=(0.8, 0.9), eps=1e-7),
+                                       epochs=1))
     assert [type(o).__name__ for o in made] == ["Adam", "AdamW"]
     assert all(o.defaults["weight_decay"] == 0.3 and o.defaults["betas"] == (0.8, 0.9) and o.defaults["eps"] == 1e-7
                for o in made)
@@ -173,7 +174,7 @@ def test_finetune_grad_clip_limits_the_update(tiny_clip, images):
     weight decay: Adam adds its L2 term after the clip)."""
     before = {k: v.clone() for k, v in tiny_clip.visual_state_dict().items()}
     finetune(tiny_clip, images[:2], ["moongate", "gyroscope"], DESCS, progress=False,
-             config=FinetuneConfig(lr=1e-2, batch_size=2, grad_clip=1e-12, weight_decay=0.0))
+             config=FinetuneConfig(lr=1e-2, batch_size=2, optimizer=OptimizerSettings(grad_clip=1e-12, weight_decay=0.0)))
     moved = max((tiny_clip.visual_state_dict()[k] - v).abs().max().item() for k, v in before.items())
     assert moved < 1e-4
 
@@ -188,7 +189,7 @@ def test_distillation_term_is_zero_at_the_start_model(tiny_clip, images):
         model = copy.deepcopy(tiny_clip)
         hist = finetune(model, images[:2], ["moongate", "gyroscope"], DESCS, progress=False,
                         replay_images=images[2:], replay_concepts=["moongate", "gyroscope"],
-                        config=FinetuneConfig(lr=1e-3, batch_size=2, distill_weight=w, shuffle=False))
+                        config=FinetuneConfig(lr=1e-3, batch_size=2, controls=[{"name": "distill", "weight": w}] if w else [], shuffle=False))
         first.append(hist["loss"][0])
     assert first[1] == pytest.approx(first[0], abs=1e-4)
 
@@ -197,7 +198,7 @@ def test_select_patience_stops_training(tiny_clip, images):
     """Mutation ft_select_patience_ignored: two epochs without a better score stop the run."""
     scores = iter([0.9, 0.5, 0.4, 0.3, 0.2])
     hist = finetune(tiny_clip, images[:2], ["moongate", "gyroscope"], DESCS, progress=False, select_fn=lambda: next(scores),
-                    config=FinetuneConfig(lr=1e-3, epochs=5, select_patience=2))
+                    config=FinetuneConfig(lr=1e-3, epochs=5, controls=[{"name": "select", "patience": 2}]))
     assert hist["select"] == [0.9, 0.5, 0.4]
 
 

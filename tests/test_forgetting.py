@@ -61,7 +61,7 @@ def test_recipe_replays_inverted_known_classes_in_both_arms(monkeypatch):
     r = json.loads(json.dumps(BUNDLE["recipe"]))
     r.update(n_images=2, data_free_replay=1, replay_inversion={"priors": {"residual": {"sign": "any"}}})
     r["inversion"]["steps"] = 2
-    r["finetune"] = {**r["finetune"], "epochs": 1, "replay_per_batch": 2}
+    r["finetune"] = {**r["finetune"], "epochs": 1, "controls": [{"name": "replay", "per_batch": 2}]}
     recipe = Recipe.from_dict({"name": "dfr", **r})
     arm = exp.run_arm(recipe, 0, ds)
     exp.run_arm(recipe, 0, ds, placebo=True)
@@ -72,6 +72,6 @@ def test_recipe_replays_inverted_known_classes_in_both_arms(monkeypatch):
     assert not torch.equal(imgs_t, real_known)  # edited by the inversion, not the start images
     assert arm.seconds_inversion > 0
     # replay images without a replay or distillation weight would be ignored: refused instead
-    r["finetune"] = {**r["finetune"], "replay_per_batch": 0}
-    with pytest.raises(ConfigError, match="replay_per_batch"):
+    r["finetune"] = {**r["finetune"], "controls": []}
+    with pytest.raises(ConfigError, match="'replay' or 'distill' control"):
         Recipe.from_dict({"name": "bad", **r})

@@ -1,4 +1,4 @@
-"""LoRA through peft (medkt.lora, FinetuneConfig.lora): only adapters train, merge round-trip, save/load."""
+"""LoRA through peft (medkt.lora, the "lora" fine-tuning control): only adapters train, merge round-trip, save/load."""
 from __future__ import annotations
 
 import pytest
@@ -75,8 +75,8 @@ def test_finetune_with_lora_changes_only_adapted_layers(spec):
     start = {k: v.detach().clone() for k, v in be.state_dict().items()}
     probe = tiny_backend(spec)
     targets = set(LoraAdapter(probe, LoraSettings(), probe.visual_parameters()).targets)
-    cfg = FinetuneConfig.from_dict({"lr": 1e-2, "epochs": 2, "batch_size": 2, "lora": {"rank": 2, "alpha": 4}})
-    assert isinstance(cfg.lora, LoraSettings)
+    cfg = FinetuneConfig.from_dict({"lr": 1e-2, "epochs": 2, "batch_size": 2,
+                                     "controls": [{"name": "lora", "rank": 2, "alpha": 4}]})
     finetune(be, x, ["speck", "band", "speck", "haze"], DESCRIPTIONS, config=cfg, progress=False)
     end = be.state_dict()
     assert set(end) == set(start) and all(p.requires_grad for p in be.parameters())
@@ -91,7 +91,7 @@ def test_lora_with_wise_alpha_zero_is_the_start_model():
     x = tiny_images(be)
     start = {k: v.detach().clone() for k, v in be.state_dict().items()}
     finetune(be, x, ["speck", "band", "speck", "haze"], DESCRIPTIONS, progress=False,
-             config={"lr": 1e-2, "epochs": 1, "lora": {"rank": 2}, "wise_alpha": 0.0})
+             config={"lr": 1e-2, "epochs": 1, "controls": [{"name": "lora", "rank": 2}, {"name": "wise", "alpha": 0.0}]})
     for k, v in be.state_dict().items():
         torch.testing.assert_close(v, start[k], rtol=0, atol=1e-7)
 
@@ -100,10 +100,10 @@ def test_lora_settings_are_validated():
     for bad in ({"rank": 0}, {"rank": 2.5}, {"alpha": -1}, {"dropout": 1.0}, {"rnak": 4},
                 {"target_modules": "conv"}, {"target_modules": ["("]}):
         with pytest.raises(ConfigError):
-            FinetuneConfig.from_dict({"lora": bad})
-    with pytest.raises(ConfigError, match="lora"):
-        FinetuneConfig.from_dict({"lora": 8})
-    assert FinetuneConfig.from_dict({}).lora is None  # off by default (paper-faithful)
+            FinetuneConfig.from_dict({"controls": [{"name": "lora", **bad}]})
+    with pytest.raises(ConfigError, match="controls#1"):
+        FinetuneConfig.from_dict({"controls": [{"name": "lora", "rank": 2}, 8]})
+    assert FinetuneConfig.from_dict({}).controls == []  # off by default (paper-faithful)
     be = tiny_backend("phantom:tiny@random")
     with pytest.raises(ConfigError, match="match no"):
         LoraAdapter(be, LoraSettings(target_modules=["no_such_layer"]), be.visual_parameters())

@@ -97,7 +97,8 @@ def test_itm_finetuning_separates_pairs(vilt):
     images = torch.rand(4, 3, 64, 64, generator=g)
     concepts = ["dog", "dog", "car", "car"]
     desc = {"dog": "a furry pet with a tail", "car": "a red road vehicle"}
-    cfg = FinetuneConfig(lr=1e-3, batch_size=4, epochs=15, loss="itm", weight_decay=0.01, optimizer="adamw")
+    cfg = FinetuneConfig(lr=1e-3, batch_size=4, epochs=15, loss="itm",
+                         optimizer={"name": "adamw", "weight_decay": 0.01})
     torch.manual_seed(0)
     hist = finetune(model, images, concepts, desc, ["a photo of a cat"], cfg, progress=False)
     assert hist["loss"][-1] < hist["loss"][0]

@@ -95,7 +95,7 @@ def test_ablation_configs_layer_on_transfer_json():
         p = ConfigParser()
         p.read_config([str(cfg_dir / "transfer.json"), str(cfg_dir / name)])
         ft = p.get("finetune")
-        assert ft[key] == value and ft["lr"] == 1e-5 and ft["weight_decay"] == 0.2 and ft["batch_size"] == 4
+        assert ft[key] == value and ft["lr"] == 1e-5 and ft["optimizer"]["weight_decay"] == 0.2 and ft["batch_size"] == 4
     p = ConfigParser()
     p.read_config([str(cfg_dir / "transfer.json"), str(cfg_dir / "vit_l14.json")])
     assert p.get("backend") == "clip:ViT-L-14@openai"

@@ -60,7 +60,7 @@ def test_finetune_on_features_changes_only_the_top_blocks():
     start = {k: v.clone() for k, v in be.state_dict().items()}
     fb = FeatureBackend(be, sp)
     finetune(fb, res.features, ["speck"] * 4, DESCRIPTIONS, progress=False,
-             config={"lr": 1e-2, "epochs": 2, "batch_size": 2, "replay_per_batch": 1},
+             config={"lr": 1e-2, "epochs": 2, "batch_size": 2, "controls": [{"name": "replay", "per_batch": 1}]},
              replay_images=sp.features(be, _images(be, 2)), replay_concepts=["band", "band"])
     top_names = {n for n, p in be.named_parameters() if any(p is q for q in sp.top_parameters)}
     changed = {k for k, v in be.state_dict().items() if not torch.equal(v, start[k])}
@@ -68,7 +68,7 @@ def test_finetune_on_features_changes_only_the_top_blocks():
     # LoRA on the top blocks through the same engine: still only top-block weights change
     start = {k: v.clone() for k, v in be.state_dict().items()}
     finetune(fb, res.features, ["speck"] * 4, DESCRIPTIONS, progress=False,
-             config={"lr": 1e-2, "epochs": 1, "lora": {"rank": 2}})
+             config={"lr": 1e-2, "epochs": 1, "controls": [{"name": "lora", "rank": 2}]})
     changed = {k for k, v in be.state_dict().items() if not torch.equal(v, start[k])}
     assert changed and changed <= top_names
 

@@ -63,7 +63,7 @@ def _visual_copy(backend):
 
 def test_wise_alpha_zero_restores_start(tiny, normals):
     before = _visual_copy(tiny)
-    finetune(tiny, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(lr=1e-2, epochs=2, wise_alpha=0.0),
+    finetune(tiny, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(lr=1e-2, epochs=2, controls=[{"name": "wise", "alpha": 0.0}]),
              progress=False)
     after = tiny.visual_state_dict()
     assert all(torch.allclose(before[k], after[k]) for k in before)
@@ -74,7 +74,7 @@ def test_wise_alpha_half_is_midpoint(normals):
     b = create_backend("phantom:tiny@random")
     start = _visual_copy(a)
     finetune(a, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(lr=1e-2, shuffle=False), progress=False)
-    finetune(b, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(lr=1e-2, shuffle=False, wise_alpha=0.5),
+    finetune(b, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(lr=1e-2, shuffle=False, controls=[{"name": "wise", "alpha": 0.5}]),
              progress=False)
     full, half = a.visual_state_dict(), b.visual_state_dict()
     k = "model.visual.proj.weight"
@@ -84,25 +84,29 @@ def test_wise_alpha_half_is_midpoint(normals):
 
 def test_train_only_restricts_updates(tiny, normals):
     before = _visual_copy(tiny)
-    finetune(tiny, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(lr=1e-2, train_only=["visual.proj"]),
+    finetune(tiny, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(lr=1e-2, controls=[{"name": "train_only", "patterns": ["visual.proj"]}]),
              progress=False)
     after = tiny.visual_state_dict()
     changed = {k for k in before if not torch.allclose(before[k], after[k])}
     assert changed and all("visual.proj" in k for k in changed)
     with pytest.raises(ConfigError, match="matches no"):
-        finetune(tiny, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(train_only=["nope"]), progress=False)
+        finetune(tiny, normals, ["nodule"] * 3, DESCS, progress=False,
+                 config=FinetuneConfig(controls=[{"name": "train_only", "patterns": ["nope"]}]))
 
 
 def test_replay_and_distillation(tiny, normals):
     replay = make_dataset(["mass", "no finding"], 2, seed=3)
     hist = finetune(tiny, normals, ["nodule"] * 3, DESCS,
-                    config=FinetuneConfig(lr=1e-3, replay_per_batch=2, distill_weight=1.0, batch_size=2),
+                    config=FinetuneConfig(lr=1e-3, batch_size=2, controls=[{"name": "replay", "per_batch": 2},
+                                                                            {"name": "distill", "weight": 1.0}]),
                     progress=False, replay_images=replay.tensor(), replay_concepts=replay.labels)
     assert hist["steps"] == 2 and all(l == l for l in hist["loss"])
     with pytest.raises(ConfigError, match="replay"):
-        finetune(tiny, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(replay_per_batch=2), progress=False)
+        finetune(tiny, normals, ["nodule"] * 3, DESCS, progress=False,
+                 config=FinetuneConfig(controls=[{"name": "replay", "per_batch": 2}]))
     with pytest.raises(ConfigError, match="description"):
-        finetune(tiny, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(replay_per_batch=1), progress=False,
+        finetune(tiny, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(controls=[{"name": "replay", "per_batch": 1}]),
+                 progress=False,
                  replay_images=replay.tensor(), replay_concepts=["edema"] * len(replay))
 
 
@@ -114,7 +118,7 @@ def test_keep_best_restores_best_epoch(tiny, normals):
         snapshots.append(_visual_copy(tiny))
         return next(scores)
 
-    hist = finetune(tiny, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(lr=1e-2, epochs=3, keep_best=True),
+    hist = finetune(tiny, normals, ["nodule"] * 3, DESCS, config=FinetuneConfig(lr=1e-2, epochs=3, controls=[{"name": "select", "keep_best": True}]),
                     progress=False, select_fn=select)
     assert hist["select"] == [0.9, 0.1, 0.2] and hist["best_epoch"] == 1
     now = tiny.visual_state_dict()

@@ -89,8 +89,8 @@ def test_real_nodules_raise_auroc_but_normal_placebo_does_not():
     before = exp.evaluate(exp.new_backend(), ds)[0].novel_auroc("nodule")
     r = fast_recipe(1, 16)
     # replay + distillation keep the known classes, so only image content can move the AUROC
-    r["finetune"] = {"lr": 3e-4, "epochs": 10, "optimizer": "adamw", "weight_decay": 0.2,
-                     "replay_per_batch": 4, "distill_weight": 1.0}
+    r["finetune"] = {"lr": 3e-4, "epochs": 10, "optimizer": {"name": "adamw", "weight_decay": 0.2},
+                     "controls": [{"name": "replay", "per_batch": 4}, {"name": "distill", "weight": 1.0}]}
     r["replay_per_class"] = 4
     oracle = exp.run_arm(Recipe.from_dict({"name": "o", **r, "placebo": "oracle"}), 1, ds, placebo=True)
     placebo = exp.run_arm(Recipe.from_dict({"name": "p", **r, "placebo": "normal"}), 1, ds, placebo=True)
@@ -142,7 +142,7 @@ def test_replay_init_replays_the_inversion_start_images_as_no_finding(monkeypatc
                                     eval_per_class=4, split="val", cupl_prompts=2)
     ds = exp.eval_set(0)
     r = fast_recipe(2, 4)
-    r["finetune"] = {**r["finetune"], "epochs": 1, "replay_per_batch": 2}
+    r["finetune"] = {**r["finetune"], "epochs": 1, "controls": [{"name": "replay", "per_batch": 2}]}
     recipe = Recipe.from_dict({"name": "ri", **r, "replay_init": True})
     exp.run_arm(recipe, 0, ds)
     exp.run_arm(recipe, 0, ds, placebo=True)

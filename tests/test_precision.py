@@ -73,7 +73,7 @@ def test_bf16_finetune_close_to_fp32():
         probe = torch.rand(3, 3, b.image_size, b.image_size, generator=torch.Generator().manual_seed(1))
         before = b.encode_images(probe)
         hist = finetune(b, images, ["moongate"] * 4, {"moongate": TEXT}, negative_captions=["a photo of a dog."],
-                        config={"epochs": 3, "lr": 1e-4, "batch_size": 2, "grad_clip": 1.0}, progress=False)
+                        config={"epochs": 3, "lr": 1e-4, "batch_size": 2, "optimizer": {"grad_clip": 1.0}}, progress=False)
         change = float((1 - (b.encode_images(probe) * before).sum(-1)).mean())
         assert all(p.dtype == torch.float32 for p in b.parameters())
         out[prec] = (hist["loss"], change)
@@ -100,5 +100,5 @@ def test_fp16_loss_scaling_path_runs():
     res = _invert(b, steps=3)
     assert res.images.dtype == torch.float32 and torch.isfinite(res.images).all()
     hist = finetune(b, res.images, res.concepts, {"moongate": TEXT}, negative_captions=["a photo of a dog."],
-                    config={"epochs": 2, "lr": 1e-4, "batch_size": 2, "grad_clip": 1.0}, progress=False)
+                    config={"epochs": 2, "lr": 1e-4, "batch_size": 2, "optimizer": {"grad_clip": 1.0}}, progress=False)
     assert hist["steps"] == 2 and all(p.dtype == torch.float32 for p in b.parameters())

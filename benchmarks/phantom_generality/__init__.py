@@ -42,59 +42,58 @@ DESCRIPTIONS = {
     "pneumoperitoneum": "a thin dark crescent of free air beneath the diaphragm below the lung base",
 }
 
+#: fine-tuning controls of the candidates (`medkt.finetune_controls`); a recipe's ``controls`` list
+#: replaces the bundle's ([wise 0.5]) as a whole
+LORA = {"name": "lora", "rank": 4, "alpha": 8}
+REPLAY = {"name": "replay", "per_batch": 4}
+DISTILL = {"name": "distill", "weight": 1.0}
+BUNDLE_WISE = {"name": "wise", "alpha": 0.5}
+TOKENS = {"train": "concept_tokens", "batch_size": 16, "optimizer": {"name": "adam", "weight_decay": 0.0}, "controls": []}
+
 #: candidate recipes: overrides of the phantom_nodules bundle recipe
 CANDIDATES: dict[str, dict] = {
     "transfer": {},
     # the bundle's full visual fine-tuning without WiSE (run with --wise to get the bundle's alpha 0.5 too)
-    "full": {"finetune": {"wise_alpha": 1.0}},
+    "full": {"finetune": {"controls": []}},
     # LoRA (rank 4) on the CNN's convolutions, no WiSE shrinkage (LoRA is the forgetting control)
-    "lora": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 1e-3, "wise_alpha": 1.0}},
+    "lora": {"finetune": {"controls": [LORA], "lr": 1e-3}},
     # data-free replay: 2 inverted images per known class, supervised replay + distillation
     "dfr": {"data_free_replay": 2, "replay_inversion": {"priors": {"residual": {"sign": "any"}}},
-            "finetune": {"replay_per_batch": 4, "distill_weight": 1.0}},
+            "finetune": {"controls": [BUNDLE_WISE, REPLAY, DISTILL]}},
     # partial-layer inversion of the top 2 blocks (8x8 map entering them), fine-tune only those
     "partial": {"partial": {"top_blocks": 2, "steps": 200, "lr": 0.05, "stat_weight": 1.0}},
     # second validation round (after round one: LoRA best, replay + distillation froze everything)
-    "lora_wise": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 1e-3, "wise_alpha": 0.5}},
-    "lora_replay": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 1e-3, "wise_alpha": 1.0, "replay_per_batch": 4},
+    "lora_wise": {"finetune": {"controls": [LORA, BUNDLE_WISE], "lr": 1e-3}},
+    "lora_replay": {"finetune": {"controls": [LORA, REPLAY], "lr": 1e-3},
                     "data_free_replay": 2, "replay_inversion": {"priors": {"residual": {"sign": "any"}}}},
-    "lora_dfr": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 1e-3, "wise_alpha": 1.0,
-                              "replay_per_batch": 4, "distill_weight": 1.0},
+    "lora_dfr": {"finetune": {"controls": [LORA, REPLAY, DISTILL], "lr": 1e-3},
                  "data_free_replay": 2, "replay_inversion": {"priors": {"residual": {"sign": "any"}}}},
     # round three: forgetting controls around LoRA (see the module docstring)
-    "lora_slow": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 3e-4, "wise_alpha": 1.0}},
-    "lora_top": {"finetune": {"lora": {"rank": 4, "alpha": 8, "target_modules": [r"blocks\.[45]\.", r"\.proj$"]},
-                              "lr": 1e-3, "wise_alpha": 1.0}},
+    "lora_slow": {"finetune": {"controls": [LORA], "lr": 3e-4}},
+    "lora_top": {"finetune": {"controls": [{**LORA, "target_modules": [r"blocks\.[45]\.", r"\.proj$"]}], "lr": 1e-3}},
     # the inversion's own start images replayed as "no finding" next to their edited versions
-    "lora_init": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 1e-3, "wise_alpha": 1.0, "replay_per_batch": 4},
-                  "replay_init": True},
-    "lora_init_dfr": {"finetune": {"lora": {"rank": 4, "alpha": 8}, "lr": 1e-3, "wise_alpha": 1.0, "replay_per_batch": 4},
+    "lora_init": {"finetune": {"controls": [LORA, REPLAY], "lr": 1e-3}, "replay_init": True},
+    "lora_init_dfr": {"finetune": {"controls": [LORA, REPLAY], "lr": 1e-3},
                       "replay_init": True, "data_free_replay": 1, "replay_inversion": {"priors": {"residual": {"sign": "any"}}}},
     # round four: text side (medkt.concept_tokens): only the new name's token embeddings learn, from the
     # same inverted images, against the known findings' name prompts; visual tower frozen
-    "tokens": {"finetune": {"train": "concept_tokens", "caption_template": "a chest x-ray with {name}", "lr": 0.05,
-                            "epochs": 100, "batch_size": 16, "optimizer": "adam", "weight_decay": 0.0,
-                            "wise_alpha": 1.0}},
+    "tokens": {"finetune": {**TOKENS, "caption_template": "a chest x-ray with {name}", "lr": 0.05, "epochs": 100}},
     # ... plus the inversion's start images as "no finding" in every batch (a balanced negative)
-    "tokens_init": {"finetune": {"train": "concept_tokens", "caption_template": "a chest x-ray with {name}",
-                                 "lr": 0.05, "epochs": 100, "batch_size": 16, "optimizer": "adam",
-                                 "weight_decay": 0.0, "wise_alpha": 1.0, "replay_per_batch": 16},
+    "tokens_init": {"finetune": {**TOKENS, "caption_template": "a chest x-ray with {name}", "lr": 0.05, "epochs": 100,
+                                 "controls": [{"name": "replay", "per_batch": 16}]},
                     "replay_init": True},
     # round four, second batch (one inversion per seed shared by all of them): caption template and strength
-    "tokens_bare": {"finetune": {"train": "concept_tokens", "caption_template": "{name}", "lr": 0.05, "epochs": 100,
-                                 "batch_size": 16, "optimizer": "adam", "weight_decay": 0.0, "wise_alpha": 1.0}},
-    "tokens_strong": {"finetune": {"train": "concept_tokens", "caption_template": "a chest x-ray with {name}",
-                                   "lr": 0.1, "epochs": 200, "batch_size": 16, "optimizer": "adam",
-                                   "weight_decay": 0.0, "wise_alpha": 1.0}},
-    "tokens_paper_caption": {"finetune": {"train": "concept_tokens", "lr": 0.05, "epochs": 100, "batch_size": 16,
-                                          "optimizer": "adam", "weight_decay": 0.0, "wise_alpha": 1.0}},
+    "tokens_bare": {"finetune": {**TOKENS, "caption_template": "{name}", "lr": 0.05, "epochs": 100}},
+    "tokens_strong": {"finetune": {**TOKENS, "caption_template": "a chest x-ray with {name}", "lr": 0.1,
+                                   "epochs": 200}},
+    "tokens_paper_caption": {"finetune": {**TOKENS, "lr": 0.05, "epochs": 100}},
 }
 
 
 def _wise_rows(exp, trained, start: dict, alphas: list[float], ds, finding: str) -> dict[str, dict]:
     """Evaluate ``start + a * (trained - start)`` for each a (WiSE-FT without re-training).
 
-    The fine-tuned weights are restored afterwards. Equal to fine-tuning with ``wise_alpha = a``:
+    The fine-tuned weights are restored afterwards. Equal to fine-tuning with a wise control of ``alpha = a``:
     the phantom CNN has no buffers that fine-tuning changes (GroupNorm), and untrained
     parameters are equal in both states.
     """
@@ -169,7 +168,7 @@ def run(args) -> dict:
                     row[arm_name] = summarize(r.name_prompts, finding)
                     if arm_name == "after":
                         row["seconds"] = r.seconds_inversion + r.seconds_finetune
-                    if alphas:  # effective interpolation weight = a x the recipe's own wise_alpha
+                    if alphas:  # effective interpolation weight = a x the recipe's own WiSE alpha
                         row[arm_name + "_wise"] = {f"{a * wise:g}": v for a, v in zip(
                             alphas, _wise_rows(exp, r.extra["backend"], start_state, alphas, ds, finding).values())}
                 rows[name].append(row)

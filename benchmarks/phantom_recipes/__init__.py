@@ -22,18 +22,19 @@ from benchmarks.common import bundle_config, merge
 
 # overrides of the phantom_nodules recipe explored during research (see docs/README.md)
 VARIANTS: dict[str, dict] = {
-    "wise_0.3": {"finetune": {"wise_alpha": 0.3}},
-    "wise_0.7": {"finetune": {"wise_alpha": 0.7}},
-    "wise_1.0": {"finetune": {"wise_alpha": 1.0}},
-    "replay_distill": {"finetune": {"replay_per_batch": 4, "distill_weight": 1.0, "wise_alpha": 1.0},
+    "wise_0.3": {"finetune": {"controls": [{"name": "wise", "alpha": 0.3}]}},
+    "wise_0.7": {"finetune": {"controls": [{"name": "wise", "alpha": 0.7}]}},
+    "wise_1.0": {"finetune": {"controls": []}},
+    "replay_distill": {"finetune": {"controls": [{"name": "replay", "per_batch": 4}, {"name": "distill", "weight": 1.0}]},
                        "replay_per_class": 4},
-    "replay_init": {"finetune": {"replay_per_batch": 4}, "replay_init": True},
-    "replay_init_wise1": {"finetune": {"replay_per_batch": 4, "wise_alpha": 1.0}, "replay_init": True},
-    "replay_all_wise1": {"finetune": {"replay_per_batch": 4, "wise_alpha": 1.0}, "replay_init": True,
+    "replay_init": {"finetune": {"controls": [{"name": "wise", "alpha": 0.5}, {"name": "replay", "per_batch": 4}]},
+                    "replay_init": True},
+    "replay_init_wise1": {"finetune": {"controls": [{"name": "replay", "per_batch": 4}]}, "replay_init": True},
+    "replay_all_wise1": {"finetune": {"controls": [{"name": "replay", "per_batch": 4}]}, "replay_init": True,
                          "replay_per_class": 2},
-    "replay_init_lr1e-4": {"finetune": {"lr": 1e-4, "epochs": 5, "wise_alpha": 1.0, "replay_per_batch": 4},
+    "replay_init_lr1e-4": {"finetune": {"lr": 1e-4, "epochs": 5, "controls": [{"name": "replay", "per_batch": 4}]},
                            "replay_init": True},
-    "lr1e-4_5ep": {"finetune": {"lr": 1e-4, "epochs": 5, "wise_alpha": 1.0}},
+    "lr1e-4_5ep": {"finetune": {"lr": 1e-4, "epochs": 5, "controls": []}},
     "images_32": {"n_images": 32},
     # issue 6: does the short inversion lose anything downstream? the same recipe at the paper's 5,000 steps
     "steps_5000": {"inversion": {"steps": 5000}},
@@ -42,16 +43,16 @@ VARIANTS: dict[str, dict] = {
     "from_noise": {"inversion": {"lr": 0.1, "views": 1, "priors": [{"name": "tv", "weight": 0.005}],
                                  "augmentations": [{"name": "affine", "p": 0.5, "rotate_deg": 30, "translate": 0.1,
                                                     "scale": [0.7, 1.0]}]}},
-    "paper_finetune": {"finetune": {"lr": 1e-5, "epochs": 1, "optimizer": "adam", "wise_alpha": 1.0}},
+    "paper_finetune": {"finetune": {"lr": 1e-5, "epochs": 1, "optimizer": {"name": "adam"}, "controls": []}},
     "oracle": {"placebo": "oracle", "inversion": {"steps": 1}},
     # upper bounds of the fine-tuning recipe itself: 16 *real* nodules (the "placebo" arm of these
     # rows) with supervised replay of the normal start images and of real known-class phantoms
     "oracle_replay": {"placebo": "oracle", "inversion": {"steps": 1}, "replay_init": True,
-                      "finetune": {"lr": 1e-4, "epochs": 5, "wise_alpha": 1.0, "replay_per_batch": 4}},
+                      "finetune": {"lr": 1e-4, "epochs": 5, "controls": [{"name": "replay", "per_batch": 4}]}},
     "oracle_replay_all": {"placebo": "oracle", "inversion": {"steps": 1}, "replay_init": True, "replay_per_class": 4,
-                          "finetune": {"lr": 1e-4, "epochs": 5, "wise_alpha": 1.0, "replay_per_batch": 4}},
+                          "finetune": {"lr": 1e-4, "epochs": 5, "controls": [{"name": "replay", "per_batch": 4}]}},
     "oracle_lr3e-5": {"placebo": "oracle", "inversion": {"steps": 1},
-                      "finetune": {"lr": 3e-5, "epochs": 5, "wise_alpha": 1.0}},
+                      "finetune": {"lr": 3e-5, "epochs": 5, "controls": []}},
     "noise_placebo": {"placebo": "noise"},
 }
 

@@ -48,17 +48,17 @@ class Recipe:
     replay_per_class: int = 0
     #: placebo images: "normal" phantoms or "noise" (uniform) captioned as the novel finding
     placebo: str = "normal"
-    #: known-class phantoms per class held out for model selection (finetune keep_best /
-    #: select_patience score = their zero-shot accuracy; no novel-class image is involved)
+    #: known-class phantoms per class held out for model selection (the ``select`` fine-tuning
+    #: control's score = their zero-shot accuracy; no novel-class image is involved)
     select_per_class: int = 0
     #: also replay the inversion's starting images (normal phantoms) captioned as "no finding", so
     #: fine-tuning sees every edited image next to its unedited start (the placebo replays the same
-    #: normal phantoms it trains on); needs ``finetune.replay_per_batch > 0``
+    #: normal phantoms it trains on); needs a ``replay`` fine-tuning control
     replay_init: bool = False
     #: data-free replay (`medkt.forgetting.data_free_replay`): this many images per known
     #: class inverted from "A <class> is <description>" on the start model (no real image of the
-    #: class), added to the replay set of both arms; needs ``finetune.replay_per_batch`` or
-    #: ``finetune.distill_weight`` > 0
+    #: class), added to the replay set of both arms; needs a ``replay`` or
+    #: ``distill`` fine-tuning control
     data_free_replay: int = 0
     #: overrides of ``inversion`` for the data-free replay images (`medkt.inversion.with_overrides`;
     #: e.g. {"priors": {"residual": {"sign": "any"}}})
@@ -87,10 +87,12 @@ class Recipe:
             from medkt.partial_inversion import PartialInversionConfig
 
             PartialInversionConfig.from_dict(r.partial)
-        if uses_replay and not (r.finetune.get("replay_per_batch", 0) > 0 or r.finetune.get("distill_weight", 0) > 0):
+        controls = {c.get("name") for c in r.finetune.get("controls", []) if isinstance(c, dict)}
+        if uses_replay and not controls & {"replay", "distill"}:
             # finetune ignores replay images unless one of these is on: say so instead of doing nothing
             raise ConfigError("the recipe builds replay images (replay_per_class / replay_init / data_free_replay) "
-                              "but finetune.replay_per_batch and finetune.distill_weight are 0: set one of them > 0")
+                              "but finetune.controls has no 'replay' or 'distill' control: add one, e.g. "
+                              '{"name": "replay", "per_batch": 4}')
         return r
 
 

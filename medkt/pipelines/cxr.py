@@ -189,7 +189,7 @@ def _write_cxr_report(out: Path, pipe: CXRTransferSweep, table: str, info: dict,
              f"{', '.join(f'x{m:g}' for m in pipe.multipliers)}",
              f"- inversion: {pipe.inv_cfg.steps} steps, lr {pipe.inv_cfg.lr}, components {pipe.inv_cfg.describe_components()}",
              f"- fine-tuning ({pipe.ft_cfg.train} encoder): batch {pipe.ft_cfg.batch_size}, {pipe.ft_cfg.epochs} epoch(s), "
-             f"wd {pipe.ft_cfg.weight_decay}", "", _skipped_lines(info),
+             f"wd {pipe.ft_cfg.optimizer.weight_decay}", "", _skipped_lines(info),
              "Zero-shot accuracy (%) per class and top-1, before (baseline) and after each transfer:", "", table]
     for r in runs:
         lines.append(f"- {', '.join(r['concepts'])} x{r['multiplier']:g}: lr {r['lr']:.1e}, fine-tune loss "

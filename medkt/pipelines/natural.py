@@ -29,7 +29,7 @@ from medkt.utils import atomic_write_json, atomic_write_text
 #: ViLT's transfer defaults (paper §4.4.2): ITM inversion from N(0, 1) without augmentation, ITM fine-tuning
 ITM_INVERSION_DEFAULTS = {"objective": "itm", "augmentations": [],
                           "priors": [{"name": "init", "kind": "normal"}, {"name": "tv", "weight": 0.005}]}
-ITM_FINETUNE_DEFAULTS = {"loss": "itm", "weight_decay": 0.01}
+ITM_FINETUNE_DEFAULTS = {"loss": "itm", "optimizer": {"weight_decay": 0.01}}
 
 
 class ZeroShotTransferPipeline(TransferPipeline):
