@@ -196,44 +196,9 @@ def chest_like(rng: np.random.Generator, size: int, *, nodule: float = 0.0, kind
     return np.clip(img, 0, 1).astype(np.float32)
 
 
-def write_dicom(path: Path, image01: np.ndarray, *, monochrome1: bool = False, window: tuple[float, float] | None = None,
-                bits: int = 12, slope: float = 1.0, intercept: float = 0.0) -> Path:
-    """Write a [0, 1] array as a single-frame uncompressed DICOM (Explicit VR Little Endian)."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    top = (1 << bits) - 1
-    stored = np.rint(np.clip(image01, 0, 1) * top)
-    if monochrome1:
-        stored = top - stored
-    stored = stored.astype(np.uint16)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits, bits - 1
-    ds.PixelRepresentation = 0
-    if slope != 1.0 or intercept != 0.0:
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = stored.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def write_radiograph_dicom(path: Path, image01: np.ndarray, *, monochrome1: bool = False, window: tuple[float, float] | None = None,
-                bits: int = 12, slope: float = 1.0, intercept: float = 0.0) -> Path:
+def write_radiograph_dicom(path: Path, image01: np.ndarray, *, monochrome1: bool = False,
+                           window: tuple[float, float] | None = None, bits: int = 12, slope: float = 1.0,
+                           intercept: float = 0.0) -> Path:
     """Write a [0, 1] array as a single-frame uncompressed DICOM (Explicit VR Little Endian)."""
     import pydicom
     from pydicom.dataset import FileMetaDataset

@@ -33,8 +33,6 @@ Only the standard library and light medkt modules are imported here (no torch, n
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import os
 import re
 import sys
@@ -254,25 +252,6 @@ def _check_backend(cfg: BundleConfig) -> list[MedktError]:
     return backend_problems(spec, {k: v for k, v in options.items() if _known(v)} if isinstance(options, dict) else {})
 
 
-def _read_rows(manifest: Path) -> list[dict[str, Any]]:
-    """The raw records of a CSV or JSONL manifest; missing columns are a DataError (as in
-    `medkt.data.manifest.read_manifest`, whose full row validation runs later)."""
-    if manifest.suffix == ".jsonl":
-        rows = []
-        for i, line in enumerate(manifest.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{manifest}:{i}: not valid JSON ({exc.msg})") from None
-        return rows
-    with manifest.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or "path" not in reader.fieldnames or "label" not in reader.fieldnames:
-            raise DataError(f"{manifest}: a manifest needs the columns path,label (got {reader.fieldnames})")
-        return list(reader)
-
-
 def _manifest_problems(what: str, manifest: Any, root: Any, split: Any, skip_bad: Any,
                        need_mask: bool = False) -> list[MedktError]:
     if not _known(manifest, root, split) or not isinstance(manifest, (str, os.PathLike)):
@@ -282,7 +261,9 @@ def _manifest_problems(what: str, manifest: Any, root: Any, split: Any, skip_bad
         return [DataError(f"{what}: manifest not found: {manifest}; build one with 'medkt data prepare NAME --root "
                           "DIR' or fix the path")]
     try:
-        rows = _read_rows(manifest)
+        from medkt.data.manifest import read_records  # stdlib only
+
+        rows = read_records(manifest)
     except (DataError, OSError, UnicodeDecodeError) as exc:
         return [DataError(f"{what}: {exc}")]
     # one stat per file, no path resolution: read_manifest's full checks (paths escaping the root,

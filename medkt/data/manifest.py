@@ -78,6 +78,26 @@ def write_manifest(rows: Iterable[ManifestRow], path: str | Path) -> Path:
     return path
 
 
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The raw records of a CSV or JSONL manifest (no row checks: `read_manifest` does them); a
+    JSONL line that does not parse or a CSV without the ``path,label`` columns is a DataError."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        raw = []
+        for i, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    raw.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
+        return raw
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or "path" not in reader.fieldnames or "label" not in reader.fieldnames:
+            raise DataError(f"{path}: a manifest needs the columns path,label (got {reader.fieldnames})")
+        return list(reader)
+
+
 def read_manifest(
     path: str | Path,
     root: str | Path | None = None,
@@ -106,20 +126,7 @@ def read_manifest(
         raise DataError(f"manifest not found: {path}; build one with 'medkt data prepare NAME --root DIR'")
     root = Path(root) if root is not None else path.parent
     names = {f.name for f in fields(ManifestRow)}
-    raw: list[dict] = []
-    if path.suffix == ".jsonl":
-        for i, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    raw.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
-    else:
-        with path.open(newline="") as fh:
-            reader = csv.DictReader(fh)
-            if reader.fieldnames is None or "path" not in reader.fieldnames or "label" not in reader.fieldnames:
-                raise DataError(f"{path}: a manifest needs the columns path,label (got {reader.fieldnames})")
-            raw = list(reader)
+    raw = read_records(path)
     rows: list[ManifestRow] = []
     first: dict[tuple[str, str | None], ManifestRow] = {}  # (image, mask) -> its first row
     for i, rec in enumerate(raw, start=2 if path.suffix != ".jsonl" else 1):
