@@ -175,6 +175,7 @@ class ConceptTokensControl(FinetuneControl):
     (`medkt.concept_tokens`); merged into the embedding table at the end."""
 
     order: ClassVar[int] = 20
+    _tokens = None  # the ConceptTokens of a run, made by trainable() (not a setting)
 
     def setup(self, run: FinetuneRun) -> None:
         if run.distributed:
@@ -192,7 +193,7 @@ class ConceptTokensControl(FinetuneControl):
         self._tokens.merge()  # a WiSE-FT control (order 30) has already scaled the offsets
 
     def cleanup(self, run: FinetuneRun) -> None:
-        if getattr(self, "_tokens", None) is not None:
+        if self._tokens is not None:
             self._tokens.remove()
 
 
@@ -224,6 +225,7 @@ class Lora(LoraSettings, FinetuneControl):
     (rank, alpha, dropout, target_modules), given flat: ``{"name": "lora", "rank": 4, "alpha": 8}``."""
 
     order: ClassVar[int] = 40
+    _adapter = None  # the LoraAdapter of a run, made by trainable() (not a setting)
 
     def trainable(self, run: FinetuneRun, params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
         from medkt.lora import LoraAdapter
@@ -235,7 +237,7 @@ class Lora(LoraSettings, FinetuneControl):
         self._adapter.merge()  # the plain module tree is back
 
     def cleanup(self, run: FinetuneRun) -> None:
-        if getattr(self, "_adapter", None) is not None:  # after an error: drop unmerged (no-op once merged)
+        if self._adapter is not None:  # after an error: drop unmerged (no-op once merged)
             self._adapter.remove()
 
 

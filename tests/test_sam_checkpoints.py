@@ -254,6 +254,7 @@ def test_cli_set_sam_path(tmp_path, medkt, release_files):
     _pipeline(tmp_path)  # writes the images and masks of a tiny folder pair (the bundle's own data is not here)
     data = json.dumps({"images": str(tmp_path / "im"), "masks": str(tmp_path / "ma")})
     r = medkt("transfer", "--bundle", "seg_breast_ultrasound", "--output", str(out), "--set", f"data={data}",
+              "--set", "backend=medclip:tiny@random",  # the default BiomedCLIP is not in this machine's cache
               "--set", f"sam={release_files['vit_b']}", "--set", "sam_model_type=vit_l")
     assert r.returncode == 2, r.stderr[-2000:]
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
