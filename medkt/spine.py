@@ -341,6 +341,8 @@ def _finetune_phase(backend: Backend, inv: InversionResult, concepts: Sequence[C
     settings = {"finetune": asdict(cfg), "negatives": negatives, "descriptions": descriptions,
                 "captions": [make_caption(c, d, cfg) for c, d in descriptions.items()],
                 "images": [inv.concepts, inv.texts], "options": sorted(options)}
+    if isinstance(options.get("pool"), UnlabeledPool):  # a resume on another pool is refused
+        settings["pool"] = [options["pool"].source, len(options["pool"])]
     # fine-tuning outputs are reused only when they were saved whole (weights written last)
     can_reuse = resume and save_weights and weights is not None and weights.is_file() and record.is_file()
     if out is not None:

@@ -125,6 +125,13 @@ def test_transfer_passes_the_pool_to_finetuning(pool_dir, tmp_path, monkeypatch)
                    unlabeled={"path": str(pool_dir), "max_images": 4})
     assert isinstance(seen["pool"], UnlabeledPool) and len(seen["pool"]) == 4
     assert list((tmp_path / "run" / "pool_embeddings").glob("image_embeddings_*.pt"))  # cached in the run
+    from medkt.errors import ResumeMismatchError
+
+    with pytest.raises(ResumeMismatchError, match="pool"):  # a resume on another pool is refused
+        spine.transfer(b, [{"name": "moongate", "description": "a round archway", "n_images": 2}],
+                       inversion_config={"steps": 1}, negatives=["a dog"], images="noise", progress=False,
+                       finetune_config={"batch_size": 2, "controls": [POOL_CTL]}, out_dir=tmp_path / "run",
+                       unlabeled={"path": str(pool_dir), "max_images": 3}, resume=True)
 
 
 def test_set_unlabeled_reaches_finetuning(pool_dir, tmp_path, monkeypatch, medkt):
