@@ -69,7 +69,7 @@ class FinetuneConfig:
     ``caption_template`` ("A <name> is <description>"; ``prepend_name=False`` keeps only the
     description, Fig. 5) and trained with the InfoNCE ``loss`` at the model's own logit scale
     (``temperature`` overrides it). ``controls`` switches on forgetting controls and other loop
-    extensions (`FINETUNE_CONTROLS`: replay, distill, train_only, lora, wise, select), each a dict
+    extensions (`FINETUNE_CONTROLS`: replay, distill, pool_distill, train_only, lora, wise, select), each a dict
     ``{"name": ..., <its settings>}``; none by default. Build from a dict with `from_dict`.
     """
 
@@ -245,6 +245,7 @@ def finetune(
     select_fn: Callable[[], float] | None = None,
     distributed: bool | None = None,
     loss_context: Any = None,
+    pool: Any = None,
 ) -> dict[str, Any]:
     """Fine-tune ``backend`` in place so each image matches its concept's caption.
 
@@ -262,6 +263,8 @@ def finetune(
             a held-out set of known classes) recorded in ``history["select"]`` and used by the
             "select" control (``keep_best`` / ``patience``).
         loss_context: passed as ``context=`` to a loss registered with ``uses_context=True``.
+        pool: an unlabeled pool (`medkt.pool.UnlabeledPool` or a ``(P, C, S, S)`` [0,1] tensor)
+            for the "pool_distill" control; unused by the other controls.
         distributed: wrap the loss in ``DistributedDataParallel`` and split every batch across
             the ranks of the process group (see `medkt.distributed`); None = when a group of
             more than one process is initialised. Every rank must call with the same arguments.
@@ -274,7 +277,7 @@ def finetune(
                                                   negative_captions, texts_of_images)
     run = FinetuneRun(backend, cfg, captions, caption_of, list(dict.fromkeys(concepts_of_images)), list(descriptions),
                       replay_images, replay_concepts, select_fn, _use_distributed(distributed),
-                      history={"loss": [], "captions": captions, "trainable": cfg.train, "select": []})
+                      history={"loss": [], "captions": captions, "trainable": cfg.train, "select": []}, pool=pool)
     return _run(run, _controls(cfg, select_fn), images, targets_all, loss_context, progress)
 
 
@@ -368,7 +371,7 @@ class _Step:
         with run.backend.autocast():
             loss = weight * self.loss_fn(run.backend, batch, targets, run.captions, self.caption_emb, run.config)
             for c in self.controls:
-                term = c.loss_term(run, ridx) if ridx is not None else None
+                term = c.loss_term(run, ridx)  # None: no term (e.g. distill without replay indices)
                 if term is not None:
                     loss = loss + term
         return loss.float()

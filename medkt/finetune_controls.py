@@ -6,7 +6,7 @@ a few hooks with no-op defaults, called by the loop at fixed points:
 * `setup` — check inputs, prepare (e.g. the distillation teacher embeddings);
 * `trainable` — choose or wrap the trainable parameters (train_only, LoRA, concept tokens) or
   remember them (WiSE-FT's start weights);
-* `extend_batch` — add images and targets to a batch (replay);
+* `extend_batch` — add images and targets to a batch (replay), or draw per-batch data (pool_distill);
 * `loss_term` — add a term to the batch loss, under the model's autocast (distillation);
 * `after_epoch` — look at the model after every epoch; returning True stops training (selection);
 * `finish` — under ``no_grad`` after the last epoch: restore the best epoch, merge adapters,
@@ -58,6 +58,31 @@ class FinetuneRun:
     params: list[torch.nn.Parameter] = field(default_factory=list)
     history: dict[str, Any] = field(default_factory=dict)
     replay_targets: torch.Tensor | None = None
+    #: unlabeled pool (`medkt.pool.UnlabeledPool` or an ``(P, C, S, S)`` [0,1] tensor) for "pool_distill"
+    pool: Any = None
+    pool_images: torch.Tensor | None = None
+    pool_teacher: torch.Tensor | None = None  # (P, D) normalised embeddings of the start model
+
+    def require_pool(self, control: str) -> None:
+        """Decode the pool once and embed it with the (still frozen) start model: through the
+        evaluation embedding cache for an `UnlabeledPool`, directly for a tensor."""
+        if self.pool_images is not None:
+            return
+        if self.pool is None:
+            raise ConfigError(f"the {control!r} fine-tuning control needs an unlabeled pool: finetune(..., pool=) "
+                              f"or transfer(..., unlabeled=PATH) / --set unlabeled=PATH")
+        self.backend.eval()
+        if isinstance(self.pool, torch.Tensor):
+            if len(self.pool) == 0:
+                raise ConfigError(f"the {control!r} control got an empty pool")
+            self.pool_images = self.pool
+            with self.backend.autocast():
+                self.pool_teacher = self.backend.encode_images(self.pool)
+            return
+        from medkt.pool import pool_embeddings
+
+        self.pool_images = self.pool.images(self.backend)
+        self.pool_teacher = pool_embeddings(self.backend, self.pool)
 
     def require_replay(self, control: str) -> None:
         """Check ``replay_images`` / ``replay_concepts`` once and compute their caption targets."""
@@ -281,9 +306,65 @@ class Distill(FinetuneControl):
             self._teacher = run.backend.encode_images(run.replay_images)  # (R, D) on the model's device
 
     def loss_term(self, run: FinetuneRun, ridx: torch.Tensor | None) -> torch.Tensor | None:
+        if ridx is None:
+            return None
         backend, teacher = run.backend, self._teacher
         emb = F.normalize(backend.encode_pixels(run.replay_images[ridx].to(backend.device)).float(), dim=-1)
         return self.weight * (1 - (emb * teacher[ridx.to(teacher.device)]).sum(-1)).mean()
+
+
+@register_control("pool_distill")
+@dataclass
+class PoolDistill(FinetuneControl):
+    """Forgetting control on an unlabeled pool (``finetune(..., pool=)``): each batch also draws
+    ``per_batch`` pool images (a generator seeded by ``finetune.seed``) and adds ``weight`` *
+    (1 - cos(f_V(x), f_V0(x))) toward the frozen start model's embeddings (computed once, through
+    the evaluation embedding cache for a pool of files); with ``zs_weight`` > 0 also ``zs_weight`` *
+    KL(p0 || p) between the start and current zero-shot distributions of the pool images over the
+    known concepts' captions (all captions when every concept is new), as ZSCL does for CLIP. The
+    captions are embedded once by the start model (a fixed target even when text trains)."""
+
+    per_batch: Annotated[int, Range(ge=1)] = 4
+    weight: Annotated[float, Range(ge=0)] = 1.0
+    zs_weight: Annotated[float, Range(ge=0)] = 0.0
+    order: ClassVar[int] = 65
+
+    def setup(self, run: FinetuneRun) -> None:
+        from medkt.backends.base import require_embeddings
+
+        require_embeddings(run.backend, "the 'pool_distill' fine-tuning control", "the replay control")
+        run.require_pool(self.name)
+        self._gen = torch.Generator().manual_seed(int(run.config.seed))
+        self._pidx: torch.Tensor | None = None
+        self._zs = None
+        if self.zs_weight > 0:
+            known = [run.caption_of(c) for c in run.known_concepts if c not in run.new_concepts]
+            caps = list(dict.fromkeys(known)) if len(known) >= 2 else run.captions
+            with torch.no_grad(), run.backend.autocast():
+                text = F.normalize(run.backend.encode_texts(caps).float(), dim=-1)
+            from medkt.infonce import infonce_scale
+
+            scale = infonce_scale(run.backend, run.config.temperature)
+            teacher = run.pool_teacher.to(text.device).float()
+            self._zs = (text, scale, F.softmax(scale * teacher @ text.t(), dim=-1))
+
+    def extend_batch(self, run: FinetuneRun, batch: torch.Tensor, targets: torch.Tensor,
+                     ridx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # the draw happens here, once per batch outside the (DDP) loss: every rank draws the same
+        self._pidx = torch.randint(0, len(run.pool_images), (self.per_batch,), generator=self._gen)
+        return batch, targets
+
+    def loss_term(self, run: FinetuneRun, ridx: torch.Tensor | None) -> torch.Tensor | None:
+        backend, idx = run.backend, self._pidx
+        x = run.pool_images[idx.to(run.pool_images.device)].to(backend.device)
+        emb = F.normalize(backend.encode_pixels(x).float(), dim=-1)
+        teacher = run.pool_teacher[idx.to(run.pool_teacher.device)].to(emb.device)
+        term = self.weight * (1 - (emb * teacher).sum(-1)).mean()
+        if self._zs is not None:
+            text, scale, p0 = self._zs
+            logp = F.log_softmax(scale * emb @ text.t().to(emb.device), dim=-1)
+            term = term + self.zs_weight * F.kl_div(logp, p0[idx.to(p0.device)].to(emb.device), reduction="batchmean")
+        return term
 
 
 @register_control("select")
@@ -322,4 +403,4 @@ class Select(FinetuneControl):
 
 
 __all__ = ["FINETUNE_CONTROLS", "ConceptTokensControl", "Distill", "FinetuneControl", "FinetuneRun", "Lora",
-           "Replay", "Select", "TrainOnly", "Wise", "build_controls", "register_control"]
+           "PoolDistill", "Replay", "Select", "TrainOnly", "Wise", "build_controls", "register_control"]

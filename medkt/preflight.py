@@ -318,6 +318,11 @@ def _check_data(cfg: BundleConfig) -> list[MedktError]:
         if isinstance(value, str) and not (Path(value).is_file() if kind == "file" else Path(value).is_dir()):
             out.append(DataError(f"{key}: {kind} not found: {value}; see the bundle's docs/README.md for where the "
                                  "dataset goes (or fix the path)"))
+    pool = _arg(cfg, "unlabeled")
+    pool = pool.get("path") if isinstance(pool, dict) else pool
+    if isinstance(pool, str) and not Path(pool).exists():
+        out.append(DataError(f"unlabeled: pool not found: {pool}; give a folder of images or a manifest with a "
+                             "path column (or fix the path)"))
     images = _arg(cfg, "images")
     if isinstance(images, str) and images not in ("inversion", "noise") and not Path(images).exists():
         out.append(ConfigError(f"images must be 'inversion', 'noise', an inversion manifest.csv or a run folder "

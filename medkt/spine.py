@@ -41,6 +41,7 @@ from medkt.errors import ConfigError, DataError
 from medkt.faults import fault_point
 from medkt.evaluation import ClassificationResult, ZeroShotEvaluator
 from medkt.finetune import FinetuneConfig, finetune, load_finetuned, make_caption, save_finetuned
+from medkt.pool import UnlabeledPool
 from medkt.inversion import (
     InversionConfig,
     InversionResult,
@@ -232,7 +233,8 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
              images: str | Path | InversionResult = "inversion", before: Mapping[str, ClassificationResult] | None = None,
              evaluate_before: bool = True, resume: bool = False, progress: bool = True, save_weights: bool = True,
              init_images: torch.Tensor | None = None, finetune_options: Mapping[str, Any] | None = None,
-             known_descriptions: Mapping[str, str] | None = None) -> TransferResult:
+             known_descriptions: Mapping[str, str] | None = None,
+             unlabeled: str | Path | Mapping[str, Any] | UnlabeledPool | None = None) -> TransferResult:
     """Teach ``concepts`` to ``backend`` (in place) and evaluate before/after.
 
     Args:
@@ -255,6 +257,10 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
             images, ``select_fn``, loss context, ...).
         known_descriptions: concepts the model already knows -> description: their captions are
             fine-tuning negatives and the targets of replay images (``finetune_options``).
+        unlabeled: an unlabeled pool of scans (a folder, a manifest whose labels are never read,
+            a dict of `UnlabeledPool.from_path` arguments with ``path``, or an `UnlabeledPool`),
+            passed to fine-tuning as ``pool=`` for the ``pool_distill`` control; its start-model
+            embeddings are cached in ``out_dir/pool_embeddings`` unless the pool names a cache_dir.
     Returns:
         a `TransferResult`.
     """
@@ -290,9 +296,12 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
         negs = list(negatives) if negatives is not None else default_negatives(evaluators, names)
         descriptions = {c.name: c.description for c in concepts}
         descriptions.update({k: v for k, v in (known_descriptions or {}).items() if k not in descriptions})
+        options = dict(finetune_options or {})
+        if unlabeled is not None:
+            options["pool"] = as_pool(unlabeled, out / "pool_embeddings" if out is not None else None)
         t = time.perf_counter()
         history = _finetune_phase(backend, inv, concepts, descriptions, negs, ft_cfg, out, resume, progress and main,
-                                  save_weights, dict(finetune_options or {}), resumed)
+                                  save_weights, options, resumed)
         seconds["finetune"] = time.perf_counter() - t
 
         fault_point("evaluation")
@@ -300,6 +309,22 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
         after = {n: ev.evaluate() for n, ev in evaluators.items()}
         seconds["evaluation_after"] = time.perf_counter() - t
         return TransferResult(inv, history, before, after, seconds, resumed, ft_cfg)
+
+
+def as_pool(unlabeled: str | Path | Mapping[str, Any] | UnlabeledPool, cache_dir: Path | None) -> UnlabeledPool:
+    """An `UnlabeledPool` from `transfer`'s ``unlabeled`` (a path, a dict of
+    `UnlabeledPool.from_path` arguments with ``path``, or a pool; ``cache_dir`` unless it names one)."""
+    if isinstance(unlabeled, UnlabeledPool):
+        return unlabeled
+    spec = dict(unlabeled) if isinstance(unlabeled, Mapping) else {"path": unlabeled}
+    if not isinstance(spec.get("path"), (str, Path)):
+        raise ConfigError(f"unlabeled = {unlabeled!r}: give a folder or manifest path, or a dict with a \"path\" "
+                          f"(and optionally max_images, seed, cache_dir)")
+    unknown = sorted(set(spec) - {"path", "max_images", "seed", "cache_dir"})
+    if unknown:
+        raise ConfigError(f"unlabeled: unknown key(s) {unknown}; allowed: path, max_images, seed, cache_dir")
+    spec.setdefault("cache_dir", cache_dir)
+    return UnlabeledPool.from_path(spec.pop("path"), **spec)
 
 
 def _finetune_phase(backend: Backend, inv: InversionResult, concepts: Sequence[Concept], descriptions: dict[str, str],
@@ -316,6 +341,8 @@ def _finetune_phase(backend: Backend, inv: InversionResult, concepts: Sequence[C
     settings = {"finetune": asdict(cfg), "negatives": negatives, "descriptions": descriptions,
                 "captions": [make_caption(c, d, cfg) for c, d in descriptions.items()],
                 "images": [inv.concepts, inv.texts], "options": sorted(options)}
+    if isinstance(options.get("pool"), UnlabeledPool):  # a resume on another pool is refused
+        settings["pool"] = [options["pool"].source, len(options["pool"])]
     # fine-tuning outputs are reused only when they were saved whole (weights written last)
     can_reuse = resume and save_weights and weights is not None and weights.is_file() and record.is_file()
     if out is not None:
@@ -340,8 +367,10 @@ class TransferStep:
 
     def __init__(self, concepts: Sequence[Concept | Mapping[str, Any]], inversion: Mapping[str, Any] | None = None,
                  finetune: Mapping[str, Any] | None = None, seed: int = 0,
-                 inversion_defaults: Mapping[str, Any] | None = None, finetune_defaults: Mapping[str, Any] | None = None):
+                 inversion_defaults: Mapping[str, Any] | None = None, finetune_defaults: Mapping[str, Any] | None = None,
+                 unlabeled: str | Path | Mapping[str, Any] | None = None):
         self.concepts = parse_concepts(concepts)
+        self.unlabeled = unlabeled  # an unlabeled pool for fine-tuning (`transfer`'s ``unlabeled``)
         self.inversion = InversionConfig.from_dict({"seed": seed, **(inversion_defaults or {}), **(inversion or {})})
         ft = {"seed": seed, **(finetune_defaults or {}), **(finetune or {})}
         opt_default, opt_given = (finetune_defaults or {}).get("optimizer"), (finetune or {}).get("optimizer")
@@ -353,9 +382,10 @@ class TransferStep:
         """`transfer` with this step's concepts and configs; ``kw`` as there (a
         ``concepts=`` subset runs only those)."""
         concepts = kw.pop("concepts", self.concepts)
+        kw.setdefault("unlabeled", self.unlabeled)
         return transfer(backend, concepts, inversion_config=kw.pop("inversion_config", self.inversion),
                         finetune_config=kw.pop("finetune_config", self.finetune), **kw)
 
 
-__all__ = ["Concept", "TransferResult", "TransferStep", "default_negatives", "images_from_manifests",
+__all__ = ["Concept", "TransferResult", "TransferStep", "as_pool", "default_negatives", "images_from_manifests",
            "inversion_targets", "noise_images", "parse_concepts", "synthesize", "transfer"]

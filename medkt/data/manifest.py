@@ -78,9 +78,10 @@ def write_manifest(rows: Iterable[ManifestRow], path: str | Path) -> Path:
     return path
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
+def read_records(path: str | Path, columns: Sequence[str] = ("path", "label")) -> list[dict[str, Any]]:
     """The raw records of a CSV or JSONL manifest (no row checks: `read_manifest` does them); a
-    JSONL line that does not parse or a CSV without the ``path,label`` columns is a DataError."""
+    JSONL line that does not parse or a CSV without the ``columns`` (default ``path,label``) is a
+    DataError."""
     path = Path(path)
     if path.suffix == ".jsonl":
         raw = []
@@ -93,8 +94,8 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         return raw
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
-        if reader.fieldnames is None or "path" not in reader.fieldnames or "label" not in reader.fieldnames:
-            raise DataError(f"{path}: a manifest needs the columns path,label (got {reader.fieldnames})")
+        if reader.fieldnames is None or any(c not in reader.fieldnames for c in columns):
+            raise DataError(f"{path}: a manifest needs the columns {','.join(columns)} (got {reader.fieldnames})")
         return list(reader)
 
 

@@ -26,7 +26,7 @@ from medkt.evaluation import ClassificationResult, ZeroShotEvaluator
 from medkt.pipelines.base import Pipeline, log
 from medkt.pipelines.transfer import TransferPipeline, class_prompts_of
 from medkt.pipelines.transfer import load_evaluation_set as load_generic_evaluation_set
-from medkt.spine import default_negatives, synthesize, transfer
+from medkt.spine import as_pool, default_negatives, synthesize, transfer
 from medkt.utils import atomic_write_json, atomic_write_text
 from medkt.validation import EvaluationSpec
 
@@ -103,6 +103,8 @@ class CXRTransferSweep(TransferPipeline):
         titles = {n: i["title"] for n, i in info.items()}
         baseline = {n: ev.evaluate() for n, ev in evaluators.items()}
         original = {k: v.detach().clone() for k, v in backend.state_dict().items()}
+        # one pool (and one embedding cache: every sweep run starts from the same weights)
+        pool = as_pool(self.step.unlabeled, out / "pool_embeddings") if self.step.unlabeled is not None else None
 
         columns: list[tuple[str, dict[str, ClassificationResult]]] = [("baseline", baseline)]
         runs: list[dict[str, Any]] = []
@@ -122,7 +124,8 @@ class CXRTransferSweep(TransferPipeline):
                 cfg.validate()
                 r = transfer(backend, group, inversion_config=self.inv_cfg, finetune_config=cfg, evaluators=evaluators,
                              negatives=negatives, images=inv, before=baseline, out_dir=out / "runs" / f"{slug}_x{m:g}",
-                             resume=self.resume, progress=self.progress, save_weights=self.save_weights)
+                             resume=self.resume, progress=self.progress, save_weights=self.save_weights,
+                             unlabeled=pool)
                 col = f"{label} x{m:g} (lr {cfg.lr:.0e})"
                 columns.append((col, r.after))
                 summary = r.summary()

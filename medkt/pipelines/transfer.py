@@ -192,6 +192,9 @@ class TransferPipeline(Pipeline):
         negative_captions: extra fine-tuning negatives; by default one caption per evaluation
             class that is not a transferred concept.
         save_weights: write the fine-tuned parameters to ``finetuned.safetensors``.
+        unlabeled: an unlabeled pool of scans for fine-tuning (``--set unlabeled=PATH``: a folder, or
+            a manifest whose labels are never read; see `medkt.spine.transfer`); used by the
+            ``pool_distill`` control. None (default): no pool.
     """
 
     kind = "transfer"
@@ -207,17 +210,20 @@ class TransferPipeline(Pipeline):
     def __init__(self, backend: str, concepts: list[dict[str, Any]], inversion: dict | None = None,
                  finetune: dict | None = None, evaluations: dict[str, EvaluationSpec] | None = None,
                  negative_captions: list[str] | None = None, save_weights: bool = True,
-                 backend_options: dict[str, Any] | None = None, skip_unreadable: bool = False, **kw: Any):
+                 backend_options: dict[str, Any] | None = None, skip_unreadable: bool = False,
+                 unlabeled: str | dict[str, Any] | None = None, **kw: Any):
         super().__init__(**kw, backend=backend, concepts=concepts, inversion=inversion, finetune=finetune,
                          evaluations=evaluations, negative_captions=negative_captions,
-                         **({"skip_unreadable": True} if skip_unreadable else {}))
+                         **({"skip_unreadable": True} if skip_unreadable else {}),
+                         **({"unlabeled": unlabeled} if unlabeled is not None else {}))
         # opt-in (``medkt transfer --skip-unreadable``): images that are missing or cannot be
         # decoded are left out of every evaluation and listed in RUN/skipped_images.txt
         self.skip_unreadable = bool(skip_unreadable)
         self.backend_spec = backend
         self.backend_options = dict(backend_options or {})
         self.step = TransferStep(concepts, inversion, finetune, seed=self.seed,
-                                 inversion_defaults=self.inversion_defaults, finetune_defaults=self.finetune_defaults)
+                                 inversion_defaults=self.inversion_defaults, finetune_defaults=self.finetune_defaults,
+                                 unlabeled=unlabeled)
         self.concepts = self.step.concepts
         self.inv_cfg, self.ft_cfg = self.step.inversion, self.step.finetune
         self.evaluations = dict(evaluations or {})
