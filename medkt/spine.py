@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -225,6 +225,22 @@ def synthesize(backend: Backend, concepts: Sequence[Concept], config: InversionC
     return inv
 
 
+@contextlib.contextmanager
+def _locked_output(out: Path | None) -> Iterator[None]:
+    """``out`` created and locked while the block runs (a second process on it is refused, naming
+    its pid); nothing to lock without a folder, or under torchrun, where the ranks share rank 0's."""
+    from medkt import distributed as mdist
+
+    if out is None or mdist.world_size() > 1:
+        yield
+        return
+    from medkt.run_folder import folder_lock
+
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, "output folder"):
+        yield
+
+
 def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], *,
              inversion_config: InversionConfig | Mapping[str, Any] | None = None,
              finetune_config: FinetuneConfig | Mapping[str, Any] | None = None,
@@ -271,12 +287,7 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
     ft_cfg = finetune_config if isinstance(finetune_config, FinetuneConfig) else FinetuneConfig.from_dict(dict(finetune_config or {}))
     evaluators = dict(evaluators or {})
     out = Path(out_dir) if out_dir is not None else None
-    with contextlib.ExitStack() as stack:
-        if out is not None and mdist.world_size() == 1:  # under torchrun the ranks share rank 0's folder
-            from medkt.run_folder import folder_lock
-
-            out.mkdir(parents=True, exist_ok=True)  # a second process on the same out_dir is refused
-            stack.enter_context(folder_lock(out, "output folder"))
+    with _locked_output(out):
         main = mdist.is_main()
         seconds: dict[str, float] = {}
         resumed: list[str] = []

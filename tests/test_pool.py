@@ -38,6 +38,22 @@ def pool_dir(tmp_path):
     return root
 
 
+@pytest.fixture
+def seen(monkeypatch) -> dict:
+    """What the transfer step handed to fine-tuning: ``seen["pool"]`` (a spy on spine.finetune)."""
+    import medkt.spine as spine
+
+    seen: dict = {}
+    real = spine.finetune
+
+    def spy(*args, **kw):
+        seen["pool"] = kw.get("pool")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(spine, "finetune", spy)
+    return seen
+
+
 def _manifest(pool_dir: Path, name: str, labels: list[str] | None) -> Path:
     files = sorted(str(p.relative_to(pool_dir)) for p in pool_dir.rglob("*.png"))
     path = pool_dir / name
@@ -107,17 +123,9 @@ def test_pool_embeddings_are_cached(pool_dir, tmp_path, monkeypatch):
     assert torch.allclose(first, b.encode_images(pool.images(b)), atol=1e-5)
 
 
-def test_transfer_passes_the_pool_to_finetuning(pool_dir, tmp_path, monkeypatch):
+def test_transfer_passes_the_pool_to_finetuning(pool_dir, tmp_path, seen):
     import medkt.spine as spine
 
-    seen = {}
-    real = spine.finetune
-
-    def spy(*args, **kw):
-        seen["pool"] = kw.get("pool")
-        return real(*args, **kw)
-
-    monkeypatch.setattr(spine, "finetune", spy)
     b = _clip()
     spine.transfer(b, [{"name": "moongate", "description": "a round archway", "n_images": 2}],
                    inversion_config={"steps": 1}, negatives=["a dog"], images="noise", progress=False,
@@ -134,17 +142,7 @@ def test_transfer_passes_the_pool_to_finetuning(pool_dir, tmp_path, monkeypatch)
                        unlabeled={"path": str(pool_dir), "max_images": 3}, resume=True)
 
 
-def test_set_unlabeled_reaches_finetuning(pool_dir, tmp_path, monkeypatch, medkt):
-    import medkt.spine as spine
-
-    seen = {}
-    real = spine.finetune
-
-    def spy(*args, **kw):
-        seen["pool"] = kw.get("pool")
-        return real(*args, **kw)
-
-    monkeypatch.setattr(spine, "finetune", spy)
+def test_set_unlabeled_reaches_finetuning(pool_dir, tmp_path, seen, medkt):
     r = medkt("transfer", "--bundle", "quickstart_tiny", "-o", str(tmp_path / "run"), "--set", "inversion#steps=2",
               "--set", "evaluations={}", "--set", f"unlabeled={pool_dir}",
               "--set", "finetune#controls=" + json.dumps([POOL_CTL]))
