@@ -315,7 +315,8 @@ def run_recipe_seed(exp, name: str, rd: dict[str, Any], seed: int, ds, before: d
     """One seed of one recipe: its transfer arm (``after``), optionally its placebo and its
     real-image arm (``oracle``: the recipe fine-tuned on real phantoms of the finding), each with
     its WiSE sweep (``<arm>_wise``: effective weight = a x the recipe's own WiSE alpha) -> the row.
-    ``row["seconds"]`` is the transfer arm's inversion + fine-tuning time; ``row["extra"]`` its
+    ``row["seconds"]`` is the transfer arm's inversion + fine-tuning time (a reused inversion's
+    seconds included; pool embeddings are computed in fine-tuning); ``row["extra"]`` its
     JSON-ready extras (e.g. self-training picks)."""
     from medkt.phantom.experiment import Recipe, summarize
 
@@ -332,6 +333,7 @@ def run_recipe_seed(exp, name: str, rd: dict[str, Any], seed: int, ds, before: d
         row[arm_name] = summarize(r.name_prompts, exp.novel)
         if arm_name == "after":
             row["seconds"] = r.seconds_inversion + r.seconds_finetune
+            row["seconds_inversion"], row["seconds_finetune"] = r.seconds_inversion, r.seconds_finetune
             row["extra"] = {k: v for k, v in r.extra.items()
                             if k in ("self_training", "seconds_pool_write", "finetune_steps")}
         if alphas:
