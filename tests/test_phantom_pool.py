@@ -86,6 +86,8 @@ def test_recipe_pool_and_self_training_options():
     r = Recipe.from_dict({"pool": {"size": 50, "prevalence": 0.05}, "self_training": {"rounds": 1}})
     assert r.pool == {"size": 50, "prevalence": 0.05} and r.self_training == {"rounds": 1}
     assert Recipe.from_dict({}).pool == {} and Recipe.from_dict({}).self_training == {}
+    with pytest.raises(ConfigError, match="pool must be a dict"):
+        Recipe.from_dict({"pool": 500})
     with pytest.raises(ConfigError, match="pool option"):
         Recipe.from_dict({"pool": {"sise": 50}})
     with pytest.raises(ConfigError, match="self_training"):
@@ -173,7 +175,7 @@ def test_harness_quick_run_writes_summary_and_targets(tmp_path, capsys):
                 "oracle_auroc_gain", "oracle_reach", "seconds", "targets"):
         assert key in s, key
     assert set(s["targets"]) == set(TARGETS) and s["targets"]["auroc_over_placebo"]["pass"] is not None
-    assert "selection_score" in d and "data_free" in d["selection_score"]
+    assert "data_free" in d["selection_score"] and d["chosen"]["recipe"] == "tokens_bare"  # data_free is never chosen
     text = capsys.readouterr().out
     assert "| model | finding | recipe |" in text and "novel accuracy +30 points" in text
     # the data-free twin is the chosen pool recipe without anything that reads the pool

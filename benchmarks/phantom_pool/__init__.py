@@ -196,30 +196,45 @@ def run(args) -> dict:
             summary = {n: summarize_recipe(rs, exp.known, rec_wise(recipes[n])) for n, rs in rows.items()}
             res["findings"][finding] = {"summary": summary, "per_seed": rows}
             Path(args.out).write_text(json.dumps(out, indent=1, default=float))  # partial results survive a stop
-    score = selection_score(out)
-    out["selection_score"] = score
+    out["selection_score"] = selection_score(out)
+    out["chosen"] = choose(out)
     Path(args.out).write_text(json.dumps(out, indent=1, default=float))
     print(summary_table(out))
     print("\n" + targets_table(out))
-    print("\nselection score (mean of novel gain - 3 x known loss, points; None: a class dropped > 10):", score)
+    print("\nselection score (mean of novel gain - 3 x known loss, points; None: a class dropped > 10):",
+          out["selection_score"], "-> chosen:", out["chosen"])
     return out
+
+
+def _selection_parts(d: dict, name: str) -> tuple[float, float, bool]:
+    """(mean strict score in points, mean AUROC gain, no class dropped > 10 points) of ``name``."""
+    vals, auroc, ok = [], [], True
+    for m in d["models"].values():
+        for f in m["findings"].values():
+            s = f["summary"].get(name)
+            if s is None:
+                continue
+            vals.append(100 * (s["novel_gain"]["mean"] - 3 * s["known_loss"]["mean"]))
+            auroc.append(s["auroc_after"]["mean"] - s["auroc_before"]["mean"])
+            ok &= max(s["max_class_drop"]["values"]) <= 0.10
+    return float(np.mean(vals)), float(np.mean(auroc)), ok
 
 
 def selection_score(d: dict) -> dict[str, float | None]:
     """The pre-registered rule's score of each recipe: mean over models x findings of
     ``100 * (novel gain - 3 x known loss)``; None when any known class dropped > 10 points on a seed."""
-    score: dict[str, float | None] = {}
-    for name in d["recipes"]:
-        vals, ok = [], True
-        for m in d["models"].values():
-            for f in m["findings"].values():
-                s = f["summary"].get(name)
-                if s is None:
-                    continue
-                vals.append(100 * (s["novel_gain"]["mean"] - 3 * s["known_loss"]["mean"]))
-                ok &= max(s["max_class_drop"]["values"]) <= 0.10
-        score[name] = float(np.mean(vals)) if vals and ok else None
-    return score
+    parts = {name: _selection_parts(d, name) for name in d["recipes"]}
+    return {name: (p[0] if p[2] else None) for name, p in parts.items()}
+
+
+def choose(d: dict) -> dict[str, Any]:
+    """The pre-registered choice (README.md): the highest eligible score, ties by AUROC gain; with no
+    eligible recipe, the highest score without the drop rule, marked not eligible."""
+    parts = {name: _selection_parts(d, name) for name in d["recipes"] if name != "data_free"}
+    eligible = [n for n, p in parts.items() if p[2]]
+    pool = eligible or list(parts)
+    best = max(pool, key=lambda n: (parts[n][0], parts[n][1]))
+    return {"recipe": best, "eligible": bool(eligible), "score": parts[best][0], "auroc_gain": parts[best][1]}
 
 
 def _rows(d: dict):

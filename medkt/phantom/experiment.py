@@ -112,6 +112,9 @@ class Recipe:
                               f"for research, not a placebo), got {r.placebo!r}")
         if isinstance(r.data_free_replay, bool) or not isinstance(r.data_free_replay, int) or r.data_free_replay < 0:
             raise ConfigError(f"data_free_replay must be an integer >= 0 (images per known class), got {r.data_free_replay!r}")
+        for opt, val in (("pool", r.pool), ("self_training", r.self_training)):
+            if not isinstance(val, dict):
+                raise ConfigError(f"recipe {opt} must be a dict ({{}} = off), got {val!r}")
         bad_pool = sorted(set(r.pool) - POOL_KEYS)
         if bad_pool:
             raise ConfigError(f"unknown pool option(s) {bad_pool}; known: {sorted(POOL_KEYS)}")

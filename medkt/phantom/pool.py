@@ -12,6 +12,9 @@ call returns the existing files.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,8 +89,8 @@ def write_pool(root: str | Path, novel: str, known: Sequence[str], *, size: int 
     (shuffled order, names carry no label) and ``root/<key>.truth.json`` (outside the pool folder).
     """
     from medkt.phantom.export import write_png
-    from medkt.utils import atomic_write_text
     from medkt.phantom.world import make_phantom
+    from medkt.utils import atomic_write_text
 
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_POOL_SEED:
         raise ConfigError(f"pool seed = {seed!r}: must be an integer in [0, {MAX_POOL_SEED})")
@@ -96,6 +99,7 @@ def write_pool(root: str | Path, novel: str, known: Sequence[str], *, size: int 
     params = {"novel": novel, "known": sorted(known), "size": size, "prevalence": prevalence, "seed": seed,
               "image_size": image_size, "normal_fraction": normal_fraction, "counts": counts}
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     key = pool_key(novel, size, prevalence, known, seed, image_size, normal_fraction)
     folder, truth = root / key, root / f"{key}.truth.json"
     pool = PhantomPool(folder / "manifest.csv", truth, params)
@@ -105,16 +109,28 @@ def write_pool(root: str | Path, novel: str, known: Sequence[str], *, size: int 
         return pool
     items = [(c, i) for c, n in counts.items() for i in range(n)]
     order = np.random.default_rng([POOL_SEED_BASE + seed, 17]).permutation(len(items))
-    files: dict[str, str] = {}
-    for k, j in enumerate(order):
-        c, i = items[j]
-        rel = f"images/pool_{k:05d}.png"
-        write_png(make_phantom(c, POOL_SEED_BASE + seed, i, image_size).image, folder / rel)
-        files[rel] = c
-    truth.write_text(json.dumps({"params": params, "files": files}, indent=0))
-    # a path column only (no medkt.data.manifest.write_manifest: it always writes a label column);
-    # written last, atomically: a pool with a manifest is complete
-    atomic_write_text(pool.manifest, "path\n" + "".join(f"{rel}\n" for rel in files))
+    # built in a private folder and renamed into place: two runs sharing ``root`` (e.g. one per
+    # model) never read a half-written pool; the second one to finish keeps the first one's files
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    try:
+        files: dict[str, str] = {}
+        for k, j in enumerate(order):
+            c, i = items[j]
+            rel = f"images/pool_{k:05d}.png"
+            write_png(make_phantom(c, POOL_SEED_BASE + seed, i, image_size).image, tmp / rel)
+            files[rel] = c
+        # a path column only (no medkt.data.manifest.write_manifest: it always writes a label column)
+        (tmp / "manifest.csv").write_text("path\n" + "".join(f"{rel}\n" for rel in files))
+        atomic_write_text(truth, json.dumps({"params": params, "files": files}, indent=0))
+        if not folder.exists():
+            try:
+                os.replace(tmp, folder)
+            except OSError:  # another run renamed its identical pool into place first
+                pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not pool.manifest.is_file():
+        raise DataError(f"could not write the pool {folder}; delete it and {truth} and run again")
     return pool
 
 
