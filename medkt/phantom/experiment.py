@@ -28,8 +28,8 @@ import torch
 
 from medkt.errors import ConfigError
 from medkt.phantom.findings import BUILTIN_FINDINGS
-from medkt.phantom.pool import POOL_SEED_BASE  # noqa: F401  (the pool seed range, next to the others)
 from medkt.phantom.metrics import ZeroShotResult, image_embeddings, mean_ci, zero_shot
+from medkt.phantom.pool import POOL_SEED_BASE  # noqa: F401  (the pool seed range, next to the others)
 from medkt.phantom.text import description_prompts, name_prompts
 from medkt.phantom.world import make_dataset
 
