@@ -257,3 +257,123 @@ def write_png(path: Path, arr: np.ndarray) -> Path:
 
 def write_mask_png(path: Path, mask: np.ndarray) -> Path:
     return write_png(path, mask.astype(np.uint8) * 255)
+
+
+# --- phantom transfer studies (benchmarks.phantom_generality, benchmarks.phantom_pool) ----------------
+def wise_rows(exp, trained, start: dict, alphas: list[float], ds, finding: str) -> dict[str, dict]:
+    """Evaluate ``start + a * (trained - start)`` for each a (WiSE-FT without re-training).
+
+    The fine-tuned weights are restored afterwards. Equal to fine-tuning with a wise control of ``alpha = a``:
+    the phantom CNN has no buffers that fine-tuning changes (GroupNorm), and untrained
+    parameters are equal in both states.
+    """
+    from medkt.phantom.experiment import summarize
+
+    ft = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+    rows = {}
+    try:
+        for a in alphas:
+            trained.load_state_dict({k: start[k] + a * (v - start[k]) if v.is_floating_point() else v
+                                     for k, v in ft.items()})
+            rows[f"{a:g}"] = summarize(exp.evaluate(trained, ds)[0], finding)
+    finally:
+        trained.load_state_dict(ft)
+    return rows
+
+
+def finding_stats(rows: list[dict], before: list[dict], known: list[str]) -> dict:
+    """Mean and 95 % CI over seeds of novel gain, known loss, largest known-class drop and novel
+    AUROC, from the per-seed summaries after (``rows``) and before (``before``) transfer."""
+    from medkt.phantom.metrics import mean_ci
+
+    def stat(vals):
+        m, h = mean_ci(vals)
+        return {"mean": m, "ci95": h, "values": vals}
+
+    return {"novel_gain": stat([a["novel_accuracy"] - b["novel_accuracy"] for a, b in zip(rows, before)]),
+            "known_loss": stat([b["known_accuracy"] - a["known_accuracy"] for a, b in zip(rows, before)]),
+            "max_class_drop": stat([max(b["per_class"][c] - a["per_class"][c] for c in known)
+                                    for a, b in zip(rows, before)]),
+            "worst_class": max(known, key=lambda c: np.mean([b["per_class"][c] - a["per_class"][c]
+                                                            for a, b in zip(rows, before)])),
+            "auroc_before": stat([b["novel_auroc"] for b in before]),
+            "auroc_after": stat([a["novel_auroc"] for a in rows])}
+
+
+def wise_curve(stats_by_alpha: dict[str, dict]) -> list[dict]:
+    """Frontier points (alpha, known loss, novel gain, AUROC gain) of a WiSE sweep's `finding_stats`,
+    the start model (alpha 0) included."""
+    pts = [{"alpha": 0.0, "known_loss": 0.0, "novel_gain": 0.0, "auroc_gain": 0.0}]
+    for a, st in stats_by_alpha.items():
+        pts.append({"alpha": float(a), "known_loss": st["known_loss"]["mean"], "novel_gain": st["novel_gain"]["mean"],
+                    "auroc_gain": st["auroc_after"]["mean"] - st["auroc_before"]["mean"]})
+    return sorted(pts, key=lambda p: p["alpha"])
+
+
+def run_recipe_seed(exp, name: str, rd: dict[str, Any], seed: int, ds, before: dict, *, placebo: bool,
+                    oracle: bool, alphas: list[float], start_state: dict | None) -> dict[str, Any]:
+    """One seed of one recipe: its transfer arm (``after``), optionally its placebo and its
+    real-image arm (``oracle``: the recipe fine-tuned on real phantoms of the finding), each with
+    its WiSE sweep (``<arm>_wise``: effective weight = a x the recipe's own WiSE alpha) -> the row.
+    ``row["seconds"]`` is the transfer arm's inversion + fine-tuning time (a reused inversion's
+    seconds included; pool embeddings are computed in fine-tuning); ``row["extra"]`` its
+    JSON-ready extras (e.g. self-training picks)."""
+    from medkt.phantom.experiment import Recipe, summarize
+
+    rec = Recipe.from_dict({"name": name, **rd})
+    wise = rec_wise(rd)
+    arms: dict[str, dict] = {"after": {}}
+    if placebo:
+        arms["placebo"] = {"placebo": True}
+    if oracle:  # real-image upper bound: the same recipe on real phantoms of the finding
+        arms["oracle"] = {"placebo": True, "recipe": Recipe.from_dict({**rd, "name": name, "placebo": "oracle"})}
+    row: dict[str, Any] = {"seed": seed, "before": before}
+    for arm_name, kw in arms.items():
+        r = exp.run_arm(kw.get("recipe", rec), seed, ds, placebo=kw.get("placebo", False), keep_images=bool(alphas))
+        row[arm_name] = summarize(r.name_prompts, exp.novel)
+        if arm_name == "after":
+            row["seconds"] = r.seconds_inversion + r.seconds_finetune
+            row["seconds_inversion"], row["seconds_finetune"] = r.seconds_inversion, r.seconds_finetune
+            row["extra"] = {k: v for k, v in r.extra.items()
+                            if k in ("self_training", "seconds_pool_write", "finetune_steps")}
+        if alphas:
+            row[arm_name + "_wise"] = {f"{a * wise:g}": v for a, v in zip(
+                alphas, wise_rows(exp, r.extra["backend"], start_state, alphas, ds, exp.novel).values())}
+    return row
+
+
+def row_line(finding: str, seed: int, name: str, row: dict, known: list[str]) -> str:
+    """A progress line of one `run_recipe_seed` row: before -> after, worst class drop, placebo / oracle."""
+    a, b = row["after"], row["before"]
+    drop = max(b["per_class"][c] - a["per_class"][c] for c in known)
+    plc = f" placebo AUROC {row['placebo']['novel_auroc']:.3f}" if "placebo" in row else ""
+    orc = (f" oracle {row['oracle']['novel_accuracy']:.2f}/{row['oracle']['known_accuracy']:.3f}/"
+           f"{row['oracle']['novel_auroc']:.3f}" if "oracle" in row else "")
+    return (f"{finding:16s} seed {seed} {name:10s} novel {b['novel_accuracy']:.2f}->"
+            f"{a['novel_accuracy']:.2f} known {b['known_accuracy']:.3f}->{a['known_accuracy']:.3f} (max class "
+            f"drop {drop:.2f}) AUROC {b['novel_auroc']:.3f}->{a['novel_auroc']:.3f}{plc}{orc} t={row['seconds']:.0f}s")
+
+
+def recipe_summary(rs: list[dict], known: list[str], own_wise: float) -> dict[str, Any]:
+    """Over the seeds' rows of one recipe: `finding_stats` of the transfer arm, seconds, the
+    placebo's / real-image arm's AUROC, gain, loss and drop, and the WiSE curve of each arm."""
+    bef = [r["before"] for r in rs]
+    s = finding_stats([r["after"] for r in rs], bef, known)
+    secs = [r["seconds"] for r in rs]
+    s["seconds"] = {"mean": float(np.mean(secs)), "max": float(np.max(secs)), "values": secs}
+    for arm in ("placebo", "oracle"):
+        if arm in rs[0]:
+            st = finding_stats([r[arm] for r in rs], bef, known)
+            s[f"{arm}_auroc"] = st["auroc_after"]
+            s[f"{arm}_novel_gain"] = st["novel_gain"]
+            s[f"{arm}_known_loss"] = st["known_loss"]
+            s[f"{arm}_max_class_drop"] = st["max_class_drop"]
+    if "after_wise" in rs[0]:  # the WiSE-FT curve of each arm (effective alpha -> stats), alpha 1 included
+        s["wise"] = {}
+        for arm in ("after", "placebo", "oracle"):
+            if arm not in rs[0]:
+                continue
+            curve = {k: finding_stats([r[arm + "_wise"][k] for r in rs], bef, known) for k in rs[0][arm + "_wise"]}
+            curve[f"{own_wise:g}"] = finding_stats([r[arm] for r in rs], bef, known)
+            s["wise"][arm] = curve
+    return s

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import HELDOUT3, bundle_config, merge, quick_recipe, rec_wise
+from benchmarks.common import (HELDOUT3, bundle_config, merge, quick_recipe, rec_wise, recipe_summary, row_line,
+                               run_recipe_seed, wise_curve)
 
 #: the text each finding is taught from (written once, never tuned on results)
 DESCRIPTIONS = {
@@ -90,48 +91,8 @@ CANDIDATES: dict[str, dict] = {
 }
 
 
-def _wise_rows(exp, trained, start: dict, alphas: list[float], ds, finding: str) -> dict[str, dict]:
-    """Evaluate ``start + a * (trained - start)`` for each a (WiSE-FT without re-training).
-
-    The fine-tuned weights are restored afterwards. Equal to fine-tuning with a wise control of ``alpha = a``:
-    the phantom CNN has no buffers that fine-tuning changes (GroupNorm), and untrained
-    parameters are equal in both states.
-    """
-    from medkt.phantom.experiment import summarize
-
-    ft = {k: v.detach().clone() for k, v in trained.state_dict().items()}
-    rows = {}
-    try:
-        for a in alphas:
-            trained.load_state_dict({k: start[k] + a * (v - start[k]) if v.is_floating_point() else v
-                                     for k, v in ft.items()})
-            rows[f"{a:g}"] = summarize(exp.evaluate(trained, ds)[0], finding)
-    finally:
-        trained.load_state_dict(ft)
-    return rows
-
-
-def finding_stats(rows: list[dict], before: list[dict], known: list[str]) -> dict:
-    """Mean and 95 % CI over seeds of novel gain, known loss, largest known-class drop and novel
-    AUROC, from the per-seed summaries after (``rows``) and before (``before``) transfer."""
-    from medkt.phantom.metrics import mean_ci
-
-    def stat(vals):
-        m, h = mean_ci(vals)
-        return {"mean": m, "ci95": h, "values": vals}
-
-    return {"novel_gain": stat([a["novel_accuracy"] - b["novel_accuracy"] for a, b in zip(rows, before)]),
-            "known_loss": stat([b["known_accuracy"] - a["known_accuracy"] for a, b in zip(rows, before)]),
-            "max_class_drop": stat([max(b["per_class"][c] - a["per_class"][c] for c in known)
-                                    for a, b in zip(rows, before)]),
-            "worst_class": max(known, key=lambda c: np.mean([b["per_class"][c] - a["per_class"][c]
-                                                            for a, b in zip(rows, before)])),
-            "auroc_before": stat([b["novel_auroc"] for b in before]),
-            "auroc_after": stat([a["novel_auroc"] for a in rows])}
-
-
 def run(args) -> dict:
-    from medkt.phantom.experiment import PhantomTransferExperiment, Recipe, summarize
+    from medkt.phantom.experiment import PhantomTransferExperiment, summarize
 
     torch.set_num_threads(1)
     cfg = bundle_config("phantom_nodules")
@@ -155,54 +116,11 @@ def run(args) -> dict:
             ds = exp.eval_set(seed)
             before = summarize(exp.evaluate(exp.new_backend(), ds)[0], finding)
             for name, rd in recipes.items():
-                rec = Recipe.from_dict({"name": name, **rd})
-                wise = rec_wise(rd)
-                arms = {"after": {}}
-                if name in placebo_for:
-                    arms["placebo"] = {"placebo": True}
-                if name in oracle_for:  # real-image upper bound: the same recipe on real phantoms of the finding
-                    arms["oracle"] = {"placebo": True, "recipe": Recipe.from_dict({**rd, "name": name, "placebo": "oracle"})}
-                row = {"seed": seed, "before": before}
-                for arm_name, kw in arms.items():
-                    r = exp.run_arm(kw.get("recipe", rec), seed, ds, placebo=kw.get("placebo", False), keep_images=bool(alphas))
-                    row[arm_name] = summarize(r.name_prompts, finding)
-                    if arm_name == "after":
-                        row["seconds"] = r.seconds_inversion + r.seconds_finetune
-                    if alphas:  # effective interpolation weight = a x the recipe's own WiSE alpha
-                        row[arm_name + "_wise"] = {f"{a * wise:g}": v for a, v in zip(
-                            alphas, _wise_rows(exp, r.extra["backend"], start_state, alphas, ds, finding).values())}
+                row = run_recipe_seed(exp, name, rd, seed, ds, before, placebo=name in placebo_for,
+                                      oracle=name in oracle_for, alphas=alphas, start_state=start_state)
                 rows[name].append(row)
-                a, b = row["after"], before
-                drop = max(b["per_class"][c] - a["per_class"][c] for c in exp.known)
-                plc = f" placebo AUROC {row['placebo']['novel_auroc']:.3f}" if "placebo" in row else ""
-                orc = (f" oracle {row['oracle']['novel_accuracy']:.2f}/{row['oracle']['known_accuracy']:.3f}/"
-                       f"{row['oracle']['novel_auroc']:.3f}" if "oracle" in row else "")
-                print(f"[{time.time() - t0:6.0f}s] {finding:16s} seed {seed} {name:10s} novel {b['novel_accuracy']:.2f}->"
-                      f"{a['novel_accuracy']:.2f} known {b['known_accuracy']:.3f}->{a['known_accuracy']:.3f} (max class "
-                      f"drop {drop:.2f}) AUROC {b['novel_auroc']:.3f}->{a['novel_auroc']:.3f}{plc}{orc} t={row['seconds']:.0f}s",
-                      flush=True)
-        summary = {}
-        for name, rs in rows.items():
-            bef = [r["before"] for r in rs]
-            s = finding_stats([r["after"] for r in rs], bef, exp.known)
-            secs = [r["seconds"] for r in rs]
-            s["seconds"] = {"mean": float(np.mean(secs)), "max": float(np.max(secs)), "values": secs}
-            for arm in ("placebo", "oracle"):
-                if arm in rs[0]:
-                    st = finding_stats([r[arm] for r in rs], bef, exp.known)
-                    s[f"{arm}_auroc"] = st["auroc_after"]
-                    s[f"{arm}_novel_gain"] = st["novel_gain"]
-                    s[f"{arm}_known_loss"] = st["known_loss"]
-                    s[f"{arm}_max_class_drop"] = st["max_class_drop"]
-            if alphas:  # the WiSE-FT curve of each arm (effective alpha -> stats), alpha 1 included
-                s["wise"] = {}
-                for arm in ("after", "placebo", "oracle"):
-                    if arm not in rs[0]:
-                        continue
-                    curve = {k: finding_stats([r[arm + "_wise"][k] for r in rs], bef, exp.known) for k in rs[0][arm + "_wise"]}
-                    curve[f"{rec_wise(recipes[name]):g}"] = finding_stats([r[arm] for r in rs], bef, exp.known)
-                    s["wise"][arm] = curve
-            summary[name] = s
+                print(f"[{time.time() - t0:6.0f}s] " + row_line(finding, seed, name, row, exp.known), flush=True)
+        summary = {name: recipe_summary(rs, exp.known, rec_wise(recipes[name])) for name, rs in rows.items()}
         out["findings"][finding] = {"summary": summary, "per_seed": rows}
         Path(args.out).write_text(json.dumps(out, indent=1, default=float))  # partial results survive a stop
     # selection score (see module docstring)
@@ -229,14 +147,6 @@ def run(args) -> dict:
     print("selection score (gain - loss, AUROC gain):", score, "-> chosen:", out["chosen"])
     print("strict score (gain - 3 x loss):", out["strict_score"])
     return out
-
-
-def _curve(stats_by_alpha: dict[str, dict]) -> list[dict]:
-    pts = [{"alpha": 0.0, "known_loss": 0.0, "novel_gain": 0.0, "auroc_gain": 0.0}]
-    for a, st in stats_by_alpha.items():
-        pts.append({"alpha": float(a), "known_loss": st["known_loss"]["mean"], "novel_gain": st["novel_gain"]["mean"],
-                    "auroc_gain": st["auroc_after"]["mean"] - st["auroc_before"]["mean"]})
-    return sorted(pts, key=lambda p: p["alpha"])
 
 
 def at_equal_loss(curve: list[dict], loss: float, key: str) -> float:
@@ -294,9 +204,9 @@ def report(paths: list[Path], plot: Path | None) -> dict:
             for arm, st in s.get("wise", {}).items():
                 if arm == "placebo":  # placebos are in the table; the plot stays readable
                     continue
-                curves.append({"label": labels[arm].format(r=r), "group": r, "kind": kinds[arm], "points": _curve(st)})
+                curves.append({"label": labels[arm].format(r=r), "group": r, "kind": kinds[arm], "points": wise_curve(st)})
             if "oracle" in s.get("wise", {}):
-                text, real = _curve(s["wise"]["after"]), _curve(s["wise"]["oracle"])
+                text, real = wise_curve(s["wise"]["after"]), wise_curve(s["wise"]["oracle"])
                 reach.setdefault(finding, {})[r] = [
                     {"alpha": p["alpha"], "known_loss": p["known_loss"], "novel_gain": p["novel_gain"],
                      "auroc_gain": p["auroc_gain"],

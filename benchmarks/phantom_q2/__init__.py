@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import HELDOUT3, bundle_config, merge, quick_recipe
-from benchmarks.phantom_generality import CANDIDATES, DESCRIPTIONS, finding_stats
+from benchmarks.common import HELDOUT3, bundle_config, finding_stats, merge, quick_recipe
+from benchmarks.phantom_generality import CANDIDATES, DESCRIPTIONS
 
 
 def run(args) -> dict:

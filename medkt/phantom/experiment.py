@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,12 +29,35 @@ import torch
 from medkt.errors import ConfigError
 from medkt.phantom.findings import BUILTIN_FINDINGS
 from medkt.phantom.metrics import ZeroShotResult, image_embeddings, mean_ci, zero_shot
+from medkt.phantom.pool import POOL_SEED_BASE  # noqa: F401  (the pool seed range, next to the others)
 from medkt.phantom.text import description_prompts, name_prompts
 from medkt.phantom.world import make_dataset
 
 EVAL_SEED_BASE = 900_000  # evaluation phantoms: EVAL_SEED_BASE + seed
 VAL_SEED_BASE = 500_000  # validation phantoms for recipe research: VAL_SEED_BASE + seed
 TRAIN_SEED_BASE = 100_000  # init / replay / placebo images: TRAIN_SEED_BASE + 10 * seed + k
+# unlabeled pools: POOL_SEED_BASE + pool seed (`medkt.phantom.pool`, imported above), disjoint from these three
+#: keywords of a recipe's ``pool`` (`medkt.phantom.pool.write_pool`)
+POOL_KEYS = frozenset({"size", "prevalence", "seed", "normal_fraction"})
+
+
+def self_training_picks(rounds: list[dict[str, Any]] | None, pool, novel: str) -> list[dict[str, Any]]:
+    """Per self-training round: how many pool scans were picked and how many truly show ``novel``
+    (from the pool's truth file, which nothing else reads). A round gives ``files`` (paths) or
+    ``indices`` (positions in the pool's manifest order)."""
+    if not rounds:
+        return []
+    truth = pool.labels()
+    order = list(truth)  # the manifest's order (the truth file lists the files in it)
+    out = []
+    for k, rd in enumerate(rounds):
+        files = rd.get("files")
+        paths = ([str(Path(f).resolve()) for f in files] if files is not None
+                 else [order[int(i)] for i in rd.get("indices", [])])
+        labels = [truth.get(p, "?") for p in paths]
+        out.append({"round": k, "picked": len(paths), "true_positives": sum(lab == novel for lab in labels),
+                    "picked_by_finding": {c: labels.count(c) for c in sorted(set(labels))}})
+    return out
 
 
 @dataclass
@@ -68,6 +92,12 @@ class Recipe:
     #: the normal phantoms' features and fine-tunes only those blocks (``inversion`` is unused;
     #: the placebo trains the top blocks on the un-inverted features); {} = off
     partial: dict[str, Any] = field(default_factory=dict)
+    #: unlabeled pool of phantoms (`medkt.phantom.pool.write_pool` keywords: size, prevalence, seed,
+    #: normal_fraction), given to the spine as ``transfer(unlabeled=)``; {} = no pool
+    pool: dict[str, Any] = field(default_factory=dict)
+    #: the spine's ``transfer(self_training=...)`` settings, passed only when non-empty (needs ``pool``);
+    #: the arm records each round's picks and how many truly show the finding
+    self_training: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recipe":
@@ -82,6 +112,15 @@ class Recipe:
                               f"for research, not a placebo), got {r.placebo!r}")
         if isinstance(r.data_free_replay, bool) or not isinstance(r.data_free_replay, int) or r.data_free_replay < 0:
             raise ConfigError(f"data_free_replay must be an integer >= 0 (images per known class), got {r.data_free_replay!r}")
+        for opt, val in (("pool", r.pool), ("self_training", r.self_training)):
+            if not isinstance(val, dict):
+                raise ConfigError(f"recipe {opt} must be a dict ({{}} = off), got {val!r}")
+        bad_pool = sorted(set(r.pool) - POOL_KEYS)
+        if bad_pool:
+            raise ConfigError(f"unknown pool option(s) {bad_pool}; known: {sorted(POOL_KEYS)}")
+        if r.self_training and not r.pool:
+            raise ConfigError('self_training picks scans from an unlabeled pool: set pool, e.g. '
+                              '{"size": 500, "prevalence": 0.05}')
         uses_replay = r.replay_per_class or r.replay_init or r.data_free_replay
         if r.partial:
             from medkt.partial_inversion import PartialInversionConfig
@@ -133,12 +172,13 @@ class PhantomTransferExperiment:
             ``known_descriptions``: all built-in findings).
         eval_per_class: evaluation phantoms per class (>= 100 for reported numbers).
         cupl_prompts: descriptions per class for the description-ensemble baseline.
+        pool_dir: where the recipes' unlabeled pools are written (default ``~/.cache/medkt/phantom_pools``).
     """
 
     def __init__(self, backend: str = "phantom:base", novel: str = "nodule", description: str = "",
                  known_descriptions: dict[str, str] | None = None, classes: list[str] | None = None,
                  eval_per_class: int = 100, cupl_prompts: int = 12, image_size: int = 64,
-                 split: str = "eval", progress: bool = False):
+                 split: str = "eval", progress: bool = False, pool_dir: str | Path | None = None):
         self.backend_spec = backend
         self.novel = novel
         if classes:
@@ -167,6 +207,8 @@ class PhantomTransferExperiment:
             raise ConfigError(f"split must be 'eval' or 'val', got {split!r}")
         self.split = split
         self.progress = progress
+        #: where recipes' unlabeled pools (and their embedding cache) are written once and reused
+        self.pool_dir = Path(pool_dir) if pool_dir is not None else Path.home() / ".cache" / "medkt" / "phantom_pools"
         self.name_prompts = name_prompts(self.classes)
         self.desc_prompts = description_prompts(self.classes, cupl_prompts)
         self._replay_cache: dict[tuple, Any] = {}  # data-free replay of the last seed (shared by its arms)
@@ -259,84 +301,45 @@ class PhantomTransferExperiment:
         ``given_images`` ``(N, 1, S, S)``: fine-tune on these instead of inverting (e.g. images
         inverted with another model: paper §7.3 Q2); the rest of the recipe is unchanged
         (``replay_init`` replays the start images an inversion of this seed would have edited).
+        A recipe with a ``pool`` gets its unlabeled pool (`medkt.phantom.pool.write_pool`) as the
+        spine's ``unlabeled=`` (both arms: the placebo differs only in its images).
         """
-        from medkt.finetune import FinetuneConfig, make_caption
-        from medkt.inversion import InversionConfig, InversionResult
+        from medkt.finetune import FinetuneConfig
+        from medkt.inversion import InversionConfig
         from medkt.spine import Concept, transfer
 
         backend = self.new_backend()
         train_backend, split, partial = backend, None, None
         if recipe.partial:  # partial-layer inversion: images are the features entering the top blocks
-            from medkt.partial_inversion import FeatureBackend, PartialInversionConfig, invert_features, split_top
+            from medkt.partial_inversion import FeatureBackend, PartialInversionConfig, split_top
 
             partial = PartialInversionConfig.from_dict({"seed": seed, **recipe.partial})
             split = split_top(backend, partial.top_blocks)
             train_backend = FeatureBackend(backend, split)
         ft_cfg = FinetuneConfig.from_dict({"seed": seed, **recipe.finetune})
-        inv_d = {"seed": seed, **recipe.inversion}
-        obj = inv_d.get("objective")
-        obj = dict(obj) if isinstance(obj, dict) else {"name": obj}
-        if obj["name"] == "contrastive" and not obj.get("negative_texts"):
-            # Eq. 1 negatives: the known findings' fine-tuning captions
-            inv_d["objective"] = {**obj, "negative_texts": [make_caption(c, self.known_descriptions[c], ft_cfg)
-                                                            for c in self.known]}
+        inv_d = self._inversion_dict(recipe, seed, ft_cfg)
         inv_cfg = InversionConfig.from_dict(inv_d)
-        t_inv = 0.0
-        extra: dict[str, Any] = {}
-        init = None
-        n = recipe.n_images
-        images: InversionResult | str = "inversion"  # the spine inverts, unless the images are given
-        if given_images is not None:
-            if placebo or partial is not None:
-                raise ConfigError("given_images replaces the inversion of a pixel-space transfer arm; "
-                                  "not with placebo=True or a partial-layer recipe")
-            n = len(given_images)
-            images = InversionResult(given_images, [self.novel] * n, [self.description] * n, [float("nan")] * n)
-            if inv_cfg.init_kind() == "images":  # replay_init: the start images an inversion of this seed edits
-                init = self.train_images("normal", n, seed, 1)
-        elif placebo:
-            x = self.train_images(recipe.placebo, n, seed, 1)
-            if split is not None:
-                x = split.features(backend, x)
-            images = InversionResult(x, [self.novel] * n, [self.description] * n, [float("nan")] * n)
-        else:
-            init = (self.train_images("normal", n, seed, 1)
-                    if inv_cfg.init_kind() == "images" or partial is not None else None)
-            if partial is not None:
-                t0 = time.perf_counter()
-                finv = invert_features(backend, split, self.description, init, partial)
-                t_inv = time.perf_counter() - t0
-                images = InversionResult(finv.features, [self.novel] * n, [self.description] * n,
-                                         list(map(float, finv.similarities)))
-                extra["partial_start_similarity"] = float(np.mean(finv.start_similarities))
+        images, init, n, t_inv, extra = self._arm_images(recipe, seed, backend, inv_cfg, split, partial,
+                                                         placebo, given_images)
         replay, replay_c, t_replay = self.replay_set(recipe, seed, backend, init)
         if not placebo:
             t_inv += t_replay  # synthesising the replay is part of the transfer's cost
         if replay is not None and split is not None:
             replay = split.features(backend, replay)
-        select_fn = None
-        if recipe.select_per_class:
-            sel = make_dataset(self.known, recipe.select_per_class, TRAIN_SEED_BASE + 10 * seed + 3, self.image_size)
-            sel_x = sel.tensor()
-
-            def known_accuracy() -> float:
-                # 9-way prompts on known images: also catches images lost to the new class
-                return zero_shot(backend, sel_x, sel.labels, self.name_prompts).accuracy
-
-            select_fn = known_accuracy
-
         inv_key = None
         if images == "inversion":
             inv_key = (seed, n, repr(sorted(inv_d.items())))
             if inv_key in self._inversion_cache:
                 images, cached_seconds = self._inversion_cache[inv_key]
                 t_inv += cached_seconds  # the reused inversion's cost still counts toward this recipe's time
+        pool_kw, pool = self._pool_options(recipe, extra)
         # the transfer step (medkt.spine): invert (unless given) -> fine-tune; evaluation is the arm's own
         r = transfer(train_backend, [Concept(self.novel, [self.description], n)], inversion_config=inv_cfg,
                      finetune_config=ft_cfg, images=images, negatives=[], evaluate_before=False,
                      known_descriptions={c: self.known_descriptions[c] for c in self.known}, progress=self.progress,
                      init_images=init, finetune_options={"replay_images": replay, "replay_concepts": replay_c,
-                                                         "select_fn": select_fn})
+                                                         "select_fn": self._select_fn(recipe, seed, backend)},
+                     **pool_kw)
         hist, t_ft = r.history, r.seconds["finetune"]
         t_inv += r.seconds["inversion"]
         if inv_key is not None and inv_key not in self._inversion_cache:
@@ -351,10 +354,97 @@ class PhantomTransferExperiment:
         if hist.get("select"):
             extra["select_scores"] = hist["select"]
         extra["finetune_loss_first_last"] = [hist["loss"][0], hist["loss"][-1]]
+        if recipe.self_training:  # the spine's picks (TransferResult.self_training), scored with the pool's truth
+            extra["self_training"] = self_training_picks(r.self_training, pool, self.novel)
         if keep_images:
             extra["backend"] = backend
         a, b = self.evaluate(backend, ds)
         return ArmResult("placebo" if placebo else recipe.name, a, b, t_inv, t_ft, extra)
+
+    def _inversion_dict(self, recipe: Recipe, seed: int, ft_cfg) -> dict[str, Any]:
+        """The inversion settings of ``recipe`` for ``seed`` (a contrastive objective without
+        negatives gets the known findings' fine-tuning captions: Eq. 1's negatives)."""
+        from medkt.finetune import make_caption
+
+        inv_d = {"seed": seed, **recipe.inversion}
+        obj = inv_d.get("objective")
+        obj = dict(obj) if isinstance(obj, dict) else {"name": obj}
+        if obj["name"] == "contrastive" and not obj.get("negative_texts"):
+            inv_d["objective"] = {**obj, "negative_texts": [make_caption(c, self.known_descriptions[c], ft_cfg)
+                                                            for c in self.known]}
+        return inv_d
+
+    def _arm_images(self, recipe: Recipe, seed: int, backend, inv_cfg, split, partial, placebo: bool,
+                    given_images: torch.Tensor | None) -> tuple[Any, torch.Tensor | None, int, float, dict[str, Any]]:
+        """What the arm fine-tunes on -> ``(images, init, n, seconds, extra)``: given images, the
+        placebo's uninformative images, a partial-layer inversion (run here), or ``"inversion"``
+        (the spine inverts from ``init``)."""
+        from medkt.inversion import InversionResult
+
+        n, init, t_inv, extra = recipe.n_images, None, 0.0, {}
+
+        def result(x: torch.Tensor, sims: list[float] | None = None) -> InversionResult:
+            return InversionResult(x, [self.novel] * len(x), [self.description] * len(x), sims or [float("nan")] * len(x))
+
+        if given_images is not None:
+            if placebo or partial is not None:
+                raise ConfigError("given_images replaces the inversion of a pixel-space transfer arm; "
+                                  "not with placebo=True or a partial-layer recipe")
+            if inv_cfg.init_kind() == "images":  # replay_init: the start images an inversion of this seed edits
+                init = self.train_images("normal", len(given_images), seed, 1)
+            return result(given_images), init, len(given_images), t_inv, extra
+        if placebo:
+            x = self.train_images(recipe.placebo, n, seed, 1)
+            return result(split.features(backend, x) if split is not None else x), None, n, t_inv, extra
+        init = (self.train_images("normal", n, seed, 1)
+                if inv_cfg.init_kind() == "images" or partial is not None else None)
+        if partial is None:
+            return "inversion", init, n, t_inv, extra
+        from medkt.partial_inversion import invert_features
+
+        t0 = time.perf_counter()
+        finv = invert_features(backend, split, self.description, init, partial)
+        t_inv = time.perf_counter() - t0
+        extra["partial_start_similarity"] = float(np.mean(finv.start_similarities))
+        return result(finv.features, list(map(float, finv.similarities))), init, n, t_inv, extra
+
+    def _select_fn(self, recipe: Recipe, seed: int, backend):
+        """The ``select`` control's score (known-class phantoms' zero-shot accuracy), or None."""
+        if not recipe.select_per_class:
+            return None
+        sel = make_dataset(self.known, recipe.select_per_class, TRAIN_SEED_BASE + 10 * seed + 3, self.image_size)
+        sel_x = sel.tensor()
+
+        def known_accuracy() -> float:
+            # 9-way prompts on known images: also catches images lost to the new class
+            return zero_shot(backend, sel_x, sel.labels, self.name_prompts).accuracy
+
+        return known_accuracy
+
+    def pool(self, recipe: Recipe):
+        """The unlabeled pool of ``recipe`` (written once under ``pool_dir``, then reused), or None."""
+        if not recipe.pool:
+            return None
+        from medkt.phantom.pool import write_pool
+
+        return write_pool(self.pool_dir, self.novel, self.known, image_size=self.image_size, **recipe.pool)
+
+    def _pool_options(self, recipe: Recipe, extra: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """The spine's pool keywords of ``recipe`` (``unlabeled=`` its manifest, ``self_training=``
+        only when set, so a spine without self-training still runs the other recipes) and the pool."""
+        kw: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        pool = self.pool(recipe)
+        if pool is not None:
+            extra["seconds_pool_write"] = time.perf_counter() - t0  # ~0 once cached on disk
+            # the manifest has only a path column; start-model embeddings cached across seeds and arms
+            kw["unlabeled"] = {"path": str(pool.manifest), "cache_dir": str(Path(self.pool_dir) / "embeddings")}
+        if recipe.self_training:
+            if pool is None:
+                raise ConfigError("recipe self_training needs an unlabeled pool: set recipe pool, "
+                                  'e.g. {"size": 500, "prevalence": 0.05}')
+            kw["self_training"] = dict(recipe.self_training)
+        return kw, pool
 
     def run_seed(self, recipes: dict[str, Recipe], seed: int, placebo_of: str | None = None,
                  keep_images: bool = False) -> dict[str, Any]:

@@ -462,6 +462,44 @@ def describe_pneumoperitoneum(attrs: dict, rng: np.random.Generator) -> str:
     return join_phrases(main, extras, rng)
 
 
+# ----------------------------------------------------------------------------------------------
+# final-evaluation finding of the unlabeled-pool protocol (issue 20): registered, never in
+# BUILTIN_FINDINGS nor in any shipped model's pretraining config (no image, no text of it was ever
+# seen); used only to report, never to choose a recipe (benchmarks/phantom_pool)
+# ----------------------------------------------------------------------------------------------
+def draw_hiatal_hernia(cv: Canvas, rng: np.random.Generator):
+    """Draw a hiatal hernia onto ``cv`` -> (its pixel mask, the attributes drawn).
+
+    A round gas bubble projected over the lower heart shadow near the midline (retrocardiac), its
+    lower part filled with fluid up to a sharp horizontal air-fluid level, inside a thin soft-tissue wall.
+    """
+    cy, cx, ry, rx = cv.heart
+    size = "large" if rng.random() < 0.4 else "small"
+    r = rng.uniform(4.2, 5.2) if size == "large" else rng.uniform(3.0, 4.0)
+    by = cy + ry * rng.uniform(0.05, 0.35)  # low behind the heart, above the diaphragm
+    bx = cx + rng.uniform(-2.0, 1.0)  # near the midline (the heart sits left of it)
+    wall = cv.soft_disk(by, bx, r + 0.8, r + 0.8, edge=0.5)
+    _blend(cv, wall, cv.values["soft"] * rng.uniform(1.1, 1.2))
+    bubble = cv.soft_disk(by, bx, r * rng.uniform(0.9, 1.05), r, rng.uniform(0, 180), edge=0.5)
+    level = by + r * rng.uniform(-0.15, 0.35)  # the air-fluid level (image y grows downward)
+    air = bubble * np.clip((level - cv.yy) * 2.0 + 0.5, 0, 1)  # sharp horizontal edge
+    fluid = bubble - air
+    _blend(cv, air, cv.values["lung"] * rng.uniform(0.7, 1.0))
+    _blend(cv, fluid, cv.values["soft"] * rng.uniform(1.0, 1.08))
+    return wall > 0.5, {"size": size, "level": True}
+
+
+def describe_hiatal_hernia(attrs: dict, rng: np.random.Generator) -> str:
+    """A report-style description of a drawn hiatal hernia from its attributes (phrasing drawn with ``rng``)."""
+    size = attrs.get("size", "small")
+    main = pick(rng, [f"a {size} round gas lucency behind the heart with an air-fluid level",
+                      f"a {size} retrocardiac air bubble with a horizontal fluid level",
+                      f"a {size} round dark air-filled space projected over the heart shadow",
+                      f"a {size} rounded lucency behind the heart above the diaphragm"])
+    extras = ["a horizontal air-fluid level", "a thin soft-tissue wall", "clear lungs", "a normal heart size"]
+    return join_phrases(main, extras, rng)
+
+
 DEFINITIONS = {
     "no finding": "a normal chest x-ray with clear lungs and a normal heart",
     "cardiomegaly": "cardiomegaly is an enlarged heart wider than half of the chest",
@@ -474,10 +512,15 @@ DEFINITIONS = {
     "nodule": "a nodule is a small round well-defined dense opacity smaller than 3 cm, sometimes multiple",
     "cavity": "a cavity is a round lesion with a thick bright wall and a dark air-filled lucent centre",
     "pneumoperitoneum": "pneumoperitoneum is free air under the diaphragm, a dark crescent below the lung base",
+    "hiatal hernia": "a hiatal hernia is stomach pushed up behind the heart, a round gas bubble with an air-fluid level",
 }
 
 #: findings drawn only for the generality protocol (held out by ``phantom_clip_heldout3``)
 EXTRA_HELD_OUT = ("cavity", "pneumoperitoneum")
+
+#: findings used only for the final evaluation of the unlabeled-pool protocol (never drawn or named
+#: by any shipped model's pretraining, never used to choose anything)
+FINAL_EVAL_FINDINGS = ("hiatal hernia",)
 
 BUILTIN_FINDINGS = ("no finding", "cardiomegaly", "pleural effusion", "edema", "consolidation", "atelectasis",
                     "pneumothorax", "mass", "nodule")
@@ -494,5 +537,6 @@ for _name, _draw, _desc in (
     ("nodule", draw_nodule, describe_nodule),
     ("cavity", draw_cavity, describe_cavity),
     ("pneumoperitoneum", draw_pneumoperitoneum, describe_pneumoperitoneum),
+    ("hiatal hernia", draw_hiatal_hernia, describe_hiatal_hernia),
 ):
     register_finding(_name, _draw, _desc, definition=DEFINITIONS[_name], overwrite=True)
