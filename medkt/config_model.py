@@ -414,7 +414,7 @@ def config_dataclass(cls: type[T] | None = None, /, **kwargs: Any) -> Any:
     Works on a plain class or on a standard dataclass (a checked subclass is returned then)."""
     if cls is None:
         return functools.partial(config_dataclass, **kwargs)
-    if dataclasses.is_dataclass(cls):  # e.g. a plug-in's @dataclass component: a checked copy
+    if "__dataclass_fields__" in cls.__dict__:  # e.g. a plug-in's @dataclass component: a checked copy
         return _checked_copy(cls)
     try:  # annotations may be strings (PEP 563): resolve them to wrap them
         hints = typing.get_type_hints(cls, include_extras=True)
