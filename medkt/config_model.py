@@ -49,9 +49,9 @@ from medkt.errors import ConfigError, MedktError, did_you_mean
 __all__ = ["Range", "OneOf", "config_dataclass", "config_error", "check", "build", "build_components",
            "recheck", "check_call", "config_path", "describe", "fail", "show", "child"]
 
-#: pydantic settings of every medkt config (strict numbers and bools, unknown keys refused;
-#: arbitrary classes such as a backend are checked with isinstance)
-CONFIG = ConfigDict(strict=True, extra="forbid", arbitrary_types_allowed=True)
+#: pydantic settings of every medkt config (strict numbers and bools, no NaN / infinity, unknown
+#: keys refused; arbitrary classes such as a backend are checked with isinstance)
+CONFIG = ConfigDict(strict=True, extra="forbid", arbitrary_types_allowed=True, allow_inf_nan=False)
 
 # error types a field's one-line description must not hide (they say more than "expected X")
 _KEEP = frozenset({"unknown_choice", "unknown_option", "value_error", "missing", "missing_argument",
@@ -208,6 +208,9 @@ _EXPECTED = {"int_type": "integer", "int_from_float": "integer", "float_type": "
              "dict_type": "object", "dataclass_type": "object", "dataclass_exact_type": "object", "none_required": "null"}
 
 
+_NO = object()
+
+
 def _child_of(value: Any, part: Any) -> Any:
     """``value[part]`` (a key, an index or a dataclass field), or `_NO` when ``part`` is not in it."""
     if isinstance(value, ArgsKwargs):
@@ -219,9 +222,6 @@ def _child_of(value: Any, part: Any) -> Any:
     if dataclasses.is_dataclass(value) and isinstance(part, str):
         return getattr(value, part, _NO)
     return _NO
-
-
-_NO = object()
 
 
 def _user_loc(value: Any, loc: tuple) -> tuple:
@@ -302,7 +302,7 @@ class _Expect:
     def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> core_schema.CoreSchema:
         base, tp = self.base, self.tp
 
-        def check(v: Any, inner: Callable[[Any], Any]) -> Any:
+        def expect(v: Any, inner: Callable[[Any], Any]) -> Any:
             if base is int and isinstance(v, float) and v.is_integer():
                 v = int(v)
             elif typing.get_origin(base) is tuple or base is tuple:
@@ -327,7 +327,7 @@ class _Expect:
                 raise PydanticCustomError("medkt_expected", "expected {expected}",
                                           {"expected": describe(tp), "choices": _literal_values(tp)}) from None
 
-        return core_schema.no_info_wrap_validator_function(check, handler(source))
+        return core_schema.no_info_wrap_validator_function(expect, handler(source))
 
 
 #: stands for "this value's config path" in messages of a nested object's ``validate(path)``
@@ -431,11 +431,18 @@ def config_dataclass(cls: type[T] | None = None, /, **kwargs: Any) -> Any:
 
     @functools.wraps(checked_init)
     def __init__(self: Any, *args: Any, **kw: Any) -> None:
+        names = [f.name for f in dataclasses.fields(klass) if f.init]
+        if len(args) > len(names):
+            raise TypeError(f"{klass.__name__} takes at most {len(names)} positional arguments, got {len(args)}")
+        doubled = sorted(set(names[: len(args)]) & set(kw))
+        if doubled:
+            raise TypeError(f"{klass.__name__} got multiple values for {doubled}")
+        given = {**dict(zip(names, args)), **kw}  # by name: error paths name the field
         try:
-            checked_init(self, *args, **kw)
+            checked_init(self, **given)
         except ValidationError as exc:  # direct construction too: one ConfigError line
             path, what = _WHERE.get() or (getattr(klass, "config_name", None) or klass.__name__, None)
-            raise config_error(exc, kw, path, what) from None
+            raise config_error(exc, given, path, what) from None
 
     klass.__init__ = __init__
     return klass
@@ -507,8 +514,16 @@ def build_components(specs: Iterable[Any], registry: Any, path: str) -> list[Any
 
 # -- loose values and keyword arguments ------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
-def _adapter(tp: Any) -> pydantic.TypeAdapter:
+def _cached_adapter(tp: Any) -> pydantic.TypeAdapter:
     return pydantic.TypeAdapter(_lenient(tp), config=CONFIG)
+
+
+def _adapter(tp: Any) -> pydantic.TypeAdapter:
+    try:
+        hash(tp)
+    except TypeError:  # e.g. a Literal of lists: built each time
+        return pydantic.TypeAdapter(_lenient(tp), config=CONFIG)
+    return _cached_adapter(tp)
 
 
 def check(value: Any, tp: Any, path: str) -> Any:
