@@ -15,15 +15,14 @@ are its dataclass fields; a config lists them in order, e.g.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Annotated, Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 
+from medkt.config_model import Range, config_dataclass
 from medkt.errors import ConfigError
 from medkt.registry import Registry
-from medkt.validation import Range
 
 
 class Augmentation(Protocol):
@@ -37,7 +36,7 @@ INVERSION_AUGMENTATIONS: Registry[type] = Registry("inversion augmentation", gro
 
 
 @INVERSION_AUGMENTATIONS.register("affine")
-@dataclass
+@config_dataclass
 class AffineAugment:
     """Random affine: rotation in [-rotate_deg, rotate_deg], translation up to ``translate`` of the
     image side, scale in ``scale``; each sample transformed with probability ``p``."""
@@ -80,7 +79,7 @@ class AffineAugment:
 
 
 @INVERSION_AUGMENTATIONS.register("blur")
-@dataclass
+@config_dataclass
 class Blur:
     """Gaussian blur per sample, sigma drawn uniformly in [0, ``sigma``] px (separable, replicate-padded)."""
 
@@ -102,7 +101,7 @@ class Blur:
 
 
 @INVERSION_AUGMENTATIONS.register("noise")
-@dataclass
+@config_dataclass
 class Noise:
     """Additive Gaussian noise per sample, std drawn uniformly in [0, ``std``] (pixel units)."""
 

@@ -283,8 +283,8 @@ def read_class_prompts(path: Path, templates: list[str] | None = None) -> dict[s
     prompts (null: the templates), or a JSON list of class names expanded with ``templates``
     (default ``"a photo of a {}."``). Anything else is one ConfigError line naming the file."""
     from medkt.config_files import read_json
-    from medkt.pipelines.transfer import class_prompts_of
-    from medkt.validation import ClassPrompts, check
+    from medkt.config_model import check, show
+    from medkt.pipelines.transfer import ClassPrompts, class_prompts_of
 
     raw = read_json(path)
     expected = ('a JSON object {"class": "prompt" or ["prompt", ...]} or a JSON list of class names '
@@ -299,8 +299,6 @@ def read_class_prompts(path: Path, templates: list[str] | None = None) -> dict[s
         return class_prompts_of(spec)
     except ConfigError as exc:
         if exc.key == "classes":  # the whole structure is wrong: say what is accepted
-            from medkt.validation import show
-
             exc = ConfigError(f"classes = {show(raw)}: expected {expected}", key="classes")
         exc.source = exc.source or f"in {path}"
         raise exc from None

@@ -20,9 +20,9 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from medkt.finetune_controls import FINETUNE_CONTROLS, FinetuneControl, Finetune
 from medkt.infonce import info_nce, infonce_scale
 from medkt.progress import Progress
 from medkt.registry import Registry
-from medkt.validation import OneOf, Range
+from medkt.config_model import OneOf, Range, build, config_dataclass, config_path, recheck
 
 
 #: parameter groups fine-tuning can train (``FinetuneConfig.train``)
@@ -42,7 +42,7 @@ from medkt.validation import OneOf, Range
 TRAIN_CHOICES = ("visual", "text", "both", "visual+decoder", "concept_tokens")
 
 
-@dataclass
+@config_dataclass
 class OptimizerSettings:
     """The ``optimizer`` group of `FinetuneConfig`: the paper's Adam (L2 weight decay 0.2, betas
     (0.9, 0.98), eps 1e-6); ``grad_clip`` clips the global gradient norm before each step."""
@@ -59,7 +59,11 @@ class OptimizerSettings:
         return cls(params, lr=lr, weight_decay=self.weight_decay, betas=self.betas, eps=self.eps)
 
 
-@dataclass
+def _loss_names() -> list[str]:
+    return loss_names()  # defined below, with the losses; looked up at check time
+
+
+@config_dataclass
 class FinetuneConfig:
     """Settings of `finetune`; the defaults are the paper's (§4.2, README "Engine defaults").
 
@@ -70,8 +74,11 @@ class FinetuneConfig:
     description, Fig. 5) and trained with the InfoNCE ``loss`` at the model's own logit scale
     (``temperature`` overrides it). ``controls`` switches on forgetting controls and other loop
     extensions (`FINETUNE_CONTROLS`: replay, distill, pool_distill, train_only, lora, wise, select), each a dict
-    ``{"name": ..., <its settings>}``; none by default. Build from a dict with `from_dict`.
+    ``{"name": ..., <its settings>}``; none by default. Build from a dict with `from_dict`;
+    direct construction is checked too (`medkt.config_model`: one `ConfigError` line).
     """
+
+    config_name: ClassVar[str] = "finetune"
 
     lr: Annotated[float, Range(gt=0, lt=1)] = 1e-5
     batch_size: Annotated[int, Range(ge=1)] = 4
@@ -82,7 +89,7 @@ class FinetuneConfig:
     train: Literal[TRAIN_CHOICES] = "visual"
     prepend_name: bool = True
     caption_template: str = "A {name} is {description}"
-    loss: Annotated[str, OneOf(loss_names, "finetune loss")] = "infonce"
+    loss: Annotated[str, OneOf(_loss_names, "finetune loss")] = "infonce"
     temperature: Annotated[float, Range(gt=0)] | None = None  # None: the model's own logit scale
     shuffle: bool = True
     seed: int = 0
@@ -90,23 +97,23 @@ class FinetuneConfig:
     controls: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if isinstance(self.optimizer, Mapping):  # a dict from JSON / ``--set``: checked in `validate`
-            self.optimizer = OptimizerSettings(**self.optimizer)
+        # pydantic checked the fields; the controls are checked here, so direct construction
+        # (``FinetuneConfig(controls=[...])``) fails as early as `from_dict`
+        self._check_controls(config_path("finetune"))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, path: str = "finetune") -> "FinetuneConfig":
-        """Build from a dict of fields, checked by `medkt.validation` (types, ranges and
+        """Build from a dict of fields, checked by `medkt.config_model` (types, ranges and
         choices are the annotations above; each control's settings by its class; ``path`` names
         the options in errors)."""
-        from medkt.validation import build
-
         return build(cls, d, path, what="finetune")
 
     def validate(self, path: str = "finetune") -> None:
-        """Field types and ranges (the annotations above) and every control's settings."""
-        from medkt.validation import check_instance
+        """Check again (fields code may have set since construction): field types and ranges
+        (the annotations above) and every control's settings."""
+        recheck(self, path)
 
-        check_instance(self, path)
+    def _check_controls(self, path: str) -> None:
         names = [c.name for c in build_controls(self.controls, path)]
         if self.train == "concept_tokens" and {"lora", "train_only"} & set(names):
             raise ConfigError(f"{path}#train = 'concept_tokens' trains only the new name's token embeddings; "

@@ -1,6 +1,6 @@
 """Fine-tuning controls: everything `medkt.finetune.finetune` can do beyond the paper's plain loop.
 
-A control is a small class with its own settings (a dataclass, checked by `medkt.validation`) and
+A control is a small class with its own settings (a `medkt.config_model.config_dataclass`: its settings are checked) and
 a few hooks with no-op defaults, called by the loop at fixed points:
 
 * `setup` — check inputs, prepare (e.g. the distillation teacher embeddings);
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from medkt.errors import ConfigError, unknown_name
 from medkt.lora import LoraSettings
 from medkt.registry import Registry
-from medkt.validation import Range
+from medkt.config_model import Range, build, child, config_dataclass
 
 
 @dataclass
@@ -145,8 +145,6 @@ FINETUNE_CONTROLS: Registry[type[FinetuneControl]] = Registry("fine-tuning contr
 def build_controls(specs: Sequence[Mapping[str, Any]], path: str = "finetune") -> list[FinetuneControl]:
     """Control objects from ``[{"name": ..., **settings}]`` (checked; one-line errors naming the
     entry, e.g. ``finetune#controls#0``), sorted by ``order``."""
-    from medkt.validation import build, child
-
     out: list[FinetuneControl] = []
     for i, spec in enumerate(specs):
         where = child(child(path, "controls"), i)
@@ -175,7 +173,7 @@ def register_control(name: str, **meta: Any) -> Callable[[type[FinetuneControl]]
 
 # --- built-in controls ---------------------------------------------------------------------------
 @register_control("train_only")
-@dataclass
+@config_dataclass
 class TrainOnly(FinetuneControl):
     """Train only the parameters whose names contain one of ``patterns`` (e.g. the last blocks)."""
 
@@ -194,7 +192,7 @@ class TrainOnly(FinetuneControl):
 
 
 @register_control("concept_tokens", via_train=True)
-@dataclass
+@config_dataclass
 class ConceptTokensControl(FinetuneControl):
     """``train = "concept_tokens"``: only offsets on the new names' token embeddings train
     (`medkt.concept_tokens`); merged into the embedding table at the end."""
@@ -223,7 +221,7 @@ class ConceptTokensControl(FinetuneControl):
 
 
 @register_control("wise")
-@dataclass
+@config_dataclass
 class Wise(FinetuneControl):
     """WiSE-FT: final weights = start + ``alpha`` * (fine-tuned - start), on the trained weights
     (after LoRA's merge; on the learned offsets of concept tokens)."""
@@ -243,7 +241,7 @@ class Wise(FinetuneControl):
 
 
 @register_control("lora")
-@dataclass
+@config_dataclass
 class Lora(LoraSettings, FinetuneControl):
     """LoRA (`medkt.lora`, via peft): only low-rank adapters on the trained encoder's Linear/Conv
     layers train, merged into the weights at the end. Settings: those of `medkt.lora.LoraSettings`
@@ -267,7 +265,7 @@ class Lora(LoraSettings, FinetuneControl):
 
 
 @register_control("replay")
-@dataclass
+@config_dataclass
 class Replay(FinetuneControl):
     """Each batch also holds ``per_batch`` images of known concepts (``finetune(..., replay_images=,
     replay_concepts=)``) with their own captions as targets."""
@@ -291,7 +289,7 @@ class Replay(FinetuneControl):
 
 
 @register_control("distill")
-@dataclass
+@config_dataclass
 class Distill(FinetuneControl):
     """``weight`` * (1 - cos(f_V(x), f_V0(x))) on the batch's replay images, toward the frozen start
     model (with a replay control on the same replay images; else one replay image per batch)."""
@@ -314,7 +312,7 @@ class Distill(FinetuneControl):
 
 
 @register_control("pool_distill")
-@dataclass
+@config_dataclass
 class PoolDistill(FinetuneControl):
     """Forgetting control on an unlabeled pool (``finetune(..., pool=)``): each batch also draws
     ``per_batch`` pool images (a generator seeded by ``finetune.seed``) and adds ``weight`` *
@@ -368,7 +366,7 @@ class PoolDistill(FinetuneControl):
 
 
 @register_control("select")
-@dataclass
+@config_dataclass
 class Select(FinetuneControl):
     """Model selection with ``finetune(..., select_fn=)`` (higher is better), scored after every
     epoch into ``history["select"]``: ``keep_best`` restores the best epoch's weights, ``patience``

@@ -46,7 +46,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ from medkt.inversion_priors import INVERSION_PRIORS, EarlyStop, Init, Progressiv
 from medkt.progress import Progress
 from medkt.registry import Registry
 from medkt.utils import atomic_write_json, atomic_write_text
-from medkt.validation import Range, build, build_components, check, child, fail
+from medkt.config_model import Range, build, build_components, check, child, config_dataclass, config_path, fail, recheck
 
 
 @dataclass
@@ -82,7 +82,7 @@ def _default_augmentations() -> list[dict[str, Any]]:
     return [{"name": "affine", "p": 0.5}]
 
 
-@dataclass
+@config_dataclass
 class InversionConfig:
     """Settings of `invert`; the defaults are the paper's (§4.2, README "Engine defaults").
 
@@ -92,8 +92,11 @@ class InversionConfig:
     p 0.5: ±30°, translation 10 % of the size, scale 0.7-1.0); per-image gradient-norm clip 1.0;
     pixels clamped to [0, 1]; init U(0, 1). Components are ``{"name": NAME, **settings}``
     (module docstring); ``objective`` is a name or such a dict (``"contrastive"`` takes
-    ``negative_texts``). Build from a dict (or a ``"preset"``) with `from_dict`.
+    ``negative_texts``). Build from a dict (or a ``"preset"``) with `from_dict`; direct
+    construction is checked too (`medkt.config_model`: one `ConfigError` line).
     """
+
+    config_name: ClassVar[str] = "inversion"
 
     steps: Annotated[int, Range(ge=1)] = 5000
     lr: Annotated[float, Range(gt=0)] = 0.1
@@ -110,7 +113,7 @@ class InversionConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, path: str = "inversion") -> "InversionConfig":
-        """Build from a dict of fields, checked by `medkt.validation` (types, ranges and
+        """Build from a dict of fields, checked by `medkt.config_model` (types, ranges and
         choices are the annotations above and the components' fields; ``path`` names the options
         in errors). ``"preset": NAME`` starts from `INVERSION_PRESETS` (explicit fields override
         the preset's)."""
@@ -120,12 +123,17 @@ class InversionConfig:
             d = {**preset_dict(name), **d}
         return build(cls, d, path, what="inversion")
 
-    def validate(self, path: str = "inversion") -> None:
-        """Field types and ranges, every component's name and settings, then the rules that
-        involve several components."""
-        from medkt.validation import check_instance
+    def __post_init__(self) -> None:
+        # pydantic checked the fields; the components' names and settings are checked here, so
+        # direct construction (``InversionConfig(priors=[...])``) fails as early as `from_dict`
+        self._check_components(config_path("inversion"))
 
-        check_instance(self, path)
+    def validate(self, path: str = "inversion") -> None:
+        """Check again (fields code may have set since construction): field types and ranges,
+        every component's name and settings, then the rules that involve several components."""
+        recheck(self, path)
+
+    def _check_components(self, path: str) -> None:
         self.objective_settings(path)
         priors = self.build_priors(path)
         self.build_augmentations(path)
@@ -307,7 +315,7 @@ def l2_objective(backend: Backend, x: torch.Tensor, ctx: ObjectiveContext) -> tu
     return (emb - ctx.text_emb).pow(2).sum(-1), sim
 
 
-@dataclass
+@config_dataclass
 class ContrastiveSettings:
     """Settings of the ``"contrastive"`` objective: captions the images must NOT look like (e.g.
     the known classes) and the logit ``scale`` (0 = the backend's)."""

@@ -28,7 +28,7 @@ entry-point group ``medkt.inversion_priors``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from typing import Annotated, Any, Literal, TypeVar
 
 import torch
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from medkt.augment import total_variation
 from medkt.errors import ConfigError
 from medkt.registry import Registry
-from medkt.validation import Range
+from medkt.config_model import Range, config_dataclass
 
 #: inversion priors by config name: dataclasses whose fields are their settings
 INVERSION_PRIORS: Registry[type] = Registry("inversion prior", group="medkt.inversion_priors")
@@ -71,7 +71,7 @@ class Prior:
 
 
 @INVERSION_PRIORS.register("tv")
-@dataclass
+@config_dataclass
 class TotalVariation(Prior):
     """Total variation of the image, ``weight`` * `total_variation` (paper: 0.005; Kazemi et al.'s
     ``diagonals`` optional)."""
@@ -87,7 +87,7 @@ class TotalVariation(Prior):
 
 
 @INVERSION_PRIORS.register("init")
-@dataclass
+@config_dataclass
 class Init(Prior):
     """Start images: ``"uniform"`` U(0, 1), ``"normal"`` N(0, 1) in the model's normalised input
     space, ``"gray"`` 0.5 + small noise, or ``"images"`` (``invert(..., init_images=...)``, cycled)
@@ -121,7 +121,7 @@ class Init(Prior):
 
 
 @INVERSION_PRIORS.register("residual")
-@dataclass
+@config_dataclass
 class Residual(Prior):
     """Optimise a low-resolution edit ``r`` of the start image: ``x = clamp(x0 + up(r))``
     (see the module docstring). ``size`` None = model size; ``max`` None = unbounded; ``l1`` the
@@ -155,7 +155,7 @@ class Residual(Prior):
 
 
 @INVERSION_PRIORS.register("progressive")
-@dataclass
+@config_dataclass
 class Progressive(Prior):
     """Progressive resolution: optimise at ``sizes`` (the last = the model size), each later size
     from step ``steps[k]`` on (the tensor bicubic-upsampled and Adam restarted)."""
@@ -177,7 +177,7 @@ class Progressive(Prior):
 
 
 @INVERSION_PRIORS.register("early_stop")
-@dataclass
+@config_dataclass
 class EarlyStop(Prior):
     """Stop a chunk when the mean similarity has not improved by ``min_delta`` for ``patience``
     steps. Keeps its state (``best``, ``since_best``; checkpointed) per chunk: use a copy."""

@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+
 from typing import Annotated, Any
 
 import torch
 from torch import nn
 
 from medkt.errors import ConfigError
-from medkt.validation import Range
+from medkt.config_model import Range, build, config_dataclass, recheck
 
 #: layer types LoRA is applied to (peft supports them; grouped convolutions are skipped)
 _LAYER_TYPES = (nn.Linear, nn.Conv2d)
@@ -39,7 +39,7 @@ _LAYER_TYPES = (nn.Linear, nn.Conv2d)
 DEFAULT_TARGETS: dict[str, list[str]] = {"open_clip": [r"\.mlp\."], "coca": [r"\.mlp\."]}
 
 
-@dataclass
+@config_dataclass
 class LoraSettings:
     """The ``lora`` sub-section of `FinetuneConfig`."""
 
@@ -51,9 +51,7 @@ class LoraSettings:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | "LoraSettings" | None, path: str = "finetune#lora") -> "LoraSettings":
-        """Checked by `medkt.validation` (types and ranges are the annotations above)."""
-        from medkt.validation import build
-
+        """Checked by `medkt.config_model` (types and ranges are the annotations above)."""
         if isinstance(d, LoraSettings):
             d.validate(path)
             return d
@@ -61,9 +59,7 @@ class LoraSettings:
 
     def validate(self, path: str = "finetune#lora") -> None:
         """Types and ranges (the annotations) and that every ``target_modules`` entry compiles."""
-        from medkt.validation import check_instance
-
-        check_instance(self, path)
+        recheck(self, path)
         for i, t in enumerate(self.target_modules or []):
             try:
                 re.compile(t)

@@ -32,10 +32,10 @@ from torch import nn
 
 from medkt.backends.base import Backend, ImageTextEmbedder
 from medkt.errors import ConfigError
-from medkt.validation import Range
+from medkt.config_model import Range, build, config_dataclass, recheck
 
 
-@dataclass
+@config_dataclass
 class PartialInversionConfig:
     """Settings of `invert_features` (the ``partial`` section of a phantom recipe)."""
 
@@ -51,19 +51,16 @@ class PartialInversionConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | "PartialInversionConfig" | None,
                   path: str = "partial") -> "PartialInversionConfig":
-        """Checked by `medkt.validation` (types, ranges, choices: the annotations above)."""
-        from medkt.validation import build
-
+        """Checked by `medkt.config_model` (types, ranges, choices: the annotations above)."""
         if isinstance(d, PartialInversionConfig):
             d.validate(path)
             return d
         return build(cls, d, path, what="partial-inversion")
 
     def validate(self, path: str = "partial") -> None:
-        """Check every field against its declared type and range (`ConfigError` names ``path.field``)."""
-        from medkt.validation import check_instance
-
-        check_instance(self, path)
+        """Check every field again (code may have set one): its declared type and range
+        (`ConfigError` names ``path#field``)."""
+        recheck(self, path)
 
 
 @dataclass

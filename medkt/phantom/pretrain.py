@@ -179,9 +179,59 @@ def evaluate(model, cfg: PretrainConfig, n_per_class: int | None = None) -> dict
     return out
 
 
+def _lr_at(cfg: PretrainConfig, s: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+    if s < cfg.warmup:
+        return cfg.lr * (s + 1) / cfg.warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (s - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+
+
+def _fgsm(model, x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, cfg: PretrainConfig, g: torch.Generator,
+          mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``x`` with its first ``adv_fraction`` replaced by FGSM examples (random start, L-inf
+    ``adv_eps``) against the current contrastive loss, text side detached."""
+    n_adv = int(round(cfg.adv_fraction * cfg.batch_size)) if cfg.adv_eps > 0 else 0
+    if not n_adv:
+        return x
+    with torch.no_grad():
+        te = F.normalize(model.encode_text(tok), dim=-1)
+    xa = (x[:n_adv] + (torch.rand(x[:n_adv].shape, generator=g) * 2 - 1) * cfg.adv_eps).clamp(0, 1)
+    xa.requires_grad_(True)
+    ie = F.normalize(model.encode_image((xa - mean) / std), dim=-1)
+    la = model.logit_scale.exp().detach() * ie @ te.T
+    loss_a = -(pos[:n_adv].float() / pos[:n_adv].sum(1, keepdim=True) * la.log_softmax(1)).sum(1).mean()
+    (grad,) = torch.autograd.grad(loss_a, xa)
+    return torch.cat([(xa + 1.25 * cfg.adv_eps * grad.sign()).clamp(0, 1).detach(), x[n_adv:]])
+
+
+def _batch_loss(model, mcfg, images: torch.Tensor, tokens: torch.Tensor, gloss: tuple, cfg: PretrainConfig,
+                g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One random batch's (loss, contrastive term, glossary term or None, logit scale)."""
+    idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
+    ci = torch.randint(0, cfg.captions_per_image, (cfg.batch_size,), generator=g)
+    tok = tokens[idx, ci]
+    x = augment(images[idx].float() / 255.0, cfg, g)
+    # identical captions are positives of each other (e.g. two "mass" name captions)
+    pos = (tok[:, None, :] == tok[None, :, :]).all(-1)
+    x = _fgsm(model, x, tok, pos, cfg, g, mcfg.mean, mcfg.std)
+    ie = F.normalize(model.encode_image((x - mcfg.mean) / mcfg.std), dim=-1)
+    te = F.normalize(model.encode_text(tok), dim=-1)
+    scale = model.logit_scale.exp().clamp(max=100)
+    loss_c = multi_positive_infonce(scale * ie @ te.T, pos)
+    if cfg.glossary_weight <= 0:
+        return loss_c, loss_c, None, scale
+    ga, gb, gy = gloss
+    gi = torch.randint(0, len(gy), (cfg.glossary_batch,), generator=g)
+    ea = F.normalize(model.encode_text(ga[gi]), dim=-1)
+    eb = F.normalize(model.encode_text(gb[gi]), dim=-1)
+    loss_g = multi_positive_infonce(scale * ea @ eb.T, gy[gi][:, None] == gy[gi][None, :])
+    return loss_c + cfg.glossary_weight * loss_g, loss_c, loss_g, scale
+
+
 def train(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
     """Pretrain a `PhantomCLIP` with ``cfg``, save it to ``out`` (+ JSON side-car) and return the metadata."""
     from medkt.phantom.model import PhantomCLIP, PhantomCLIPConfig, save_checkpoint
+    from medkt.progress import Progress
 
     torch.set_num_threads(cfg.threads)
     t_start = time.time()
@@ -194,55 +244,15 @@ def train(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
     # the 49k-row BPE token table: only rows in the batch get gradients (dense Adam on it cost
     # more than the whole image tower)
     opt_tok = torch.optim.SparseAdam([model.text.token.weight], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-
-    def lr_at(s: int) -> float:
-        if s < cfg.warmup:
-            return cfg.lr * (s + 1) / cfg.warmup
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (s - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
-
     g = torch.Generator().manual_seed(cfg.seed)
-    N = len(images)
-    ga, gb, gy = gloss
     history = []
-    from medkt.progress import Progress
-
     bar = Progress(cfg.steps, "pretrain", unit="step", enabled=progress)
     model.train()
     t_loop = time.time()
     for step in range(cfg.steps):
         for pg in opt.param_groups + opt_tok.param_groups:
-            pg["lr"] = lr_at(step)
-        idx = torch.randint(0, N, (cfg.batch_size,), generator=g)
-        ci = torch.randint(0, cfg.captions_per_image, (cfg.batch_size,), generator=g)
-        tok = tokens[idx, ci]
-        x = augment(images[idx].float() / 255.0, cfg, g)
-        # identical captions are positives of each other (e.g. two "mass" name captions)
-        pos = (tok[:, None, :] == tok[None, :, :]).all(-1)
-        mean, std = mcfg.mean, mcfg.std
-        n_adv = int(round(cfg.adv_fraction * cfg.batch_size)) if cfg.adv_eps > 0 else 0
-        if n_adv:
-            # FGSM with random start against the current contrastive loss (text side detached)
-            with torch.no_grad():
-                te = F.normalize(model.encode_text(tok), dim=-1)
-            xa = (x[:n_adv] + (torch.rand(x[:n_adv].shape, generator=g) * 2 - 1) * cfg.adv_eps).clamp(0, 1)
-            xa.requires_grad_(True)
-            ie = F.normalize(model.encode_image((xa - mean) / std), dim=-1)
-            la = model.logit_scale.exp().detach() * ie @ te.T
-            loss_a = -(pos[:n_adv].float() / pos[:n_adv].sum(1, keepdim=True) * la.log_softmax(1)).sum(1).mean()
-            (grad,) = torch.autograd.grad(loss_a, xa)
-            x = torch.cat([(xa + 1.25 * cfg.adv_eps * grad.sign()).clamp(0, 1).detach(), x[n_adv:]])
-        ie = F.normalize(model.encode_image((x - mean) / std), dim=-1)
-        te = F.normalize(model.encode_text(tok), dim=-1)
-        scale = model.logit_scale.exp().clamp(max=100)
-        loss_c = multi_positive_infonce(scale * ie @ te.T, pos)
-        loss = loss_c
-        if cfg.glossary_weight > 0:
-            gi = torch.randint(0, len(gy), (cfg.glossary_batch,), generator=g)
-            ea = F.normalize(model.encode_text(ga[gi]), dim=-1)
-            eb = F.normalize(model.encode_text(gb[gi]), dim=-1)
-            gpos = gy[gi][:, None] == gy[gi][None, :]
-            loss_g = multi_positive_infonce(scale * ea @ eb.T, gpos)
-            loss = loss + cfg.glossary_weight * loss_g
+            pg["lr"] = _lr_at(cfg, step)
+        loss, loss_c, loss_g, scale = _batch_loss(model, mcfg, images, tokens, gloss, cfg, g)
         opt.zero_grad(set_to_none=True)
         opt_tok.zero_grad(set_to_none=True)
         loss.backward()
@@ -250,9 +260,10 @@ def train(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
         opt.step()
         opt_tok.step()
         if step % 50 == 0 or step == cfg.steps - 1:
-            rec = {"step": step, "loss": float(loss.detach()), "contrastive": float(loss_c.detach()), "lr": lr_at(step),
-                   "logit_scale": float(scale.detach()), "seconds": round(time.time() - t_start, 1)}
-            if cfg.glossary_weight > 0:
+            rec = {"step": step, "loss": float(loss.detach()), "contrastive": float(loss_c.detach()),
+                   "lr": _lr_at(cfg, step), "logit_scale": float(scale.detach()),
+                   "seconds": round(time.time() - t_start, 1)}
+            if loss_g is not None:
                 rec["glossary"] = float(loss_g.detach())
             history.append(rec)
             bar.set_postfix(loss=f"{float(loss_c.detach()):.3f}")
@@ -266,20 +277,11 @@ def train(cfg: PretrainConfig, out: Path, progress: bool = True) -> dict:
     model.eval()
     t0 = time.time()
     ev = evaluate(model, cfg)
-    meta = {
-        "pretrain_config": asdict(cfg),
-        "known_findings": known,
-        "held_out": list(cfg.held_out),
-        "seconds_data": round(t_data, 1),
-        "seconds_train": round(t_train, 1),
-        "seconds_total": round(time.time() - t_start, 1),
-        "seconds_eval": round(time.time() - t0, 1),
-        "threads": cfg.threads,
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu",
-        "torch": torch.__version__,
-        "history": history,
-        "zero_shot": ev,
-    }
+    meta = {"pretrain_config": asdict(cfg), "known_findings": known, "held_out": list(cfg.held_out),
+            "seconds_data": round(t_data, 1), "seconds_train": round(t_train, 1),
+            "seconds_total": round(time.time() - t_start, 1), "seconds_eval": round(time.time() - t0, 1),
+            "threads": cfg.threads, "machine": f"{platform.machine()} {os.cpu_count()} cpu",
+            "torch": torch.__version__, "history": history, "zero_shot": ev}
     save_checkpoint(model, out, meta)
     return meta
 

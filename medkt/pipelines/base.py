@@ -26,6 +26,7 @@ Under ``python -m monai.bundle run`` the flags are ``--resume true`` and ``--pip
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -84,10 +85,18 @@ class Pipeline:
     def __new__(cls, *args: Any, **kwargs: Any) -> "Pipeline":
         # before any __init__ runs: an unknown keyword (a typo under ``pipeline#``) or a value of
         # the wrong type (``--set seed=abc``) is one ConfigError line, whatever the subclass
-        # (checked against the annotations of the __init__ chain, see medkt.validation.check_call)
-        from medkt.validation import check_pipeline_args
+        # (a model of the arguments of the __init__ chain: medkt.config_model.check_call)
+        from medkt.config_model import check_call
 
-        check_pipeline_args(cls, args, kwargs)
+        named = dict(kwargs)
+        if args:  # positional ones: matched to the most derived __init__'s parameters
+            try:
+                bound = inspect.signature(cls.__init__).bind_partial(None, *args)
+            except TypeError:
+                bound = None  # the real __init__ call reports it
+            for name, value in list(bound.arguments.items())[1:] if bound else []:
+                named.setdefault(name, value)
+        check_call(cls, named, "pipeline", what=cls.__name__)
         return super().__new__(cls)
 
     def __init__(self, output_dir: str | Path = "runs/latest", seed: int = 0, overwrite: bool = False,

@@ -24,11 +24,10 @@ from medkt.backends.base import Backend
 from medkt.errors import ConfigError
 from medkt.evaluation import ClassificationResult, ZeroShotEvaluator
 from medkt.pipelines.base import Pipeline, log
-from medkt.pipelines.transfer import TransferPipeline, class_prompts_of
+from medkt.pipelines.transfer import EvaluationSpec, TransferPipeline, class_prompts_of
 from medkt.pipelines.transfer import load_evaluation_set as load_generic_evaluation_set
 from medkt.spine import as_pool, default_negatives, synthesize, transfer
 from medkt.utils import atomic_write_json, atomic_write_text
-from medkt.validation import EvaluationSpec
 
 
 def load_evaluation_set(backend: Backend, name: str, spec: dict[str, Any], progress: bool = True) -> tuple[ZeroShotEvaluator, dict[str, Any]]:

@@ -22,11 +22,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import numpy as np
 
 from medkt.backends.base import Backend
+from medkt.config_model import Range, config_dataclass
 from medkt.errors import ConfigError, DataError
 from medkt.evaluation import ClassificationResult, ZeroShotEvaluator, before_after_table
 from medkt.finetune import make_caption
@@ -34,7 +35,47 @@ from medkt.pipelines.base import Pipeline, log
 from medkt.spine import Concept, TransferStep
 from medkt.utils import atomic_write_text
 from medkt.registry import Registry
-from medkt.validation import EvaluationSpec
+
+
+#: ``classes`` of an evaluation set or ``medkt evaluate --classes``: class -> prompts (a string is
+#: one prompt; null = the templates), or a list of class names expanded with the templates
+ClassPrompts = Union[dict[str, Union[str, list[str], None]], list[str]]
+
+
+@config_dataclass
+class EvaluationSpec:
+    """One entry of a pipeline's ``evaluations`` (zero-shot classification sets); each key is
+    used by the pipelines noted."""
+
+    config_name: ClassVar[str] = "evaluation-set"
+
+    manifest: str | None = None  # medkt manifest (path,label[,mask,split,sha256])
+    root: str | None = None  # data root (default: the manifest's folder)
+    split: str | None = None
+    classes: ClassPrompts | None = None
+    templates: list[str] | None = None  # "a photo of a {}." style, for class names without prompts
+    class_names: dict[str, str] | None = None  # label -> display name used in the templates
+    aggregate: Literal["mean", "mean_similarity", "max"] | None = None
+    prompt_generator: dict[str, Any] | None = None  # {"name": "chexpert", ...} instead of classes
+    skip_bad: bool = False
+    title: str | None = None
+    # {"source": "inversion", "n_images": 5, "seed": 1}: held-out inverted images (smoke check)
+    source: Literal["inversion"] | None = None
+    n_images: Annotated[int, Range(ge=1)] = 5
+    seed: int | None = None
+    batch_size: Annotated[int, Range(ge=1)] = 64  # images per encoder batch
+    num_workers: Annotated[int, Range(ge=0)] = 0  # DataLoader workers decoding images
+    cache_dir: str | None = None  # embedding cache folder
+    scoring: Literal["auto", "embedding", "itm"] | None = None  # default: the pipeline's
+    text_batch_size: Annotated[int, Range(ge=1)] = 128  # prompts per ITM batch (ViLT)
+
+    def validate(self, path: str = "evaluation") -> None:
+        """Require a ``manifest`` (unless ``source`` is set) and ``classes`` or a ``prompt_generator``."""
+        if self.source is None and self.manifest is None:
+            raise ConfigError(f"{path}: an evaluation set needs a 'manifest' (or \"source\": \"inversion\")", key=path)
+        if self.source is None and self.classes is None and self.prompt_generator is None:
+            raise ConfigError(f"{path}: an evaluation set needs 'classes' (class -> prompts, or a list of class "
+                              "names) or a 'prompt_generator'", key=f"{path}#classes")
 
 
 #: the run folder's list of the images left out by ``skip_unreadable`` / ``skip_bad``

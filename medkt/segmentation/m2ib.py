@@ -50,7 +50,7 @@ from medkt.backends.vision_split import (  # noqa: F401  (re-exported: the M2IB 
     register_vision_split,
 )
 from medkt.errors import ConfigError
-from medkt.validation import Range
+from medkt.config_model import Range, build, config_dataclass, recheck
 
 Tensor = torch.Tensor
 
@@ -81,7 +81,7 @@ class TokenBottleneck(nn.Module):
         return mu + (1 - lam) * eps
 
 
-@dataclass
+@config_dataclass
 class M2IBConfig:
     """M2IB hyper-parameters (upstream defaults; MedCLIP-SAMv2 uses beta 1-2 and layers 7-9)."""
 
@@ -141,10 +141,8 @@ class M2IB:
         self.backend = backend
         from dataclasses import asdict
 
-        from medkt.validation import build, check_instance
-
         self.config = config or M2IBConfig()
-        check_instance(self.config, "m2ib")
+        recheck(self.config, "m2ib")
         if overrides:  # checked like a bundle's "m2ib" options (unknown keys, types, ranges)
             self.config = build(M2IBConfig, {**asdict(self.config), **overrides}, "m2ib")
         self.split = get_vision_split(backend, self.config.layer)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,7 +35,7 @@ from medkt.errors import ConfigError, DataError
 from medkt.pipelines.base import Pipeline, log
 from medkt.segmentation.volumes import SliceSample, axial_tumour_slices, is_nifti
 from medkt.utils import atomic_write_text
-from medkt.validation import Range, check_call, check_fields
+from medkt.config_model import Range, build, check_call, config_dataclass
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz")
 
@@ -156,7 +155,7 @@ def pair_images(images: str | Path | list[str | Path], masks: str | Path | list[
     return [(k, im[k], found[k]) for k in im]
 
 
-@dataclass
+@config_dataclass
 class VolumeOptions:
     """``data#volume``: how 3-D NIfTI volumes become 2-D samples (axial slices with tumour)."""
 
@@ -165,7 +164,7 @@ class VolumeOptions:
     max_slices: Annotated[int, Range(ge=1)] | None = None
 
 
-@dataclass
+@config_dataclass
 class SegmentationData:
     """The ``data`` option of `SegmentationTransferPipeline` (module docstring). Mask
     files are read as `medkt.segmentation.metrics.read_mask` says: 0/1 or 0/255 as they
@@ -188,7 +187,7 @@ class SegmentationData:
             raise ConfigError(f"{path}: needs 'manifest' or 'images' + 'masks'", key=path)
 
 
-@dataclass
+@config_dataclass
 class MetricOptions:
     """The ``metrics`` option: NSD tolerance in ``nsd_unit`` (``mm`` needs the pixel spacing)."""
 
@@ -391,7 +390,7 @@ class SegmentationTransferPipeline(Pipeline):
         self.negative_captions = list(negative_captions or [])
         self.m2ib_cfg = dict(m2ib or {})
         # options are checked (unknown keys, types, ranges) before any compute, each by its declaration
-        check_fields(M2IBConfig, self.m2ib_cfg, "m2ib")
+        build(M2IBConfig, self.m2ib_cfg, "m2ib")
         self.post_cfg = dict(postprocess or {})
         check_call(postprocess_saliency, self.post_cfg, "postprocess", skip=("saliency",))
         postprocess_saliency(np.eye(4), **self.post_cfg)  # value rules of the post-processing itself
