@@ -5,10 +5,17 @@ manifest (its ``path`` column only: a ``label`` column, if present, is never rea
 subsampled (``max_images``, ``seed``). `pool_embeddings` gives the frozen model's image embeddings
 of the pool through the zero-shot evaluator's embedding cache (keyed by weights, files and
 preprocessing), so they are computed once. The pool feeds the ``pool_distill`` fine-tuning control
-(`medkt.finetune_controls`) through ``finetune(..., pool=)`` / ``transfer(..., unlabeled=)``.
+(`medkt.finetune_controls`) through ``finetune(..., pool=)`` / ``transfer(..., unlabeled=)``, and
+the pool inversion priors (``feature_stats``, ``real_start``, ``spectrum`` in
+`medkt.inversion_priors`) through ``invert(..., pool=)``; their statistics of the pool are kept by
+`pool_statistic` under the same kind of key.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,9 +70,17 @@ class UnlabeledPool:
     def __len__(self) -> int:
         return len(self.files)
 
-    def images(self, backend: Any) -> torch.Tensor:
-        """``(N, C, S, S)`` [0, 1] pool images on the CPU, decoded by ``backend``'s preprocessing."""
-        return torch.stack([backend.load_image(f) for f in self.files])
+    def images(self, backend: Any, indices: Sequence[int] | None = None) -> torch.Tensor:
+        """``(N, C, S, S)`` [0, 1] pool images on the CPU, decoded by ``backend``'s preprocessing
+        (only the files at ``indices``, in that order, when given)."""
+        files = self.files if indices is None else [self.files[int(i)] for i in indices]
+        return torch.stack([backend.load_image(f) for f in files])
+
+    def batches(self, backend: Any, batch_size: int = 32) -> Iterator[torch.Tensor]:
+        """The pool's images in file order, ``batch_size`` at a time (CPU, [0, 1]): statistics
+        of a large pool never hold all of it in memory."""
+        for i in range(0, len(self.files), batch_size):
+            yield self.images(backend, range(i, min(i + batch_size, len(self.files))))
 
 
 def pool_embeddings(backend: Any, pool: UnlabeledPool, batch_size: int = 64, num_workers: int = 0) -> torch.Tensor:
@@ -81,4 +96,36 @@ def pool_embeddings(backend: Any, pool: UnlabeledPool, batch_size: int = 64, num
     return ev.image_embeddings()
 
 
-__all__ = ["UnlabeledPool", "pool_embeddings"]
+#: statistics computed this session, by key (a few small tensors each; the oldest dropped first)
+_STATISTICS: OrderedDict[str, Any] = OrderedDict()
+_MAX_IN_MEMORY = 8
+
+
+def pool_statistic(backend: Any, pool: UnlabeledPool, name: str, settings: dict[str, Any],
+                   compute: Callable[[], Any]) -> Any:
+    """``compute()`` (a tensor or a dict/list of CPU tensors) of ``pool`` for ``backend``, once per
+    weights, pool files, preprocessing (`medkt.evaluation.image_set_key`), ``name`` and
+    ``settings``: kept in memory for this session and, with ``pool.cache_dir``, on disk
+    (``pool_<name>_<key>.pt``), so a second inversion on the same pool reads it back."""
+    from medkt.checkpoints import load_checkpoint, save_checkpoint
+    from medkt.evaluation import image_set_key
+
+    key = hashlib.sha256(json.dumps([image_set_key(backend, pool.files), name, settings], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:24]
+    if key in _STATISTICS:
+        _STATISTICS.move_to_end(key)
+        return _STATISTICS[key]
+    path = pool.cache_dir / f"pool_{name}_{key}.pt" if pool.cache_dir is not None else None
+    if path is not None and path.is_file():
+        value = load_checkpoint(path)
+    else:
+        value = compute()
+        if path is not None:
+            save_checkpoint(value, path)
+    _STATISTICS[key] = value
+    while len(_STATISTICS) > _MAX_IN_MEMORY:
+        _STATISTICS.popitem(last=False)
+    return value
+
+
+__all__ = ["UnlabeledPool", "pool_embeddings", "pool_statistic"]
