@@ -319,9 +319,12 @@ class FeatureStats(Prior):
     statistic (mean: by the mean channel variance) so that one weight suits any tower. Per-image
     statistics (not batch ones) keep every image independent of how images are chunked.
     ``blocks``: indices into the tower's blocks (`FeatureBlocks`; negative from the end; None = all).
+    Default weight 0.1: on the phantom world (``phantom:base``, 200 steps, 8 nodule images) it
+    halved the feature gap to held-out normal scans for a mean cosine of 0.570 instead of 0.595
+    (weight 1: gap / 8, cosine 0.320).
     """
 
-    weight: Annotated[float, Range(ge=0)] = 1.0
+    weight: Annotated[float, Range(ge=0)] = 0.1
     blocks: list[int] | None = None
     gram: bool = False
     needs_pool = True
