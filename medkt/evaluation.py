@@ -193,24 +193,6 @@ def _model_state(backend: Backend, params: Any) -> tuple:
     return (backend.training, tuple((id(t), t._version) for t in params))
 
 
-def image_set_key(backend: Backend, items: Sequence[Any]) -> str:
-    """SHA-256 (hex) of what a backend's outputs on image files depend on: its weights, each
-    file's path, size and mtime (an edited file gets a new key) and the preprocessing (spec,
-    class, size, channels, mean/std). The key of on-disk caches of image embeddings and of
-    unlabeled-pool statistics (`medkt.pool.pool_statistic`)."""
-    from medkt.checkpoints import weights_fingerprint
-
-    h = hashlib.sha256(weights_fingerprint(backend).encode())
-    for item in items:
-        p = Path(item) if isinstance(item, (str, Path)) else None
-        st = p.stat() if p is not None and p.exists() else None
-        h.update(json.dumps([str(item) if p else repr(type(item)), st.st_size if st else None,
-                             st.st_mtime_ns if st else None]).encode())
-    h.update(json.dumps([backend.spec, type(backend).__qualname__, backend.image_size,
-                         backend.image_channels, list(backend.mean), list(backend.std)]).encode())
-    return h.hexdigest()
-
-
 class ZeroShotEvaluator:
     """Zero-shot classifier over a fixed image set and class-prompt set (module docstring).
 
@@ -321,10 +303,26 @@ class ZeroShotEvaluator:
             out[idx] = r
         return out.to(rows.device)
 
+    def images_key(self) -> str:
+        """SHA-256 (hex) of what the image embeddings depend on: the weights, each image file's
+        path, size and mtime (an edited file gets a new key) and the preprocessing. The key of the
+        on-disk embedding cache and of unlabeled-pool statistics (`medkt.pool.pool_statistic`)."""
+        from medkt.checkpoints import weights_fingerprint
+
+        h = hashlib.sha256(weights_fingerprint(self.backend).encode())
+        for item in self.images:  # path, size and mtime: an edited file is re-encoded
+            p = Path(item) if isinstance(item, (str, Path)) else None
+            st = p.stat() if p is not None and p.exists() else None
+            h.update(json.dumps([str(item) if p else repr(type(item)), st.st_size if st else None,
+                                 st.st_mtime_ns if st else None]).encode())
+        h.update(json.dumps([self.backend.spec, type(self.backend).__qualname__, self.backend.image_size,
+                             self.backend.image_channels, list(self.backend.mean), list(self.backend.std)]).encode())
+        return h.hexdigest()
+
     def _cache_file(self) -> Path | None:
         if self.cache_dir is None or isinstance(self.images, torch.Tensor):
             return None
-        return self.cache_dir / f"image_embeddings_{image_set_key(self.backend, self.images)[:24]}.pt"
+        return self.cache_dir / f"image_embeddings_{self.images_key()[:24]}.pt"
 
     def _map_images(self, fn: Callable[[list[torch.Tensor]], torch.Tensor], desc: str) -> torch.Tensor:
         """``fn`` (a batch of [0,1] images, CPU, -> one row per image on the model's device) over

@@ -87,13 +87,17 @@ def pool_embeddings(backend: Any, pool: UnlabeledPool, batch_size: int = 64, num
     """Normalised image embeddings ``(N, D)`` of ``pool`` by ``backend`` (model device, fp32), through
     the `medkt.evaluation.ZeroShotEvaluator` embedding cache: with ``pool.cache_dir`` a second call
     on the same weights, files and preprocessing reads them back instead of re-encoding."""
+    return _evaluator(backend, pool, batch_size, num_workers).image_embeddings()
+
+
+def _evaluator(backend: Any, pool: UnlabeledPool, batch_size: int = 64, num_workers: int = 0) -> Any:
+    """A `medkt.evaluation.ZeroShotEvaluator` over the pool's files: its embedding cache and key."""
     from medkt.evaluation import ZeroShotEvaluator
 
     # the evaluator needs a class per image; a single placeholder class that is never scored
-    ev = ZeroShotEvaluator(backend, [str(f) for f in pool.files], ["pool"] * len(pool), {"pool": ["pool"]},
-                           batch_size=batch_size, num_workers=num_workers, cache_dir=pool.cache_dir,
-                           scoring="embedding")
-    return ev.image_embeddings()
+    return ZeroShotEvaluator(backend, [str(f) for f in pool.files], ["pool"] * len(pool), {"pool": ["pool"]},
+                             batch_size=batch_size, num_workers=num_workers, cache_dir=pool.cache_dir,
+                             scoring="embedding")
 
 
 #: statistics computed this session, by key (a few small tensors each; the oldest dropped first)
@@ -104,13 +108,13 @@ _MAX_IN_MEMORY = 8
 def pool_statistic(backend: Any, pool: UnlabeledPool, name: str, settings: dict[str, Any],
                    compute: Callable[[], Any]) -> Any:
     """``compute()`` (a tensor or a dict/list of CPU tensors) of ``pool`` for ``backend``, once per
-    weights, pool files, preprocessing (`medkt.evaluation.image_set_key`), ``name`` and
-    ``settings``: kept in memory for this session and, with ``pool.cache_dir``, on disk
-    (``pool_<name>_<key>.pt``), so a second inversion on the same pool reads it back."""
+    weights, pool files and preprocessing (the embedding cache's key,
+    `medkt.evaluation.ZeroShotEvaluator.images_key`), ``name`` and ``settings``: kept in memory
+    for this session and, with ``pool.cache_dir``, on disk (``pool_<name>_<key>.pt``), so a
+    second inversion on the same pool reads it back."""
     from medkt.checkpoints import load_checkpoint, save_checkpoint
-    from medkt.evaluation import image_set_key
 
-    key = hashlib.sha256(json.dumps([image_set_key(backend, pool.files), name, settings], sort_keys=True,
+    key = hashlib.sha256(json.dumps([_evaluator(backend, pool).images_key(), name, settings], sort_keys=True,
                                     default=str).encode()).hexdigest()[:24]
     if key in _STATISTICS:
         _STATISTICS.move_to_end(key)

@@ -301,7 +301,7 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
             {n: ev.evaluate() for n, ev in evaluators.items()} if evaluate_before else {})
         seconds["evaluation_before"] = time.perf_counter() - t
 
-        pool = as_pool(unlabeled, out / "pool_embeddings" if out is not None else None) if unlabeled is not None else None
+        pool = None if unlabeled is None else as_pool(unlabeled, out / "pool_embeddings" if out is not None else None)
         t = time.perf_counter()
         inv = synthesize(backend, concepts, inv_cfg, images=images, inversion_dir=out / "inversion" if out else None,
                          resume=resume, progress=progress, init_images=init_images, pool=pool)

@@ -18,7 +18,7 @@ from medkt.backends import create_backend
 from medkt.backends.base import FeatureBlocks, capture_features
 from medkt.errors import ConfigError
 from medkt.inversion import InversionConfig, InversionTarget, invert, resume_settings
-from medkt.inversion_priors import FeatureStats, PriorContext, RealStart, _block_stats
+from medkt.inversion_priors import PriorContext, RealStart, _block_stats
 from medkt.pool import UnlabeledPool
 
 TARGET = [InversionTarget("nodule", "a small round nodule in the lung", 3)]
@@ -91,7 +91,7 @@ def test_feature_stats_pulls_the_features_toward_the_pool(phantom, pool):
     assert _feature_gap(phantom, on.images, pool, blocks) < 0.5 * _feature_gap(phantom, off.images, pool, blocks)
 
 
-@pytest.mark.parametrize("spec", ["clip:medkt-tiny-ViT@random", "medclip:tiny@random", "timm"])
+@pytest.mark.parametrize("spec", ["clip:medkt-tiny-ViT@random", "medclip:tiny@random", "hf_clip:tiny@random", "timm"])
 def test_feature_stats_on_transformer_towers(spec, pool):
     backend = _timm_clip() if spec == "timm" else create_backend(spec)
     assert isinstance(backend, FeatureBlocks)
