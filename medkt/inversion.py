@@ -153,6 +153,13 @@ class InversionConfig:
             raise ConfigError(f"{path}#priors: {params[0]!r} sets its own resolution; remove 'progressive'",
                               key=f"{path}#priors")
 
+    def check_pool(self, pool: Any) -> None:
+        """Before any compute: a listed prior that reads the unlabeled pool, without one, is the
+        one-line `ConfigError` its ``setup`` would raise later."""
+        for spec, prior in zip(self.priors, self.build_priors()):
+            if prior.needs_pool:
+                PriorContext(None, pool).require_pool(spec["name"])
+
     def objective_name(self) -> str:
         """The objective's registered name."""
         return self.objective if isinstance(self.objective, str) else str(self.objective.get("name"))

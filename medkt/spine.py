@@ -291,6 +291,9 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
     ft_cfg = finetune_config if isinstance(finetune_config, FinetuneConfig) else FinetuneConfig.from_dict(dict(finetune_config or {}))
     evaluators = dict(evaluators or {})
     out = Path(out_dir) if out_dir is not None else None
+    pool = None if unlabeled is None else as_pool(unlabeled, out / "pool_embeddings" if out is not None else None)
+    if images == "inversion":
+        inv_cfg.check_pool(pool)  # a pool prior without a pool fails here, not after the "before" evaluation
     with _locked_output(out):
         main = mdist.is_main()
         seconds: dict[str, float] = {}
@@ -301,7 +304,6 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
             {n: ev.evaluate() for n, ev in evaluators.items()} if evaluate_before else {})
         seconds["evaluation_before"] = time.perf_counter() - t
 
-        pool = None if unlabeled is None else as_pool(unlabeled, out / "pool_embeddings" if out is not None else None)
         t = time.perf_counter()
         inv = synthesize(backend, concepts, inv_cfg, images=images, inversion_dir=out / "inversion" if out else None,
                          resume=resume, progress=progress, init_images=init_images, pool=pool)

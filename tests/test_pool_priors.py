@@ -221,6 +221,13 @@ def test_transfer_and_api_hand_the_pool_to_the_inversion(phantom, pool_dir, tmp_
     with pytest.raises(ConfigError, match="needs an unlabeled pool"):
         medkt.invert(phantom, concepts, inv, progress=False)
 
+    class Unreachable:
+        def evaluate(self):
+            raise AssertionError("the missing pool must be reported before the 'before' evaluation")
+
+    with pytest.raises(ConfigError, match="'feature_stats' inversion prior needs an unlabeled pool"):
+        medkt.transfer(phantom, concepts, inversion_config=inv, evaluators={"x": Unreachable()}, progress=False)
+
 
 def test_cli_invert_unlabeled(pool_dir, tmp_path, medkt):
     priors = json.dumps([{"name": "tv"}, {"name": "real_start", "scans": 2}])
