@@ -91,7 +91,8 @@ def test_feature_stats_pulls_the_features_toward_the_pool(phantom, pool):
     assert _feature_gap(phantom, on.images, pool, blocks) < 0.5 * _feature_gap(phantom, off.images, pool, blocks)
 
 
-@pytest.mark.parametrize("spec", ["clip:medkt-tiny-ViT@random", "medclip:tiny@random", "hf_clip:tiny@random", "timm"])
+@pytest.mark.parametrize("spec", ["clip:medkt-tiny-ViT@random", "medclip:tiny@random", "hf_clip:tiny@random",
+                                  "coca:tiny@random", "timm"])
 def test_feature_stats_on_transformer_towers(spec, pool):
     backend = _timm_clip() if spec == "timm" else create_backend(spec)
     assert isinstance(backend, FeatureBlocks)

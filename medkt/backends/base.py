@@ -289,7 +289,7 @@ class FeatureBlocks(abc.ABC):
     Each block's output (or the first element of a tuple output) is either tokens
     ``(B, T, D)`` (ViT, Swin) or feature maps ``(B, C, h, w)`` (CNN stages); read them with
     `capture_features`. Declared by the phantom CNN, open_clip (ViT resblocks, timm trunk blocks,
-    ResNet stages), BiomedCLIP, MedCLIP (Swin blocks) and HF CLIP.
+    ResNet stages), BiomedCLIP, CoCa, MedCLIP (Swin blocks) and HF CLIP.
     """
 
     @abc.abstractmethod
