@@ -54,6 +54,7 @@ from medkt.errors import ConfigError, DataError
 from medkt.evaluation import ClassificationResult, ZeroShotEvaluator
 from medkt.finetune import FinetuneConfig, load_finetuned, save_finetuned
 from medkt.inversion import InversionConfig, InversionResult
+from medkt.pool import UnlabeledPool
 from medkt.recipes import Recipe, recipe_defaults
 from medkt.segmentation.m2ib import M2IBConfig
 from medkt.segmentation.metrics import ScoreTable
@@ -68,7 +69,8 @@ ClassPrompts = Mapping[str, Sequence[str] | str] | Sequence[str]
 
 def invert(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]],
            config: InversionConfig | Mapping[str, Any] | None = None, *, out_dir: str | Path | None = None,
-           resume: bool = False, progress: bool = True, init_images: torch.Tensor | None = None) -> InversionResult:
+           resume: bool = False, progress: bool = True, init_images: torch.Tensor | None = None,
+           unlabeled: str | Path | Mapping[str, Any] | UnlabeledPool | None = None) -> InversionResult:
     """Synthesise ``n_images`` images per concept whose embedding matches its description.
 
     The inversion step of `transfer` alone (`medkt.spine.synthesize` with
@@ -84,15 +86,19 @@ def invert(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]],
             written there.
         resume: continue from the checkpoints in ``out_dir``.
         init_images: ``(M, C, S, S)`` [0, 1] starting images for ``config.init == "images"``.
+        unlabeled: an unlabeled pool of scans for the priors that learn from it (``feature_stats``,
+            ``real_start``, ``spectrum``): a folder, a manifest (labels never read), a dict of
+            `UnlabeledPool.from_path` arguments with ``path``, or an `UnlabeledPool`.
     Returns:
         `InversionResult`: ``images`` ``(N, C, S, S)`` in [0, 1], the concept and text of
         each image and its final cosine similarity to its text.
     """
-    from medkt.spine import synthesize
+    from medkt.spine import as_pool, synthesize
 
     cfg = config if isinstance(config, InversionConfig) else InversionConfig.from_dict(dict(config or {}))
+    pool = as_pool(unlabeled, None) if unlabeled is not None else None
     return synthesize(backend, parse_concepts(concepts), cfg, images="inversion", inversion_dir=out_dir,
-                      resume=resume, progress=progress, init_images=init_images)
+                      resume=resume, progress=progress, init_images=init_images, pool=pool)
 
 
 @dataclass

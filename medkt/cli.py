@@ -147,6 +147,10 @@ def invert(
     resume: bool = typer.Option(False, help="Continue from the checkpoints in OUTPUT (refused if they were made "
                                             "with other settings or concepts)."),
     checkpoint_every: int = typer.Option(200, help="Checkpoint interval in steps (0 = off)."),
+    unlabeled: Optional[Path] = typer.Option(None, "--unlabeled", help=(
+        "Unlabeled scans of the modality (a folder of images or a manifest; labels are never read) for the "
+        "priors that learn from them, e.g. --set 'priors=[{\"name\": \"tv\"}, {\"name\": \"feature_stats\"}]'; "
+        "their statistics are cached in OUTPUT/pool_cache.")),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
 ) -> None:
@@ -174,10 +178,15 @@ def invert(
                               "with (checkpoints/inversion.settings.json); choose another folder")
     cfg = _config_from_options(InversionConfig, {"steps": steps, "lr": lr, "seed": seed,
                                                  "checkpoint_every": checkpoint_every}, set_, "inversion")
+    pool = None
+    if unlabeled is not None:
+        from medkt.pool import UnlabeledPool
+
+        pool = UnlabeledPool.from_path(unlabeled, cache_dir=output / "pool_cache")
     b = create_backend(backend, device=device, precision=precision)
     output.mkdir(parents=True, exist_ok=True)
     with folder_lock(output, "output folder"):
-        result = run_invert(b, targets, cfg, out_dir=output, resume=resume)
+        result = run_invert(b, targets, cfg, out_dir=output, resume=resume, pool=pool)
         manifest = save_inversion(result, output, cfg)
     typer.echo(f"{len(result.images)} images, mean similarity {sum(result.similarities) / len(result.similarities):.3f}, "
                f"{result.seconds:.1f} s -> {manifest}")

@@ -303,9 +303,10 @@ class ZeroShotEvaluator:
             out[idx] = r
         return out.to(rows.device)
 
-    def _cache_file(self) -> Path | None:
-        if self.cache_dir is None or isinstance(self.images, torch.Tensor):
-            return None
+    def images_key(self) -> str:
+        """SHA-256 (hex) of what the image embeddings depend on: the weights, each image file's
+        path, size and mtime (an edited file gets a new key) and the preprocessing. The key of the
+        on-disk embedding cache and of unlabeled-pool statistics (`medkt.pool.pool_statistic`)."""
         from medkt.checkpoints import weights_fingerprint
 
         h = hashlib.sha256(weights_fingerprint(self.backend).encode())
@@ -316,7 +317,12 @@ class ZeroShotEvaluator:
                                  st.st_mtime_ns if st else None]).encode())
         h.update(json.dumps([self.backend.spec, type(self.backend).__qualname__, self.backend.image_size,
                              self.backend.image_channels, list(self.backend.mean), list(self.backend.std)]).encode())
-        return self.cache_dir / f"image_embeddings_{h.hexdigest()[:24]}.pt"
+        return h.hexdigest()
+
+    def _cache_file(self) -> Path | None:
+        if self.cache_dir is None or isinstance(self.images, torch.Tensor):
+            return None
+        return self.cache_dir / f"image_embeddings_{self.images_key()[:24]}.pt"
 
     def _map_images(self, fn: Callable[[list[torch.Tensor]], torch.Tensor], desc: str) -> torch.Tensor:
         """``fn`` (a batch of [0,1] images, CPU, -> one row per image on the model's device) over

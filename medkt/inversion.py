@@ -14,7 +14,9 @@ config by name with its settings:
 * **priors** (`medkt.inversion_priors.INVERSION_PRIORS`): penalties such as total variation
   (``"tv"``, the paper's 0.005), where the images start (``"init"``), what is optimised
   (``"residual"`` edit of a start image, ``"progressive"`` resolution) and when a chunk stops
-  (``"early_stop"``);
+  (``"early_stop"``); with an unlabeled pool of scans (``invert(..., pool=)``) also the pool's
+  feature statistics (``"feature_stats"``), real start scans (``"real_start"``) and its
+  amplitude spectrum (``"spectrum"``);
 * **augmentations** (`medkt.augment.INVERSION_AUGMENTATIONS`), applied in order to each of the
   ``views`` per step: the paper's random affine (``"affine"``, p=0.5), ``"blur"``, ``"noise"``.
 
@@ -53,12 +55,23 @@ import torch
 import torch.nn.functional as F
 
 from medkt.augment import INVERSION_AUGMENTATIONS
-from medkt.backends.base import AnyResolution, Backend, as_numpy_image, require_embeddings
+from medkt.backends.base import AnyResolution, Backend, as_numpy_image, capture_features, require_embeddings
 from medkt.device import grad_scaler
 from medkt.errors import ConfigError, unknown_name
 from medkt.checkpoints import concept_settings, guard_resume, load_checkpoint, save_checkpoint, settings_digest
 from medkt.faults import fault_point
-from medkt.inversion_priors import INVERSION_PRIORS, EarlyStop, Init, Progressive, Residual, find, resize, settings_of
+from medkt.inversion_priors import (
+    INVERSION_PRIORS,
+    EarlyStop,
+    Init,
+    Parametrisation,
+    PriorContext,
+    PriorStep,
+    Progressive,
+    find,
+    resize,
+    settings_of,
+)
 from medkt.progress import Progress
 from medkt.registry import Registry
 from medkt.utils import atomic_write_json, atomic_write_text
@@ -137,9 +150,23 @@ class InversionConfig:
         self.objective_settings(path)
         priors = self.build_priors(path)
         self.build_augmentations(path)
-        if find(priors, Residual) and find(priors, Progressive):
-            raise ConfigError(f"{path}#priors: 'residual' sets its own resolution (its size); remove 'progressive'",
+        names = {id(p): s["name"] for s, p in zip(self.priors, priors)}
+        params = [names[id(p)] for p in priors if isinstance(p, Parametrisation)]
+        starts = [names[id(p)] for p in priors if isinstance(p, Init)]
+        for group, what in ((params, "each sets what is optimised"), (starts, "each sets where the images start")):
+            if len(group) > 1:
+                raise ConfigError(f"{path}#priors: {' and '.join(map(repr, group))} {what}; list one",
+                                  key=f"{path}#priors")
+        if params and find(priors, Progressive):
+            raise ConfigError(f"{path}#priors: {params[0]!r} sets its own resolution; remove 'progressive'",
                               key=f"{path}#priors")
+
+    def check_pool(self, pool: Any) -> None:
+        """Before any compute: a listed prior that reads the unlabeled pool, without one, is the
+        one-line `ConfigError` its ``setup`` would raise later."""
+        for spec, prior in zip(self.priors, self.build_priors()):
+            if prior.needs_pool:
+                PriorContext(None, pool).require_pool(spec["name"])
 
     def objective_name(self) -> str:
         """The objective's registered name."""
@@ -401,12 +428,12 @@ _NOT_RESULT_SHAPING = ("checkpoint_every",)
 
 
 def resume_settings(backend: Backend, cfg: InversionConfig, targets: Sequence[InversionTarget],
-                    init_images: torch.Tensor | None = None) -> dict[str, Any]:
+                    init_images: torch.Tensor | None = None, pool: Any = None) -> dict[str, Any]:
     """What an inversion's images depend on (recorded with its checkpoints; ``--resume`` with
     different values is refused): the backend spec and precision, every config field but
     ``checkpoint_every`` with each component's full settings (defaults included, keyed by name so
-    a diff reads ``inversion.priors.tv.weight: 0.005 -> 0.01``), the targets and a digest of the
-    init images."""
+    a diff reads ``inversion.priors.tv.weight: 0.005 -> 0.01``), the targets, a digest of the
+    init images and, when a prior reads it, the unlabeled pool (source and size)."""
     import hashlib
 
     inv = {k: v for k, v in asdict(cfg).items() if k not in _NOT_RESULT_SHAPING}
@@ -421,6 +448,8 @@ def resume_settings(backend: Backend, cfg: InversionConfig, targets: Sequence[In
     if init_images is not None and init is not None and init.kind == "images":
         data = init_images.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
         settings["init_images"] = hashlib.sha256(data).hexdigest()[:16]
+    if pool is not None and any(p.needs_pool for p in priors):
+        settings["pool"] = [pool.source, len(pool)]
     return settings
 
 
@@ -431,18 +460,18 @@ def _chunk_path(ckpt_dir: Path, chunk_id: int) -> Path:
 # --- main loop ---------------------------------------------------------------------------------
 class _Canvas:
     """What a chunk optimises and how it becomes the image the model sees: the pixels (at the
-    ``"progressive"`` prior's sizes, if listed) or, with the ``"residual"`` prior, an edit of
-    fixed start images."""
+    ``"progressive"`` prior's sizes, if listed) or, with a `Parametrisation` prior (``"residual"``
+    edit, ``"spectrum"`` phase), its tensor rendered from the fixed start images ``base``."""
 
     def __init__(self, backend: Backend, priors: list[Any], indices: Sequence[int], seed: int,
                  init_images: torch.Tensor | None):
         self.backend, self.indices, self.seed, self.init_images = backend, indices, seed, init_images
         self.size = backend.image_size
         self.init = find(priors, Init) or Init()
-        self.residual = find(priors, Residual)
+        self.param = find(priors, Parametrisation)
         progressive = find(priors, Progressive)
         self.stages = progressive.stages() if progressive is not None else [(0, self.size)]
-        self.base = self.start_images(self.size).detach() if self.residual else None
+        self.base = self.start_images(self.size).detach()  # the start images at the model size
         # A backend that takes any input size runs at the stage's size (the saving progressive
         # resolution is for); otherwise each stage is upsampled to the model size every step.
         self.native = isinstance(backend, AnyResolution) and backend.accepts_any_size()
@@ -452,15 +481,14 @@ class _Canvas:
 
     def start(self) -> torch.Tensor:
         """The tensor optimised from step 0."""
-        if self.residual is None:
+        if self.param is None:
             return self.start_images(self.stage_size(0))
-        rsize = self.residual.size or self.size
-        return torch.zeros(self.base.shape[0], self.base.shape[1], rsize, rsize, device=self.backend.device)
+        return self.param.start(self.base)
 
     def stage_size(self, step: int) -> int:
-        """The size optimised at ``step`` (progressive resolution)."""
-        if self.residual is not None:
-            return self.residual.size or self.size
+        """The image size at ``step`` (progressive resolution)."""
+        if self.param is not None:
+            return self.size
         size = self.stages[0][1]
         for start, s in self.stages:
             if step >= start:
@@ -468,18 +496,18 @@ class _Canvas:
         return size
 
     def final_stage(self, step: int) -> bool:
-        return self.residual is not None or self.stage_size(step) == self.stages[-1][1]
+        return self.param is not None or self.stage_size(step) == self.stages[-1][1]
 
     def render(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (image the model sees, the tensor the priors' penalties see)."""
-        if self.residual is not None:
-            return self.residual.render(p, self.base)
+        if self.param is not None:
+            return self.param.render(p, self.base)
         return (p if self.native else resize(p, self.size)), p
 
     def project(self, p: torch.Tensor) -> None:
-        """In place after each step: pixels clamped to [0, 1]; a residual kept one-signed."""
-        if self.residual is not None:
-            self.residual.project(p)
+        """In place after each step: pixels clamped to [0, 1], or the parametrisation's projection."""
+        if self.param is not None:
+            self.param.project(p)
         else:
             p.clamp_(0, 1)
 
@@ -502,6 +530,7 @@ class _Run:
     resume: bool = False
     init_images: torch.Tensor | None = None
     digest: str | None = None
+    blocks: list[int] = field(default_factory=list)  # feature blocks the priors read (`capture_features`)
 
 
 class _Chunk:
@@ -510,7 +539,7 @@ class _Chunk:
 
     def __init__(self, run: _Run, chunk_id: int, indices: list[int]):
         cfg, backend = run.cfg, run.backend
-        self.run, self.indices = run, indices
+        self.run, self.indices, self.chunk_id = run, indices, chunk_id
         self.path = _chunk_path(run.ckpt_dir, chunk_id) if run.ckpt_dir is not None else None
         self.canvas = _Canvas(backend, run.priors, indices, cfg.seed, run.init_images)
         self.gen = torch.Generator().manual_seed(cfg.seed * 7919 + chunk_id)  # CPU: same draws on every device
@@ -544,7 +573,7 @@ class _Chunk:
     def grow(self) -> None:
         """Progressive resolution: upsample to this step's size and restart Adam."""
         size = self.canvas.stage_size(self.step)
-        if self.canvas.residual is None and self.p.shape[-1] != size:
+        if self.canvas.param is None and self.p.shape[-1] != size:
             with torch.no_grad():
                 p = resize(self.p.detach(), size).clamp(0, 1)
             self.restart(p)
@@ -567,11 +596,14 @@ class _Chunk:
         xa = xm.repeat(views, 1, 1, 1)
         for aug in self.run.augmentations:
             xa = aug(xa, self.gen)
-        with self.run.backend.autocast():  # only the model runs in low precision; pixels and losses stay fp32
-            loss_rows, sim_rows = self.run.objective(self.run.backend, xa, ctx)
+        backend = self.run.backend
+        # only the model runs in low precision; pixels and losses stay fp32
+        with backend.autocast(), capture_features(backend, self.run.blocks) as features:
+            loss_rows, sim_rows = self.run.objective(backend, xa, ctx)
         loss = loss_rows.float().view(views, -1).mean(0)
+        step = PriorStep(reg, xm, self.canvas.base, features, views, self.chunk_id, backend)
         for prior in self.run.priors:
-            term = prior.penalty(reg)
+            term = prior.loss(step)
             if term is not None:
                 loss = loss + term
         return loss, sim_rows
@@ -638,6 +670,7 @@ def invert(
     progress: bool = True,
     chunks: Sequence[int] | None = None,
     init_images: torch.Tensor | None = None,
+    pool: Any = None,
 ) -> InversionResult:
     """Synthesise ``sum(t.n_images)`` images, ``n_images`` per target, toward each target's text.
 
@@ -654,23 +687,25 @@ def invert(
             then holds only their images.
         init_images: ``(M, C, S, S)`` [0, 1] starting images for the ``"init"`` prior's kind
             ``"images"`` (image ``i`` starts from ``init_images[i % M]``), e.g. a few normal scans.
+        pool: an unlabeled pool of scans (`medkt.pool.UnlabeledPool`) for the priors that learn
+            from it (``feature_stats``, ``real_start``, ``spectrum``); without one they are refused.
     Returns:
         `InversionResult` with images ``(N, C, S, S)`` in [0, 1].
     """
     cfg = config if isinstance(config, InversionConfig) else InversionConfig.from_dict(config)
     cfg.validate()  # every name and setting fails here, before any work
-    run = _prepare(backend, cfg, targets, out_dir, resume, init_images)
-    n = len(run.ctx.texts)
-    chunk = cfg.chunk_size or n
+    n = sum(int(t.n_images) for t in targets)
+    chunk = cfg.chunk_size or max(n, 1)
     all_chunks = [list(range(i, min(i + chunk, n))) for i in range(0, n, chunk)]
     selected = list(range(len(all_chunks))) if chunks is None else list(chunks)
-    if run.ckpt_dir is not None and not resume:  # a fresh start: chunk files left in this folder are stale
-        for cid in selected:
-            _chunk_path(run.ckpt_dir, cid).unlink(missing_ok=True)
-    start = time.perf_counter()
     images, steps_run, histories, keep = [], [], [], []
     bar = Progress(cfg.steps * len(selected), "inversion", unit="step", enabled=progress)
-    with _frozen(backend), contextlib.closing(bar):
+    with _frozen(backend), contextlib.closing(bar):  # frozen already while the priors read the pool
+        run = _prepare(backend, cfg, targets, out_dir, resume, init_images, pool)
+        if run.ckpt_dir is not None and not resume:  # a fresh start: chunk files left in this folder are stale
+            for cid in selected:
+                _chunk_path(run.ckpt_dir, cid).unlink(missing_ok=True)
+        start = time.perf_counter()
         for cid in selected:
             x, s, hist = _run_chunk(run, cid, all_chunks[cid], bar)
             images.append(x)
@@ -702,9 +737,10 @@ def _frozen(backend: Backend) -> Iterator[None]:
 
 
 def _prepare(backend: Backend, cfg: InversionConfig, targets: Sequence[InversionTarget], out_dir: str | Path | None,
-             resume: bool, init_images: torch.Tensor | None) -> _Run:
-    """The shared part of an inversion: components, target texts and embeddings, and the
-    checkpoint folder (tagged with the settings that shape the images; resuming with others is refused)."""
+             resume: bool, init_images: torch.Tensor | None, pool: Any = None) -> _Run:
+    """The shared part of an inversion: components (set up once, e.g. the pool priors' statistics),
+    target texts and embeddings, and the checkpoint folder (tagged with the settings that shape
+    the images; resuming with others is refused)."""
     if not targets:
         raise ConfigError("nothing to invert: the list of concepts is empty")
     texts = []
@@ -715,7 +751,7 @@ def _prepare(backend: Backend, cfg: InversionConfig, targets: Sequence[Inversion
     ckpt_dir = Path(out_dir) / "checkpoints" if out_dir is not None else None
     digest = None
     if ckpt_dir is not None:
-        settings = resume_settings(backend, cfg, targets, init_images)
+        settings = resume_settings(backend, cfg, targets, init_images, pool)
         guard_resume(ckpt_dir, "inversion", settings, resume)
         digest = settings_digest(settings)
     name, obj_settings = cfg.objective_name(), cfg.objective_settings()
@@ -730,8 +766,12 @@ def _prepare(backend: Backend, cfg: InversionConfig, targets: Sequence[Inversion
     if negatives:
         with backend.autocast():
             ctx.negative_emb = backend.encode_texts(list(negatives))
-    return _Run(backend, cfg, cfg.build_priors(), cfg.build_augmentations(), get_objective(name), ctx,
-                ckpt_dir, resume, init_images, digest)
+    priors = cfg.build_priors()
+    for prior in priors:
+        prior.setup(PriorContext(backend, pool, cfg.seed, len(texts), init_images))
+    blocks = sorted({b for prior in priors for b in prior.feature_blocks()})
+    return _Run(backend, cfg, priors, cfg.build_augmentations(), get_objective(name), ctx,
+                ckpt_dir, resume, init_images, digest, blocks)
 
 
 def _final_similarities(run: _Run, imgs: torch.Tensor, keep: list[int]) -> list[float]:
@@ -823,7 +863,7 @@ def inversion_summary(result: InversionResult) -> dict[str, Any]:
 
 # --- several processes (torchrun; see medkt.distributed) ---------------------------------------
 def invert_sharded(backend, targets, config=None, out_dir: str | Path | None = None, resume: bool = False,
-                   progress: bool = True, init_images: torch.Tensor | None = None):
+                   progress: bool = True, init_images: torch.Tensor | None = None, pool: Any = None):
     """`medkt.inversion.invert` with the chunks spread over the ranks; every rank gets the
     whole result (images in the single-process order). Without a process group: plain ``invert``.
 
@@ -838,13 +878,13 @@ def invert_sharded(backend, targets, config=None, out_dir: str | Path | None = N
     world = world_size()
     if world == 1:
         return invert(backend, targets, cfg, out_dir=out_dir, resume=resume, progress=progress,
-                      init_images=init_images)
+                      init_images=init_images, pool=pool)
     total = n_chunks(targets, cfg.chunk_size)
     mine = shard_chunks(total, rank(), world)
     part = None
     if mine:
         part = invert(backend, targets, cfg, out_dir=out_dir, resume=resume, progress=progress and is_main(),
-                      chunks=mine, init_images=init_images)
+                      chunks=mine, init_images=init_images, pool=pool)
     payload = None if part is None else {
         "chunks": mine, "images": part.images.cpu(), "concepts": part.concepts, "texts": part.texts,
         "similarities": part.similarities, "steps_run": part.steps_run, "history": part.history,

@@ -5,10 +5,17 @@ manifest (its ``path`` column only: a ``label`` column, if present, is never rea
 subsampled (``max_images``, ``seed``). `pool_embeddings` gives the frozen model's image embeddings
 of the pool through the zero-shot evaluator's embedding cache (keyed by weights, files and
 preprocessing), so they are computed once. The pool feeds the ``pool_distill`` fine-tuning control
-(`medkt.finetune_controls`) through ``finetune(..., pool=)`` / ``transfer(..., unlabeled=)``.
+(`medkt.finetune_controls`) through ``finetune(..., pool=)`` / ``transfer(..., unlabeled=)``, and
+the pool inversion priors (``feature_stats``, ``real_start``, ``spectrum`` in
+`medkt.inversion_priors`) through ``invert(..., pool=)``; their statistics of the pool are kept by
+`pool_statistic` under the same kind of key.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,22 +70,66 @@ class UnlabeledPool:
     def __len__(self) -> int:
         return len(self.files)
 
-    def images(self, backend: Any) -> torch.Tensor:
-        """``(N, C, S, S)`` [0, 1] pool images on the CPU, decoded by ``backend``'s preprocessing."""
-        return torch.stack([backend.load_image(f) for f in self.files])
+    def images(self, backend: Any, indices: Sequence[int] | None = None) -> torch.Tensor:
+        """``(N, C, S, S)`` [0, 1] pool images on the CPU, decoded by ``backend``'s preprocessing
+        (only the files at ``indices``, in that order, when given)."""
+        files = self.files if indices is None else [self.files[int(i)] for i in indices]
+        return torch.stack([backend.load_image(f) for f in files])
+
+    def batches(self, backend: Any, batch_size: int = 32) -> Iterator[torch.Tensor]:
+        """The pool's images in file order, ``batch_size`` at a time (CPU, [0, 1]): statistics
+        of a large pool never hold all of it in memory."""
+        for i in range(0, len(self.files), batch_size):
+            yield self.images(backend, range(i, min(i + batch_size, len(self.files))))
 
 
 def pool_embeddings(backend: Any, pool: UnlabeledPool, batch_size: int = 64, num_workers: int = 0) -> torch.Tensor:
     """Normalised image embeddings ``(N, D)`` of ``pool`` by ``backend`` (model device, fp32), through
     the `medkt.evaluation.ZeroShotEvaluator` embedding cache: with ``pool.cache_dir`` a second call
     on the same weights, files and preprocessing reads them back instead of re-encoding."""
+    return _evaluator(backend, pool, batch_size, num_workers).image_embeddings()
+
+
+def _evaluator(backend: Any, pool: UnlabeledPool, batch_size: int = 64, num_workers: int = 0) -> Any:
+    """A `medkt.evaluation.ZeroShotEvaluator` over the pool's files: its embedding cache and key."""
     from medkt.evaluation import ZeroShotEvaluator
 
     # the evaluator needs a class per image; a single placeholder class that is never scored
-    ev = ZeroShotEvaluator(backend, [str(f) for f in pool.files], ["pool"] * len(pool), {"pool": ["pool"]},
-                           batch_size=batch_size, num_workers=num_workers, cache_dir=pool.cache_dir,
-                           scoring="embedding")
-    return ev.image_embeddings()
+    return ZeroShotEvaluator(backend, [str(f) for f in pool.files], ["pool"] * len(pool), {"pool": ["pool"]},
+                             batch_size=batch_size, num_workers=num_workers, cache_dir=pool.cache_dir,
+                             scoring="embedding")
 
 
-__all__ = ["UnlabeledPool", "pool_embeddings"]
+#: statistics computed this session, by key (a few small tensors each; the oldest dropped first)
+_STATISTICS: OrderedDict[str, Any] = OrderedDict()
+_MAX_IN_MEMORY = 8
+
+
+def pool_statistic(backend: Any, pool: UnlabeledPool, name: str, settings: dict[str, Any],
+                   compute: Callable[[], Any]) -> Any:
+    """``compute()`` (a tensor or a dict/list of CPU tensors) of ``pool`` for ``backend``, once per
+    weights, pool files and preprocessing (the embedding cache's key,
+    `medkt.evaluation.ZeroShotEvaluator.images_key`), ``name`` and ``settings``: kept in memory
+    for this session and, with ``pool.cache_dir``, on disk (``pool_<name>_<key>.pt``), so a
+    second inversion on the same pool reads it back."""
+    from medkt.checkpoints import load_checkpoint, save_checkpoint
+
+    key = hashlib.sha256(json.dumps([_evaluator(backend, pool).images_key(), name, settings], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:24]
+    if key in _STATISTICS:
+        _STATISTICS.move_to_end(key)
+        return _STATISTICS[key]
+    path = pool.cache_dir / f"pool_{name}_{key}.pt" if pool.cache_dir is not None else None
+    if path is not None and path.is_file():
+        value = load_checkpoint(path)
+    else:
+        value = compute()
+        if path is not None:
+            save_checkpoint(value, path)
+    _STATISTICS[key] = value
+    while len(_STATISTICS) > _MAX_IN_MEMORY:
+        _STATISTICS.popitem(last=False)
+    return value
+
+
+__all__ = ["UnlabeledPool", "pool_embeddings", "pool_statistic"]

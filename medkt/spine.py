@@ -192,9 +192,11 @@ def default_negatives(evaluators: Mapping[str, ZeroShotEvaluator], exclude: set[
 
 def synthesize(backend: Backend, concepts: Sequence[Concept], config: InversionConfig, *,
                images: str | Path | InversionResult = "inversion", inversion_dir: str | Path | None = None,
-               resume: bool = False, progress: bool = True, init_images: torch.Tensor | None = None) -> InversionResult:
+               resume: bool = False, progress: bool = True, init_images: torch.Tensor | None = None,
+               pool: UnlabeledPool | None = None) -> InversionResult:
     """The images to fine-tune on: ``"inversion"`` (sharded across torchrun ranks, checkpointed in
-    ``inversion_dir``), ``"noise"``, an earlier run's manifest/folder, or an
+    ``inversion_dir``; ``pool`` for the inversion priors that learn from unlabeled scans),
+    ``"noise"``, an earlier run's manifest/folder, or an
     `InversionResult` (reused as is, e.g. by a learning-rate sweep). New images are saved to
     ``inversion_dir`` on the main rank. For ITM backends the reported similarities are match
     probabilities."""
@@ -212,7 +214,7 @@ def synthesize(backend: Backend, concepts: Sequence[Concept], config: InversionC
                 "inversion has %d chunk(s) for %d ranks: set inversion.chunk_size (e.g. the images per concept) to "
                 "share it", mdist.n_chunks(targets, config.chunk_size), mdist.world_size())
         inv = invert_sharded(backend, targets, config, out_dir=out, resume=resume, progress=progress,
-                             init_images=init_images)
+                             init_images=init_images, pool=pool)
     elif images == "noise":
         inv = noise_images(backend, targets, config.seed)
     else:
@@ -275,8 +277,10 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
             fine-tuning negatives and the targets of replay images (``finetune_options``).
         unlabeled: an unlabeled pool of scans (a folder, a manifest whose labels are never read,
             a dict of `UnlabeledPool.from_path` arguments with ``path``, or an `UnlabeledPool`),
-            passed to fine-tuning as ``pool=`` for the ``pool_distill`` control; its start-model
-            embeddings are cached in ``out_dir/pool_embeddings`` unless the pool names a cache_dir.
+            passed to the inversion (``pool=``, for the ``feature_stats`` / ``real_start`` /
+            ``spectrum`` priors) and to fine-tuning as ``pool=`` (the ``pool_distill`` control); its
+            start-model embeddings and statistics are cached in ``out_dir/pool_embeddings`` unless
+            the pool names a cache_dir.
     Returns:
         a `TransferResult`.
     """
@@ -287,6 +291,9 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
     ft_cfg = finetune_config if isinstance(finetune_config, FinetuneConfig) else FinetuneConfig.from_dict(dict(finetune_config or {}))
     evaluators = dict(evaluators or {})
     out = Path(out_dir) if out_dir is not None else None
+    pool = None if unlabeled is None else as_pool(unlabeled, out / "pool_embeddings" if out is not None else None)
+    if images == "inversion":
+        inv_cfg.check_pool(pool)  # a pool prior without a pool fails here, not after the "before" evaluation
     with _locked_output(out):
         main = mdist.is_main()
         seconds: dict[str, float] = {}
@@ -299,7 +306,7 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
 
         t = time.perf_counter()
         inv = synthesize(backend, concepts, inv_cfg, images=images, inversion_dir=out / "inversion" if out else None,
-                         resume=resume, progress=progress, init_images=init_images)
+                         resume=resume, progress=progress, init_images=init_images, pool=pool)
         seconds["inversion"] = time.perf_counter() - t
         fault_point("after_inversion")
 
@@ -308,8 +315,8 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
         descriptions = {c.name: c.description for c in concepts}
         descriptions.update({k: v for k, v in (known_descriptions or {}).items() if k not in descriptions})
         options = dict(finetune_options or {})
-        if unlabeled is not None:
-            options["pool"] = as_pool(unlabeled, out / "pool_embeddings" if out is not None else None)
+        if pool is not None:
+            options["pool"] = pool
         t = time.perf_counter()
         history = _finetune_phase(backend, inv, concepts, descriptions, negs, ft_cfg, out, resume, progress and main,
                                   save_weights, options, resumed)
@@ -381,7 +388,7 @@ class TransferStep:
                  inversion_defaults: Mapping[str, Any] | None = None, finetune_defaults: Mapping[str, Any] | None = None,
                  unlabeled: str | Path | Mapping[str, Any] | None = None):
         self.concepts = parse_concepts(concepts)
-        self.unlabeled = unlabeled  # an unlabeled pool for fine-tuning (`transfer`'s ``unlabeled``)
+        self.unlabeled = unlabeled  # an unlabeled pool for inversion and fine-tuning (`transfer`'s ``unlabeled``)
         self.inversion = InversionConfig.from_dict({"seed": seed, **(inversion_defaults or {}), **(inversion or {})})
         ft = {"seed": seed, **(finetune_defaults or {}), **(finetune or {})}
         opt_default, opt_given = (finetune_defaults or {}).get("optimizer"), (finetune or {}).get("optimizer")

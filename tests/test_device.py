@@ -80,6 +80,26 @@ def test_invert_init_images_from_the_cpu(clip_meta):
     assert_on(res.images)
 
 
+@pytest.mark.parametrize("priors", [
+    [{"name": "feature_stats", "blocks": [-1]}, {"name": "tv"}],
+    [{"name": "feature_stats", "gram": True}, {"name": "real_start", "space": "both"}, {"name": "residual", "size": 8}],
+    [{"name": "real_start", "weight": 1.0}, {"name": "spectrum"}],
+], ids=["feature_stats", "gram+real_start+residual", "real_start+spectrum"])
+def test_pool_priors_on_model_device(clip_meta, priors, tmp_path):
+    """The pool's scans are decoded on the CPU; its statistics and the priors' terms live on the model's device."""
+    from PIL import Image
+
+    from medkt.inversion import invert
+    from medkt.pool import UnlabeledPool
+
+    for i in range(3):
+        Image.fromarray(np.full((20, 20), 40 * i, np.uint8)).save(tmp_path / f"scan{i}.png")
+    with MetaHostSyncs():
+        res = invert(clip_meta, _targets(), {"steps": 2, "priors": priors}, pool=UnlabeledPool.from_path(tmp_path),
+                     progress=False)
+    assert_on(res.images)
+
+
 # -- fine-tuning ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("train,replay", [("visual", False), ("text", False), ("both", False), ("visual", True)])
 def test_finetune_on_model_device(train, replay):

@@ -28,10 +28,13 @@ What else a backend can do it *declares* by inheriting capability interfaces; th
 * `MaskedLanguageModel` (ViLT): ``mlm_loss``, ``mlm_probability``, ``tokenizer``.
 * `VisionSplitProvider`: ``vision_split(layer)``, the encoder split M2IB needs, for models
   whose vision tower is not one of the architectures `medkt.backends.vision_split` knows.
+* `FeatureBlocks`: ``feature_modules()``, the image tower's blocks in forward order, whose
+  outputs `capture_features` records (the ``feature_stats`` inversion prior).
 """
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -278,6 +281,67 @@ class VisionSplitProvider(abc.ABC):
     @abc.abstractmethod
     def vision_split(self, layer: int | None = None) -> Any:
         """A `medkt.backends.vision_split.VisionSplit` at ``layer`` (None = the default)."""
+
+
+class FeatureBlocks(abc.ABC):
+    """Capability: the image tower's blocks, whose outputs are its intermediate features.
+
+    Each block's output (or the first element of a tuple output) is either tokens
+    ``(B, T, D)`` (ViT, Swin) or feature maps ``(B, C, h, w)`` (CNN stages); read them with
+    `capture_features`. Declared by the phantom CNN, open_clip (ViT resblocks, timm trunk blocks,
+    ResNet stages), BiomedCLIP, CoCa, MedCLIP (Swin blocks) and HF CLIP.
+    """
+
+    @abc.abstractmethod
+    def feature_modules(self) -> list[nn.Module]:
+        """The image tower's blocks in forward order (a `ConfigError` if this tower's are unknown)."""
+
+
+def resolve_blocks(blocks: Sequence[int] | None, n: int, what: str) -> list[int]:
+    """Block indices (negative count from the end; None = all ``n``) -> sorted distinct
+    non-negative indices; out of range is a `ConfigError` naming ``what``."""
+    from medkt.errors import ConfigError
+
+    if blocks is None:
+        return list(range(n))
+    out = set()
+    for b in blocks:
+        idx = b + n if b < 0 else b
+        if not 0 <= idx < n:
+            raise ConfigError(f"{what}: block {b} is out of range for an image tower with {n} blocks "
+                              f"(valid: 0..{n - 1} or negative)")
+        out.add(idx)
+    return sorted(out)
+
+
+@contextlib.contextmanager
+def capture_features(backend: Backend, blocks: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """While the block runs, the outputs of ``backend.feature_modules()[i]`` for each ``i`` in
+    ``blocks`` land in the yielded dict (the last forward pass's, gradients intact): tokens
+    ``(B, T, D)`` or maps ``(B, C, h, w)``. Forward hooks, removed on exit; no blocks = no hooks
+    (and no `FeatureBlocks` needed)."""
+    store: dict[int, torch.Tensor] = {}
+    if not blocks:
+        yield store
+        return
+    if not isinstance(backend, FeatureBlocks):
+        from medkt.errors import ConfigError
+
+        raise ConfigError(f"backend {backend.spec or backend.family!r} does not expose its image tower's blocks "
+                          "(medkt.backends.base.FeatureBlocks), which feature statistics need")
+    modules = backend.feature_modules()
+
+    def hook(index: int):
+        def save(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            store[index] = output[0] if isinstance(output, (tuple, list)) else output  # HF blocks return tuples
+        return save
+
+    handles = [modules[i].register_forward_hook(hook(i)) for i in blocks]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def require_embeddings(backend: Backend, what: str, instead: str) -> None:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medkt.backends.base import AnyResolution, Backend, Captioner, ImageTextEmbedder
+from medkt.backends.base import AnyResolution, Backend, Captioner, FeatureBlocks, ImageTextEmbedder
 from medkt.backends.vit_fastpath import install_fast_paths
 from medkt.errors import ConfigError, unknown_name
 
@@ -274,7 +274,7 @@ def sample(
 # ---------------------------------------------------------------------------------------------
 # backend
 # ---------------------------------------------------------------------------------------------
-class CocaBackend(Backend, ImageTextEmbedder, AnyResolution, Captioner):
+class CocaBackend(Backend, ImageTextEmbedder, AnyResolution, Captioner, FeatureBlocks):
     """open_clip CoCa: contrastive towers + autoregressive caption decoder."""
 
     family = "coca"
@@ -295,6 +295,12 @@ class CocaBackend(Backend, ImageTextEmbedder, AnyResolution, Captioner):
     def accepts_any_size(self) -> bool:
         """The CoCa ViT with medkt's position-embedding fast path takes any input size."""
         return bool(self.fast_paths["embeds"])
+
+    def feature_modules(self) -> list[nn.Module]:
+        """The CoCa ViT's blocks (`medkt.backends.open_clip_backend.open_clip_blocks`)."""
+        from medkt.backends.open_clip_backend import open_clip_blocks
+
+        return open_clip_blocks(self.model.visual, self.spec or "coca")
 
     @property
     def _device(self) -> torch.device:

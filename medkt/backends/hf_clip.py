@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medkt.backends.base import Backend, ImageTextEmbedder
+from medkt.backends.base import Backend, FeatureBlocks, ImageTextEmbedder
 from medkt.errors import WeightsNotFoundError
 from medkt.weights import README_HINT, offline, resolve_weights
 
@@ -45,7 +45,7 @@ class _OpenClipBPE:
         return {"input_ids": ids, "attention_mask": (ids != 0).long()}
 
 
-class HFClipBackend(Backend, ImageTextEmbedder):
+class HFClipBackend(Backend, ImageTextEmbedder, FeatureBlocks):
     """A transformers ``CLIPModel`` behind the backend protocol, preprocessed by its folder's own
     ``CLIPImageProcessor``."""
 
@@ -83,6 +83,10 @@ class HFClipBackend(Backend, ImageTextEmbedder):
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values=pixel_values)
+
+    def feature_modules(self) -> list[nn.Module]:
+        """The vision transformer's encoder layers (tokens ``(B, T, D)``)."""
+        return list(self.model.vision_model.encoder.layers)
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         if isinstance(self._tokenizer, _OpenClipBPE):

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medkt.backends.base import Backend, ImageTextEmbedder
+from medkt.backends.base import Backend, FeatureBlocks, ImageTextEmbedder
 from medkt.errors import ConfigError, MedktError, WeightsNotFoundError, unknown_name
 from medkt.weights import README_HINT, resolve_weights
 
@@ -171,7 +171,7 @@ class MedCLIPModel(nn.Module):
 
 
 # -- backend ---------------------------------------------------------------------------------
-class MedCLIPBackend(Backend, ImageTextEmbedder):
+class MedCLIPBackend(Backend, ImageTextEmbedder, FeatureBlocks):
     """MedCLIP behind the `Backend` protocol.
 
     Pixels are one grey channel in [0, 1]; ``normalize`` repeats it to 3 channels and applies
@@ -201,6 +201,10 @@ class MedCLIPBackend(Backend, ImageTextEmbedder):
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.vision_model(pixel_values.to(self.model.logit_scale.device))
+
+    def feature_modules(self) -> list[nn.Module]:
+        """The Swin blocks of every stage, flat (tokens ``(B, h*w, C)``)."""
+        return [blk for stage in self.model.vision_model.model.encoder.layers for blk in stage.blocks]
 
     # text ---------------------------------------------------------------------------------
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:

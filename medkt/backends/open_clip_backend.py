@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medkt.backends.base import AnyResolution, Backend, ImageTextEmbedder
+from medkt.backends.base import AnyResolution, Backend, FeatureBlocks, ImageTextEmbedder
 from medkt.backends.vit_fastpath import install_fast_paths
 from medkt.errors import ConfigError, unknown_name
 from medkt.weights import (
@@ -60,7 +60,27 @@ def register_medkt_configs() -> None:
 _offline = offline  # old name, kept for importers
 
 
-class OpenClipBackend(Backend, ImageTextEmbedder, AnyResolution):
+def open_clip_blocks(visual: nn.Module, what: str) -> list[nn.Module]:
+    """An open_clip image tower's blocks in forward order: a ViT's ``transformer.resblocks`` (run
+    batch-first), a timm trunk's ``blocks`` (BiomedCLIP) or a ModifiedResNet's ``layer1..4``;
+    otherwise a `ConfigError` naming ``what`` (the model)."""
+    transformer = getattr(visual, "transformer", None)
+    if isinstance(getattr(transformer, "resblocks", None), nn.ModuleList):
+        if not getattr(transformer, "batch_first", True):  # the hooks would see (T, B, D)
+            raise ConfigError("feature blocks need an open_clip VisionTransformer run batch-first "
+                              "(open_clip >= 2.24 default)")
+        return list(transformer.resblocks)
+    trunk = getattr(visual, "trunk", None)
+    if isinstance(getattr(trunk, "blocks", None), (nn.ModuleList, nn.Sequential)):
+        return list(trunk.blocks)
+    stages = [getattr(visual, f"layer{i}", None) for i in range(1, 5)]
+    if all(isinstance(m, nn.Module) for m in stages):
+        return stages
+    raise ConfigError(f"open_clip image tower {type(visual).__name__} of {what!r}: medkt does not know its blocks "
+                      "(ViT resblocks, timm blocks, ResNet layers)")
+
+
+class OpenClipBackend(Backend, ImageTextEmbedder, AnyResolution, FeatureBlocks):
     """An open_clip ``CLIP`` (or ``CustomTextCLIP``) behind the backend protocol, preprocessed by
     open_clip's own eval transform of the model."""
 
@@ -79,6 +99,10 @@ class OpenClipBackend(Backend, ImageTextEmbedder, AnyResolution):
     def accepts_any_size(self) -> bool:
         """ViT towers with medkt's position-embedding fast path take any input size."""
         return bool(self.fast_paths["embeds"])
+
+    def feature_modules(self) -> list[nn.Module]:
+        """The image tower's blocks (`open_clip_blocks`)."""
+        return open_clip_blocks(self.model.visual, self.spec or self.architecture)
 
     def load_image(self, image: Any) -> torch.Tensor:
         """open_clip's eval preprocessing of this model (its ``preprocess_cfg``) -> ``(3, S, S)`` in [0, 1]."""

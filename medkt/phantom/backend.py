@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from medkt.backends import register_backend
-from medkt.backends.base import Backend, ImageTextEmbedder, VisionSplitProvider
+from medkt.backends.base import Backend, FeatureBlocks, ImageTextEmbedder, VisionSplitProvider
 from medkt.errors import ConfigError, unknown_name
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "phantom"
@@ -31,9 +31,9 @@ ARCHITECTURES = {
 }
 
 
-class PhantomBackend(Backend, ImageTextEmbedder, VisionSplitProvider):
+class PhantomBackend(Backend, ImageTextEmbedder, VisionSplitProvider, FeatureBlocks):
     """The phantom CLIP model (grey 1-channel input) behind the backend protocol, with its own
-    vision split for M2IB."""
+    vision split for M2IB and its residual blocks as feature blocks."""
 
     family = "phantom"
     image_channels = 1
@@ -68,6 +68,10 @@ class PhantomBackend(Backend, ImageTextEmbedder, VisionSplitProvider):
 
     def token_embedding(self) -> nn.Embedding:
         return self.model.text.token
+
+    def feature_modules(self) -> list[nn.Module]:
+        """The CNN's residual blocks (feature maps ``(B, C, h, w)``)."""
+        return list(self.model.visual.blocks)
 
     @property
     def logit_scale(self) -> torch.Tensor:
