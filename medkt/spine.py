@@ -39,9 +39,10 @@ from medkt.backends.base import Backend, ImageTextEmbedder, ImageTextMatcher
 from medkt.checkpoints import guard_resume
 from medkt.errors import ConfigError, DataError
 from medkt.faults import fault_point
-from medkt.evaluation import ClassificationResult, ZeroShotEvaluator
+from medkt.evaluation import ClassificationResult, ZeroShotEvaluator, transfer_warnings
 from medkt.finetune import FinetuneConfig, finetune, load_finetuned, make_caption, save_finetuned
 from medkt.pool import UnlabeledPool
+from medkt.self_training import SelfTrainingConfig, as_self_training, run_self_training
 from medkt.inversion import (
     InversionConfig,
     InversionResult,
@@ -156,12 +157,21 @@ class TransferResult:
     seconds: dict[str, float] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)  # phases read back from out_dir instead of run
     finetune_config: FinetuneConfig | None = None
+    #: one record per self-training round (`medkt.self_training.run_self_training`); empty when off
+    self_training: list[dict[str, Any]] = field(default_factory=list)
+
+    def warnings(self) -> list[str]:
+        """Known classes that fell more than 10 points before -> after (`medkt.evaluation.transfer_warnings`)."""
+        return transfer_warnings(self.before, self.after, set(self.images.concepts))
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready inversion / fine-tuning summary and timings (no per-class evaluations)."""
+        """JSON-ready inversion / fine-tuning summary, timings, forgetting ``warnings`` and the
+        ``self_training`` rounds (when run); no per-class evaluations."""
         loss = self.history.get("loss") or [float("nan")]
         cfg = self.finetune_config or FinetuneConfig()
         return {
+            "warnings": self.warnings(),
+            **({"self_training": self.self_training} if self.self_training else {}),
             "concepts": sorted(set(self.images.concepts), key=self.images.concepts.index),
             "inversion": inversion_summary(self.images),
             "finetune": {"loss": cfg.loss, "lr": cfg.lr, "batch_size": cfg.batch_size, "train": cfg.train,
@@ -250,7 +260,8 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
              evaluate_before: bool = True, resume: bool = False, progress: bool = True, save_weights: bool = True,
              init_images: torch.Tensor | None = None, finetune_options: Mapping[str, Any] | None = None,
              known_descriptions: Mapping[str, str] | None = None,
-             unlabeled: str | Path | Mapping[str, Any] | UnlabeledPool | None = None) -> TransferResult:
+             unlabeled: str | Path | Mapping[str, Any] | UnlabeledPool | None = None,
+             self_training: SelfTrainingConfig | Mapping[str, Any] | None = None) -> TransferResult:
     """Teach ``concepts`` to ``backend`` (in place) and evaluate before/after.
 
     Args:
@@ -277,6 +288,8 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
             a dict of `UnlabeledPool.from_path` arguments with ``path``, or an `UnlabeledPool`),
             passed to fine-tuning as ``pool=`` for the ``pool_distill`` control; its start-model
             embeddings are cached in ``out_dir/pool_embeddings`` unless the pool names a cache_dir.
+        self_training: `medkt.self_training.SelfTrainingConfig` or a dict of its fields: rounds of
+            fine-tuning on pool scans the transferred model picks (needs ``unlabeled``); off when None.
     Returns:
         a `TransferResult`.
     """
@@ -311,15 +324,17 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
         if unlabeled is not None:
             options["pool"] = as_pool(unlabeled, out / "pool_embeddings" if out is not None else None)
         t = time.perf_counter()
-        history = _finetune_phase(backend, inv, concepts, descriptions, negs, ft_cfg, out, resume, progress and main,
-                                  save_weights, options, resumed)
+        history, rounds = run_self_training(
+            as_self_training(self_training), backend, lambda images, opts, cfg, where: _finetune_phase(
+                backend, images, descriptions, negs, cfg, where, resume, progress and main, save_weights, opts, resumed),
+            inv, concepts, descriptions, negs, ft_cfg, options, out)
         seconds["finetune"] = time.perf_counter() - t
 
         fault_point("evaluation")
         t = time.perf_counter()
         after = {n: ev.evaluate() for n, ev in evaluators.items()}
         seconds["evaluation_after"] = time.perf_counter() - t
-        return TransferResult(inv, history, before, after, seconds, resumed, ft_cfg)
+        return TransferResult(inv, history, before, after, seconds, resumed, ft_cfg, rounds)
 
 
 def as_pool(unlabeled: str | Path | Mapping[str, Any] | UnlabeledPool, cache_dir: Path | None) -> UnlabeledPool:
@@ -338,7 +353,7 @@ def as_pool(unlabeled: str | Path | Mapping[str, Any] | UnlabeledPool, cache_dir
     return UnlabeledPool.from_path(spec.pop("path"), **spec)
 
 
-def _finetune_phase(backend: Backend, inv: InversionResult, concepts: Sequence[Concept], descriptions: dict[str, str],
+def _finetune_phase(backend: Backend, inv: InversionResult, descriptions: dict[str, str],
                     negatives: list[str], cfg: FinetuneConfig, out: Path | None, resume: bool, progress: bool,
                     save_weights: bool, options: dict[str, Any], resumed: list[str]) -> dict[str, Any]:
     """Fine-tune (or, on resume, read back a finished fine-tuning) and save its outputs."""

@@ -28,7 +28,7 @@ import numpy as np
 
 from medkt.backends.base import Backend
 from medkt.errors import ConfigError, DataError
-from medkt.evaluation import ClassificationResult, ZeroShotEvaluator, before_after_table
+from medkt.evaluation import ClassificationResult, ZeroShotEvaluator, before_after_table, warnings_block
 from medkt.finetune import make_caption
 from medkt.pipelines.base import Pipeline, log
 from medkt.spine import Concept, TransferStep
@@ -376,8 +376,10 @@ def accuracy_bars(before: ClassificationResult, after: ClassificationResult, pat
 
 def write_report(out: Path, pipe: TransferPipeline, results: dict[str, Any],
                  before: dict[str, ClassificationResult], after: dict[str, ClassificationResult]) -> Path:
-    """Write ``out/report.md`` (run summary, before/after table and accuracy plot per evaluation); returns its path."""
+    """Write ``out/report.md`` (forgetting warnings at the top, ``results["warnings"]``; run summary,
+    before/after table and accuracy plot per evaluation); returns its path."""
     lines = [f"# Knowledge transfer report{': ' + pipe.bundle_name if pipe.bundle_name else ''}", "",
+             *warnings_block(results.get("warnings", [])),
              f"- backend: `{pipe.backend_spec}`", f"- seed: {pipe.seed}",
              f"- concepts: {', '.join(results['concepts'])}",
              f"- inversion: {pipe.inv_cfg.steps} steps, lr {pipe.inv_cfg.lr}, components {pipe.inv_cfg.describe_components()}, "
