@@ -69,18 +69,26 @@ class SelfTrainingConfig:
         return build(cls, dict(d or {}), path, what="self_training")
 
 
-def as_self_training(spec: SelfTrainingConfig | Mapping[str, Any] | bool | None) -> SelfTrainingConfig | None:
-    """`transfer`'s ``self_training``: None/False = off, True = the defaults, a dict or a config."""
+def as_self_training(spec: SelfTrainingConfig | Mapping[str, Any] | bool | None, *, has_pool: bool | None = None,
+                     known: Sequence[str] | None = None) -> SelfTrainingConfig | None:
+    """`transfer`'s ``self_training``: None/False = off, True = the defaults, a dict or a config.
+    With ``has_pool`` / ``known`` (the known class names) given, also checks that self-training has
+    a pool and, for ``known_per_class`` > 0, known classes (before any compute)."""
     if spec is None or spec is False:
         return None
     if spec is True:
-        return SelfTrainingConfig()
-    if isinstance(spec, SelfTrainingConfig):
-        return spec
-    if not isinstance(spec, Mapping):
+        spec = SelfTrainingConfig()
+    if not isinstance(spec, (Mapping, SelfTrainingConfig)):
         raise ConfigError(f"self_training = {spec!r}: give a dict of SelfTrainingConfig fields (rounds, per_round, "
                           f"known_per_class, rank_by, min_confidence, ...), true for the defaults, or null")
-    return SelfTrainingConfig.from_dict(spec)
+    cfg = spec if isinstance(spec, SelfTrainingConfig) else SelfTrainingConfig.from_dict(spec)
+    if has_pool is False:
+        raise ConfigError("self_training needs an unlabeled pool of scan files: transfer(..., unlabeled=PATH) "
+                          "or --set unlabeled=PATH")
+    if known is not None and cfg.known_per_class and not list(known):
+        raise ConfigError(f"self_training.known_per_class = {cfg.known_per_class} needs the known classes: pass "
+                          "known_descriptions= (class -> description) to transfer, or set known_per_class to 0")
+    return cfg
 
 
 def pool_probabilities(backend: Any, pool: Any, captions: Sequence[str], scale: float | torch.Tensor) -> torch.Tensor:
@@ -230,14 +238,9 @@ def _prepare(cfg: SelfTrainingConfig, backend: Any, new_concepts: Sequence[Any],
 
     require_embeddings(backend, "self-training", "no self_training")
     pool = options.get("pool")
-    if not isinstance(pool, UnlabeledPool):
-        raise ConfigError("self_training needs an unlabeled pool of scan files: transfer(..., unlabeled=PATH) "
-                          "or --set unlabeled=PATH")
     new = [c.name for c in new_concepts]
     known = [k for k in descriptions if k not in new]
-    if cfg.known_per_class and not known:
-        raise ConfigError(f"self_training.known_per_class = {cfg.known_per_class} needs the known classes: pass "
-                          "known_descriptions= (class -> description) to transfer, or set known_per_class to 0")
+    as_self_training(cfg, has_pool=isinstance(pool, UnlabeledPool), known=known)
     known_caps = [make_caption(k, descriptions[k], ft_cfg) for k in known]
     new_caps = [make_caption(c.name, c.description, ft_cfg) for c in new_concepts]
     extra = [n for n in dict.fromkeys(negatives) if n not in new_caps + known_caps]

@@ -300,6 +300,8 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
     ft_cfg = finetune_config if isinstance(finetune_config, FinetuneConfig) else FinetuneConfig.from_dict(dict(finetune_config or {}))
     evaluators = dict(evaluators or {})
     out = Path(out_dir) if out_dir is not None else None
+    st_cfg = as_self_training(self_training, has_pool=unlabeled is not None,  # refused before any compute
+                              known=[k for k in known_descriptions or {} if k not in {c.name for c in concepts}])
     with _locked_output(out):
         main = mdist.is_main()
         seconds: dict[str, float] = {}
@@ -325,7 +327,7 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
             options["pool"] = as_pool(unlabeled, out / "pool_embeddings" if out is not None else None)
         t = time.perf_counter()
         history, rounds = run_self_training(
-            as_self_training(self_training), backend, lambda images, opts, cfg, where: _finetune_phase(
+            st_cfg, backend, lambda images, opts, cfg, where: _finetune_phase(
                 backend, images, descriptions, negs, cfg, where, resume, progress and main, save_weights, opts, resumed),
             inv, concepts, descriptions, negs, ft_cfg, options, out)
         seconds["finetune"] = time.perf_counter() - t
@@ -394,9 +396,12 @@ class TransferStep:
     def __init__(self, concepts: Sequence[Concept | Mapping[str, Any]], inversion: Mapping[str, Any] | None = None,
                  finetune: Mapping[str, Any] | None = None, seed: int = 0,
                  inversion_defaults: Mapping[str, Any] | None = None, finetune_defaults: Mapping[str, Any] | None = None,
-                 unlabeled: str | Path | Mapping[str, Any] | None = None):
+                 unlabeled: str | Path | Mapping[str, Any] | None = None,
+                 self_training: Mapping[str, Any] | None = None):
         self.concepts = parse_concepts(concepts)
         self.unlabeled = unlabeled  # an unlabeled pool for fine-tuning (`transfer`'s ``unlabeled``)
+        # rounds on pool scans the transferred model picks (`transfer`'s ``self_training``), checked now
+        self.self_training = as_self_training(self_training, has_pool=unlabeled is not None)
         self.inversion = InversionConfig.from_dict({"seed": seed, **(inversion_defaults or {}), **(inversion or {})})
         ft = {"seed": seed, **(finetune_defaults or {}), **(finetune or {})}
         opt_default, opt_given = (finetune_defaults or {}).get("optimizer"), (finetune or {}).get("optimizer")
@@ -409,6 +414,7 @@ class TransferStep:
         ``concepts=`` subset runs only those)."""
         concepts = kw.pop("concepts", self.concepts)
         kw.setdefault("unlabeled", self.unlabeled)
+        kw.setdefault("self_training", self.self_training)
         return transfer(backend, concepts, inversion_config=kw.pop("inversion_config", self.inversion),
                         finetune_config=kw.pop("finetune_config", self.finetune), **kw)
 

@@ -272,3 +272,18 @@ def test_transfer_report_and_results_warn_at_the_top(tmp_path):
     # no drop: no warning line
     calm = TransferResult(inv, {"loss": [1.0], "steps": 1}, before, before)
     assert calm.summary()["warnings"] == []
+
+
+def test_bundle_set_self_training(pool_dir, tmp_path, medkt):
+    st = {"known_per_class": 0, "min_confidence": 0.0, "per_round": 2}
+    r = medkt("transfer", "--bundle", "quickstart_tiny", "-o", str(tmp_path / "run"), "--set", "inversion#steps=2",
+              "--set", "evaluations={}", "--set", f"unlabeled={pool_dir}", "--set", f"self_training={json.dumps(st)}")
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    (rnd,) = results["self_training"]
+    per_concept = {c: sum(e["concept"] == c for e in rnd["picked"]) for c in results["concepts"]}
+    assert set(per_concept.values()) == {2} and rnd["finetune"]["steps"] > 0 and results["warnings"] == []
+    assert (tmp_path / "run" / "self_training" / "round_1" / "finetuned.safetensors").is_file()
+    r = medkt("transfer", "--bundle", "quickstart_tiny", "-o", str(tmp_path / "run2"),
+              "--set", f"self_training={json.dumps(st)}")
+    assert r.returncode == 2 and "self_training needs an unlabeled pool" in r.stderr

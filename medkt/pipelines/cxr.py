@@ -125,7 +125,7 @@ class CXRTransferSweep(TransferPipeline):
                 r = transfer(backend, group, inversion_config=self.inv_cfg, finetune_config=cfg, evaluators=evaluators,
                              negatives=negatives, images=inv, before=baseline, out_dir=out / "runs" / f"{slug}_x{m:g}",
                              resume=self.resume, progress=self.progress, save_weights=self.save_weights,
-                             unlabeled=pool)
+                             unlabeled=pool, self_training=self.step.self_training)
                 col = f"{label} x{m:g} (lr {cfg.lr:.0e})"
                 columns.append((col, r.after))
                 summary = r.summary()

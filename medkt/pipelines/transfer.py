@@ -195,6 +195,9 @@ class TransferPipeline(Pipeline):
         unlabeled: an unlabeled pool of scans for fine-tuning (``--set unlabeled=PATH``: a folder, or
             a manifest whose labels are never read; see `medkt.spine.transfer`); used by the
             ``pool_distill`` control. None (default): no pool.
+        self_training: self-training rounds on the pool (``--set 'self_training={"rounds": 1, ...}'``,
+            `medkt.self_training.SelfTrainingConfig`; needs ``unlabeled``; bundles pass no known-class
+            descriptions, so set ``known_per_class`` to 0). None (default): off.
     """
 
     kind = "transfer"
@@ -211,11 +214,13 @@ class TransferPipeline(Pipeline):
                  finetune: dict | None = None, evaluations: dict[str, EvaluationSpec] | None = None,
                  negative_captions: list[str] | None = None, save_weights: bool = True,
                  backend_options: dict[str, Any] | None = None, skip_unreadable: bool = False,
-                 unlabeled: str | dict[str, Any] | None = None, **kw: Any):
+                 unlabeled: str | dict[str, Any] | None = None, self_training: dict[str, Any] | None = None,
+                 **kw: Any):
         super().__init__(**kw, backend=backend, concepts=concepts, inversion=inversion, finetune=finetune,
                          evaluations=evaluations, negative_captions=negative_captions,
                          **({"skip_unreadable": True} if skip_unreadable else {}),
-                         **({"unlabeled": unlabeled} if unlabeled is not None else {}))
+                         **({"unlabeled": unlabeled} if unlabeled is not None else {}),
+                         **({"self_training": self_training} if self_training is not None else {}))
         # opt-in (``medkt transfer --skip-unreadable``): images that are missing or cannot be
         # decoded are left out of every evaluation and listed in RUN/skipped_images.txt
         self.skip_unreadable = bool(skip_unreadable)
@@ -223,7 +228,7 @@ class TransferPipeline(Pipeline):
         self.backend_options = dict(backend_options or {})
         self.step = TransferStep(concepts, inversion, finetune, seed=self.seed,
                                  inversion_defaults=self.inversion_defaults, finetune_defaults=self.finetune_defaults,
-                                 unlabeled=unlabeled)
+                                 unlabeled=unlabeled, self_training=self_training)
         self.concepts = self.step.concepts
         self.inv_cfg, self.ft_cfg = self.step.inversion, self.step.finetune
         self.evaluations = dict(evaluations or {})
