@@ -129,7 +129,8 @@ def _entries(picks: Sequence[tuple[int, float, float]], concept: str, files: Seq
 
 
 def _round_inputs(cfg: SelfTrainingConfig, ft_cfg: Any, backend: Any, pool: Any, inv: Any, picked: list[dict],
-                  known: list[dict], descriptions: Mapping[str, str], options: Mapping[str, Any]) -> tuple[Any, dict, Any]:
+                  known: list[dict], descriptions: Mapping[str, str],
+                  options: Mapping[str, Any]) -> tuple[Any, dict, Any]:
     """(images, fine-tuning options, fine-tuning config) of a round: the inverted images (unless
     ``keep_inverted`` is off) plus the picks captioned as their concept; known picks appended
     to the replay images (a replay control is added when the config has none)."""
@@ -153,7 +154,8 @@ def _round_inputs(cfg: SelfTrainingConfig, ft_cfg: Any, backend: Any, pool: Any,
         opts["replay_concepts"] = [*(old_c or []), *(e["concept"] for e in known)]
         if not any(c.get("name") == "replay" for c in ft_cfg.controls):
             run_cfg = copy.deepcopy(ft_cfg)
-            run_cfg.controls = [*run_cfg.controls, {"name": "replay", "per_batch": cfg.replay_per_batch or ft_cfg.batch_size}]
+            per_batch = cfg.replay_per_batch or ft_cfg.batch_size
+            run_cfg.controls = [*run_cfg.controls, {"name": "replay", "per_batch": per_batch}]
     return images, opts, run_cfg
 
 
@@ -219,8 +221,10 @@ def run_self_training(cfg: SelfTrainingConfig | None, backend: Any, phase: Phase
         history = phase(images, opts, run_cfg, where)
         loss = history.get("loss") or [float("nan")]
         record["finetune"] = {"steps": history.get("steps", 0), "first_loss": loss[0], "last_loss": loss[-1],
-                              "images": len(images.images), "replay_images": len(record["known"])}
-        record["weights"] = str(where / "finetuned.safetensors") if where is not None else None
+                              "images": len(images.images),
+                              "replay_images": 0 if opts.get("replay_images") is None else len(opts["replay_images"])}
+        weights = where / "finetuned.safetensors" if where is not None else None
+        record["weights"] = str(weights) if weights is not None and weights.is_file() else None  # save_weights
         record["seconds"] = time.perf_counter() - t
         log.info("self-training round %d: %d pool scan(s) picked for %s, %d known replay scan(s), %.1f s", r,
                  len(picked), sorted(new_cols), len(record["known"]), record["seconds"])

@@ -288,8 +288,7 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
             a dict of `UnlabeledPool.from_path` arguments with ``path``, or an `UnlabeledPool`),
             passed to fine-tuning as ``pool=`` for the ``pool_distill`` control; its start-model
             embeddings are cached in ``out_dir/pool_embeddings`` unless the pool names a cache_dir.
-        self_training: `medkt.self_training.SelfTrainingConfig` or a dict of its fields: rounds of
-            fine-tuning on pool scans the transferred model picks (needs ``unlabeled``); off when None.
+        self_training: rounds on pool scans the model picks (`medkt.self_training`; needs ``unlabeled``).
     Returns:
         a `TransferResult`.
     """
@@ -300,12 +299,12 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
     ft_cfg = finetune_config if isinstance(finetune_config, FinetuneConfig) else FinetuneConfig.from_dict(dict(finetune_config or {}))
     evaluators = dict(evaluators or {})
     out = Path(out_dir) if out_dir is not None else None
-    st_cfg = as_self_training(self_training, has_pool=unlabeled is not None,  # refused before any compute
-                              known=[k for k in known_descriptions or {} if k not in {c.name for c in concepts}])
+    names = {c.name for c in concepts}
+    descriptions = {c.name: c.description for c in concepts}
+    descriptions.update({k: v for k, v in (known_descriptions or {}).items() if k not in descriptions})
+    st_cfg = as_self_training(self_training, has_pool=unlabeled is not None, known=[*descriptions][len(names):])
     with _locked_output(out):
-        main = mdist.is_main()
-        seconds: dict[str, float] = {}
-        resumed: list[str] = []
+        main, seconds, resumed = mdist.is_main(), {}, []
 
         t = time.perf_counter()
         before = dict(before) if before is not None else (
@@ -318,17 +317,13 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
         seconds["inversion"] = time.perf_counter() - t
         fault_point("after_inversion")
 
-        names = {c.name for c in concepts}
         negs = list(negatives) if negatives is not None else default_negatives(evaluators, names)
-        descriptions = {c.name: c.description for c in concepts}
-        descriptions.update({k: v for k, v in (known_descriptions or {}).items() if k not in descriptions})
         options = dict(finetune_options or {})
         if unlabeled is not None:
             options["pool"] = as_pool(unlabeled, out / "pool_embeddings" if out is not None else None)
         t = time.perf_counter()
-        history, rounds = run_self_training(
-            st_cfg, backend, lambda images, opts, cfg, where: _finetune_phase(
-                backend, images, descriptions, negs, cfg, where, resume, progress and main, save_weights, opts, resumed),
+        history, rounds = run_self_training(st_cfg, backend, lambda x, opts, cfg, where: _finetune_phase(
+            backend, x, descriptions, negs, cfg, where, resume, progress and main, save_weights, opts, resumed),
             inv, concepts, descriptions, negs, ft_cfg, options, out)
         seconds["finetune"] = time.perf_counter() - t
 
