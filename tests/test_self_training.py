@@ -287,3 +287,14 @@ def test_bundle_set_self_training(pool_dir, tmp_path, medkt):
     r = medkt("transfer", "--bundle", "quickstart_tiny", "-o", str(tmp_path / "run2"),
               "--set", f"self_training={json.dumps(st)}")
     assert r.returncode == 2 and "self_training needs an unlabeled pool" in r.stderr
+
+
+def test_resume_reads_the_rounds_back(pool_dir, tmp_path, calls):
+    st = {"rounds": 1, "per_round": 2, "known_per_class": 1, "min_confidence": 0.0}
+    b1, r1 = _transfer(pool_dir, st, out_dir=tmp_path / "run")
+    calls.clear()
+    b2, r2 = _transfer(pool_dir, st, out_dir=tmp_path / "run", resume=True)
+    assert calls == []  # both fine-tunings (first transfer and round 1) read back, not run
+    strip = [[{k: v for k, v in rnd.items() if k != "seconds"} for rnd in r.self_training] for r in (r1, r2)]
+    assert strip[0] == strip[1]
+    assert all(torch.equal(v, b2.state_dict()[k]) for k, v in b1.state_dict().items())  # the round-1 weights
