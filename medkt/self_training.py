@@ -6,7 +6,7 @@ classes' and the negatives). Per new concept, its ``per_round`` most confident p
 (the model's top caption is the concept's and P(concept) >= ``min_confidence``; ranked by
 P(concept) or by its margin over the next caption) become fine-tuning images captioned as the
 concept. Per known class, the ``known_per_class`` scans the FROZEN start model is most sure of
-become replay images with that class's caption (the ``replay`` control, added when the config
+(scored over the same captions) become replay images with that class's caption (the ``replay`` control, added when the config
 has none). The next round fine-tunes on them with the same configuration and controls.
 
 Each round restarts from the start weights rather than continuing: the picks change what is
@@ -184,7 +184,7 @@ def run_self_training(cfg: SelfTrainingConfig | None, backend: Any, phase: Phase
         (the last fine-tuning's history, one record per round: ``round``, ``picked`` (concept,
         pool ``index``, ``file``, ``probability``, ``margin``), ``known`` (the same for the replay
         picks), ``finetune`` (steps, losses), ``seconds``, ``weights`` and ``stopped`` (why no
-        fine-tuning ran, else None)).
+        fine-tuning ran: nothing picked, or the same picks as the round before; else None)).
     """
     if cfg is not None:
         state, start_known, ctx = _prepare(cfg, backend, new_concepts, descriptions, negatives, ft_cfg, options)
@@ -205,8 +205,8 @@ def run_self_training(cfg: SelfTrainingConfig | None, backend: Any, phase: Phase
                                   "stopped": None}
         rounds.append(record)
         if not picked:
-            record["stopped"] = (f"no pool scan reached min_confidence {cfg.min_confidence:g} for "
-                                 f"{sorted(new_cols)}; the model of the previous round is kept")
+            record["stopped"] = (f"no pool scan is scored most likely {sorted(new_cols)} with P >= min_confidence "
+                                 f"{cfg.min_confidence:g}; the model of the previous round is kept")
             record["seconds"] = time.perf_counter() - t
             log.warning("self-training round %d: %s", r, record["stopped"])
             break
@@ -214,6 +214,12 @@ def run_self_training(cfg: SelfTrainingConfig | None, backend: Any, phase: Phase
         for k, col in start_known.items():
             record["known"] += _entries(pick(state["known_probs"], col, cfg.known_per_class, exclude=taken),
                                         k, pool.files)
+        if len(rounds) > 1 and _same_picks(record, rounds[-2]):
+            # every round restarts from the start weights: the same picks would give the same model
+            record["stopped"] = f"the picks equal round {r - 1}'s; its model is kept"
+            record["seconds"] = time.perf_counter() - t
+            log.info("self-training round %d: %s", r, record["stopped"])
+            break
         backend.load_state_dict(state["weights"])  # restart from the start weights (module docstring)
         images, opts, run_cfg = _round_inputs(cfg, ft_cfg, backend, pool, inv, picked, record["known"], descriptions,
                                               options)
@@ -231,10 +237,16 @@ def run_self_training(cfg: SelfTrainingConfig | None, backend: Any, phase: Phase
     return history, rounds
 
 
+def _same_picks(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Two round records picked the same scans for the same concepts."""
+    return all([(e["concept"], e["index"]) for e in a[key]] == [(e["concept"], e["index"]) for e in b[key]]
+               for key in ("picked", "known"))
+
+
 def _prepare(cfg: SelfTrainingConfig, backend: Any, new_concepts: Sequence[Any], descriptions: Mapping[str, str],
              negatives: Sequence[str], ft_cfg: Any, options: Mapping[str, Any]) -> tuple[dict, dict, tuple]:
     """Before the first fine-tuning: the start weights (CPU copy), the start model's probabilities of
-    the pool over the known captions and the scoring set-up ``(pool, captions, new columns, scale)``."""
+    the pool over the captions and the scoring set-up ``(pool, captions, new columns, scale)``."""
     from medkt.backends.base import require_embeddings
     from medkt.finetune import make_caption
     from medkt.infonce import infonce_scale
@@ -252,9 +264,9 @@ def _prepare(cfg: SelfTrainingConfig, backend: Any, new_concepts: Sequence[Any],
     scale = float(infonce_scale(backend, ft_cfg.temperature))
     state: dict[str, Any] = {"weights": {k: v.detach().to("cpu", copy=True) for k, v in backend.state_dict().items()}}
     start_known: dict[str, int] = {}
-    if cfg.known_per_class:  # the start model knows only these: it picks among them (and the negatives)
-        state["known_probs"] = pool_probabilities(backend, pool, known_caps + extra, scale)
-        start_known = {k: i for i, k in enumerate(known)}
+    if cfg.known_per_class:  # scored over every caption, so one known class still has competitors
+        state["known_probs"] = pool_probabilities(backend, pool, captions, scale)
+        start_known = {k: len(new) + i for i, k in enumerate(known)}
     return state, start_known, (pool, captions, {c: i for i, c in enumerate(new)}, scale)
 
 

@@ -191,7 +191,17 @@ def test_each_round_restarts_from_the_start_weights(pool_dir, calls, monkeypatch
         return real(backend, *a, **kw)
 
     monkeypatch.setattr(spine, "finetune", spy)
-    _transfer(pool_dir, {"rounds": 2, "per_round": 2, "known_per_class": 0, "min_confidence": 0.0})
+    st = {"rounds": 2, "per_round": 2, "known_per_class": 0, "min_confidence": 0.0}
+    _, r = _transfer(pool_dir, st)
+    # here round 2 picks what round 1 did: from the same start weights that is the same model, so it stops
+    first, second = ([e["index"] for e in rnd["picked"]] for rnd in r.self_training)
+    assert first == second and seen_start == [True, True]
+    assert r.self_training[1]["stopped"] == "the picks equal round 1's; its model is kept"
+    import medkt.self_training as mst
+
+    seen_start.clear()
+    monkeypatch.setattr(mst, "_same_picks", lambda a, b: False)  # force a second round
+    _transfer(pool_dir, st)
     assert seen_start == [True, True, True]
 
 
@@ -211,8 +221,8 @@ def test_min_confidence_one_picks_nothing_and_says_so(pool_dir, calls, caplog):
         b, r = _transfer(pool_dir, {"rounds": 2, "per_round": 3, "min_confidence": 1.0})
     (rnd,) = r.self_training  # no second round after an empty one
     assert rnd["picked"] == [] and rnd["finetune"] is None
-    assert "no pool scan reached min_confidence 1" in rnd["stopped"]
-    assert "no pool scan reached min_confidence 1" in caplog.text
+    assert "no pool scan is scored most likely ['moongate'] with P >= min_confidence 1;" in rnd["stopped"]
+    assert rnd["stopped"] in caplog.text
     assert len(calls) == 1  # only the first transfer fine-tuned
 
 
