@@ -19,10 +19,10 @@ calls it directly:
                       negatives=["a chest x-ray with no finding"], out_dir="runs/nodule")
 
 With ``out_dir`` every phase leaves its outputs there: ``inversion/`` (checkpoints, PNGs,
-``manifest.csv``), ``finetune.json`` and ``finetuned.safetensors``. With ``resume=True`` a
-finished phase whose recorded settings match is not run again (its outputs are read back), an
-interrupted inversion continues from its checkpoint, and changed settings are refused
-(`medkt.checkpoints.guard_resume`).
+``manifest.csv``), ``finetune.json`` and ``finetuned.safetensors`` (each self-training round the
+same in ``self_training/round_<r>/``). With ``resume=True`` a finished phase whose recorded
+settings match is not run again (its outputs are read back), an interrupted inversion continues
+from its checkpoint, and changed settings are refused (`medkt.checkpoints.guard_resume`).
 """
 from __future__ import annotations
 
