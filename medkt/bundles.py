@@ -142,8 +142,9 @@ def run_bundle(bundle: str, overrides: dict[str, Any] | None = None, config: str
     # extra configs (ablations) are layered on top of transfer.json, as MONAI does with a list
     files = [str(base), str(cfg_path)] if cfg_path != base and base.is_file() else [str(cfg_path)]
     overrides = dict(overrides or {})
-    if "unlabeled" in overrides:  # ``--set unlabeled=PATH``: a pipeline argument no bundle lists at the top level
-        overrides["pipeline#unlabeled"] = overrides.pop("unlabeled")
+    for key in ("unlabeled", "self_training"):  # ``--set unlabeled=PATH``: pipeline arguments no bundle lists at the top level
+        if key in overrides:
+            overrides[f"pipeline#{key}"] = overrides.pop(key)
     out = str(output) if output is not None else default_run_dir(info.name)
     # before importing MONAI and torch (10-30 s): JSON syntax, --set keys, device, weights,
     # manifests, SAM checkpoint, run folder; every problem at once (medkt.preflight)

@@ -96,6 +96,8 @@ def transfer(
 
     if not env_from_torchrun().is_main:  # under torchrun the table is printed once, by rank 0
         return
+    for w in results.get("warnings") or []:  # forgetting warnings first (medkt.evaluation.forgetting_warnings)
+        typer.echo(w)
     summary = results.get("summary_table")
     if summary:
         typer.echo(summary)
@@ -204,19 +206,24 @@ def finetune(
     overwrite: bool = typer.Option(False, "--overwrite"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     precision: str = typer.Option("auto", "--precision", help=PRECISION_HELP),
+    unlabeled: Optional[Path] = typer.Option(None, "--unlabeled", help=(
+        "Unlabeled pool of scans (a folder, or a manifest whose labels are never read) for the pool_distill "
+        "control, e.g. --set 'controls=[{\"name\": \"pool_distill\"}]'.")),
 ) -> None:
     """Fine-tune the visual encoder on inverted images with InfoNCE; save the weights."""
     from medkt.backends import create_backend
     from medkt.finetune import FinetuneConfig, finetune as run_finetune, save_finetuned
     from medkt.inversion import load_inversion
+    from medkt.spine import as_pool
 
     if output.exists() and not overwrite:
         raise ConfigError(f"{output} exists; pass --overwrite to replace it")
     cfg = _config_from_options(FinetuneConfig, {}, set_, "finetune")
+    pool = as_pool(unlabeled, None) if unlabeled is not None else None  # a missing pool fails before the model loads
     b = create_backend(backend, device=device, precision=precision)
     inv = load_inversion(images, b)
     descriptions = {c: t for c, t in zip(inv.concepts, inv.texts)}
-    hist = run_finetune(b, inv.images, inv.concepts, descriptions, negative, cfg, texts_of_images=inv.texts)
+    hist = run_finetune(b, inv.images, inv.concepts, descriptions, negative, cfg, texts_of_images=inv.texts, pool=pool)
     save_finetuned(b, output, which=cfg.train)
     typer.echo(f"{hist['steps']} steps, loss {hist['loss'][0]:.4f} -> {hist['loss'][-1]:.4f} -> {output}")
 

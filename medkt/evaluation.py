@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -425,3 +425,47 @@ def before_after_table(before: ClassificationResult, after: ClassificationResult
     lines += markdown_table(["class", "before", "after", "change"],
                             [[c, f"{100 * b:.1f}", f"{100 * a:.1f}", f"{100 * (a - b):+.1f}"] for c, b, a in pairs], "lrrr")
     return "\n".join(lines) + "\n"
+
+
+#: a known class whose accuracy falls by more than this many points is warned about in every report
+FORGETTING_WARNING_POINTS = 10.0
+
+
+def forgetting_warnings(before: Mapping[str, float], after: Mapping[str, float], new: Iterable[str] = (),
+                        where: str = "", threshold: float = FORGETTING_WARNING_POINTS) -> list[str]:
+    """One line per known class whose accuracy fell by more than ``threshold`` points.
+
+    Args:
+        before / after: class -> accuracy as a fraction (``ClassificationResult.per_class``).
+        new: the transferred classes (not known, never warned about).
+        where: the evaluation set or run, named in the line when given.
+        threshold: the drop in points (percent) that triggers a warning (strictly more than it).
+    Returns:
+        e.g. ``["WARNING: known class 'atelectasis' fell 69.0 -> 0.0 % (-69.0 points)"]``, largest drop first.
+    """
+    skip = set(new)
+    drops = [(c, 100 * float(b), 100 * float(after[c])) for c, b in before.items()
+             if c not in skip and c in after and np.isfinite(b) and np.isfinite(after[c])]
+    # compared at the printed precision, so "-10.0 points" is never reported as more than 10
+    drops = [(c, b, a) for c, b, a in drops if round(b - a, 1) > threshold]
+    drops.sort(key=lambda d: d[2] - d[1])
+    at = f" ({where})" if where else ""
+    return [f"WARNING: known class {c!r}{at} fell {b:.1f} -> {a:.1f} % ({a - b:+.1f} points)" for c, b, a in drops]
+
+
+def transfer_warnings(before: Mapping[str, ClassificationResult], after: Mapping[str, ClassificationResult],
+                      new: Iterable[str] = (), where: str = "") -> list[str]:
+    """`forgetting_warnings` of every evaluation set evaluated before and after (the set named when
+    there are several; ``where`` prefixes it, e.g. a sweep's run)."""
+    new = set(new)
+    names = [n for n in before if n in after]
+    out: list[str] = []
+    for n in names:
+        label = " / ".join(x for x in (where, n if len(names) > 1 else "") if x)
+        out += forgetting_warnings(before[n].per_class, after[n].per_class, new, label)
+    return out
+
+
+def warnings_block(warnings: Sequence[str]) -> list[str]:
+    """Report lines for the top of a markdown report: one bold line per warning, then a blank line."""
+    return [*(f"**{w}**  " for w in warnings), ""] if warnings else []

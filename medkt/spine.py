@@ -19,10 +19,10 @@ calls it directly:
                       negatives=["a chest x-ray with no finding"], out_dir="runs/nodule")
 
 With ``out_dir`` every phase leaves its outputs there: ``inversion/`` (checkpoints, PNGs,
-``manifest.csv``), ``finetune.json`` and ``finetuned.safetensors``. With ``resume=True`` a
-finished phase whose recorded settings match is not run again (its outputs are read back), an
-interrupted inversion continues from its checkpoint, and changed settings are refused
-(`medkt.checkpoints.guard_resume`).
+``manifest.csv``), ``finetune.json`` and ``finetuned.safetensors`` (each self-training round the
+same in ``self_training/round_<r>/``). With ``resume=True`` a finished phase whose recorded
+settings match is not run again (its outputs are read back), an interrupted inversion continues
+from its checkpoint, and changed settings are refused (`medkt.checkpoints.guard_resume`).
 """
 from __future__ import annotations
 
@@ -39,9 +39,10 @@ from medkt.backends.base import Backend, ImageTextEmbedder, ImageTextMatcher
 from medkt.checkpoints import guard_resume
 from medkt.errors import ConfigError, DataError
 from medkt.faults import fault_point
-from medkt.evaluation import ClassificationResult, ZeroShotEvaluator
+from medkt.evaluation import ClassificationResult, ZeroShotEvaluator, transfer_warnings
 from medkt.finetune import FinetuneConfig, finetune, load_finetuned, make_caption, save_finetuned
 from medkt.pool import UnlabeledPool
+from medkt.self_training import SelfTrainingConfig, as_self_training, run_self_training
 from medkt.inversion import (
     InversionConfig,
     InversionResult,
@@ -156,12 +157,21 @@ class TransferResult:
     seconds: dict[str, float] = field(default_factory=dict)
     resumed: list[str] = field(default_factory=list)  # phases read back from out_dir instead of run
     finetune_config: FinetuneConfig | None = None
+    #: one record per self-training round (`medkt.self_training.run_self_training`); empty when off
+    self_training: list[dict[str, Any]] = field(default_factory=list)
+
+    def warnings(self) -> list[str]:
+        """Known classes that fell more than 10 points before -> after (`medkt.evaluation.transfer_warnings`)."""
+        return transfer_warnings(self.before, self.after, set(self.images.concepts))
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready inversion / fine-tuning summary and timings (no per-class evaluations)."""
+        """JSON-ready inversion / fine-tuning summary, timings, forgetting ``warnings`` and the
+        ``self_training`` rounds (when run); no per-class evaluations."""
         loss = self.history.get("loss") or [float("nan")]
         cfg = self.finetune_config or FinetuneConfig()
         return {
+            "warnings": self.warnings(),
+            **({"self_training": self.self_training} if self.self_training else {}),
             "concepts": sorted(set(self.images.concepts), key=self.images.concepts.index),
             "inversion": inversion_summary(self.images),
             "finetune": {"loss": cfg.loss, "lr": cfg.lr, "batch_size": cfg.batch_size, "train": cfg.train,
@@ -252,7 +262,8 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
              evaluate_before: bool = True, resume: bool = False, progress: bool = True, save_weights: bool = True,
              init_images: torch.Tensor | None = None, finetune_options: Mapping[str, Any] | None = None,
              known_descriptions: Mapping[str, str] | None = None,
-             unlabeled: str | Path | Mapping[str, Any] | UnlabeledPool | None = None) -> TransferResult:
+             unlabeled: str | Path | Mapping[str, Any] | UnlabeledPool | None = None,
+             self_training: SelfTrainingConfig | Mapping[str, Any] | None = None) -> TransferResult:
     """Teach ``concepts`` to ``backend`` (in place) and evaluate before/after.
 
     Args:
@@ -281,52 +292,61 @@ def transfer(backend: Backend, concepts: Sequence[Concept | Mapping[str, Any]], 
             ``spectrum`` priors) and to fine-tuning as ``pool=`` (the ``pool_distill`` control); its
             start-model embeddings and statistics are cached in ``out_dir/pool_embeddings`` unless
             the pool names a cache_dir.
+        self_training: rounds on pool scans the model picks (`medkt.self_training`; needs ``unlabeled``).
     Returns:
         a `TransferResult`.
     """
     from medkt import distributed as mdist
 
     concepts = parse_concepts(concepts)
-    inv_cfg = inversion_config if isinstance(inversion_config, InversionConfig) else InversionConfig.from_dict(dict(inversion_config or {}))
-    ft_cfg = finetune_config if isinstance(finetune_config, FinetuneConfig) else FinetuneConfig.from_dict(dict(finetune_config or {}))
+    inv_cfg, ft_cfg = as_configs(inversion_config, finetune_config)
     evaluators = dict(evaluators or {})
     out = Path(out_dir) if out_dir is not None else None
     pool = None if unlabeled is None else as_pool(unlabeled, out / "pool_embeddings" if out is not None else None)
     if images == "inversion":
         inv_cfg.check_pool(pool)  # a pool prior without a pool fails here, not after the "before" evaluation
+    descriptions = concept_descriptions(concepts, known_descriptions)
+    st_cfg = as_self_training(self_training, has_pool=unlabeled is not None, known=[*descriptions][len(concepts):])
     with _locked_output(out):
-        main = mdist.is_main()
-        seconds: dict[str, float] = {}
-        resumed: list[str] = []
+        main, seconds, resumed = mdist.is_main(), {}, []
 
         t = time.perf_counter()
         before = dict(before) if before is not None else (
             {n: ev.evaluate() for n, ev in evaluators.items()} if evaluate_before else {})
-        seconds["evaluation_before"] = time.perf_counter() - t
-
-        t = time.perf_counter()
+        seconds["evaluation_before"], t = time.perf_counter() - t, time.perf_counter()
         inv = synthesize(backend, concepts, inv_cfg, images=images, inversion_dir=out / "inversion" if out else None,
                          resume=resume, progress=progress, init_images=init_images, pool=pool)
         seconds["inversion"] = time.perf_counter() - t
         fault_point("after_inversion")
 
-        names = {c.name for c in concepts}
-        negs = list(negatives) if negatives is not None else default_negatives(evaluators, names)
-        descriptions = {c.name: c.description for c in concepts}
-        descriptions.update({k: v for k, v in (known_descriptions or {}).items() if k not in descriptions})
-        options = dict(finetune_options or {})
-        if pool is not None:
-            options["pool"] = pool
+        negs = list(negatives) if negatives is not None else default_negatives(evaluators, {c.name for c in concepts})
+        options = {**(finetune_options or {}), **({"pool": pool} if pool is not None else {})}
         t = time.perf_counter()
-        history = _finetune_phase(backend, inv, concepts, descriptions, negs, ft_cfg, out, resume, progress and main,
-                                  save_weights, options, resumed)
+        history, rounds = run_self_training(st_cfg, backend, lambda x, opts, cfg, where: _finetune_phase(
+            backend, x, descriptions, negs, cfg, where, resume, progress and main, save_weights, opts, resumed),
+            inv, concepts, descriptions, negs, ft_cfg, options, out)
         seconds["finetune"] = time.perf_counter() - t
 
         fault_point("evaluation")
         t = time.perf_counter()
         after = {n: ev.evaluate() for n, ev in evaluators.items()}
         seconds["evaluation_after"] = time.perf_counter() - t
-        return TransferResult(inv, history, before, after, seconds, resumed, ft_cfg)
+        return TransferResult(inv, history, before, after, seconds, resumed, ft_cfg, rounds)
+
+
+def concept_descriptions(concepts: Sequence[Concept], known: Mapping[str, str] | None) -> dict[str, str]:
+    """Concept -> description, the concepts first, then the ``known`` ones that are not a concept."""
+    out = {c.name: c.description for c in concepts}
+    out.update({k: v for k, v in (known or {}).items() if k not in out})
+    return out
+
+
+def as_configs(inversion_config: InversionConfig | Mapping[str, Any] | None,
+               finetune_config: FinetuneConfig | Mapping[str, Any] | None) -> tuple[InversionConfig, FinetuneConfig]:
+    """`transfer`'s two configs as config objects (dicts of their fields are checked and built)."""
+    inv = inversion_config if isinstance(inversion_config, InversionConfig) else InversionConfig.from_dict(dict(inversion_config or {}))
+    ft = finetune_config if isinstance(finetune_config, FinetuneConfig) else FinetuneConfig.from_dict(dict(finetune_config or {}))
+    return inv, ft
 
 
 def as_pool(unlabeled: str | Path | Mapping[str, Any] | UnlabeledPool, cache_dir: Path | None) -> UnlabeledPool:
@@ -345,7 +365,7 @@ def as_pool(unlabeled: str | Path | Mapping[str, Any] | UnlabeledPool, cache_dir
     return UnlabeledPool.from_path(spec.pop("path"), **spec)
 
 
-def _finetune_phase(backend: Backend, inv: InversionResult, concepts: Sequence[Concept], descriptions: dict[str, str],
+def _finetune_phase(backend: Backend, inv: InversionResult, descriptions: dict[str, str],
                     negatives: list[str], cfg: FinetuneConfig, out: Path | None, resume: bool, progress: bool,
                     save_weights: bool, options: dict[str, Any], resumed: list[str]) -> dict[str, Any]:
     """Fine-tune (or, on resume, read back a finished fine-tuning) and save its outputs."""
@@ -386,9 +406,12 @@ class TransferStep:
     def __init__(self, concepts: Sequence[Concept | Mapping[str, Any]], inversion: Mapping[str, Any] | None = None,
                  finetune: Mapping[str, Any] | None = None, seed: int = 0,
                  inversion_defaults: Mapping[str, Any] | None = None, finetune_defaults: Mapping[str, Any] | None = None,
-                 unlabeled: str | Path | Mapping[str, Any] | None = None):
+                 unlabeled: str | Path | Mapping[str, Any] | None = None,
+                 self_training: Mapping[str, Any] | None = None):
         self.concepts = parse_concepts(concepts)
         self.unlabeled = unlabeled  # an unlabeled pool for inversion and fine-tuning (`transfer`'s ``unlabeled``)
+        # rounds on pool scans the transferred model picks (`transfer`'s ``self_training``), checked now
+        self.self_training = as_self_training(self_training, has_pool=unlabeled is not None)
         self.inversion = InversionConfig.from_dict({"seed": seed, **(inversion_defaults or {}), **(inversion or {})})
         ft = {"seed": seed, **(finetune_defaults or {}), **(finetune or {})}
         opt_default, opt_given = (finetune_defaults or {}).get("optimizer"), (finetune or {}).get("optimizer")
@@ -401,9 +424,10 @@ class TransferStep:
         ``concepts=`` subset runs only those)."""
         concepts = kw.pop("concepts", self.concepts)
         kw.setdefault("unlabeled", self.unlabeled)
+        kw.setdefault("self_training", self.self_training)
         return transfer(backend, concepts, inversion_config=kw.pop("inversion_config", self.inversion),
                         finetune_config=kw.pop("finetune_config", self.finetune), **kw)
 
 
-__all__ = ["Concept", "TransferResult", "TransferStep", "as_pool", "default_negatives", "images_from_manifests",
+__all__ = ["Concept", "TransferResult", "TransferStep", "as_configs", "as_pool", "concept_descriptions", "default_negatives", "images_from_manifests",
            "inversion_targets", "noise_images", "parse_concepts", "synthesize", "transfer"]

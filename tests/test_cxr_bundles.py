@@ -93,6 +93,14 @@ def test_jsrt_nodules_bundle_end_to_end(data_dir, tmp_path, monkeypatch, capsys)
     assert table in io.out  # the CLI prints the one table
     report = (out / "report.md").read_text()
     assert "0 bad rows skipped" in report and (out / "inversion" / "lung_cancer" / "grid.png").is_file()
+    # forgetting warnings: per run against the baseline, all of them at the top of the report
+    from medkt.evaluation import forgetting_warnings
+
+    n_warn = sum(len(forgetting_warnings(results["baseline"][n]["per_class"], r["evaluations"][n]["per_class"],
+                                         r["concepts"])) for r in runs for n in r["evaluations"])
+    assert results["warnings"] == [w for r in runs for w in r["warnings"]] and len(results["warnings"]) == n_warn
+    head = report.split("- backend:")[0]
+    assert all(w in head for w in results["warnings"])
 
 
 def test_chexpert_bundles_end_to_end(data_dir, tmp_path, monkeypatch, capsys):

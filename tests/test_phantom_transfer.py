@@ -116,6 +116,11 @@ def test_pipeline_run_folder(tmp_path):
         assert (out / fig).is_file() and fig in report
     assert "placebo" in report and "## Settings" in report
     assert saved["segmentation"]["n_images"] == 2
+    from medkt.evaluation import forgetting_warnings
+
+    arms = saved["arms"]
+    assert saved["warnings"] == forgetting_warnings(arms["before"]["per_class"], arms["transfer"]["per_class"], ["nodule"])
+    assert all(w in report.split("Backend `")[0] for w in saved["warnings"])  # at the top
 
 
 def test_replay_init_replays_the_inversion_start_images_as_no_finding(monkeypatch):

@@ -80,6 +80,7 @@ class PhantomTransferPipeline(Pipeline):
 
     # ------------------------------------------------------------------------------------------
     def _run(self, out: Path) -> dict[str, Any]:
+        from medkt.evaluation import forgetting_warnings
         from medkt.phantom.experiment import aggregate
 
         per_seed: list[dict[str, Any]] = []
@@ -118,6 +119,8 @@ class PhantomTransferPipeline(Pipeline):
             "arms": agg,
             "arms_description_prompts": agg_desc,
             "segmentation": seg,
+            # known findings that fell more than 10 points (means over seeds, name prompts)
+            "warnings": forgetting_warnings(agg["before"]["per_class"], t["per_class"], [self.exp.novel]),
         }
         atomic_write_json(out / "per_seed.json", per_seed)
         table = self._table(agg, agg_desc)
@@ -190,11 +193,14 @@ class PhantomTransferPipeline(Pipeline):
                 "dsc_before_ci95": before["dsc_ci95"], "dsc_after_ci95": after["dsc_ci95"]}
 
     def _report(self, results: dict, table: list[str], figures: dict[str, str], seg: dict | None) -> str:
+        from medkt.evaluation import warnings_block
+
         s = self.settings
         r = results
         lines = [
             f"# Knowledge transfer in the phantom world: '{self.exp.novel}'",
             "",
+            *warnings_block(r.get("warnings", [])),
             f"Backend `{self.exp.backend_spec}`; seeds {self.seeds}; {self.exp.eval_per_class} fresh evaluation phantoms "
             f"per class and seed ({len(self.exp.classes)} classes). Accuracies are {len(self.exp.classes)}-way zero-shot top-1 with name "
             "prompts unless stated; ± is the 95% confidence interval over seeds (Student t). The novel AUROC scores "

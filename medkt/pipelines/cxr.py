@@ -22,7 +22,7 @@ from typing import Any
 
 from medkt.backends.base import Backend
 from medkt.errors import ConfigError
-from medkt.evaluation import ClassificationResult, ZeroShotEvaluator
+from medkt.evaluation import ClassificationResult, ZeroShotEvaluator, transfer_warnings, warnings_block
 from medkt.pipelines.base import Pipeline, log
 from medkt.pipelines.transfer import EvaluationSpec, TransferPipeline, class_prompts_of
 from medkt.pipelines.transfer import load_evaluation_set as load_generic_evaluation_set
@@ -124,11 +124,12 @@ class CXRTransferSweep(TransferPipeline):
                 r = transfer(backend, group, inversion_config=self.inv_cfg, finetune_config=cfg, evaluators=evaluators,
                              negatives=negatives, images=inv, before=baseline, out_dir=out / "runs" / f"{slug}_x{m:g}",
                              resume=self.resume, progress=self.progress, save_weights=self.save_weights,
-                             unlabeled=pool)
+                             unlabeled=pool, self_training=self.step.self_training)
                 col = f"{label} x{m:g} (lr {cfg.lr:.0e})"
                 columns.append((col, r.after))
                 summary = r.summary()
                 run = {"concepts": sorted(names), "multiplier": m, "lr": cfg.lr,
+                       "warnings": transfer_warnings(baseline, r.after, names, where=col),
                        "seconds_inversion": inv.seconds, "seconds_finetune": summary["seconds_finetune"],
                        "finetune": summary["finetune"], "inversion": summary["inversion"],
                        "evaluations": {n: res.to_dict() for n, res in r.after.items()}}
@@ -141,6 +142,7 @@ class CXRTransferSweep(TransferPipeline):
             "backend": self.backend_spec,
             "mode": self.mode,
             "multipliers": self.multipliers,
+            "warnings": [w for run in runs for w in run["warnings"]],
             "evaluation_sets": info,
             "baseline": {n: r.to_dict() for n, r in baseline.items()},
             "runs": runs,
@@ -187,6 +189,7 @@ def _skipped_lines(info: dict[str, dict[str, Any]]) -> str:
 
 def _write_cxr_report(out: Path, pipe: CXRTransferSweep, table: str, info: dict, runs: list[dict]) -> Path:
     lines = [f"# Chest X-ray knowledge transfer{': ' + pipe.bundle_name if pipe.bundle_name else ''}", "",
+             *warnings_block([w for r in runs for w in r["warnings"]]),
              f"- backend: `{pipe.backend_spec}`", f"- seed: {pipe.seed}", f"- mode: {pipe.mode}; multipliers "
              f"{', '.join(f'x{m:g}' for m in pipe.multipliers)}",
              f"- inversion: {pipe.inv_cfg.steps} steps, lr {pipe.inv_cfg.lr}, components {pipe.inv_cfg.describe_components()}",

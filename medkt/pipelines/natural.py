@@ -79,7 +79,7 @@ class ITMTransferPipeline(TransferPipeline):
         return super().build_evaluator(backend, name, {"templates": ["a photo of a {}."], **spec}, out)
 
     def _run(self, out: Path) -> dict[str, Any]:
-        from medkt.evaluation import before_after_table
+        from medkt.evaluation import before_after_table, transfer_warnings, warnings_block
 
         backend = self.create_backend(self.backend_spec, **self.backend_options)
         log.info("backend %s: %s", self.backend_spec, backend.describe())
@@ -97,19 +97,22 @@ class ITMTransferPipeline(TransferPipeline):
         original = {k: v.detach().clone() for k, v in backend.state_dict().items()}
         before = {n: ev.evaluate() for n, ev in evaluators.items()}
         runs: dict[str, Any] = {}
-        lines = [f"# Knowledge transfer report{': ' + self.bundle_name if self.bundle_name else ''}", "",
-                 f"- backend: `{self.backend_spec}`; images: {self.images}; each concept transferred on its own "
+        lines = [f"- backend: `{self.backend_spec}`; images: {self.images}; each concept transferred on its own "
                  f"(fine-tuning: {self.ft_cfg.loss}, lr {self.ft_cfg.lr})", ""]
+        warnings: list[str] = []
         for c in self.concepts:
             backend.load_state_dict(original)
             sub = out / "concepts" / c.name.replace("/", "_").replace(" ", "_")
             r = self.step.run(backend, concepts=[c], out_dir=sub, before=before, **common)
             runs[c.name] = {**r.summary(), "evaluations": {n: r.after[n].to_dict() for n in evaluators}}
+            warnings += transfer_warnings(before, r.after, {c.name}, where=f"after teaching {c.name!r}")
             lines += [f"## {c.name}", "", f"![inverted images](concepts/{sub.name}/inversion/grid.png)", ""]
             lines += [before_after_table(before[n], r.after[n], title=n) for n in evaluators]
-        results = {**base, "concepts": [c.name for c in self.concepts],
+        results = {**base, "warnings": warnings, "concepts": [c.name for c in self.concepts],
                    "evaluations_before": {n: {"info": eval_info[n], "before": before[n].to_dict()} for n in evaluators},
                    "per_concept": runs}
+        lines = [f"# Knowledge transfer report{': ' + self.bundle_name if self.bundle_name else ''}", "",
+                 *warnings_block(warnings), *lines]
         atomic_write_text(out / "report.md", "\n".join(lines) + "\nAll numbers: `results.json`.\n")
         return results
 

@@ -29,7 +29,7 @@ import numpy as np
 from medkt.backends.base import Backend
 from medkt.config_model import Range, config_dataclass
 from medkt.errors import ConfigError, DataError
-from medkt.evaluation import ClassificationResult, ZeroShotEvaluator, before_after_table
+from medkt.evaluation import ClassificationResult, ZeroShotEvaluator, before_after_table, warnings_block
 from medkt.finetune import make_caption
 from medkt.pipelines.base import Pipeline, log
 from medkt.spine import Concept, TransferStep
@@ -236,6 +236,9 @@ class TransferPipeline(Pipeline):
         unlabeled: an unlabeled pool of scans for fine-tuning (``--set unlabeled=PATH``: a folder, or
             a manifest whose labels are never read; see `medkt.spine.transfer`); used by the
             ``pool_distill`` control. None (default): no pool.
+        self_training: self-training rounds on the pool (``--set 'self_training={"rounds": 1, ...}'``,
+            `medkt.self_training.SelfTrainingConfig`; needs ``unlabeled``; bundles pass no known-class
+            descriptions, so set ``known_per_class`` to 0). None (default): off.
     """
 
     kind = "transfer"
@@ -252,11 +255,13 @@ class TransferPipeline(Pipeline):
                  finetune: dict | None = None, evaluations: dict[str, EvaluationSpec] | None = None,
                  negative_captions: list[str] | None = None, save_weights: bool = True,
                  backend_options: dict[str, Any] | None = None, skip_unreadable: bool = False,
-                 unlabeled: str | dict[str, Any] | None = None, **kw: Any):
+                 unlabeled: str | dict[str, Any] | None = None, self_training: dict[str, Any] | None = None,
+                 **kw: Any):
         super().__init__(**kw, backend=backend, concepts=concepts, inversion=inversion, finetune=finetune,
                          evaluations=evaluations, negative_captions=negative_captions,
                          **({"skip_unreadable": True} if skip_unreadable else {}),
-                         **({"unlabeled": unlabeled} if unlabeled is not None else {}))
+                         **({"unlabeled": unlabeled} if unlabeled is not None else {}),
+                         **({"self_training": self_training} if self_training is not None else {}))
         # opt-in (``medkt transfer --skip-unreadable``): images that are missing or cannot be
         # decoded are left out of every evaluation and listed in RUN/skipped_images.txt
         self.skip_unreadable = bool(skip_unreadable)
@@ -264,7 +269,7 @@ class TransferPipeline(Pipeline):
         self.backend_options = dict(backend_options or {})
         self.step = TransferStep(concepts, inversion, finetune, seed=self.seed,
                                  inversion_defaults=self.inversion_defaults, finetune_defaults=self.finetune_defaults,
-                                 unlabeled=unlabeled)
+                                 unlabeled=unlabeled, self_training=self_training)
         self.concepts = self.step.concepts
         self.inv_cfg, self.ft_cfg = self.step.inversion, self.step.finetune
         self.evaluations = dict(evaluations or {})
@@ -417,8 +422,10 @@ def accuracy_bars(before: ClassificationResult, after: ClassificationResult, pat
 
 def write_report(out: Path, pipe: TransferPipeline, results: dict[str, Any],
                  before: dict[str, ClassificationResult], after: dict[str, ClassificationResult]) -> Path:
-    """Write ``out/report.md`` (run summary, before/after table and accuracy plot per evaluation); returns its path."""
+    """Write ``out/report.md`` (forgetting warnings at the top, ``results["warnings"]``; run summary,
+    before/after table and accuracy plot per evaluation); returns its path."""
     lines = [f"# Knowledge transfer report{': ' + pipe.bundle_name if pipe.bundle_name else ''}", "",
+             *warnings_block(results.get("warnings", [])),
              f"- backend: `{pipe.backend_spec}`", f"- seed: {pipe.seed}",
              f"- concepts: {', '.join(results['concepts'])}",
              f"- inversion: {pipe.inv_cfg.steps} steps, lr {pipe.inv_cfg.lr}, components {pipe.inv_cfg.describe_components()}, "
