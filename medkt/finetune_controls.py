@@ -365,6 +365,56 @@ class PoolDistill(FinetuneControl):
         return term
 
 
+@register_control("pool_replay")
+@config_dataclass
+class PoolReplay(FinetuneControl):
+    """Forgetting control on an unlabeled pool (``finetune(..., pool=)``) that needs no labels: the
+    frozen start model scores the pool over the known concepts' captions and keeps, per known
+    concept, its ``per_class`` surest scans (top caption, probability >= ``min_confidence``); each
+    batch also holds ``per_batch`` of them with that caption as the target. Against the new
+    concept's caption in the same softmax, they teach it not to claim real scans of what the model
+    already knows (which an inverted image alone cannot), also when only its token embeddings train."""
+
+    per_batch: Annotated[int, Range(ge=1)] = 4
+    per_class: Annotated[int, Range(ge=1)] = 16
+    min_confidence: Annotated[float, Range(0, 1)] = 0.5
+    order: ClassVar[int] = 55
+
+    def setup(self, run: FinetuneRun) -> None:
+        from medkt.backends.base import require_embeddings
+        from medkt.infonce import infonce_scale
+        from medkt.pool import pick
+
+        require_embeddings(run.backend, "the 'pool_replay' fine-tuning control", "the replay control")
+        run.require_pool(self.name)
+        known = list(dict.fromkeys(c for c in run.known_concepts if c not in run.new_concepts))
+        if not known:
+            raise ConfigError("the 'pool_replay' fine-tuning control replays pool scans of the known concepts, and "
+                              "this run has none: pass known_descriptions (or remove the control)")
+        caps = [run.caption_of(c) for c in known]
+        with torch.no_grad(), run.backend.autocast():
+            text = F.normalize(run.backend.encode_texts(caps).float(), dim=-1)
+        teacher = run.pool_teacher.to(text.device).float()
+        probs = F.softmax(float(infonce_scale(run.backend, run.config.temperature)) * teacher @ text.t(), dim=-1).cpu()
+        rows, targets = [], []
+        for k, cap in enumerate(caps):
+            chosen = [r for r, _, _ in pick(probs, k, self.per_class, min_confidence=self.min_confidence)]
+            rows += chosen
+            targets += [run.captions.index(cap)] * len(chosen)
+        if not rows:
+            raise ConfigError(f"the 'pool_replay' control found no pool scan the start model assigns to a known concept "
+                              f"with probability >= {self.min_confidence}: lower min_confidence")
+        self._rows = torch.tensor(rows)
+        self._targets = torch.tensor(targets)
+        self._gen = torch.Generator().manual_seed(int(run.config.seed) + 1)
+
+    def extend_batch(self, run: FinetuneRun, batch: torch.Tensor, targets: torch.Tensor,
+                     ridx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        j = torch.randint(0, len(self._rows), (self.per_batch,), generator=self._gen)
+        x = run.pool_images[self._rows[j].to(run.pool_images.device)].to(batch.device, batch.dtype)
+        return torch.cat([batch, x]), torch.cat([targets, self._targets[j].to(targets.device)])
+
+
 @register_control("select")
 @config_dataclass
 class Select(FinetuneControl):
@@ -401,4 +451,4 @@ class Select(FinetuneControl):
 
 
 __all__ = ["FINETUNE_CONTROLS", "ConceptTokensControl", "Distill", "FinetuneControl", "FinetuneRun", "Lora",
-           "PoolDistill", "Replay", "Select", "TrainOnly", "Wise", "build_controls", "register_control"]
+           "PoolDistill", "PoolReplay", "Replay", "Select", "TrainOnly", "Wise", "build_controls", "register_control"]

@@ -132,4 +132,24 @@ def pool_statistic(backend: Any, pool: UnlabeledPool, name: str, settings: dict[
     return value
 
 
-__all__ = ["UnlabeledPool", "pool_embeddings", "pool_statistic"]
+def pick(probs: torch.Tensor, column: int, k: int, *, min_confidence: float = 0.0, rank_by: str = "probability",
+         exclude: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, float, float]]:
+    """The ``k`` pool rows most confidently of caption ``column``: rows whose top caption it is, with
+    probability >= ``min_confidence`` and not in ``exclude``, ranked by ``rank_by`` (ties: lower row).
+
+    Returns:
+        ``(row, probability, margin)`` best first (margin: the probability minus the next caption's).
+    """
+    if probs.shape[1] < 2:
+        raise ConfigError("self-training scores the pool over at least two captions (the new concept and others)")
+    p = probs[:, column]
+    others = torch.cat([probs[:, :column], probs[:, column + 1:]], dim=1).max(dim=1).values
+    margin = p - others
+    ok = (margin >= 0) & (p >= min_confidence)
+    rows = [i for i in torch.nonzero(ok).flatten().tolist() if i not in exclude]
+    score = margin if rank_by == "margin" else p
+    rows.sort(key=lambda i: (-float(score[i]), i))
+    return [(i, float(p[i]), float(margin[i])) for i in rows[:k]]
+
+
+__all__ = ["UnlabeledPool", "pick", "pool_embeddings", "pool_statistic"]

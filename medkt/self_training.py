@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from medkt.errors import ConfigError
 from medkt.config_model import Range, build, config_dataclass
+from medkt.pool import pick
 
 log = logging.getLogger("medkt")
 
@@ -98,26 +99,6 @@ def pool_probabilities(backend: Any, pool: Any, captions: Sequence[str], scale: 
         txt = backend.encode_texts(list(captions)).float()
     txt = F.normalize(txt, dim=-1).to(img.device)
     return F.softmax(float(scale) * img @ txt.t(), dim=-1).cpu()
-
-
-def pick(probs: torch.Tensor, column: int, k: int, *, min_confidence: float = 0.0, rank_by: str = "probability",
-         exclude: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, float, float]]:
-    """The ``k`` pool rows most confidently of caption ``column``: rows whose top caption it is, with
-    probability >= ``min_confidence`` and not in ``exclude``, ranked by ``rank_by`` (ties: lower row).
-
-    Returns:
-        ``(row, probability, margin)`` best first (margin: the probability minus the next caption's).
-    """
-    if probs.shape[1] < 2:
-        raise ConfigError("self-training scores the pool over at least two captions (the new concept and others)")
-    p = probs[:, column]
-    others = torch.cat([probs[:, :column], probs[:, column + 1:]], dim=1).max(dim=1).values
-    margin = p - others
-    ok = (margin >= 0) & (p >= min_confidence)
-    rows = [i for i in torch.nonzero(ok).flatten().tolist() if i not in exclude]
-    score = margin if rank_by == "margin" else p
-    rows.sort(key=lambda i: (-float(score[i]), i))
-    return [(i, float(p[i]), float(margin[i])) for i in rows[:k]]
 
 
 def _entries(picks: Sequence[tuple[int, float, float]], concept: str, files: Sequence[Path]) -> list[dict[str, Any]]:
@@ -267,4 +248,4 @@ def _prepare(cfg: SelfTrainingConfig, backend: Any, new_concepts: Sequence[Any],
     return state, start_known, (pool, captions, {c: i for i, c in enumerate(new)}, scale)
 
 
-__all__ = ["SelfTrainingConfig", "as_self_training", "pick", "pool_probabilities", "run_self_training"]
+__all__ = ["SelfTrainingConfig", "as_self_training", "pool_probabilities", "run_self_training"]

@@ -176,3 +176,65 @@ def test_pool_distill_on_the_model_device():
         hist = finetune(b, torch.rand(2, 3, s, s), ["moongate", "gyroscope"], DESCS, progress=False,
                         pool=torch.rand(3, 3, s, s), config={"batch_size": 2, "controls": [POOL_CTL]})
     assert hist["steps"] == 1
+
+
+REPLAY_DESCS = {"moongate": "a round archway", "gyroscope": "a disc in rings", "dog": "a pet", "cat": "a small pet with whiskers"}
+
+
+def _finetune_replay(pool, controls, train: str = "visual") -> dict[str, torch.Tensor]:
+    b = _clip()
+    images = torch.rand(4, 3, b.image_size, b.image_size, generator=torch.Generator().manual_seed(1))
+    finetune(b, images, ["moongate"] * 4, REPLAY_DESCS, progress=False, pool=pool,
+             config={"lr": 1e-2, "batch_size": 2, "epochs": 2, "train": train, "controls": controls})
+    return {k: v.clone() for k, v in b.state_dict().items()}
+
+
+def test_pool_replay_replays_the_start_models_surest_known_scans(pool_dir, monkeypatch):
+    from medkt.finetune import make_caption, FinetuneConfig
+    from medkt.finetune_controls import PoolReplay
+    from medkt.infonce import infonce_scale
+
+    seen: dict = {}
+    real_setup = PoolReplay.setup
+
+    def spy(self, run):
+        real_setup(self, run)
+        seen["rows"], seen["captions"] = self._rows.tolist(), [run.captions[i] for i in self._targets]
+
+    monkeypatch.setattr(PoolReplay, "setup", spy)
+    pool = UnlabeledPool.from_path(pool_dir)
+    _finetune_replay(pool, [{"name": "pool_replay", "per_class": 2, "min_confidence": 0.0}])
+    # recomputed independently: the start model's zero-shot over the known captions, top 2 per class
+    b = _clip()
+    cfg = FinetuneConfig()
+    caps = [make_caption(c, REPLAY_DESCS[c], cfg) for c in ("gyroscope", "dog", "cat")]
+    text = torch.nn.functional.normalize(b.encode_texts(caps).float(), dim=-1)
+    probs = torch.softmax(float(infonce_scale(b, None)) * pool_embeddings(b, pool).float() @ text.t(), dim=-1)
+    expected_rows, expected_caps = [], []
+    for k, cap in enumerate(caps):
+        mine = [i for i in range(len(pool)) if int(probs[i].argmax()) == k]
+        mine.sort(key=lambda i: (-float(probs[i, k]), i))
+        expected_rows += mine[:2]
+        expected_caps += [cap] * len(mine[:2])
+    assert seen["rows"] == expected_rows and seen["captions"] == expected_caps
+    assert len(seen["rows"]) >= 2
+
+
+def test_pool_replay_changes_the_result_also_for_token_training(pool_dir):
+    pool = UnlabeledPool.from_path(pool_dir)
+    ctl = [{"name": "pool_replay", "per_batch": 2, "min_confidence": 0.0}]
+    for train in ("visual", "concept_tokens"):
+        with_ctl, without = _finetune_replay(pool, ctl, train), _finetune_replay(pool, [], train)
+        assert any(not torch.equal(with_ctl[k], without[k]) for k in with_ctl), train
+
+
+def test_pool_replay_needs_known_concepts_and_confident_scans(pool_dir):
+    pool = UnlabeledPool.from_path(pool_dir)
+    b = _clip()
+    images = torch.rand(2, 3, b.image_size, b.image_size)
+    with pytest.raises(ConfigError, match="has none") as exc:
+        finetune(b, images, ["moongate", "moongate"], {"moongate": "a round archway"}, ["a dog"],
+                 progress=False, pool=pool, config={"batch_size": 2, "controls": [{"name": "pool_replay"}]})
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match="lower min_confidence"):
+        _finetune_replay(pool, [{"name": "pool_replay", "min_confidence": 1.0}])

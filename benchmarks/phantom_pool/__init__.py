@@ -42,8 +42,17 @@ MODELS = {"shipped": "phantom:base", "heldout3": HELDOUT3}
 POOL = {"size": 500, "prevalence": 0.05}
 #: ZSCL-style forgetting control on the pool: embeddings + zero-shot distributions of the frozen model
 POOL_DISTILL = {"name": "pool_distill", "per_batch": 4, "weight": 1.0, "zs_weight": 1.0}
+#: the bundle's inversion priors (bundles/phantom_nodules) and the pool priors (`medkt.inversion_priors`)
+INIT = {"name": "init", "kind": "images"}
+TV = {"name": "tv", "weight": 0.1}
+RESIDUAL = {"name": "residual", "size": None, "max": 0.6, "l1": 3.0, "sign": "positive"}
+FEATURE_STATS = {"name": "feature_stats", "weight": 1.0}
+REAL_START = {"name": "real_start", "weight": 1.0}
+SPECTRUM = {"name": "spectrum"}
+#: label-free replay of the pool scans the frozen model is surest about, per known class
+POOL_REPLAY = {"name": "pool_replay", "per_batch": 8, "per_class": 16}
 #: inversion priors / fine-tuning controls that read the pool (dropped by `without_pool`)
-POOL_COMPONENTS = ("pool_distill", "feature_stats", "real_start", "spectrum")
+POOL_COMPONENTS = ("pool_distill", "pool_replay", "feature_stats", "real_start", "spectrum")
 
 #: arm -> (base recipe: "paper" = bundles/phantom_nodules_paper, "bundle" = bundles/phantom_nodules; overrides)
 CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -59,12 +68,21 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
     # the token recipe + pool_distill: the visual tower is frozen, so this must equal tokens_bare (a check)
     "tokens_pool_distill": ("bundle", merge(GENERALITY["tokens_bare"], {"finetune": {"controls": [POOL_DISTILL]},
                                                                           "pool": POOL})),
-    # placeholders, one line each once the engine has the component (other helpers, issue 20 items 2 and 4):
-    # "feature_stats": ("bundle", {"inversion": {"priors": [..., {"name": "feature_stats", "weight": 1.0}]}, "pool": POOL}),
-    # "real_start": ("bundle", {"inversion": {"priors": [{"name": "real_start", ...}, ...]}, "pool": POOL}),
-    # "spectrum": ("bundle", {"inversion": {"priors": [{"name": "spectrum", ...}, ...]}, "pool": POOL}),
-    # "self_train": ("bundle", merge(GENERALITY["tokens_bare"], {"pool": POOL, "self_training": {"rounds": 1}})),
-    # "combo": ("bundle", {... the components that helped alone ..., "pool": POOL}),
+    # in-domain inversion priors (issue 20 item 2) on the text-side recipe (tokens_bare); the bundle's
+    # residual edit of a start image, TV 0.1 and augmentations stay
+    "tok_fs": ("bundle", merge(GENERALITY["tokens_bare"], {"inversion": {"priors": [INIT, TV, RESIDUAL, FEATURE_STATS]},
+                                                             "pool": POOL})),
+    "tok_rs": ("bundle", merge(GENERALITY["tokens_bare"], {"inversion": {"priors": [REAL_START, TV, RESIDUAL]},
+                                                             "pool": POOL})),
+    "tok_rs_fs": ("bundle", merge(GENERALITY["tokens_bare"], {"inversion": {"priors": [REAL_START, TV, RESIDUAL, FEATURE_STATS]},
+                                                                "pool": POOL})),
+    # ... plus the pool as the forgetting control of the text side (pool_replay)
+    "tok_fs_pr": ("bundle", merge(GENERALITY["tokens_bare"], {"inversion": {"priors": [INIT, TV, RESIDUAL, FEATURE_STATS]},
+                                                                "finetune": {"controls": [POOL_REPLAY]}, "pool": POOL})),
+    "tok_rs_fs_pr": ("bundle", merge(GENERALITY["tokens_bare"], {"inversion": {"priors": [REAL_START, TV, RESIDUAL, FEATURE_STATS]},
+                                                                   "finetune": {"controls": [POOL_REPLAY]}, "pool": POOL})),
+    "tok_spec": ("bundle", merge(GENERALITY["tokens_bare"], {"inversion": {"priors": [REAL_START, TV, SPECTRUM]},
+                                                               "pool": POOL})),
 }
 #: the pool recipe whose pool-free twin is the "data_free" arm (set to the chosen recipe after selection)
 DATA_FREE_OF = "pool_distill"
