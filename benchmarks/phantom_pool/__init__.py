@@ -49,6 +49,10 @@ RESIDUAL = {"name": "residual", "size": None, "max": 0.6, "l1": 3.0, "sign": "po
 FEATURE_STATS = {"name": "feature_stats", "weight": 1.0}
 REAL_START = {"name": "real_start", "weight": 1.0}
 SPECTRUM = {"name": "spectrum"}
+#: replay of the inversion's start images as "no finding" (with ``replay_init``)
+REPLAY_INIT = {"name": "replay", "per_batch": 8}
+#: one LaFTer-style round (`medkt.self_training`), the engine's defaults but 8 known scans per class
+SELF_TRAINING = {"rounds": 1, "per_round": 16, "known_per_class": 8, "min_confidence": 0.5}
 #: label-free replay of the pool scans the frozen model is surest about, per known class
 POOL_REPLAY = {"name": "pool_replay", "per_batch": 8, "per_class": 16}
 #: inversion priors / fine-tuning controls that read the pool (dropped by `without_pool`)
@@ -81,6 +85,17 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
                                                                 "finetune": {"controls": [POOL_REPLAY]}, "pool": POOL})),
     "tok_rs_fs_pr": ("bundle", merge(GENERALITY["tokens_bare"], {"inversion": {"priors": [REAL_START, TV, RESIDUAL, FEATURE_STATS]},
                                                                    "finetune": {"controls": [POOL_REPLAY]}, "pool": POOL})),
+    # ... plus the inversion's start images (normal phantoms) replayed as "no finding" next to their edits
+    "tok_fs_init": ("bundle", merge(GENERALITY["tokens_bare"], {"inversion": {"priors": [INIT, TV, RESIDUAL, FEATURE_STATS]},
+                                                                  "finetune": {"controls": [REPLAY_INIT]}, "replay_init": True,
+                                                                  "pool": POOL})),
+    "tok_fs_init_pr": ("bundle", merge(GENERALITY["tokens_bare"], {"inversion": {"priors": [INIT, TV, RESIDUAL, FEATURE_STATS]},
+                                                                     "finetune": {"controls": [REPLAY_INIT, POOL_REPLAY]},
+                                                                     "replay_init": True, "pool": POOL})),
+    # ... plus one round of self-training (LaFTer-style picks of the transferred model, known replay
+    # picked by the frozen model)
+    "tok_rs_fs_st": ("bundle", merge(GENERALITY["tokens_bare"], {"inversion": {"priors": [REAL_START, TV, RESIDUAL, FEATURE_STATS]},
+                                                                   "self_training": SELF_TRAINING, "pool": POOL})),
     "tok_spec": ("bundle", merge(GENERALITY["tokens_bare"], {"inversion": {"priors": [REAL_START, TV, SPECTRUM]},
                                                                "pool": POOL})),
 }
