@@ -369,8 +369,9 @@ class PoolDistill(FinetuneControl):
 @config_dataclass
 class PoolReplay(FinetuneControl):
     """Forgetting control on an unlabeled pool (``finetune(..., pool=)``) that needs no labels: the
-    frozen start model scores the pool over the known concepts' captions and keeps, per known
-    concept, its ``per_class`` surest scans (top caption, probability >= ``min_confidence``); each
+    frozen start model scores the pool over the known concepts' captions (every caption of the run
+    that is not a new concept's: known concepts and negatives) and keeps, per caption, its
+    ``per_class`` surest scans (top caption, probability >= ``min_confidence``); each
     batch also holds ``per_batch`` of them with that caption as the target. Against the new
     concept's caption in the same softmax, they teach it not to claim real scans of what the model
     already knows (which an inverted image alone cannot), also when only its token embeddings train."""
@@ -387,11 +388,13 @@ class PoolReplay(FinetuneControl):
 
         require_embeddings(run.backend, "the 'pool_replay' fine-tuning control", "the replay control")
         run.require_pool(self.name)
-        known = list(dict.fromkeys(c for c in run.known_concepts if c not in run.new_concepts))
-        if not known:
-            raise ConfigError("the 'pool_replay' fine-tuning control replays pool scans of the known concepts, and "
-                              "this run has none: pass known_descriptions (or remove the control)")
-        caps = [run.caption_of(c) for c in known]
+        # every caption that is not a new concept's: known concepts' captions and the negatives
+        new = {run.caption_of(c) for c in run.new_concepts}
+        caps = [c for c in dict.fromkeys(run.captions) if c not in new]
+        if len(caps) < 2:
+            raise ConfigError("the 'pool_replay' fine-tuning control replays pool scans of known concepts and needs at "
+                              f"least two of their captions, this run has {len(caps)}: pass known_descriptions or "
+                              "negative captions (or remove the control)")
         with torch.no_grad(), run.backend.autocast():
             text = F.normalize(run.backend.encode_texts(caps).float(), dim=-1)
         teacher = run.pool_teacher.to(text.device).float()

@@ -232,7 +232,7 @@ def test_pool_replay_needs_known_concepts_and_confident_scans(pool_dir):
     pool = UnlabeledPool.from_path(pool_dir)
     b = _clip()
     images = torch.rand(2, 3, b.image_size, b.image_size)
-    with pytest.raises(ConfigError, match="has none") as exc:
+    with pytest.raises(ConfigError, match="at least two") as exc:
         finetune(b, images, ["moongate", "moongate"], {"moongate": "a round archway"}, ["a dog"],
                  progress=False, pool=pool, config={"batch_size": 2, "controls": [{"name": "pool_replay"}]})
     assert "\n" not in str(exc.value)

@@ -228,3 +228,31 @@ def test_saliency_geometry_of_non_square_images():
     assert sal.shape == (48, 96)
     inside = sal[0:24, 48:72].mean()
     assert inside > 3 * sal[24:, :].mean() and inside > 3 * sal[:, :36].mean()
+
+
+def test_pool_reaches_the_segmentation_transfer(tmp_path, monkeypatch):
+    """``--set unlabeled=PATH`` on a segmentation bundle: the transfer's fine-tuning gets the pool."""
+    import medkt.spine as spine
+    from medkt.bundles import run_bundle
+    from medkt.errors import ConfigError
+    from medkt.pool import UnlabeledPool
+    from medkt.segmentation.pipeline import SegmentationTransferPipeline
+
+    monkeypatch.delenv("MEDKT_SAM_CHECKPOINT", raising=False)
+    seen: dict = {}
+    real = spine.finetune
+    monkeypatch.setattr(spine, "finetune", lambda *a, **kw: seen.update(pool=kw.get("pool")) or real(*a, **kw))
+    root = make_udiat(tmp_path / "udiat")
+    prepare("udiat", root)
+    pool_dir = root / "BUS_Dataset_B" / "original"  # the images without their masks: an unlabeled pool
+    cfg = json.loads((Path(__file__).parent.parent / "bundles" / "seg_breast_ultrasound" / "configs" / "transfer.json").read_text())
+    run_bundle("seg_breast_ultrasound", {"data_root": str(root), "data": {**cfg["data"], "max_images": 2},
+                                         "backend": "open_clip:medkt-tiny-ViT@random", "sam": None,
+                                         "inversion": TINY["inversion"], "unlabeled": str(pool_dir),
+                                         "m2ib": {**cfg["m2ib"], **TINY["m2ib"], "layer": None},
+                                         "concepts": [{**c, "n_images": 2} for c in cfg["concepts"]]},
+               output=tmp_path / "run")
+    assert isinstance(seen["pool"], UnlabeledPool) and len(seen["pool"]) == 3
+    with pytest.raises(ConfigError, match="transfer stage"):
+        SegmentationTransferPipeline(backend="x", data={**cfg["data"], "root": str(root)}, prompt="a lesion",
+                                     stages=["baseline"], unlabeled=str(pool_dir))

@@ -359,6 +359,10 @@ class SegmentationTransferPipeline(Pipeline):
         sam_options: ``multimask_output`` (False), ``top_k`` (1).
         metrics: ``nsd_tolerance`` (2.0) and ``nsd_unit`` (``"px"``, or ``"mm"`` when spacing is known).
         stages: ``["baseline", "transfer"]`` (default) or one of them.
+        unlabeled: an unlabeled pool of scans of the modality for the transfer (``--set unlabeled=PATH``:
+            a folder or a manifest whose labels are never read; `medkt.spine.transfer`): the pool
+            inversion priors and fine-tuning controls read it.
+        self_training: self-training rounds on the pool (`medkt.self_training`; needs ``unlabeled``).
         save_masks: write predicted and true masks as PNG (``masks/<stage>/``, ``masks/gt/``).
     """
 
@@ -368,11 +372,13 @@ class SegmentationTransferPipeline(Pipeline):
                  negative_captions: list[str] | None = None, inversion: dict | None = None, finetune: dict | None = None,
                  m2ib: dict | None = None, postprocess: dict | None = None, sam: str | None = None,
                  sam_model_type: str | None = None, sam_options: dict | None = None, metrics: MetricOptions | None = None,
-                 stages: list[str] | None = None, save_masks: bool = True, **kw: Any):
+                 stages: list[str] | None = None, save_masks: bool = True, unlabeled: str | dict[str, Any] | None = None,
+                 self_training: dict[str, Any] | None = None, **kw: Any):
         super().__init__(**kw, backend=backend, data=data, prompt=prompt, concepts=concepts,
                          negative_captions=negative_captions, inversion=inversion, finetune=finetune, m2ib=m2ib,
                          postprocess=postprocess, sam=sam, sam_model_type=sam_model_type, sam_options=sam_options,
-                         metrics=metrics, stages=stages)
+                         metrics=metrics, stages=stages, **({"unlabeled": unlabeled} if unlabeled is not None else {}),
+                         **({"self_training": self_training} if self_training is not None else {}))
         from medkt.segmentation.m2ib import M2IBConfig
         from medkt.spine import TransferStep
         from medkt.segmentation.postprocess import postprocess_saliency
@@ -386,7 +392,10 @@ class SegmentationTransferPipeline(Pipeline):
         bad = [s for s in self.stages if s not in ("baseline", "transfer")]
         if bad or not self.stages:
             raise ConfigError(f"stages must be a non-empty subset of ['baseline', 'transfer'], got {self.stages}")
-        self.step = TransferStep(concepts or [], inversion, finetune, seed=self.seed) if "transfer" in self.stages else None
+        if (unlabeled is not None or self_training is not None) and "transfer" not in self.stages:
+            raise ConfigError("unlabeled / self_training feed the transfer stage: add \"transfer\" to stages or drop them")
+        self.step = (TransferStep(concepts or [], inversion, finetune, seed=self.seed, unlabeled=unlabeled,
+                                  self_training=self_training) if "transfer" in self.stages else None)
         self.negative_captions = list(negative_captions or [])
         self.m2ib_cfg = dict(m2ib or {})
         # options are checked (unknown keys, types, ranges) before any compute, each by its declaration
