@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,26 +141,30 @@ def test_self_training_picks_are_passed_through_and_counted(tmp_path, monkeypatc
     import medkt.spine as spine
 
     exp = _pool_experiment(tmp_path)
-    rec = _pool_recipe(finetune={**TOKENS_2STEP, "epochs": 1}, self_training={"rounds": 2, "per_round": 3})
+    st = {"rounds": 1, "per_round": 3, "known_per_class": 1, "min_confidence": 0.0}
+    # a strong visual step (lr 5e-3, no control): the new name becomes the top caption of some pool scans
+    rec = _pool_recipe(finetune={"lr": 5e-3, "epochs": 5, "batch_size": 2, "controls": []}, self_training=st)
     pool = exp.pool(rec)
-    files = list(pool.labels())
-    novel = [f for f, c in pool.labels().items() if c == "nodule"]
-    normal = next(f for f, c in pool.labels().items() if c == "no finding")
+    truth = {Path(f).name: c for f, c in pool.labels().items()}
     seen = {}
     real = spine.transfer
 
-    def fake(*a, self_training=None, **kw):  # the self-training helper's spine, until it is merged
-        seen["self_training"], seen["unlabeled"] = self_training, kw.get("unlabeled")
-        r = real(*a, **kw)
-        r.self_training = [{"files": novel[:2] + [normal]}, {"indices": [files.index(novel[0])]}]
-        return r
+    def spy(*a, **kw):
+        seen["kw"] = kw
+        seen["result"] = real(*a, **kw)
+        return seen["result"]
 
-    monkeypatch.setattr(spine, "transfer", fake)
+    monkeypatch.setattr(spine, "transfer", spy)
     arm = exp.run_arm(rec, 0, exp.eval_set(0))
-    assert seen["self_training"] == {"rounds": 2, "per_round": 3} and seen["unlabeled"]["path"] == str(pool.manifest)
-    picks = arm.extra["self_training"]
-    assert [(p["picked"], p["true_positives"]) for p in picks] == [(3, 2), (1, 1)]
-    assert picks[0]["picked_by_finding"] == {"no finding": 1, "nodule": 2}
+    assert seen["kw"]["self_training"] == st and seen["kw"]["unlabeled"]["path"] == str(pool.manifest)
+    rounds = seen["result"].self_training
+    picked = [truth[Path(e["file"]).name] for e in rounds[0]["picked"]]
+    known = [(truth[Path(e["file"]).name], e["concept"]) for e in rounds[0]["known"]]
+    counted = arm.extra["self_training"][0]
+    assert counted["picked"] == len(picked) >= 1
+    assert counted["true_positives"] == picked.count("nodule")
+    assert counted["picked_by_finding"] == {c: picked.count(c) for c in set(picked)}
+    assert counted["known_picked"] == len(known) and counted["known_correct"] == sum(t == c for t, c in known)
 
 
 def test_harness_quick_run_writes_summary_and_targets(tmp_path, capsys):

@@ -42,21 +42,21 @@ POOL_KEYS = frozenset({"size", "prevalence", "seed", "normal_fraction"})
 
 
 def self_training_picks(rounds: list[dict[str, Any]] | None, pool, novel: str) -> list[dict[str, Any]]:
-    """Per self-training round: how many pool scans were picked and how many truly show ``novel``
-    (from the pool's truth file, which nothing else reads). A round gives ``files`` (paths) or
-    ``indices`` (positions in the pool's manifest order)."""
+    """Per self-training round (`medkt.self_training` records): how many pool scans were picked for
+    the new finding and how many truly show ``novel``, and how many of the known-class replay
+    picks have the class they were picked as (from the pool's truth file, which nothing else reads)."""
     if not rounds:
         return []
     truth = pool.labels()
-    order = list(truth)  # the manifest's order (the truth file lists the files in it)
     out = []
     for k, rd in enumerate(rounds):
-        files = rd.get("files")
-        paths = ([str(Path(f).resolve()) for f in files] if files is not None
-                 else [order[int(i)] for i in rd.get("indices", [])])
-        labels = [truth.get(p, "?") for p in paths]
-        out.append({"round": k, "picked": len(paths), "true_positives": sum(lab == novel for lab in labels),
-                    "picked_by_finding": {c: labels.count(c) for c in sorted(set(labels))}})
+        labels = [truth.get(str(Path(e["file"]).resolve()), "?") for e in rd.get("picked", [])]
+        known = rd.get("known", [])
+        out.append({"round": k, "picked": len(labels), "true_positives": sum(lab == novel for lab in labels),
+                    "picked_by_finding": {c: labels.count(c) for c in sorted(set(labels))},
+                    "known_picked": len(known),
+                    "known_correct": sum(truth.get(str(Path(e["file"]).resolve())) == e["concept"] for e in known),
+                    "stopped": rd.get("stopped")})
     return out
 
 
