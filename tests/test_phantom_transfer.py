@@ -121,6 +121,12 @@ def test_pipeline_run_folder(tmp_path):
     arms = saved["arms"]
     assert saved["warnings"] == forgetting_warnings(arms["before"]["per_class"], arms["transfer"]["per_class"], ["nodule"])
     assert all(w in report.split("Backend `")[0] for w in saved["warnings"])  # at the top
+    # before -> after per class, printed by `medkt transfer` and in the report
+    for c, b in arms["before"]["per_class"].items():
+        a = arms["transfer"]["per_class"][c]
+        row = f"| {c} (new) |" if c == "nodule" else f"| {c} |"
+        line = next(ln for ln in saved["summary_table"].splitlines() if ln.startswith(row))
+        assert f"| {100 * b:.1f} | {100 * a:.1f} | {100 * (a - b):+.1f} |" in line and line in report
 
 
 def test_replay_init_replays_the_inversion_start_images_as_no_finding(monkeypatch):

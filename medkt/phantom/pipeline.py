@@ -123,9 +123,10 @@ class PhantomTransferPipeline(Pipeline):
             "warnings": forgetting_warnings(agg["before"]["per_class"], t["per_class"], [self.exp.novel]),
         }
         atomic_write_json(out / "per_seed.json", per_seed)
-        table = self._table(agg, agg_desc)
+        table = [*self._table(agg, agg_desc), "", *self._per_class_table(agg)]
         atomic_write_text(out / "report.md", self._report(results, table, figures, seg))
-        print("\n".join(table))
+        # printed by `medkt transfer` after the forgetting warnings (as the CXR pipelines' tables)
+        results["summary_table"] = "\n".join(table)
         return results
 
     # ------------------------------------------------------------------------------------------
@@ -137,6 +138,16 @@ class PhantomTransferPipeline(Pipeline):
         labels = {k: ARM_LABELS.get(k, k) for k in ["before", "before_cupl", *[k for k in self.recipes if k != "transfer"],
                                                        "transfer", "placebo"]}
         return results_table(rows, labels)
+
+    def _per_class_table(self, agg: dict) -> list[str]:
+        """Per class: accuracy before -> after the transfer (and the placebo), means over seeds (%)."""
+        from medkt.utils import markdown_table
+
+        before, after, placebo = agg["before"]["per_class"], agg["transfer"]["per_class"], agg["placebo"]["per_class"]
+        rows = [[f"{c} (new)" if c == self.exp.novel else c, f"{100 * before[c]:.1f}", f"{100 * after[c]:.1f}",
+                 f"{100 * (after[c] - before[c]):+.1f}", f"{100 * placebo[c]:.1f}"] for c in before]
+        return markdown_table(["class", "before (%)", "after transfer (%)", "change (points)", "placebo (%)"], rows,
+                              "lrrrr")
 
     def _figures(self, out: Path, objs: dict[str, Any]) -> dict[str, str]:
         import torch
