@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +78,7 @@ class FinetuneConfig:
     direct construction is checked too (`medkt.config_model`: one `ConfigError` line).
     """
 
-    config_name: ClassVar[str] = "finetune"
+    config_name = "finetune"  # names the options in messages (a class attribute, not a field)
 
     lr: Annotated[float, Range(gt=0, lt=1)] = 1e-5
     batch_size: Annotated[int, Range(ge=1)] = 4

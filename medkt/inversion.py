@@ -48,7 +48,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -109,7 +109,7 @@ class InversionConfig:
     construction is checked too (`medkt.config_model`: one `ConfigError` line).
     """
 
-    config_name: ClassVar[str] = "inversion"
+    config_name = "inversion"  # names the options in messages (a class attribute, not a field)
 
     steps: Annotated[int, Range(ge=1)] = 5000
     lr: Annotated[float, Range(gt=0)] = 0.1
