@@ -354,6 +354,30 @@ def row_line(finding: str, seed: int, name: str, row: dict, known: list[str]) ->
             f"drop {drop:.2f}) AUROC {b['novel_auroc']:.3f}->{a['novel_auroc']:.3f}{plc}{orc} t={row['seconds']:.0f}s")
 
 
+def run_finding(exp, recipes: dict[str, dict], seeds: list[int], *, placebo_for: set[str], oracle_for: set[str],
+                alphas: list[float], prefix: str = "", t0: float | None = None) -> dict[str, list]:
+    """Every recipe of ``recipes`` on every seed of one experiment (`run_recipe_seed`), a progress
+    line per row (``prefix`` first; self-training picks when the arm has them) -> recipe -> rows."""
+    import time
+
+    from medkt.phantom.experiment import summarize
+
+    t0 = time.time() if t0 is None else t0
+    start_state = {k: v.detach().clone() for k, v in exp.new_backend().state_dict().items()}
+    rows: dict[str, list] = {n: [] for n in recipes}
+    for seed in seeds:
+        ds = exp.eval_set(seed)
+        before = summarize(exp.evaluate(exp.new_backend(), ds)[0], exp.novel)
+        for name, rd in recipes.items():
+            row = run_recipe_seed(exp, name, rd, seed, ds, before, placebo=name in placebo_for,
+                                  oracle=name in oracle_for, alphas=alphas, start_state=start_state)
+            rows[name].append(row)
+            picks = row.get("extra", {}).get("self_training")
+            st = (" picks " + ", ".join(f"{p['true_positives']}/{p['picked']}" for p in picks)) if picks else ""
+            print(f"[{time.time() - t0:6.0f}s] {prefix}" + row_line(exp.novel, seed, name, row, exp.known) + st, flush=True)
+    return rows
+
+
 def recipe_summary(rs: list[dict], known: list[str], own_wise: float) -> dict[str, Any]:
     """Over the seeds' rows of one recipe: `finding_stats` of the transfer arm, seconds, the
     placebo's / real-image arm's AUROC, gain, loss and drop, and the WiSE curve of each arm."""

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import (HELDOUT3, bundle_config, merge, quick_recipe, rec_wise, recipe_summary, row_line,
-                               run_recipe_seed, wise_curve)
+from benchmarks.common import (HELDOUT3, bundle_config, merge, quick_recipe, rec_wise, recipe_summary, run_finding,
+                               wise_curve)
 
 #: the text each finding is taught from (written once, never tuned on results)
 DESCRIPTIONS = {
@@ -92,7 +92,7 @@ CANDIDATES: dict[str, dict] = {
 
 
 def run(args) -> dict:
-    from medkt.phantom.experiment import PhantomTransferExperiment, summarize
+    from medkt.phantom.experiment import PhantomTransferExperiment
 
     torch.set_num_threads(1)
     cfg = bundle_config("phantom_nodules")
@@ -110,16 +110,7 @@ def run(args) -> dict:
     for finding in args.findings.split(","):
         exp = PhantomTransferExperiment(args.backend, finding, DESCRIPTIONS[finding], cfg["known_descriptions"],
                                         eval_per_class=args.eval_per_class, split=args.split)
-        start_state = {k: v.detach().clone() for k, v in exp.new_backend().state_dict().items()}
-        rows: dict[str, list] = {n: [] for n in recipes}
-        for seed in seeds:
-            ds = exp.eval_set(seed)
-            before = summarize(exp.evaluate(exp.new_backend(), ds)[0], finding)
-            for name, rd in recipes.items():
-                row = run_recipe_seed(exp, name, rd, seed, ds, before, placebo=name in placebo_for,
-                                      oracle=name in oracle_for, alphas=alphas, start_state=start_state)
-                rows[name].append(row)
-                print(f"[{time.time() - t0:6.0f}s] " + row_line(finding, seed, name, row, exp.known), flush=True)
+        rows = run_finding(exp, recipes, seeds, placebo_for=placebo_for, oracle_for=oracle_for, alphas=alphas, t0=t0)
         summary = {name: recipe_summary(rs, exp.known, rec_wise(recipes[name])) for name, rs in rows.items()}
         out["findings"][finding] = {"summary": summary, "per_seed": rows}
         Path(args.out).write_text(json.dumps(out, indent=1, default=float))  # partial results survive a stop

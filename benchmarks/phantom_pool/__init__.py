@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import (HELDOUT3, ROOT, bundle_config, merge, quick_recipe, rec_wise, recipe_summary, row_line,
-                               run_recipe_seed, wise_curve)
+from benchmarks.common import (HELDOUT3, ROOT, bundle_config, merge, quick_recipe, rec_wise, recipe_summary, run_finding,
+                               wise_curve)
 from benchmarks.phantom_generality import CANDIDATES as GENERALITY
 from benchmarks.phantom_generality import DESCRIPTIONS as GENERALITY_DESCRIPTIONS
 
@@ -185,7 +185,7 @@ def summarize_recipe(rs: list[dict], known: list[str], own_wise: float) -> dict[
 
 def run(args) -> dict:
     """Run the protocol (see README.md); writes ``args.out`` after every finding and returns the result."""
-    from medkt.phantom.experiment import PhantomTransferExperiment, summarize
+    from medkt.phantom.experiment import PhantomTransferExperiment
 
     torch.set_num_threads(1)
     cfg = bundle_config("phantom_nodules")
@@ -213,19 +213,8 @@ def run(args) -> dict:
         for finding in args.findings.split(","):
             exp = PhantomTransferExperiment(spec, finding, DESCRIPTIONS[finding], cfg["known_descriptions"],
                                             eval_per_class=args.eval_per_class, split=args.split, pool_dir=args.pool_dir)
-            start_state = {k: v.detach().clone() for k, v in exp.new_backend().state_dict().items()}
-            rows: dict[str, list] = {n: [] for n in recipes}
-            for seed in seeds:
-                ds = exp.eval_set(seed)
-                before = summarize(exp.evaluate(exp.new_backend(), ds)[0], finding)
-                for name, rd in recipes.items():
-                    row = run_recipe_seed(exp, name, rd, seed, ds, before, placebo=name in placebo_for,
-                                          oracle=name in oracle_for, alphas=alphas, start_state=start_state)
-                    rows[name].append(row)
-                    picks = row["extra"].get("self_training")
-                    st = (" picks " + ", ".join(f"{p['true_positives']}/{p['picked']}" for p in picks)) if picks else ""
-                    print(f"[{time.time() - t0:6.0f}s] {model:8s} " + row_line(finding, seed, name, row, exp.known) + st,
-                          flush=True)
+            rows = run_finding(exp, recipes, seeds, placebo_for=placebo_for, oracle_for=oracle_for, alphas=alphas,
+                               prefix=f"{model:8s} ", t0=t0)
             summary = {n: summarize_recipe(rs, exp.known, rec_wise(recipes[n])) for n, rs in rows.items()}
             res["findings"][finding] = {"summary": summary, "per_seed": rows}
             Path(args.out).write_text(json.dumps(out, indent=1, default=float))  # partial results survive a stop
