@@ -384,7 +384,7 @@ class PoolReplay(FinetuneControl):
     def setup(self, run: FinetuneRun) -> None:
         from medkt.backends.base import require_embeddings
         from medkt.infonce import infonce_scale
-        from medkt.pool import pick
+        from medkt.pool import caption_probabilities, pick
 
         require_embeddings(run.backend, "the 'pool_replay' fine-tuning control", "the replay control")
         run.require_pool(self.name)
@@ -395,10 +395,7 @@ class PoolReplay(FinetuneControl):
             raise ConfigError("the 'pool_replay' fine-tuning control replays pool scans of known concepts and needs at "
                               f"least two of their captions, this run has {len(caps)}: pass known_descriptions or "
                               "negative captions (or remove the control)")
-        with torch.no_grad(), run.backend.autocast():
-            text = F.normalize(run.backend.encode_texts(caps).float(), dim=-1)
-        teacher = run.pool_teacher.to(text.device).float()
-        probs = F.softmax(float(infonce_scale(run.backend, run.config.temperature)) * teacher @ text.t(), dim=-1).cpu()
+        probs = caption_probabilities(run.backend, run.pool_teacher, caps, infonce_scale(run.backend, run.config.temperature))
         rows, targets = [], []
         for k, cap in enumerate(caps):
             chosen = [r for r, _, _ in pick(probs, k, self.per_class, min_confidence=self.min_confidence)]

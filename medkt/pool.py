@@ -132,6 +132,18 @@ def pool_statistic(backend: Any, pool: UnlabeledPool, name: str, settings: dict[
     return value
 
 
+def caption_probabilities(backend: Any, image_emb: torch.Tensor, captions: Sequence[str],
+                          scale: float | torch.Tensor) -> torch.Tensor:
+    """``(P, K)`` zero-shot probabilities (CPU) of normalised image embeddings ``(P, D)`` over
+    ``captions`` embedded by ``backend``'s current text tower, at logit ``scale``."""
+    import torch.nn.functional as F
+
+    with torch.no_grad(), backend.autocast():
+        txt = backend.encode_texts(list(captions)).float()
+    txt = F.normalize(txt, dim=-1).to(image_emb.device)
+    return F.softmax(float(scale) * image_emb.float() @ txt.t(), dim=-1).cpu()
+
+
 def pick(probs: torch.Tensor, column: int, k: int, *, min_confidence: float = 0.0, rank_by: str = "probability",
          exclude: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, float, float]]:
     """The ``k`` pool rows most confidently of caption ``column``: rows whose top caption it is, with
@@ -152,4 +164,4 @@ def pick(probs: torch.Tensor, column: int, k: int, *, min_confidence: float = 0.
     return [(i, float(p[i]), float(margin[i])) for i in rows[:k]]
 
 
-__all__ = ["UnlabeledPool", "pick", "pool_embeddings", "pool_statistic"]
+__all__ = ["UnlabeledPool", "caption_probabilities", "pick", "pool_embeddings", "pool_statistic"]

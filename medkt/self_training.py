@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-import torch.nn.functional as F
 
 from medkt.errors import ConfigError
 from medkt.config_model import Range, build, config_dataclass
@@ -92,13 +91,9 @@ def as_self_training(spec: SelfTrainingConfig | Mapping[str, Any] | bool | None,
 def pool_probabilities(backend: Any, pool: Any, captions: Sequence[str], scale: float | torch.Tensor) -> torch.Tensor:
     """``(P, K)`` zero-shot probabilities (CPU) of the pool scans over ``captions`` by ``backend``'s
     current weights; the image embeddings come through `medkt.pool.pool_embeddings` (its cache)."""
-    from medkt.pool import pool_embeddings
+    from medkt.pool import caption_probabilities, pool_embeddings
 
-    img = pool_embeddings(backend, pool).float()
-    with torch.no_grad(), backend.autocast():
-        txt = backend.encode_texts(list(captions)).float()
-    txt = F.normalize(txt, dim=-1).to(img.device)
-    return F.softmax(float(scale) * img @ txt.t(), dim=-1).cpu()
+    return caption_probabilities(backend, pool_embeddings(backend, pool), captions, scale)
 
 
 def _entries(picks: Sequence[tuple[int, float, float]], concept: str, files: Sequence[Path]) -> list[dict[str, Any]]:
