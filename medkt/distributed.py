@@ -128,6 +128,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown() -> None:
+    """Leave the process group together: every rank waits at a barrier, then destroys it.
+
+    Destroying at different times lets gloo tear down a pair whose peer has gone, and its C++
+    destructor then aborts the process ("terminate called without an active exception")."""
+    if not is_initialized():
+        return
+    try:
+        if world_size() > 1:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (identity without a process group)."""
     if not is_initialized() or world_size() == 1:

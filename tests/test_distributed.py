@@ -51,7 +51,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)
-    import torch.distributed as dist
 
     from medkt import distributed as mdist
     from medkt.finetune import finetune
@@ -67,7 +66,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
                     "visual": {k: v.detach().clone() for k, v in b.visual_state_dict().items()},
                     "loss": hist["loss"]}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        mdist.shutdown()
 
 
 def test_round_robin_shards_and_shares():

@@ -107,7 +107,6 @@ def _retrieval_worker(rank: int, world: int, port: int, cache: str, out: str) ->
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
     torch.set_num_threads(1)
-    import torch.distributed as dist
 
     from medkt import distributed as mdist
     from medkt.backends import create_backend
@@ -121,7 +120,7 @@ def _retrieval_worker(rank: int, world: int, port: int, cache: str, out: str) ->
         scores = scorer.run()
         torch.save({"scores": scores, "calls": calls}, f"{out}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        mdist.shutdown()
 
 
 def test_blocks_are_sharded_across_ranks_and_gathered(tmp_path):

@@ -338,11 +338,9 @@ class TransferPipeline(Pipeline):
             return super().run()
         if type(self)._run is not TransferPipeline._run:
             # a subclass with its own _run is not rank-aware: run it whole on rank 0, single-process
-            import torch.distributed as dist
-
             main = mdist.is_main()
             log.warning("%s does not support torchrun sharding; running on rank 0 only", type(self).__name__)
-            dist.destroy_process_group()
+            mdist.shutdown()
             return super().run() if main else {}
         # every rank must use rank 0's folder (default folder names carry a timestamp)
         self.output_dir = Path(mdist.broadcast_object(str(self.output_dir)))
