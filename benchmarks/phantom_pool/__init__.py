@@ -96,6 +96,9 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
     # picked by the frozen model)
     "tok_rs_fs_st": ("bundle", merge(GENERALITY["tokens_bare"], {"inversion": {"priors": [REAL_START, TV, RESIDUAL, FEATURE_STATS]},
                                                                    "self_training": SELF_TRAINING, "pool": POOL})),
+    # the label-free controls alone on round three's recipe (its inversion from normal phantoms)
+    "tok_pr": ("bundle", merge(GENERALITY["tokens_bare"], {"finetune": {"controls": [POOL_REPLAY]}, "pool": POOL})),
+    "tok_st": ("bundle", merge(GENERALITY["tokens_bare"], {"self_training": SELF_TRAINING, "pool": POOL})),
     "tok_spec": ("bundle", merge(GENERALITY["tokens_bare"], {"inversion": {"priors": [REAL_START, TV, SPECTRUM]},
                                                                "pool": POOL})),
 }
