@@ -22,6 +22,7 @@ count true positives. Off unless ``transfer(..., self_training={...})``.
 from __future__ import annotations
 
 import copy
+from dataclasses import field
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -50,6 +51,9 @@ class SelfTrainingConfig:
         keep_inverted: the rounds also fine-tune on the inverted images (else only on the picks).
         replay_per_batch: per-batch count of the replay control added for the known picks when the
             fine-tuning config has none (None: the fine-tuning batch size).
+        skip_start_top: known classes; a pool scan the START model scores most likely one of them is
+            never picked for a new concept (e.g. ``["no finding"]``: scans the model called normal
+            before the transfer, which a token that learnt "normal-looking" would otherwise pick).
     """
 
     rounds: Annotated[int, Range(ge=1)] = 1
@@ -59,6 +63,7 @@ class SelfTrainingConfig:
     min_confidence: Annotated[float, Range(0, 1)] = 0.5
     keep_inverted: bool = True
     replay_per_batch: Annotated[int, Range(ge=1)] | None = None
+    skip_start_top: list[str] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | None, path: str = "self_training") -> "SelfTrainingConfig":
@@ -85,6 +90,10 @@ def as_self_training(spec: SelfTrainingConfig | Mapping[str, Any] | bool | None,
     if known is not None and cfg.known_per_class and not list(known):
         raise ConfigError(f"self_training.known_per_class = {cfg.known_per_class} needs the known classes: pass "
                           "known_descriptions= (class -> description) to transfer, or set known_per_class to 0")
+    unknown = [k for k in cfg.skip_start_top if known is not None and k not in list(known)]
+    if unknown:
+        raise ConfigError(f"self_training.skip_start_top = {unknown!r}: not known classes; choose among "
+                          f"{sorted(known)} (the classes of known_descriptions)")
     return cfg
 
 
@@ -171,7 +180,7 @@ def run_self_training(cfg: SelfTrainingConfig | None, backend: Any, phase: Phase
         probs = pool_probabilities(backend, pool, captions, scale)  # the model of the previous round
         picked: list[dict[str, Any]] = []
         for c, col in new_cols.items():
-            taken = {e["index"] for e in picked}
+            taken = {e["index"] for e in picked} | state["skip"]
             picked += _entries(pick(probs, col, cfg.per_round, min_confidence=cfg.min_confidence,
                                     rank_by=cfg.rank_by, exclude=taken), c, pool.files)
         record: dict[str, Any] = {"round": r, "picked": picked, "known": [], "finetune": None, "weights": None,
@@ -237,8 +246,13 @@ def _prepare(cfg: SelfTrainingConfig, backend: Any, new_concepts: Sequence[Any],
     scale = float(infonce_scale(backend, ft_cfg.temperature))
     state: dict[str, Any] = {"weights": {k: v.detach().to("cpu", copy=True) for k, v in backend.state_dict().items()}}
     start_known: dict[str, int] = {}
-    if cfg.known_per_class:  # scored over every caption, so one known class still has competitors
+    state["skip"] = set()
+    if cfg.known_per_class or cfg.skip_start_top:  # scored over every caption, so one known class still has competitors
         state["known_probs"] = pool_probabilities(backend, pool, captions, scale)
+        skip_cols = torch.tensor([len(new) + known.index(k) for k in cfg.skip_start_top], dtype=torch.long)
+        top = state["known_probs"].argmax(dim=1)
+        state["skip"] = set(torch.nonzero(torch.isin(top, skip_cols)).flatten().tolist())
+    if cfg.known_per_class:
         start_known = {k: len(new) + i for i, k in enumerate(known)}
     return state, start_known, (pool, captions, {c: i for i, c in enumerate(new)}, scale)
 

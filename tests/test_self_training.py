@@ -157,6 +157,29 @@ def test_picks_are_the_top_scored_pool_scans(pool_dir, calls):
     json.dumps(r.summary())  # JSON-ready
 
 
+def test_skip_start_top_never_picks_scans_the_start_model_called_a_skipped_class(pool_dir, calls):
+    """``skip_start_top``: a scan whose top caption under the START model is a skipped known class
+    is never picked, even when the transferred model ranks it first."""
+    everything = _expected_picks(pool_dir, 10)
+    cfg = FinetuneConfig.from_dict(FT)
+    caps = [make_caption(CONCEPT["name"], CONCEPT["description"], cfg)] + [make_caption(c, d, cfg) for c, d in KNOWN.items()]
+    start = _clip()
+    pool = UnlabeledPool.from_path(pool_dir)
+    top = F.softmax(float(start.logit_scale.detach()) * start.encode_images(pool.images(start))
+                    @ start.encode_texts(caps).t(), dim=-1).argmax(dim=1)
+    known = list(KNOWN)
+    skip = next((k for k in known if any(int(top[i]) == 1 + known.index(k) for i in everything)), None)
+    assert skip is not None, "the start model should call one of the new concept's candidates a known class"
+    skipped = {i for i in range(len(top)) if int(top[i]) == 1 + known.index(skip)}
+    expected = [i for i in everything if i not in skipped][:3]
+    calls.clear()
+    _, r = _transfer(pool_dir, {"rounds": 1, "per_round": 3, "known_per_class": 0, "min_confidence": 0.0,
+                                "skip_start_top": [skip]})
+    assert [e["index"] for e in r.self_training[0]["picked"]] == expected
+    with pytest.raises(ConfigError, match="skip_start_top.*not known classes"):
+        _transfer(pool_dir, {"rounds": 1, "skip_start_top": ["unicorn"]})
+
+
 def test_second_round_finetunes_on_the_picked_images(pool_dir, calls, tmp_path):
     b, r = _transfer(pool_dir, {"rounds": 1, "per_round": 3, "known_per_class": 2, "min_confidence": 0.0},
                      out_dir=tmp_path / "run")
