@@ -53,6 +53,7 @@ SPECTRUM = {"name": "spectrum"}
 REPLAY_INIT = {"name": "replay", "per_batch": 8}
 #: one LaFTer-style round (`medkt.self_training`), the engine's defaults but 8 known scans per class
 SELF_TRAINING = {"rounds": 1, "per_round": 16, "known_per_class": 8, "min_confidence": 0.5}
+SELF_TRAINING_GATED = {**SELF_TRAINING, "skip_start_top": ["no finding"]}
 #: label-free replay of the pool scans the frozen model is surest about, per known class
 POOL_REPLAY = {"name": "pool_replay", "per_batch": 8, "per_class": 16}
 #: inversion priors / fine-tuning controls that read the pool (dropped by `without_pool`)
@@ -99,6 +100,17 @@ CANDIDATES: dict[str, tuple[str, dict[str, Any]]] = {
     # the label-free controls alone on round three's recipe (its inversion from normal phantoms)
     "tok_pr": ("bundle", merge(GENERALITY["tokens_bare"], {"finetune": {"controls": [POOL_REPLAY]}, "pool": POOL})),
     "tok_st": ("bundle", merge(GENERALITY["tokens_bare"], {"self_training": SELF_TRAINING, "pool": POOL})),
+    # second validation round (after the evaluation: nodule picks were normal scans), self-training
+    # never picks a scan the start model called "no finding"; "_picks": the round trains on the picks
+    # (and the known replay) only, not on the inverted images
+    "tok_rs_fs_stg": ("bundle", merge(GENERALITY["tokens_bare"], {"inversion": {"priors": [REAL_START, TV, RESIDUAL, FEATURE_STATS]},
+                                                                    "self_training": SELF_TRAINING_GATED, "pool": POOL})),
+    "tok_rs_fs_stg_picks": ("bundle", merge(GENERALITY["tokens_bare"], {
+        "inversion": {"priors": [REAL_START, TV, RESIDUAL, FEATURE_STATS]},
+        "self_training": {**SELF_TRAINING_GATED, "keep_inverted": False}, "pool": POOL})),
+    "tok_fs_init_pr_stg_picks": ("bundle", merge(GENERALITY["tokens_bare"], {
+        "inversion": {"priors": [INIT, TV, RESIDUAL, FEATURE_STATS]}, "finetune": {"controls": [REPLAY_INIT, POOL_REPLAY]},
+        "replay_init": True, "self_training": {**SELF_TRAINING_GATED, "keep_inverted": False}, "pool": POOL})),
     "tok_spec": ("bundle", merge(GENERALITY["tokens_bare"], {"inversion": {"priors": [REAL_START, TV, SPECTRUM]},
                                                                "pool": POOL})),
 }
