@@ -22,10 +22,10 @@ count true positives. Off unless ``transfer(..., self_training={...})``.
 from __future__ import annotations
 
 import copy
-from dataclasses import field
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -194,7 +194,7 @@ def run_self_training(cfg: SelfTrainingConfig | None, backend: Any, phase: Phase
             break
         taken = {e["index"] for e in picked}
         for k, col in start_known.items():
-            record["known"] += _entries(pick(state["known_probs"], col, cfg.known_per_class, exclude=taken),
+            record["known"] += _entries(pick(state["start_probs"], col, cfg.known_per_class, exclude=taken),
                                         k, pool.files)
         if len(rounds) > 1 and _same_picks(record, rounds[-2]):
             # every round restarts from the start weights: the same picks would give the same model
@@ -248,9 +248,9 @@ def _prepare(cfg: SelfTrainingConfig, backend: Any, new_concepts: Sequence[Any],
     start_known: dict[str, int] = {}
     state["skip"] = set()
     if cfg.known_per_class or cfg.skip_start_top:  # scored over every caption, so one known class still has competitors
-        state["known_probs"] = pool_probabilities(backend, pool, captions, scale)
+        state["start_probs"] = pool_probabilities(backend, pool, captions, scale)
         skip_cols = torch.tensor([len(new) + known.index(k) for k in cfg.skip_start_top], dtype=torch.long)
-        top = state["known_probs"].argmax(dim=1)
+        top = state["start_probs"].argmax(dim=1)
         state["skip"] = set(torch.nonzero(torch.isin(top, skip_cols)).flatten().tolist())
     if cfg.known_per_class:
         start_known = {k: len(new) + i for i, k in enumerate(known)}
