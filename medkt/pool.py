@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from medkt.errors import ConfigError, DataError
 
@@ -136,8 +137,6 @@ def caption_probabilities(backend: Any, image_emb: torch.Tensor, captions: Seque
                           scale: float | torch.Tensor) -> torch.Tensor:
     """``(P, K)`` zero-shot probabilities (CPU) of normalised image embeddings ``(P, D)`` over
     ``captions`` embedded by ``backend``'s current text tower, at logit ``scale``."""
-    import torch.nn.functional as F
-
     with torch.no_grad(), backend.autocast():
         txt = backend.encode_texts(list(captions)).float()
     txt = F.normalize(txt, dim=-1).to(image_emb.device)
